@@ -1,0 +1,33 @@
+# Every target sets itself up on a fresh machine: .venv, torch (the local CPU wheel), the package.
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+# The CPU wheel of this version lies on the machine's disk; a looser requirement would download a CUDA build.
+TORCH_PIN := torch==2.13.0
+
+.PHONY: venv test test-fast demo bench clean
+
+venv: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/pip install -q "$(TORCH_PIN)"
+	$(BIN)/pip install -q -e ".[test]"
+	touch $(STAMP)
+
+test: venv
+	$(BIN)/python -m pytest -q
+
+test-fast: venv
+	$(BIN)/python -m pytest -q -m "not slow"
+
+demo: venv
+	$(BIN)/python examples/demo.py
+
+bench: venv
+	$(BIN)/python benchmarks/checksum.py
+	$(BIN)/python benchmarks/checkpoint.py
+
+clean:
+	rm -rf $(VENV) build *.egg-info .pytest_cache

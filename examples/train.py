@@ -1,0 +1,140 @@
+"""A small training job that exercises everything ftrain restores exactly.
+
+Dropout, AdamW, a warmup+cosine LR schedule, shuffled synthetic data with random
+augmentation in a DataLoader with 2 worker processes, DDP when launched with
+several processes. Runs as ``python examples/train.py``, under ``torchrun``, or
+under ``ftrain launch``. At the end rank 0 prints one line::
+
+    final_state_sha256=<hex>
+
+the canonical hash of the model and optimizer state (``ftrain.state_sha256``:
+model first, then optimizer; see README "Comparing runs").
+
+The ftrain lines are marked ``# ftrain``.
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import random
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+from torch.utils.data import Dataset
+
+import ftrain
+
+
+class SyntheticDataset(Dataset):
+    """A fixed random classification task; each sample is randomly augmented when fetched."""
+
+    def __init__(self, n: int = 2048, dim: int = 16, classes: int = 4, seed: int = 1234) -> None:
+        g = torch.Generator().manual_seed(seed)
+        self.x = torch.randn(n, dim, generator=g)
+        self.y = (self.x @ torch.randn(dim, classes, generator=g)).argmax(dim=1)
+
+    def __len__(self) -> int:
+        return len(self.x)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor, int]:
+        x = self.x[i] + 0.05 * torch.randn(self.x.shape[1])  # augmentation draws from the worker's RNG,
+        if random.random() < 0.5:                             # which ftrain seeds per (seed, epoch, index)
+            x = x.flip(0)
+        return x, self.y[i], i
+
+
+def build_model(dim: int = 16, hidden: int = 64, classes: int = 4) -> nn.Module:
+    return nn.Sequential(nn.Linear(dim, hidden), nn.GELU(), nn.Dropout(0.1), nn.Linear(hidden, hidden), nn.GELU(),
+                         nn.Dropout(0.1), nn.Linear(hidden, classes))
+
+
+def warmup_cosine(total: int, warmup: int = 10):
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warmup) / max(1, total - warmup))))
+    return factor
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--steps", type=int, default=200, help="total optimizer steps")
+    p.add_argument("--batch-size", type=int, default=16, help="per-rank batch size")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--config", help="ftrain YAML config (else $FTRAIN_CONFIG, else defaults)")
+    p.add_argument("--ckpt-dir", help="checkpoint directory (overrides checkpoint.dir)")
+    p.add_argument("--save-every", type=int, help="checkpoint every N steps (overrides checkpoint.every_steps)")
+    p.add_argument("--save-every-seconds", type=float, help="overrides checkpoint.every_seconds")
+    p.add_argument("--workers", type=int, default=2, help="DataLoader worker processes")
+    p.add_argument("--index-log", help="directory for per-rank logs of the sample indices each step consumed")
+    p.add_argument("--step-sleep", type=float, default=0.0, help="seconds to sleep per step (to slow a demo down)")
+    p.add_argument("--print-every", type=int, default=10, help="print progress every N steps (0: never)")
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    if distributed:
+        dist.init_process_group("gloo")
+    rank = dist.get_rank() if distributed else 0
+    torch.manual_seed(args.seed)  # the same initial weights on every rank
+    random.seed(args.seed + rank)
+
+    model = build_model()
+    train_model = nn.parallel.DistributedDataParallel(model) if distributed else model
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.01)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(args.steps))
+    loader = ftrain.ResumableLoader(SyntheticDataset(), batch_size=args.batch_size, shuffle=True, seed=args.seed,
+                                    num_workers=args.workers)
+
+    overrides = {"checkpoint.dir": args.ckpt_dir, "checkpoint.every_steps": args.save_every,
+                 "checkpoint.every_seconds": args.save_every_seconds}
+    session = ftrain.Session(config_path=args.config, overrides=overrides)                 # ftrain
+    session.register(model=model, optimizer=optimizer, scheduler=scheduler, loader=loader)  # ftrain
+    step = session.restore()                                                                # ftrain
+
+    index_log = None
+    if args.index_log:
+        Path(args.index_log).mkdir(parents=True, exist_ok=True)
+        index_log = open(Path(args.index_log) / f"rank{rank}.txt", "a", buffering=1)
+    loss_fn = nn.CrossEntropyLoss()
+    train_model.train()
+    while step < args.steps:
+        for x, y, idx in loader:
+            loss = loss_fn(train_model(x), y)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            scheduler.step()
+            step += 1
+            if index_log:
+                index_log.write(f"{step} {' '.join(map(str, idx.tolist()))}\n")
+            if rank == 0 and args.print_every and step % args.print_every == 0:
+                print(f"step {step} loss {loss.item():.4f} lr {scheduler.get_last_lr()[0]:.2e}", flush=True)
+            if args.step_sleep:
+                time.sleep(args.step_sleep)
+            session.step(step)                                                              # ftrain
+            if step >= args.steps:
+                break
+    session.save(step)  # a final checkpoint, so the finished run is also verifiable        # ftrain
+
+    if rank == 0:
+        digest = ftrain.state_sha256([("model", model.state_dict()), ("optimizer", optimizer.state_dict())])
+        print(f"final_state_sha256={digest}", flush=True)
+    if distributed:
+        dist.destroy_process_group()
+    return 0
+
+
+if __name__ == "__main__":
+    try:
+        sys.exit(main())
+    except ftrain.FtrainError as e:
+        print(f"ftrain: error: {e}", file=sys.stderr)
+        sys.exit(e.exit_code)

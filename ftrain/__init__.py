@@ -1,0 +1,43 @@
+"""ftrain: fault-tolerant, exactly-resumable distributed PyTorch training.
+
+The training-script API is :class:`Session`; data position comes from
+:class:`ResumableLoader`. See README.md.
+"""
+from __future__ import annotations
+
+__version__ = "0.1.0"
+
+from ftrain.errors import (  # noqa: E402
+    CheckpointError,
+    ConfigError,
+    CorruptCheckpoint,
+    FtrainError,
+    NoValidCheckpoint,
+    StateMismatch,
+)
+from ftrain.stateful import Counters, Stateful  # noqa: E402
+
+
+def __getattr__(name: str) -> object:
+    # Session and the data helpers import torch: load them on first use so that
+    # `ftrain ckpt ...` and the launcher start fast.
+    if name == "Session":
+        from ftrain.session import Session
+
+        return Session
+    if name in ("ResumableLoader", "ResumableSampler", "SeededDataset", "derive_seed"):
+        from ftrain import data
+
+        return getattr(data, name)
+    if name == "state_sha256":
+        from ftrain.hashing import state_sha256
+
+        return state_sha256
+    raise AttributeError(f"module 'ftrain' has no attribute {name!r}")
+
+
+__all__ = [
+    "CheckpointError", "ConfigError", "CorruptCheckpoint", "Counters", "FtrainError", "NoValidCheckpoint",
+    "ResumableLoader", "ResumableSampler", "SeededDataset", "Session", "StateMismatch", "Stateful", "derive_seed",
+    "state_sha256", "__version__",
+]

@@ -1,0 +1,132 @@
+"""The manifest: the last file written into a checkpoint, and the proof that it is complete.
+
+``manifest.json`` is ``{"body": {...}, "body_xxh3_128": "<hex>"}``. The body's
+checksum is taken over its canonical JSON (sorted keys, no spaces), so a flipped
+byte anywhere in the manifest is caught even when the JSON still parses.
+Readers refuse format versions they do not know. See docs/FORMAT.md.
+"""
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from ftrain.checkpoint import checksum
+from ftrain.errors import CorruptCheckpoint
+
+FORMAT_NAME = "ftrain.checkpoint"
+FORMAT_VERSION = 1
+#: Versions this reader understands.
+KNOWN_VERSIONS = frozenset({1})
+
+
+@dataclass(frozen=True)
+class FileEntry:
+    size: int
+    checksum: str
+    rank: int
+
+
+@dataclass(frozen=True)
+class TensorEntry:
+    file: str
+    offset: int
+    nbytes: int
+    dtype: str
+    shape: tuple[int, ...]
+
+
+@dataclass
+class Manifest:
+    step: int
+    world_size: int
+    files: dict[str, FileEntry]
+    tensors: dict[str, TensorEntry]
+    created_unix: float = field(default_factory=time.time)
+    ftrain_version: str = ""
+    torch_version: str = field(default_factory=lambda: torch.__version__)
+    format_version: int = FORMAT_VERSION
+    #: Free-form JSON the session records (e.g. the names of saved objects).
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(f.size for f in self.files.values())
+
+    def body(self) -> dict[str, Any]:
+        return {
+            "format": FORMAT_NAME,
+            "format_version": self.format_version,
+            "step": self.step,
+            "world_size": self.world_size,
+            "created_unix": self.created_unix,
+            "created_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(self.created_unix)),
+            "ftrain_version": self.ftrain_version,
+            "torch_version": self.torch_version,
+            "checksum_algorithm": checksum.ALGORITHM,
+            "files": {n: {"size": f.size, "checksum": f.checksum, "rank": f.rank} for n, f in sorted(self.files.items())},
+            "tensors": {
+                n: {"file": t.file, "offset": t.offset, "nbytes": t.nbytes, "dtype": t.dtype, "shape": list(t.shape)}
+                for n, t in sorted(self.tensors.items())
+            },
+            "meta": self.meta,
+        }
+
+    def to_bytes(self) -> bytes:
+        body = self.body()
+        doc = {"body": body, f"body_{checksum.ALGORITHM}": checksum.digest(_canonical(body))}
+        return json.dumps(doc, indent=1, sort_keys=True).encode() + b"\n"
+
+
+def _canonical(body: dict[str, Any]) -> bytes:
+    return json.dumps(body, sort_keys=True, separators=(",", ":")).encode()
+
+
+def parse(data: bytes, where: str) -> Manifest:
+    """Parse and structurally check a manifest; raises :class:`CorruptCheckpoint` naming ``where``."""
+    try:
+        doc = json.loads(data)
+    except json.JSONDecodeError as e:
+        raise CorruptCheckpoint(where, f"manifest is not valid JSON ({e.msg} at byte {e.pos})") from None
+    except UnicodeDecodeError as e:
+        raise CorruptCheckpoint(where, f"manifest is not valid JSON (not UTF-8 at byte {e.start})") from None
+    if not isinstance(doc, dict) or not isinstance(doc.get("body"), dict):
+        raise CorruptCheckpoint(where, "manifest has no 'body' object")
+    body = doc["body"]
+    if body.get("format") != FORMAT_NAME:
+        raise CorruptCheckpoint(where, f"not an ftrain manifest (format={body.get('format')!r})")
+    version = body.get("format_version")
+    if version not in KNOWN_VERSIONS:
+        raise CorruptCheckpoint(
+            where, f"format version {version!r} is not known to this ftrain (knows {sorted(KNOWN_VERSIONS)}); "
+            "upgrade ftrain to read it")
+    algo = body.get("checksum_algorithm")
+    if algo != checksum.ALGORITHM:
+        raise CorruptCheckpoint(where, f"unknown checksum algorithm {algo!r}")
+    want = doc.get(f"body_{algo}")
+    got = checksum.digest(_canonical(body))
+    if want != got:
+        raise CorruptCheckpoint(where, f"manifest checksum mismatch (recorded {want}, computed {got})")
+    try:
+        files = {str(n): FileEntry(int(f["size"]), str(f["checksum"]), int(f["rank"])) for n, f in body["files"].items()}
+        tensors = {
+            str(n): TensorEntry(str(t["file"]), int(t["offset"]), int(t["nbytes"]), str(t["dtype"]),
+                                tuple(int(s) for s in t["shape"]))
+            for n, t in body["tensors"].items()
+        }
+        m = Manifest(step=int(body["step"]), world_size=int(body["world_size"]), files=files, tensors=tensors,
+                     created_unix=float(body["created_unix"]), ftrain_version=str(body["ftrain_version"]),
+                     torch_version=str(body["torch_version"]), format_version=int(version),
+                     meta=dict(body.get("meta") or {}))
+    except (KeyError, TypeError, ValueError, AttributeError) as e:
+        raise CorruptCheckpoint(where, f"manifest field missing or malformed ({type(e).__name__}: {e})") from None
+    for name, t in m.tensors.items():
+        f = m.files.get(t.file)
+        if f is None:
+            raise CorruptCheckpoint(where, f"tensor {name!r} refers to unlisted file {t.file!r}")
+        if t.offset < 0 or t.nbytes < 0 or t.offset + t.nbytes > f.size:
+            raise CorruptCheckpoint(where, f"tensor {name!r} lies outside {t.file}")
+    return m

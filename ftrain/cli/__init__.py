@@ -1,0 +1,41 @@
+"""The ``ftrain`` command: ``ftrain ckpt ...`` (and, later, ``ftrain launch``).
+
+Every subcommand turns an :class:`FtrainError` into one line on stderr and the
+error's exit code (see ``exitcodes.py``).
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+
+from ftrain import __version__, exitcodes
+from ftrain.cli import ckpt
+from ftrain.errors import FtrainError
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # one line, exit 2 (argparse's default prints usage too)
+        self.exit(exitcodes.USAGE, f"ftrain: error: {message} (see {self.prog} --help)\n")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="ftrain", description="Fault-tolerant PyTorch training.")
+    parser.add_argument("--version", action="version", version=f"ftrain {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    ckpt.add_parser(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args))
+    except FtrainError as e:
+        print(f"ftrain: error: {e}", file=sys.stderr)
+        return e.exit_code
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

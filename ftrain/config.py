@@ -1,0 +1,324 @@
+"""ftrain configuration: validated dataclasses and the loader that fills them.
+
+Precedence, lowest to highest (a later layer overrides an earlier one, key by key):
+
+1. dataclass defaults (documented in ``configs/default.yaml``);
+2. the YAML file (``path``, else the file named by ``FTRAIN_CONFIG``);
+3. environment variables ``FTRAIN_<SECTION>_<KEY>``, e.g. ``FTRAIN_CHECKPOINT_EVERY_STEPS=100``;
+4. ``overrides``: command-line flags as dotted keys, e.g. ``{"checkpoint.every_steps": 100}``.
+
+Every mistake (unknown key, bad value, unreadable file) raises :class:`ConfigError`
+with a one-line message naming the key and where it came from.
+
+A new section is added by writing a :class:`_Section` subclass and adding it as a
+field of :class:`FtrainConfig`; loading, validation, env names and docs follow.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import os
+import typing
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, NamedTuple
+
+import yaml
+
+from ftrain import envvars
+from ftrain.errors import ConfigError
+
+ENV_PREFIX = "FTRAIN_"
+RESUME_MODES = ("auto", "required", "never")
+
+_TRUE = ("1", "true", "yes")
+_FALSE = ("0", "false", "no")
+_TYPE_NAMES: dict[Any, str] = {
+    int: "an integer",
+    float: "a number",
+    str: "a string",
+    bool: "true or false",
+    list[str]: "a list of strings",
+}
+
+#: A value rule: a predicate and the phrase saying what it allows.
+Rule = tuple[Callable[[Any], bool], str]
+_NON_NEGATIVE: Rule = (lambda v: v >= 0, "a value >= 0")
+_POSITIVE: Rule = (lambda v: v > 0, "a value > 0")
+_NON_EMPTY: Rule = (bool, "a non-empty string")
+
+
+def _one_of(*choices: str) -> Rule:
+    return (lambda v: v in choices, "one of " + ", ".join(map(repr, choices)))
+
+
+def _option(default: Any, help: str, rule: Rule | None = None) -> Any:
+    """A dataclass field carrying its one-line help text and value rule."""
+    metadata = {"help": help, "rule": rule}
+    if isinstance(default, list):  # dataclasses forbid shared mutable defaults
+        return field(default_factory=lambda: list(default), metadata=metadata)
+    return field(default=default, metadata=metadata)
+
+
+def _check(key: str, value: Any, tp: Any, rule: Rule | None, where: str = "") -> Any:
+    """Return ``value`` normalised to ``tp`` or raise ConfigError naming ``key``.
+
+    ``where`` (e.g. " in run.yaml") says which layer supplied the value.
+    """
+    def fail(allowed: str) -> ConfigError:
+        return ConfigError(f"{key}: invalid value {value!r}{where}; expected {allowed}")
+
+    # bool is an int subclass, but True for "every_steps" is always a mistake.
+    is_number = isinstance(value, (int, float)) and not isinstance(value, bool)
+    if tp is float and is_number:
+        value = float(value)
+    elif tp == list[str]:
+        if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) for v in value):
+            raise fail(_TYPE_NAMES[tp])
+        value = list(value)
+    elif not isinstance(value, tp) or (tp is int and not is_number):
+        raise fail(_TYPE_NAMES[tp])
+    if rule is not None and not rule[0](value):
+        raise fail(rule[1])
+    return value
+
+
+def _parse_text(key: str, text: str, tp: Any, where: str) -> Any:
+    """Parse a string (env var or CLI text) into ``tp``; the inverse of :func:`_format_text`."""
+    word = text.strip().lower()
+    if tp is bool and word in _TRUE + _FALSE:
+        return word in _TRUE
+    if tp == list[str]:
+        return [item.strip() for item in text.split(",") if item.strip()]
+    if tp is str:
+        return text
+    if tp in (int, float):
+        try:
+            return tp(text)
+        except ValueError:
+            pass
+    raise ConfigError(f"{key}: invalid value {text!r}{where}; expected {_TYPE_NAMES[tp]}")
+
+
+def _format_text(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, list):
+        return ",".join(value)
+    return str(value)  # str(float) round-trips exactly
+
+
+@dataclass(frozen=True)
+class _Section:
+    """Base of every config section: validates each field against its type and rule."""
+
+    #: The section's key in YAML, dotted keys and env names; equals its field name in FtrainConfig.
+    section: ClassVar[str]
+
+    def __post_init__(self) -> None:
+        for key in _keys_of(type(self)).values():
+            # Store the normalised value (int -> float); frozen, hence object.__setattr__.
+            object.__setattr__(self, key.name, key.check(getattr(self, key.name)))
+
+
+@dataclass(frozen=True)
+class CheckpointConfig(_Section):
+    """When and where checkpoints are written, and whether a run resumes from one."""
+
+    section: ClassVar[str] = "checkpoint"
+
+    dir: str = _option(
+        "checkpoints", "Directory checkpoints are written to (created if missing).", _NON_EMPTY)
+    every_steps: int = _option(
+        0, "Save every N optimizer steps; 0 turns step-based saving off.", _NON_NEGATIVE)
+    every_seconds: float = _option(
+        0.0, "Save when this many seconds have passed since the last save; 0 turns it off.",
+        _NON_NEGATIVE)
+    keep_last: int = _option(
+        3, "Number of newest checkpoints to keep; older ones are deleted; 0 keeps all.",
+        _NON_NEGATIVE)
+    resume: str = _option(
+        "auto", "auto: resume from the newest valid checkpoint if any, else start fresh;"
+        " required: fail if none validates; never: always start fresh.", _one_of(*RESUME_MODES))
+    commit_timeout_seconds: float = _option(
+        600.0, "Seconds rank 0 waits for every rank's shard before failing the save.", _POSITIVE)
+
+
+@dataclass(frozen=True)
+class FtrainConfig:
+    """The whole configuration: one field per section, named as the section."""
+
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+
+    def __post_init__(self) -> None:
+        for name, cls in _sections().items():
+            if not isinstance(getattr(self, name), cls):
+                raise ConfigError(f"{name}: expected a {cls.__name__}, got {getattr(self, name)!r}")
+
+
+class _Key(NamedTuple):
+    """One configuration key and everything needed to load, check and document it."""
+
+    section: str
+    name: str
+    type: Any
+    field: dataclasses.Field[Any]
+
+    @property
+    def dotted(self) -> str:
+        return f"{self.section}.{self.name}"
+
+    @property
+    def env_var(self) -> str:
+        return f"{ENV_PREFIX}{self.section}_{self.name}".upper()
+
+    def check(self, value: Any, where: str = "") -> Any:
+        """``value`` validated and normalised for this key (see :func:`_check`)."""
+        return _check(self.dotted, value, self.type, self.field.metadata["rule"], where)
+
+    def get(self, cfg: FtrainConfig) -> Any:
+        return getattr(getattr(cfg, self.section), self.name)
+
+
+@functools.cache
+def _sections() -> dict[str, type[_Section]]:
+    """Section name -> section class, read off FtrainConfig's fields."""
+    hints = typing.get_type_hints(FtrainConfig)
+    sections = {f.name: hints[f.name] for f in dataclasses.fields(FtrainConfig)}
+    for name, cls in sections.items():
+        if cls.section != name:  # messages would name a key the loader does not accept
+            raise TypeError(f"FtrainConfig.{name} holds {cls.__name__} of section {cls.section!r}")
+    return sections
+
+
+@functools.cache
+def _keys_of(cls: type[_Section]) -> dict[str, _Key]:
+    # Annotations are strings under `from __future__ import annotations`; resolve them.
+    hints = typing.get_type_hints(cls)
+    return {f.name: _Key(cls.section, f.name, hints[f.name], f) for f in dataclasses.fields(cls)}
+
+
+def _schema() -> dict[str, dict[str, _Key]]:
+    return {name: _keys_of(cls) for name, cls in _sections().items()}
+
+
+def _all_keys() -> list[_Key]:
+    return [key for keys in _schema().values() for key in keys.values()]
+
+
+def load_config(
+    path: str | os.PathLike[str] | None = None,
+    *,
+    env: Mapping[str, str] | None = None,
+    overrides: Mapping[str, object] | None = None,
+) -> FtrainConfig:
+    """Build the configuration from defaults, a YAML file, the environment and overrides.
+
+    ``path`` None means the file named by ``FTRAIN_CONFIG`` (in ``env``), else no file.
+    ``env`` None means ``os.environ``. ``overrides`` maps dotted keys to values; None
+    values are skipped so unset argparse flags do not override, and string values are
+    parsed like environment variables (for generic ``--set key=value`` flags).
+    """
+    env = os.environ if env is None else env
+    if path is None:
+        path = env.get(envvars.CONFIG) or None
+    values: dict[str, dict[str, Any]] = {name: {} for name in _sections()}
+    if path is not None:
+        _apply_yaml(values, os.fspath(path))
+    _apply_env(values, env)
+    _apply_overrides(values, overrides or {})
+    return FtrainConfig(**{name: cls(**values[name]) for name, cls in _sections().items()})
+
+
+def _apply_yaml(values: dict[str, dict[str, Any]], path: str) -> None:
+    try:
+        with open(path, encoding="utf-8") as stream:
+            data = yaml.safe_load(stream)
+    except (OSError, UnicodeDecodeError) as err:
+        reason = err.strerror if isinstance(err, OSError) and err.strerror else str(err)
+        raise ConfigError(f"cannot read config file {path}: {reason}") from None
+    except yaml.YAMLError as err:
+        # PyYAML messages span several lines; keep the one-line promise.
+        detail = " ".join(str(err).split())
+        raise ConfigError(f"invalid YAML in config file {path}: {detail}") from None
+    if data is None:  # an empty file sets nothing
+        return
+    schema = _schema()
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {path}: expected a mapping of sections "
+                          f"({', '.join(schema)}) at top level, got {type(data).__name__}")
+    for section, settings in data.items():
+        if section not in schema:
+            raise ConfigError(f"unknown section {section!r} in {path}; "
+                              f"valid sections: {', '.join(schema)}")
+        if settings is None:  # a section whose keys are all commented out
+            continue
+        if not isinstance(settings, dict):
+            raise ConfigError(f"config file {path}: section {section!r} must be a mapping of keys, "
+                              f"got {type(settings).__name__}")
+        for name, value in settings.items():
+            key = schema[section].get(name)
+            if key is None:
+                raise ConfigError(f"unknown key {section}.{name} in {path}; "
+                                  f"valid keys of {section}: {', '.join(schema[section])}")
+            values[section][name] = key.check(value, f" in {path}")
+
+
+def _apply_env(values: dict[str, dict[str, Any]], env: Mapping[str, str]) -> None:
+    schema = _schema()
+    by_var = {key.env_var: key for key in _all_keys()}
+    prefixes = {f"{ENV_PREFIX}{section.upper()}_": section for section in schema}
+    for var, text in env.items():
+        key = by_var.get(var)
+        if key is None:
+            # Only names under a known section are ours to police: other modules use FTRAIN_*.
+            section = next((s for p, s in prefixes.items() if var.startswith(p)), None)
+            if section is not None:
+                valid = ", ".join(k.env_var for k in schema[section].values())
+                raise ConfigError(f"unknown environment variable {var}; "
+                                  f"valid {section} variables: {valid}")
+            continue
+        where = f" from {var}"
+        value = _parse_text(key.dotted, text, key.type, where)
+        values[key.section][key.name] = key.check(value, where)
+
+
+def _apply_overrides(values: dict[str, dict[str, Any]], overrides: Mapping[str, object]) -> None:
+    schema = _schema()
+    for dotted, value in overrides.items():
+        if value is None:
+            continue
+        section, _, name = dotted.partition(".")
+        key = schema.get(section, {}).get(name)
+        if key is None:
+            raise ConfigError(f"unknown override key {dotted!r}; "
+                              f"valid keys: {', '.join(config_keys())}")
+        where = " from command-line override"
+        if isinstance(value, str):
+            value = _parse_text(key.dotted, value, key.type, where)
+        values[section][name] = key.check(value, where)
+
+
+def config_to_dict(cfg: FtrainConfig) -> dict[str, dict[str, Any]]:
+    """The configuration as nested plain dicts (section -> key -> value), e.g. for logging."""
+    return dataclasses.asdict(cfg)
+
+
+def config_to_env(cfg: FtrainConfig) -> dict[str, str]:
+    """Every key as its ``FTRAIN_<SECTION>_<KEY>`` variable; ``load_config(env=...)`` reads it back.
+
+    A launcher passes this to worker processes so they see exactly its resolved config.
+    (List items containing commas cannot round-trip: commas separate items.)
+    """
+    return {key.env_var: _format_text(key.get(cfg)) for key in _all_keys()}
+
+
+def config_keys() -> list[str]:
+    """Every dotted key, e.g. ``checkpoint.every_steps``, in declaration order."""
+    return [key.dotted for key in _all_keys()]
+
+
+def describe_keys() -> list[tuple[str, object, str]]:
+    """``(dotted key, default, one-line help)`` for every key, for ``--help`` and docs."""
+    defaults = FtrainConfig()
+    return [(key.dotted, key.get(defaults), key.field.metadata["help"]) for key in _all_keys()]

@@ -1,0 +1,92 @@
+"""Fault injection for tests and drills: make a process die at a named point.
+
+``FTRAIN_FAULTS`` holds comma-separated specs ``ACTION@POINT[:step=N][:rank=R]``:
+
+* ACTION: ``kill`` (SIGKILL itself), ``term`` (SIGTERM itself), ``raise``
+  (raise :class:`InjectedFault`), ``hang`` (sleep forever, for hang detection).
+* POINT: ``step`` (in ``Session.step``), ``save.begin``, ``save.mid_write``
+  (half of the shard bytes written), ``save.shard_bin_written``,
+  ``save.before_manifest``, ``save.before_rename``, ``save.before_latest``,
+  ``save.end``, ``restore.end``.
+
+When ``FTRAIN_FAULTS_ONCE_DIR`` is set, each spec fires at most once across
+process restarts (a marker file is created there before firing), so a relaunched
+job does not die at the same place forever.
+
+The hot path costs one tuple test when no fault is configured.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import signal
+import time
+from dataclasses import dataclass
+
+from ftrain import envvars
+from ftrain.errors import FtrainError
+
+
+class InjectedFault(FtrainError):
+    """Raised by a ``raise@...`` fault spec."""
+
+
+@dataclass(frozen=True)
+class Fault:
+    action: str
+    point: str
+    step: int | None
+    rank: int | None
+    spec: str
+
+
+_ACTIONS = ("kill", "term", "raise", "hang")
+
+
+def parse(text: str) -> tuple[Fault, ...]:
+    faults = []
+    for spec in filter(None, (s.strip() for s in text.split(","))):
+        head, *conds = spec.split(":")
+        action, sep, point = head.partition("@")
+        if not sep or action not in _ACTIONS or not point:
+            raise ValueError(f"bad fault spec {spec!r}: expected ACTION@POINT[:step=N][:rank=R], ACTION in {_ACTIONS}")
+        kv = dict(c.split("=", 1) for c in conds)
+        faults.append(Fault(action, point, int(kv["step"]) if "step" in kv else None,
+                            int(kv["rank"]) if "rank" in kv else None, spec))
+    return tuple(faults)
+
+
+_FAULTS = parse(os.environ.get(envvars.FAULTS, ""))
+
+
+def point(name: str, *, step: int, rank: int) -> None:
+    """Fire any fault configured for this point; a no-op in production."""
+    if not _FAULTS:
+        return
+    for f in _FAULTS:
+        if f.point == name and f.step in (None, step) and f.rank in (None, rank) and _claim(f):
+            _fire(f)
+
+
+def _claim(f: Fault) -> bool:
+    once_dir = os.environ.get(envvars.FAULTS_ONCE_DIR)
+    if not once_dir:
+        return True
+    marker = os.path.join(once_dir, "fault-" + hashlib.sha1(f.spec.encode()).hexdigest()[:16])
+    try:
+        os.close(os.open(marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+    except FileExistsError:
+        return False
+    return True
+
+
+def _fire(f: Fault) -> None:
+    if f.action == "kill":
+        os.kill(os.getpid(), signal.SIGKILL)
+    elif f.action == "term":
+        os.kill(os.getpid(), signal.SIGTERM)
+    elif f.action == "hang":
+        while True:
+            time.sleep(3600)
+    else:
+        raise InjectedFault(f"injected fault {f.spec}")

@@ -1,0 +1,51 @@
+"""Capture and restore every random-number stream a training step may draw from, per rank.
+
+Streams: Python ``random``, NumPy's global generator (when NumPy is installed),
+torch's CPU generator and every CUDA device's generator (when CUDA is
+available). The state is a plain tree (tuples, ints, tensors) that
+``checkpoint.codec`` stores without pickle.
+"""
+from __future__ import annotations
+
+import random
+from typing import Any
+
+import torch
+
+from ftrain.errors import StateMismatch
+
+VERSION = 1
+
+try:
+    import numpy as np
+except ImportError:  # pragma: no cover - numpy is optional
+    np = None  # type: ignore[assignment]
+
+
+def capture() -> dict[str, Any]:
+    state: dict[str, Any] = {"version": VERSION, "python": random.getstate(), "torch": torch.get_rng_state()}
+    if np is not None:
+        kind, keys, pos, has_gauss, cached = np.random.get_state(legacy=True)
+        state["numpy"] = {"kind": kind, "keys": keys.tolist(), "pos": int(pos), "has_gauss": int(has_gauss),
+                          "cached_gaussian": float(cached)}
+    if torch.cuda.is_available():
+        state["cuda"] = [s.cpu() for s in torch.cuda.get_rng_state_all()]
+    return state
+
+
+def restore(state: dict[str, Any]) -> None:
+    if state.get("version") != VERSION:
+        raise StateMismatch(f"rng: saved state version {state.get('version')!r}, this ftrain reads {VERSION}")
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    torch.set_rng_state(state["torch"].to(torch.uint8))
+    if "numpy" in state and np is not None:
+        s = state["numpy"]
+        np.random.set_state((s["kind"], np.asarray(s["keys"], dtype=np.uint32), s["pos"], s["has_gauss"],
+                             s["cached_gaussian"]))
+    saved_cuda = state.get("cuda")
+    if saved_cuda is not None and torch.cuda.is_available():
+        if len(saved_cuda) != torch.cuda.device_count():
+            raise StateMismatch(f"rng.cuda: saved for {len(saved_cuda)} CUDA device(s), this process sees "
+                                f"{torch.cuda.device_count()}; set CUDA_VISIBLE_DEVICES as in the original run")
+        torch.cuda.set_rng_state_all([s.to(torch.uint8) for s in saved_cuda])

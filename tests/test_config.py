@@ -1,0 +1,264 @@
+"""Tests for ftrain.config: defaults file, precedence, errors and the env round trip."""
+from __future__ import annotations
+
+import dataclasses
+import re
+from pathlib import Path
+
+import pytest
+import yaml
+
+from ftrain.config import (
+    CheckpointConfig,
+    FtrainConfig,
+    _parse_text,
+    config_keys,
+    config_to_dict,
+    config_to_env,
+    describe_keys,
+    load_config,
+)
+from ftrain.errors import ConfigError
+
+CONFIGS = Path(__file__).resolve().parent.parent / "configs"
+
+
+def write(tmp_path: Path, text: str, name: str = "run.yaml") -> Path:
+    path = tmp_path / name
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
+def config_error(match: str, **kwargs: object) -> ConfigError:
+    """Call load_config, expect a one-line ConfigError containing ``match``, and return it."""
+    kwargs.setdefault("env", {})
+    with pytest.raises(ConfigError) as info:
+        load_config(**kwargs)  # type: ignore[arg-type]
+    message = str(info.value)
+    assert match in message, message
+    assert "\n" not in message
+    assert info.value.exit_code == 2
+    return info.value
+
+
+# --- defaults file -----------------------------------------------------------------------------
+
+def test_default_yaml_equals_dataclass_defaults() -> None:
+    assert load_config(CONFIGS / "default.yaml", env={}) == FtrainConfig()
+
+
+def test_default_yaml_lists_exactly_the_config_keys() -> None:
+    data = yaml.safe_load((CONFIGS / "default.yaml").read_text(encoding="utf-8"))
+    keys = [f"{section}.{key}" for section, values in data.items() for key in values]
+    assert keys == config_keys()
+
+
+def test_default_yaml_comments_match_help() -> None:
+    # The comment directly above each key must be the key's help text, word for word.
+    lines = (CONFIGS / "default.yaml").read_text(encoding="utf-8").splitlines()
+    comments = {}
+    section = None
+    for previous, line in zip([""] + lines, lines):
+        if match := re.fullmatch(r"(\w+):", line):
+            section = match[1]
+        elif match := re.fullmatch(r"  (\w+):.*", line):
+            comments[f"{section}.{match[1]}"] = previous.strip().removeprefix("# ")
+    assert comments == {key: help_text for key, _, help_text in describe_keys()}
+
+
+def test_describe_keys_defaults() -> None:
+    described = {key: default for key, default, _ in describe_keys()}
+    assert described["checkpoint.keep_last"] == 3
+    assert described["checkpoint.resume"] == "auto"
+    assert list(described) == config_keys()
+
+
+def test_example_yaml() -> None:
+    cfg = load_config(CONFIGS / "example.yaml", env={})
+    assert cfg.checkpoint == CheckpointConfig(
+        dir="runs/example/checkpoints", every_steps=50, every_seconds=300.0, keep_last=5)
+
+
+def test_no_file_no_env_gives_defaults() -> None:
+    assert load_config(env={}) == FtrainConfig()
+
+
+def test_empty_file_and_empty_section_set_nothing(tmp_path: Path) -> None:
+    assert load_config(write(tmp_path, ""), env={}) == FtrainConfig()
+    assert load_config(write(tmp_path, "checkpoint:\n"), env={}) == FtrainConfig()
+
+
+# --- precedence --------------------------------------------------------------------------------
+
+def test_precedence_yaml_env_overrides(tmp_path: Path) -> None:
+    path = write(tmp_path, "checkpoint:\n  every_steps: 10\n  keep_last: 7\n  dir: from_yaml\n")
+    env = {"FTRAIN_CHECKPOINT_EVERY_STEPS": "20", "FTRAIN_CHECKPOINT_DIR": "from_env"}
+    overrides = {"checkpoint.every_steps": 30, "checkpoint.dir": None}
+
+    assert load_config(path, env={}).checkpoint.every_steps == 10
+    assert load_config(path, env=env).checkpoint.every_steps == 20
+    cfg = load_config(path, env=env, overrides=overrides).checkpoint
+    assert cfg.every_steps == 30  # override beats env beats yaml
+    assert cfg.dir == "from_env"  # a None override is skipped
+    assert cfg.keep_last == 7  # only the yaml sets it
+    assert cfg.resume == "auto"  # nobody sets it: default
+
+
+def test_config_env_var_names_the_file(tmp_path: Path) -> None:
+    path = write(tmp_path, "checkpoint:\n  keep_last: 9\n")
+    assert load_config(env={"FTRAIN_CONFIG": str(path)}).checkpoint.keep_last == 9
+    # An explicit path wins over FTRAIN_CONFIG.
+    other = write(tmp_path, "checkpoint:\n  keep_last: 1\n", "other.yaml")
+    assert load_config(other, env={"FTRAIN_CONFIG": str(path)}).checkpoint.keep_last == 1
+
+
+def test_env_defaults_to_os_environ(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("FTRAIN_CHECKPOINT_KEEP_LAST", "11")
+    assert load_config().checkpoint.keep_last == 11
+
+
+def test_unrelated_ftrain_env_vars_are_ignored() -> None:
+    env = {"FTRAIN_RANK": "3", "FTRAIN_CHECKPOINTS": "x", "ftrain_checkpoint_foo": "1"}
+    assert load_config(env=env) == FtrainConfig()
+
+
+def test_string_overrides_are_parsed() -> None:
+    cfg = load_config(env={}, overrides={"checkpoint.every_seconds": "2.5"})
+    assert cfg.checkpoint.every_seconds == 2.5
+
+
+# --- values ------------------------------------------------------------------------------------
+
+def test_ints_accepted_for_float_fields(tmp_path: Path) -> None:
+    cfg = load_config(write(tmp_path, "checkpoint:\n  every_seconds: 300\n"), env={})
+    assert cfg.checkpoint.every_seconds == 300.0
+    assert isinstance(cfg.checkpoint.every_seconds, float)
+    direct = CheckpointConfig(commit_timeout_seconds=5)
+    assert isinstance(direct.commit_timeout_seconds, float)
+
+
+def test_env_text_parsing() -> None:
+    assert _parse_text("k", "Yes", bool, "") is True
+    assert _parse_text("k", "0", bool, "") is False
+    assert _parse_text("k", "a, b,,c", list[str], "") == ["a", "b", "c"]
+    assert _parse_text("k", "", list[str], "") == []
+    with pytest.raises(ConfigError, match="FTRAIN_X"):
+        _parse_text("k", "maybe", bool, " from FTRAIN_X")
+
+
+@pytest.mark.parametrize(("kwargs", "message"), [
+    ({"keep_last": True}, "checkpoint.keep_last"),
+    ({"every_seconds": False}, "checkpoint.every_seconds"),
+    ({"every_steps": "10"}, "checkpoint.every_steps"),
+    ({"every_steps": 1.5}, "checkpoint.every_steps"),
+    ({"keep_last": -1}, "-1"),
+    ({"every_seconds": -0.5}, "checkpoint.every_seconds"),
+    ({"commit_timeout_seconds": 0}, "checkpoint.commit_timeout_seconds"),
+    ({"resume": "sometimes"}, "'auto', 'required', 'never'"),
+    ({"dir": ""}, "checkpoint.dir"),
+])
+def test_dataclass_rejects_bad_values(kwargs: dict[str, object], message: str) -> None:
+    with pytest.raises(ConfigError, match=re.escape(message)) as info:
+        CheckpointConfig(**kwargs)  # type: ignore[arg-type]
+    assert info.value.exit_code == 2
+
+
+def test_root_rejects_non_section() -> None:
+    with pytest.raises(ConfigError, match="checkpoint"):
+        FtrainConfig(checkpoint={"dir": "x"})  # type: ignore[arg-type]
+
+
+# --- errors from each layer --------------------------------------------------------------------
+
+def test_unknown_yaml_key_names_key_file_and_valid_keys(tmp_path: Path) -> None:
+    path = write(tmp_path, "checkpoint:\n  keep_lats: 3\n")
+    err = config_error("checkpoint.keep_lats", path=path)
+    assert str(path) in str(err)
+    assert "keep_last" in str(err)
+
+
+def test_unknown_yaml_section(tmp_path: Path) -> None:
+    path = write(tmp_path, "chekpoint:\n  keep_last: 3\n")
+    err = config_error("chekpoint", path=path)
+    assert str(path) in str(err)
+
+
+@pytest.mark.parametrize(("text", "message"), [
+    ("checkpoint:\n  keep_last: true\n", "checkpoint.keep_last"),
+    ("checkpoint:\n  every_steps: ten\n", "checkpoint.every_steps"),
+    ("checkpoint:\n  keep_last: -2\n", "checkpoint.keep_last"),
+    ("checkpoint:\n  resume: always\n", "checkpoint.resume"),
+    ("checkpoint:\n  dir: ''\n", "checkpoint.dir"),
+])
+def test_bad_yaml_values_name_key_and_file(tmp_path: Path, text: str, message: str) -> None:
+    path = write(tmp_path, text)
+    err = config_error(message, path=path)
+    assert str(path) in str(err)
+
+
+@pytest.mark.parametrize("text", ["- a\n- b\n", "checkpoint: 5\n", "checkpoint: [1, 2]\n"])
+def test_non_mapping_names_file(tmp_path: Path, text: str) -> None:
+    path = write(tmp_path, text)
+    config_error(str(path), path=path)
+
+
+def test_yaml_syntax_error_names_file(tmp_path: Path) -> None:
+    path = write(tmp_path, "checkpoint:\n  keep_last: [3\n  dir: x\n")
+    config_error(str(path), path=path)
+
+
+def test_missing_file_names_file(tmp_path: Path) -> None:
+    path = tmp_path / "absent.yaml"
+    config_error(str(path), path=path)
+    config_error(str(path), env={"FTRAIN_CONFIG": str(path)})
+
+
+@pytest.mark.parametrize(("env", "var"), [
+    ({"FTRAIN_CHECKPOINT_EVERY_STEPS": "often"}, "FTRAIN_CHECKPOINT_EVERY_STEPS"),
+    ({"FTRAIN_CHECKPOINT_KEEP_LAST": "-1"}, "FTRAIN_CHECKPOINT_KEEP_LAST"),
+    ({"FTRAIN_CHECKPOINT_EVERY_SECONDS": "true"}, "FTRAIN_CHECKPOINT_EVERY_SECONDS"),
+    ({"FTRAIN_CHECKPOINT_RESUME": "yes"}, "FTRAIN_CHECKPOINT_RESUME"),
+    ({"FTRAIN_CHECKPOINT_DIR": ""}, "FTRAIN_CHECKPOINT_DIR"),
+])
+def test_bad_env_value_names_variable(env: dict[str, str], var: str) -> None:
+    config_error(var, env=env)
+
+
+def test_unknown_env_var_in_known_section() -> None:
+    err = config_error("FTRAIN_CHECKPOINT_FOO", env={"FTRAIN_CHECKPOINT_FOO": "1"})
+    assert "FTRAIN_CHECKPOINT_KEEP_LAST" in str(err)  # lists the valid names
+
+
+@pytest.mark.parametrize("key", ["checkpoint.foo", "checkpoint", "nosuch.keep_last"])
+def test_unknown_override_key(key: str) -> None:
+    config_error(key, overrides={key: 1})
+
+
+def test_bad_override_value() -> None:
+    config_error("checkpoint.keep_last", overrides={"checkpoint.keep_last": -3})
+
+
+# --- exporting ---------------------------------------------------------------------------------
+
+def test_config_to_env_round_trip() -> None:
+    original = FtrainConfig(checkpoint=CheckpointConfig(
+        dir="/tmp/run 1/ckpt", every_steps=17, every_seconds=0.1, keep_last=0,
+        resume="required", commit_timeout_seconds=1e9 + 0.5))
+    assert original != FtrainConfig()
+    env = config_to_env(original)
+    assert set(env) == {"FTRAIN_" + key.replace(".", "_").upper() for key in config_keys()}
+    assert all(isinstance(value, str) for value in env.values())
+    assert load_config(env=env) == original
+
+
+def test_config_to_dict() -> None:
+    cfg = FtrainConfig(checkpoint=CheckpointConfig(keep_last=5))
+    as_dict = config_to_dict(cfg)
+    assert as_dict["checkpoint"]["keep_last"] == 5
+    assert [f"{s}.{k}" for s, values in as_dict.items() for k in values] == config_keys()
+    assert FtrainConfig(checkpoint=CheckpointConfig(**as_dict["checkpoint"])) == cfg
+
+
+def test_configs_are_immutable() -> None:
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        FtrainConfig().checkpoint.keep_last = 1  # type: ignore[misc]
