@@ -139,7 +139,8 @@ class CheckpointConfig(_Section):
         _NON_NEGATIVE)
     resume: str = _option(
         "auto", "auto: resume from the newest valid checkpoint if any, else start fresh;"
-        " required: fail if none validates; never: always start fresh.", _one_of(*RESUME_MODES))
+        " required: fail if none validates; never: start fresh, and refuse a directory that already holds"
+        " checkpoints.", _one_of(*RESUME_MODES))
     commit_timeout_seconds: float = _option(
         600.0, "Seconds rank 0 waits for every rank's shard before failing the save.", _POSITIVE)
 

@@ -24,7 +24,7 @@ import time
 from dataclasses import dataclass
 
 from ftrain import envvars
-from ftrain.errors import FtrainError
+from ftrain.errors import ConfigError, FtrainError
 
 
 class InjectedFault(FtrainError):
@@ -40,19 +40,27 @@ class Fault:
     spec: str
 
 
-_ACTIONS = ("kill", "term", "raise", "hang")
+ACTIONS = ("kill", "term", "raise", "hang")
+POINTS = ("step", "save.begin", "save.mid_write", "save.shard_bin_written", "save.before_manifest",
+          "save.before_rename", "save.before_latest", "save.end", "restore.end")
 
 
 def parse(text: str) -> tuple[Fault, ...]:
+    """Parse ``FTRAIN_FAULTS``; a typo is an error, never a fault that silently fires everywhere or nowhere."""
     faults = []
     for spec in filter(None, (s.strip() for s in text.split(","))):
         head, *conds = spec.split(":")
-        action, sep, point = head.partition("@")
-        if not sep or action not in _ACTIONS or not point:
-            raise ValueError(f"bad fault spec {spec!r}: expected ACTION@POINT[:step=N][:rank=R], ACTION in {_ACTIONS}")
-        kv = dict(c.split("=", 1) for c in conds)
-        faults.append(Fault(action, point, int(kv["step"]) if "step" in kv else None,
-                            int(kv["rank"]) if "rank" in kv else None, spec))
+        action, _, point = head.partition("@")
+        kv = dict(c.partition("=")[::2] for c in conds)
+        try:
+            if action not in ACTIONS or point not in POINTS or set(kv) - {"step", "rank"}:
+                raise ValueError
+            step = int(kv["step"]) if "step" in kv else None
+            rank = int(kv["rank"]) if "rank" in kv else None
+        except ValueError:
+            raise ConfigError(f"bad {envvars.FAULTS} spec {spec!r}: expected ACTION@POINT[:step=N][:rank=R] with "
+                              f"ACTION in {ACTIONS} and POINT in {POINTS}") from None
+        faults.append(Fault(action, point, step, rank, spec))
     return tuple(faults)
 
 

@@ -7,12 +7,15 @@ available). The state is a plain tree (tuples, ints, tensors) that
 """
 from __future__ import annotations
 
+import logging
 import random
 from typing import Any
 
 import torch
 
 from ftrain.errors import StateMismatch
+
+log = logging.getLogger("ftrain")
 
 VERSION = 1
 
@@ -28,7 +31,9 @@ def capture() -> dict[str, Any]:
         kind, keys, pos, has_gauss, cached = np.random.get_state(legacy=True)
         state["numpy"] = {"kind": kind, "keys": keys.tolist(), "pos": int(pos), "has_gauss": int(has_gauss),
                           "cached_gaussian": float(cached)}
-    if torch.cuda.is_available():
+    # Only once CUDA is in use: asking earlier would initialise CUDA in CPU-only processes (e.g. a CPU job on a
+    # GPU node), and a process that has not touched CUDA still has the default streams restore() recreates.
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
         state["cuda"] = [s.cpu() for s in torch.cuda.get_rng_state_all()]
     return state
 
@@ -39,12 +44,19 @@ def restore(state: dict[str, Any]) -> None:
     version, internal, gauss = state["python"]
     random.setstate((version, tuple(internal), gauss))
     torch.set_rng_state(state["torch"].to(torch.uint8))
-    if "numpy" in state and np is not None:
-        s = state["numpy"]
-        np.random.set_state((s["kind"], np.asarray(s["keys"], dtype=np.uint32), s["pos"], s["has_gauss"],
-                             s["cached_gaussian"]))
+    if "numpy" in state:
+        if np is None:
+            log.warning("rng: the checkpoint has NumPy RNG state but NumPy is not installed; the resumed run "
+                        "will not be bit-exact if it draws NumPy random numbers")
+        else:
+            s = state["numpy"]
+            np.random.set_state((s["kind"], np.asarray(s["keys"], dtype=np.uint32), s["pos"], s["has_gauss"],
+                                 s["cached_gaussian"]))
     saved_cuda = state.get("cuda")
-    if saved_cuda is not None and torch.cuda.is_available():
+    if saved_cuda is not None and not torch.cuda.is_available():
+        log.warning("rng: the checkpoint has CUDA RNG state but CUDA is not available; the resumed run is not "
+                    "bit-exact with the original GPU run")
+    elif saved_cuda is not None:
         if len(saved_cuda) != torch.cuda.device_count():
             raise StateMismatch(f"rng.cuda: saved for {len(saved_cuda)} CUDA device(s), this process sees "
                                 f"{torch.cuda.device_count()}; set CUDA_VISIBLE_DEVICES as in the original run")

@@ -18,14 +18,15 @@ Not thread-safe.
 """
 from __future__ import annotations
 
-import json
 import logging
 import os
 import secrets
 import shutil
 import sys
 import time
-from typing import Any
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, TypeVar
 
 import torch
 import torch.distributed as dist
@@ -33,13 +34,21 @@ import torch.distributed as dist
 from ftrain import envvars, faults, rng
 from ftrain.checkpoint import codec, layout
 from ftrain.checkpoint.manifest import Manifest
-from ftrain.checkpoint.shard import ShardRecord, tensor_from_buffer, write_shard
+from ftrain.checkpoint.shard import read_shard, write_shard
 from ftrain.checkpoint.store import CheckpointStore
 from ftrain.config import FtrainConfig, load_config
-from ftrain.errors import CheckpointError, FtrainError, NoValidCheckpoint, StateMismatch
+from ftrain.errors import (
+    CheckpointDirError,
+    CheckpointError,
+    CorruptCheckpoint,
+    FtrainError,
+    NoValidCheckpoint,
+    StateMismatch,
+)
 from ftrain.stateful import Stateful
 
 log = logging.getLogger("ftrain")
+T = TypeVar("T")
 
 _RESERVED = frozenset({"rng"})
 REPLICATED = "replicated"
@@ -81,7 +90,7 @@ class Session:
         if name is not None:
             named = {name: obj, **named}  # type: ignore[dict-item]
         for key, o in named.items():
-            if not key or "/" in key or key in _RESERVED or key.startswith(("rank-", REPLICATED)):
+            if not key or "/" in key or key in _RESERVED:
                 raise FtrainError(f"cannot register state under the name {key!r}: names must be non-empty, "
                                   f"without '/', and not one of {sorted(_RESERVED)}")
             if not isinstance(o, Stateful):
@@ -119,91 +128,108 @@ class Session:
             raise err or CheckpointError("another rank failed while preparing checkpoints; see its log")
 
     # ----------------------------------------------------------------- restore
-    def _setup(self) -> dict[str, Any] | None:
-        """Collective: check the dir, clean leftovers, pick the checkpoint to resume and a save nonce."""
+    def _setup(self) -> None:
+        """Collective, once: check the dir is writable, clean leftovers (rank 0), agree on a save nonce.
+
+        The nonce names this job attempt's temp directories, so shards left by a
+        killed attempt can never be mistaken for this attempt's.
+        """
         self._setup_group()
         err: FtrainError | None = None
         try:
             self.store.ensure_writable()
+            if self.rank == 0:
+                self.store.cleanup_temps()
+                existing = self.store.step_dirs()
+                if self.ckpt.resume == "never" and existing:
+                    raise CheckpointDirError(
+                        f"checkpoint.resume is 'never' but {self.store.root} already holds checkpoints (up to step "
+                        f"{existing[-1][0]}); point checkpoint.dir at an empty directory, delete them, or resume")
         except FtrainError as e:
             err = e
+        except OSError as e:
+            err = CheckpointDirError(f"cannot prepare checkpoint dir {self.store.root}: {e}")
         self._check_all(err)
-        found: tuple[Manifest, dict[str, bytearray]] | None = None
-        if self.rank == 0:
-            try:
-                self.store.cleanup_temps()
-                if self.ckpt.resume != "never":
-                    found = self.store.newest_valid(keep=set(layout.shard_names(0)))
-            except FtrainError as e:
-                err = e
-        self._check_all(err)
-        step, nonce = self._broadcast([found[0].step if found else -1, secrets.randbits(62)])
+        (nonce,) = self._broadcast([secrets.randbits(62)])
         self._nonce = f"{nonce:016x}"
-        if step < 0:
-            return None
-        if self.rank == 0 and found:
-            return {"manifest": found[0], "buffers": found[1]}
-        return {"step": step}
 
     def restore(self) -> int:
         """Load the newest valid checkpoint into the registered objects; return its step, or 0 if none.
 
-        With ``checkpoint.resume: required`` a missing checkpoint is an error;
-        with ``never`` existing checkpoints are ignored.
+        Rank 0 proposes the newest checkpoint whose manifest and file sizes check
+        out; every rank then reads the files it needs, verifying checksums as it
+        reads (so each byte is read once); if any rank finds damage, all ranks
+        fall back to the next older one together. State is loaded only after all
+        ranks have read a valid checkpoint. ``checkpoint.resume: required`` makes
+        "none valid" an error; ``never`` refuses a directory that has checkpoints.
         """
         t0 = time.monotonic()
-        picked = self._setup()
-        if picked is None:
-            if self.ckpt.resume == "required":
-                raise NoValidCheckpoint(f"checkpoint.resume is 'required' but no valid checkpoint is in "
-                                        f"{self.store.root}; run `ftrain ckpt ls {self.store.root}` to see why")
-            log.info("no valid checkpoint in %s: starting fresh at step 0", self.store.root)
-            self._last_save_time = time.monotonic()
-            return 0
-        if "manifest" in picked:
-            manifest, buffers = picked["manifest"], picked["buffers"]
-        else:
-            manifest = self.store.read_manifest(picked["step"])
-            buffers = {}
+        self._setup()
+        candidates = self.store.candidates() if self.rank == 0 else iter(())
+        while True:
+            manifest = next(candidates, None) if self.rank == 0 else None
+            (step,) = self._broadcast([manifest.step if manifest else -1])
+            if step < 0:
+                return self._start_fresh()
+            err: CorruptCheckpoint | None = None
+            try:
+                manifest = manifest or self.store.read_manifest(step)
+                self._check_layout(manifest)
+                trees = self._read_trees(manifest)
+            except CorruptCheckpoint as e:
+                log.warning("skipping checkpoint step %d: %s: %s; falling back to an older one", step, e.path,
+                            e.reason)
+                err = e
+            if not self._any(err is not None):
+                break
+        self._load(trees, manifest)
+        faults.point("restore.end", step=step, rank=self.rank)
+        self.last_saved_step = step
+        self._last_save_time = time.monotonic()
+        log.info("restored step %d from %s in %.3fs", step, self.store.path(step), time.monotonic() - t0)
+        return step
+
+    def _start_fresh(self) -> int:
+        if self.ckpt.resume == "required":
+            raise NoValidCheckpoint(f"checkpoint.resume is 'required' but no valid checkpoint is in "
+                                    f"{self.store.root}; run `ftrain ckpt ls {self.store.root}` to see why")
+        log.info("no valid checkpoint in %s: starting fresh at step 0", self.store.root)
+        self._last_save_time = time.monotonic()
+        return 0
+
+    def _check_layout(self, manifest: Manifest) -> None:
+        """Refuse (on every rank alike: they all read the same manifest) state this run cannot take exactly."""
         if manifest.world_size != self.world_size:
             raise StateMismatch(f"checkpoint step {manifest.step} was written by {manifest.world_size} rank(s); this "
                                 f"run has {self.world_size}. Per-rank RNG and data positions cannot be mapped exactly: "
                                 "relaunch with the original number of processes")
-        need = [*layout.shard_names(0), *layout.shard_names(self.rank)]
-        for name in need:
-            if name not in buffers:
-                buffers[name] = self.store.read_file(manifest.step, name, manifest.files[name])
-        trees = self._decode(manifest, buffers)
-        self._load(trees, manifest.step)
-        faults.point("restore.end", step=manifest.step, rank=self.rank)
-        self.last_saved_step = manifest.step
-        self._last_save_time = time.monotonic()
-        log.info("restored step %d from %s in %.3fs", manifest.step, self.store.path(manifest.step),
-                 time.monotonic() - t0)
-        return manifest.step
+        saved_rep = set(manifest.meta.get("replicated") or ())
+        saved_all = saved_rep | set(manifest.meta.get("per_rank") or ())
+        missing, new = sorted(saved_all - set(self._objects)), sorted(set(self._objects) - saved_all)
+        moved = sorted(k for k, (_, p) in self._objects.items() if k in saved_all and (k in saved_rep) == p)
+        if missing or new or moved:
+            raise StateMismatch(f"checkpoint step {manifest.step} does not match the registered state (missing: "
+                                f"{missing}, new: {new}, per_rank changed: {moved}); register the same objects, "
+                                "with the same per_rank choices, as the run that saved it")
 
-    def _decode(self, manifest: Manifest, buffers: dict[str, bytearray]) -> dict[str, Any]:
-        def lookup(name: str) -> torch.Tensor:
-            entry = manifest.tensors[name]
-            return tensor_from_buffer(buffers[entry.file], entry)
-
+    def _read_trees(self, manifest: Manifest) -> dict[str, Any]:
+        """Read, verify and decode rank 0's shard (replicated state) and this rank's shard."""
         trees: dict[str, Any] = {}
         for rank in sorted({0, self.rank}):
-            rec = ShardRecord.from_json(json.loads(buffers[layout.shard_names(rank)[0]]))
+            record, tensors = read_shard(self.store.path(manifest.step), manifest, rank)
             for key in (REPLICATED, _rank_key(self.rank)):
-                if key in rec.trees:
-                    trees[key] = codec.decode(rec.trees[key], lookup)
+                if key in record.trees:
+                    try:
+                        trees[key] = codec.decode(record.trees[key], tensors.__getitem__)
+                    except (CheckpointError, KeyError, TypeError, ValueError, RecursionError) as e:
+                        path = self.store.path(manifest.step) / layout.shard_names(rank)[0]
+                        raise CorruptCheckpoint(str(path), f"malformed state tree {key!r} ({e})") from None
+        if REPLICATED not in trees or _rank_key(self.rank) not in trees:
+            raise CorruptCheckpoint(str(self.store.path(manifest.step)), f"no state for rank {self.rank}")
         return trees
 
-    def _load(self, trees: dict[str, Any], step: int) -> None:
-        replicated = trees.get(REPLICATED, {})
-        mine = trees.get(_rank_key(self.rank), {})
-        saved = set(replicated) | (set(mine) - _RESERVED)
-        wanted = set(self._objects)
-        if saved != wanted:
-            raise StateMismatch(f"checkpoint step {step} holds state {sorted(saved)} but this run registered "
-                                f"{sorted(wanted)}; register the same objects as the run that saved it "
-                                f"(missing: {sorted(saved - wanted)}, new: {sorted(wanted - saved)})")
+    def _load(self, trees: dict[str, Any], manifest: Manifest) -> None:
+        replicated, mine = trees[REPLICATED], trees[_rank_key(self.rank)]
         for key, (obj, per_rank) in self._objects.items():
             obj.load_state_dict((mine if per_rank else replicated)[key])
         rng.restore(mine["rng"])  # last: loading other state must not disturb the restored streams
@@ -212,6 +238,7 @@ class Session:
     def step(self, step: int) -> bool:
         """Call once per completed step on every rank; saves when ``every_steps``/``every_seconds`` fall due."""
         if self._nonce is None:
+            log.warning("Session.step() called before restore(): starting without resuming")
             self._setup()
         faults.point("step", step=step, rank=self.rank)
         due = self.ckpt.every_steps > 0 and step % self.ckpt.every_steps == 0
@@ -223,12 +250,47 @@ class Session:
         return due
 
     def save(self, step: int) -> None:
-        """Write a checkpoint of the registered state at ``step`` now (collective: call on every rank)."""
+        """Write a checkpoint of the registered state at ``step`` now (collective: call on every rank).
+
+        Either every rank returns and checkpoint ``step`` is committed, or every
+        rank raises :class:`CheckpointError` and nothing new is left on disk.
+        """
         if self._nonce is None:
             self._setup()
         if step == self.last_saved_step:
             return  # e.g. a final save right after a scheduled one: the state is the same
         t0 = time.monotonic()
+        assert self._nonce is not None
+        tmp = self.store.root / layout.tmp_dirname(step, self._nonce)
+        try:
+            self._check_all(self._guard(step, tmp, lambda: self._write_shard(step, tmp)))
+            # Every shard is durable here. Rank 0 commits; the others learn whether it worked.
+            manifest = self._guard(step, tmp, lambda: self._commit(step, tmp)) if self.rank == 0 else None
+            self._check_all(manifest if isinstance(manifest, FtrainError) else None)
+        except FtrainError:
+            if self.rank == 0:  # every rank has stopped writing by now (they agreed above)
+                shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        if self.rank == 0 and isinstance(manifest, Manifest):
+            log.info("saved step %d (%.1f MB, %d file(s)) in %.3fs", step, manifest.total_bytes / 1e6,
+                     len(manifest.files), time.monotonic() - t0)
+        faults.point("save.end", step=step, rank=self.rank)
+        self.last_saved_step = step
+        self._last_save_time = time.monotonic()
+
+    def _guard(self, step: int, tmp: Path, fn: Callable[[], T]) -> T | FtrainError:
+        """Run ``fn``; return its result, or its failure as an error value (not raised: the ranks agree first)."""
+        try:
+            return fn()
+        except FtrainError as e:
+            return e
+        except (OSError, TypeError, ValueError) as e:
+            where = getattr(e, "filename", None) or tmp
+            return CheckpointError(
+                f"saving step {step} failed writing {where}: {getattr(e, 'strerror', None) or e} (disk full, quota, "
+                f"file size limit or permissions?); the previous checkpoint in {self.store.root} is untouched")
+
+    def _write_shard(self, step: int, tmp: Path) -> None:
         faults.point("save.begin", step=step, rank=self.rank)
         trees: dict[str, Any] = {_rank_key(self.rank): {"rng": rng.capture()}}
         if self.rank == 0:
@@ -238,32 +300,18 @@ class Session:
                 trees[_rank_key(self.rank)][key] = obj.state_dict()
             elif self.rank == 0:  # replicated state is identical everywhere: rank 0 writes it
                 trees[REPLICATED][key] = obj.state_dict()
-        assert self._nonce is not None
-        tmp = self.store.root / layout.tmp_dirname(step, self._nonce)
-        try:
-            tmp.mkdir(exist_ok=True)
-            write_shard(tmp, rank=self.rank, step=step, nonce=self._nonce, trees=trees)
-            if self.rank == 0:
-                meta = {"replicated": sorted(k for k, (_, p) in self._objects.items() if not p),
-                        "per_rank": sorted(k for k, (_, p) in self._objects.items() if p)}
-                manifest = self.store.commit(tmp, step=step, world_size=self.world_size, nonce=self._nonce,
-                                             timeout=self.ckpt.commit_timeout_seconds, meta=meta)
-                pruned = self.store.prune(self.ckpt.keep_last, protect={step})
-                log.info("saved step %d (%.1f MB, %d file(s)) in %.3fs%s", step, manifest.total_bytes / 1e6,
-                         len(manifest.files), time.monotonic() - t0,
-                         f"; pruned {', '.join(map(str, pruned))}" if pruned else "")
-        except (OSError, CheckpointError) as e:
-            if self.rank == 0:
-                shutil.rmtree(tmp, ignore_errors=True)  # never leave a half-written save behind
-            if isinstance(e, CheckpointError):
-                raise
-            raise CheckpointError(
-                f"saving step {step} failed writing {e.filename or tmp}: {e.strerror or e} (disk full, quota, "
-                f"file size limit or permissions?); the previous checkpoint in {self.store.root} is untouched"
-            ) from e
-        faults.point("save.end", step=step, rank=self.rank)
-        self.last_saved_step = step
-        self._last_save_time = time.monotonic()
+        tmp.mkdir(exist_ok=True)
+        write_shard(tmp, rank=self.rank, step=step, nonce=self._nonce or "", trees=trees)
+
+    def _commit(self, step: int, tmp: Path) -> Manifest:
+        meta = {"replicated": sorted(k for k, (_, p) in self._objects.items() if not p),
+                "per_rank": sorted(k for k, (_, p) in self._objects.items() if p)}
+        manifest = self.store.commit(tmp, step=step, world_size=self.world_size, nonce=self._nonce or "",
+                                     timeout=self.ckpt.commit_timeout_seconds, meta=meta)
+        pruned = self.store.prune(self.ckpt.keep_last, protect={step})
+        if pruned:
+            log.info("pruned checkpoint(s) %s (keep_last=%d)", ", ".join(map(str, pruned)), self.ckpt.keep_last)
+        return manifest
 
 
 def _default_per_rank(obj: object) -> bool:

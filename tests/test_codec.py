@@ -72,13 +72,15 @@ def test_step_names_sort_like_steps():
 
 
 def _manifest() -> Manifest:
-    return Manifest(step=7, world_size=2, files={"a.bin": FileEntry(128, "00" * 16, 0)},
-                    tensors={"w": TensorEntry("a.bin", 64, 64, "float32", (4, 4))}, ftrain_version="t")
+    files = {f"shard-{r:05d}.{ext}": FileEntry(128, "00" * 16, r) for r in (0, 1) for ext in ("json", "bin")}
+    return Manifest(step=7, world_size=2, files=files,
+                    tensors={"w": TensorEntry("shard-00001.bin", 64, 64, "float32", (4, 4))}, ftrain_version="t")
 
 
 def test_manifest_roundtrip():
     m = parse(_manifest().to_bytes(), "m")
-    assert m.step == 7 and m.world_size == 2 and m.tensors["w"].shape == (4, 4) and m.files["a.bin"].size == 128
+    assert m.step == 7 and m.world_size == 2 and m.tensors["w"].shape == (4, 4)
+    assert m.files["shard-00001.bin"] == FileEntry(128, "00" * 16, 1)
 
 
 @pytest.mark.parametrize("mutate, reason", [
@@ -99,8 +101,19 @@ def test_unknown_format_version_is_refused():
         parse(m.to_bytes(), "m")
 
 
-def test_tensor_outside_its_file_is_refused():
+@pytest.mark.parametrize("edit, reason", [
+    (lambda m: m.tensors.update(w=TensorEntry("shard-00001.bin", 128, 64, "float32", (4, 4))), "outside"),
+    (lambda m: m.tensors.update(w=TensorEntry("shard-00001.bin", 32, 64, "float32", (4, 4))), "misaligned"),
+    (lambda m: m.tensors.update(w=TensorEntry("shard-00001.bin", 0, 0, "float32", (2**40, 2**20))), "bytes"),
+    (lambda m: m.tensors.update(w=TensorEntry("shard-00001.bin", 0, 64, "_dynamo", (4, 4))), "unknown tensor dtype"),
+    (lambda m: m.tensors.update(w=TensorEntry("shard-00001.json", 0, 64, "float32", (4, 4))), "not a listed .bin"),
+    (lambda m: m.files.update({"../../etc/hostname": FileEntry(1, "00", 0)}), "does not match world_size"),
+    (lambda m: m.files.pop("shard-00000.json"), "does not match world_size"),
+    (lambda m: m.files.update({"shard-00000.bin": FileEntry(128, "00", 1)}), "bad entry"),
+])
+def test_hostile_manifest_is_refused(edit, reason):
+    """A manifest whose checksum is right but whose content is impossible or dangerous."""
     m = _manifest()
-    m.tensors["w"] = TensorEntry("a.bin", 100, 64, "float32", (4, 4))
-    with pytest.raises(CorruptCheckpoint, match="outside"):
+    edit(m)
+    with pytest.raises(CorruptCheckpoint, match=reason):
         parse(m.to_bytes(), "m")

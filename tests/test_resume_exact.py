@@ -132,3 +132,16 @@ def test_two_ranks_killed_inside_sharded_saves_resume_bit_exact(tmp_path):
     assert final_hash(proc.stdout) == final_hash(ref.stdout)
     for rank in (0, 1):
         assert read_index_log(logs / f"rank{rank}.txt") == read_index_log(tmp_path / "ref-logs" / f"rank{rank}.txt")
+
+
+def test_a_save_failing_on_one_rank_fails_on_all_ranks_quickly(tmp_path):
+    """Rank 1 fails mid-write: both ranks must raise (not wait for the commit timeout), leaving step 10 valid."""
+    ckpt = tmp_path / "ckpt"
+    env = child_env(FTRAIN_FAULTS="raise@save.mid_write:step=20:rank=1")
+    t0 = time.monotonic()
+    proc = torchrun(["--steps", "40", "--save-every", "10", "--print-every", "0", "--ckpt-dir", str(ckpt)], env)
+    assert proc.returncode != 0
+    assert time.monotonic() - t0 < 120, "a failed save must not wait for checkpoint.commit_timeout_seconds"
+    assert "injected fault" in proc.stderr and "another rank failed" in proc.stderr, proc.stderr[-3000:]
+    assert sorted(p.name for p in ckpt.iterdir()) == ["latest", "step-000000000010"]
+    assert not job_processes(str(ckpt))

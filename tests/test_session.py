@@ -192,13 +192,17 @@ def test_nothing_valid_starts_fresh_or_errors_when_required(tmp_path):
         s.restore()
 
 
-def test_resume_never_ignores_checkpoints(tmp_path):
+def test_resume_never_refuses_a_dir_with_checkpoints(tmp_path):
     root = tmp_path / "ckpt"
-    run_to(root, 10)
     job = Job()
     s = ftrain.Session(cfg(root, resume="never"))
     job.register(s)
-    assert s.restore() == 0
+    assert s.restore() == 0  # empty: fine
+    s.save(10)
+    s = ftrain.Session(cfg(root, resume="never"))
+    job.register(s)
+    with pytest.raises(CheckpointDirError, match="already holds checkpoints"):
+        s.restore()  # mixing a new run into an old run's directory would let retention delete the new one
 
 
 def test_unwritable_dir_is_a_clear_error(tmp_path):
@@ -290,3 +294,25 @@ def test_file_size_limit_fails_cleanly_and_keeps_the_previous_checkpoint(tmp_pat
 def test_config_is_frozen_dataclass():
     c = cfg(Path("x"))
     assert dataclasses.replace(c.checkpoint, keep_last=1).keep_last == 1
+
+
+def test_per_rank_choice_must_match(tmp_path):
+    root = tmp_path / "ckpt"
+    run_to(root, 10)
+    job = Job()
+    s = ftrain.Session(cfg(root))
+    s.register(model=job.model, optimizer=job.opt, scheduler=job.sched)
+    s.register(counters=job.counters, per_rank=True)
+    with pytest.raises(StateMismatch, match=r"per_rank changed: \['counters'\]"):
+        s.restore()
+
+
+def test_checkpoint_moved_aside_by_an_interrupted_replace_is_recovered(tmp_path):
+    """A kill between 'move old step-N aside' and 'move new step-N in' must not lose step N."""
+    root = tmp_path / "ckpt"
+    run_to(root, 20)
+    (root / layout.step_dirname(20)).rename(root / f".tmp-replaced-{layout.step_dirname(20)}-0123abcd")
+    job = Job()
+    s = ftrain.Session(cfg(root))
+    job.register(s)
+    assert s.restore() == 20

@@ -33,21 +33,31 @@ except ImportError:  # pragma: no cover - exercised only without numpy
     _np = None  # type: ignore[assignment]
 
 
-def _dtype_name(dtype: torch.dtype) -> str:
+def dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
 
 
+# A fixed table, not getattr(torch, name): a name from a file must never reach attribute lookup on a module.
+DTYPES: dict[str, torch.dtype] = {
+    dtype_name(d): d for d in (
+        torch.float64, torch.float32, torch.float16, torch.bfloat16, torch.complex64, torch.complex128,
+        torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8, torch.bool,
+        *(getattr(torch, n) for n in ("uint16", "uint32", "uint64", "float8_e4m3fn", "float8_e5m2")
+          if isinstance(getattr(torch, n, None), torch.dtype)),
+    )
+}
+
+
 def dtype_from_name(name: str) -> torch.dtype:
-    """The ``torch.dtype`` called ``name`` ("float32"); refuses anything that is not a dtype."""
-    dtype = getattr(torch, name, None)
-    if not isinstance(dtype, torch.dtype):
-        raise CheckpointError(f"unknown tensor dtype {name!r} in checkpoint")
-    return dtype
+    """The ``torch.dtype`` called ``name`` ("float32"); refuses anything else."""
+    try:
+        return DTYPES[name]
+    except (KeyError, TypeError):
+        raise CheckpointError(f"unknown tensor dtype {name!r} in checkpoint") from None
 
 
 class _Encoder:
-    def __init__(self, prefix: str) -> None:
-        self.prefix = prefix
+    def __init__(self) -> None:
         self.tensors: dict[str, torch.Tensor] = {}
 
     def _add(self, path: str, tensor: torch.Tensor) -> str:
@@ -63,11 +73,12 @@ class _Encoder:
         if obj is None or isinstance(obj, (bool, int, float, str)):
             return obj
         if isinstance(obj, torch.Tensor):
-            if obj.is_sparse or obj.is_quantized or obj.is_nested:
-                raise CheckpointError(f"cannot store {obj.layout} tensor at {path!r}: only dense tensors")
+            if obj.is_sparse or obj.is_quantized or obj.is_nested or obj.dtype not in DTYPES.values():
+                raise CheckpointError(f"cannot store a {obj.layout} {obj.dtype} tensor at {path!r}: only dense tensors "
+                                      f"of dtypes {sorted(DTYPES)}")
             return {TAG: "tensor", "ref": self._add(path, obj.detach())}
         if isinstance(obj, torch.dtype):
-            return {TAG: "dtype", "name": _dtype_name(obj)}
+            return {TAG: "dtype", "name": dtype_name(obj)}
         if isinstance(obj, torch.Size):
             return {TAG: "size", "items": list(obj)}
         if isinstance(obj, tuple):
@@ -83,7 +94,7 @@ class _Encoder:
             if isinstance(obj, _np.ndarray):
                 return {TAG: "ndarray", "ref": self._add(path, torch.from_numpy(_np.ascontiguousarray(obj)))}
             if isinstance(obj, _np.generic):
-                return obj.item()
+                return self.encode(obj.item(), path)  # .item() may give a non-JSON type (datetime): check it
         raise CheckpointError(
             f"cannot store a {type(obj).__module__}.{type(obj).__qualname__} at {path!r}: ftrain checkpoints hold "
             "only tensors and JSON values (no pickle); convert it in the object's state_dict()"
@@ -96,7 +107,7 @@ def encode(tree: Any, prefix: str) -> tuple[Any, dict[str, torch.Tensor]]:
     Tensor names are the path of the tensor in the tree under ``prefix``
     (e.g. ``model/fc.weight``), so they are stable and human-readable.
     """
-    enc = _Encoder(prefix)
+    enc = _Encoder()
     return enc.encode(tree, prefix), enc.tensors
 
 
@@ -139,6 +150,3 @@ def tensor_bytes(tensor: torch.Tensor) -> memoryview:
         return memoryview(b"")
     return memoryview(flat.view(torch.uint8).numpy())
 
-
-def dtype_name(dtype: torch.dtype) -> str:
-    return _dtype_name(dtype)

@@ -8,14 +8,15 @@ Readers refuse format versions they do not know. See docs/FORMAT.md.
 from __future__ import annotations
 
 import json
+import math
 import time
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
-from ftrain.checkpoint import checksum
-from ftrain.errors import CorruptCheckpoint
+from ftrain.checkpoint import checksum, codec, layout
+from ftrain.errors import CheckpointError, CorruptCheckpoint
 
 FORMAT_NAME = "ftrain.checkpoint"
 FORMAT_VERSION = 1
@@ -89,6 +90,8 @@ def parse(data: bytes, where: str) -> Manifest:
     """Parse and structurally check a manifest; raises :class:`CorruptCheckpoint` naming ``where``."""
     try:
         doc = json.loads(data)
+    except RecursionError:
+        raise CorruptCheckpoint(where, "manifest JSON is nested too deeply") from None
     except json.JSONDecodeError as e:
         raise CorruptCheckpoint(where, f"manifest is not valid JSON ({e.msg} at byte {e.pos})") from None
     except UnicodeDecodeError as e:
@@ -123,10 +126,35 @@ def parse(data: bytes, where: str) -> Manifest:
                      meta=dict(body.get("meta") or {}))
     except (KeyError, TypeError, ValueError, AttributeError) as e:
         raise CorruptCheckpoint(where, f"manifest field missing or malformed ({type(e).__name__}: {e})") from None
+    _check_consistent(m, where)
+    return m
+
+
+def _check_consistent(m: Manifest, where: str) -> None:
+    """Refuse a manifest that is well-formed JSON but describes impossible files or tensors.
+
+    Everything a reader later trusts (file names, sizes, tensor extents) is
+    checked here, so a hostile manifest cannot point outside the checkpoint
+    directory or ask for a huge allocation.
+    """
+    if m.world_size < 1 or m.step < 0:
+        raise CorruptCheckpoint(where, f"impossible step {m.step} or world_size {m.world_size}")
+    expected = {n for r in range(m.world_size) for n in layout.shard_names(r)}
+    if set(m.files) != expected:
+        raise CorruptCheckpoint(where, f"file list {sorted(m.files)[:4]}... does not match world_size "
+                                       f"{m.world_size} (expected shard-00000..{m.world_size - 1:05d} .json/.bin)")
+    for name, f in m.files.items():
+        if f.size < 0 or layout.shard_names(f.rank)[name.endswith(".bin")] != name:
+            raise CorruptCheckpoint(where, f"bad entry for {name}")
     for name, t in m.tensors.items():
         f = m.files.get(t.file)
-        if f is None:
-            raise CorruptCheckpoint(where, f"tensor {name!r} refers to unlisted file {t.file!r}")
-        if t.offset < 0 or t.nbytes < 0 or t.offset + t.nbytes > f.size:
-            raise CorruptCheckpoint(where, f"tensor {name!r} lies outside {t.file}")
-    return m
+        if f is None or not t.file.endswith(".bin"):
+            raise CorruptCheckpoint(where, f"tensor {name!r} refers to {t.file!r}, not a listed .bin file")
+        try:
+            itemsize = codec.dtype_from_name(t.dtype).itemsize
+        except CheckpointError as e:
+            raise CorruptCheckpoint(where, f"tensor {name!r}: {e}") from None
+        if any(d < 0 for d in t.shape) or math.prod(t.shape) * itemsize != t.nbytes:
+            raise CorruptCheckpoint(where, f"tensor {name!r}: shape {list(t.shape)} x {t.dtype} != {t.nbytes} bytes")
+        if t.offset < 0 or t.offset % layout.ALIGN or t.offset + t.nbytes > f.size:
+            raise CorruptCheckpoint(where, f"tensor {name!r} lies outside {t.file} or is misaligned")

@@ -11,14 +11,15 @@ import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import torch
 
 from ftrain import faults
 from ftrain.checkpoint import checksum, codec
 from ftrain.checkpoint.layout import align_up, atomic_write, shard_names, write_all
-from ftrain.checkpoint.manifest import TensorEntry
+from ftrain.checkpoint.manifest import FileEntry, Manifest, TensorEntry
+from ftrain.errors import CorruptCheckpoint
 
 SHARD_VERSION = 1
 _ZEROS = bytes(64)
@@ -79,6 +80,9 @@ def write_shard(tmpdir: Path, *, rank: int, step: int, nonce: str, trees: dict[s
         index[name] = TensorEntry(bin_name, offset, nbytes, codec.dtype_name(t.dtype), tuple(t.shape))
         offset = align_up(offset + nbytes)
     total = offset
+    record = ShardRecord(rank=rank, step=step, nonce=nonce, bin_name=bin_name, bin_size=total, bin_checksum="",
+                         tensors=index, trees=encoded)
+    json.dumps(record.to_json())  # fail on a non-JSON value now, before any byte is written
 
     hasher = checksum.Hasher()
     fd = os.open(tmpdir / bin_name, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
@@ -104,18 +108,96 @@ def write_shard(tmpdir: Path, *, rank: int, step: int, nonce: str, trees: dict[s
     finally:
         os.close(fd)
 
-    record = ShardRecord(rank=rank, step=step, nonce=nonce, bin_name=bin_name, bin_size=total,
-                         bin_checksum=hasher.hexdigest(), tensors=index, trees=encoded)
+    record.bin_checksum = hasher.hexdigest()
     faults.point("save.shard_bin_written", step=step, rank=rank)
     # No directory fsync here: the committing rank fsyncs the directory once for all shards.
     atomic_write(tmpdir / json_name, json.dumps(record.to_json()).encode(), fsync_parent=False)
     return record
 
 
-def tensor_from_buffer(buf: bytearray, entry: TensorEntry) -> torch.Tensor:
-    """View a stored tensor inside the buffer holding its file (no copy)."""
-    dtype = codec.dtype_from_name(entry.dtype)
-    if entry.nbytes == 0:
-        return torch.empty(entry.shape, dtype=dtype)
-    raw = torch.frombuffer(buf, dtype=torch.uint8, count=entry.nbytes, offset=entry.offset)
-    return raw.view(dtype).reshape(entry.shape)
+def read_shard(ckpt_dir: Path, manifest: Manifest, rank: int) -> tuple[ShardRecord, dict[str, torch.Tensor]]:
+    """Read and verify ``rank``'s shard of a committed checkpoint.
+
+    Tensors are read straight from the file into their own freshly allocated
+    tensors (no intermediate buffer, nothing kept alive afterwards) while the
+    checksum is computed over exactly the bytes read. Any inconsistency raises
+    :class:`CorruptCheckpoint` naming the file.
+    """
+    json_name, bin_name = shard_names(rank)
+    jpath = ckpt_dir / json_name
+    raw = _read_verified(jpath, manifest.files[json_name])
+    try:
+        data = json.loads(raw)
+        if data.get("shard_version") != SHARD_VERSION:
+            raise ValueError(f"unknown shard_version {data.get('shard_version')!r}")
+        record = ShardRecord.from_json(data)
+    except (ValueError, KeyError, TypeError, AttributeError, RecursionError) as e:
+        raise CorruptCheckpoint(str(jpath), f"malformed shard record ({type(e).__name__}: {e})") from None
+    if record.rank != rank or record.step != manifest.step:
+        raise CorruptCheckpoint(str(jpath), f"shard is for rank {record.rank} step {record.step}")
+    entries = sorted(((n, t) for n, t in manifest.tensors.items() if t.file == bin_name), key=lambda x: x[1].offset)
+    return record, _read_tensors(ckpt_dir / bin_name, manifest.files[bin_name], entries)
+
+
+def _open(path: Path, entry: FileEntry) -> BinaryIO:
+    try:
+        size = os.stat(path).st_size
+        if size != entry.size:
+            raise CorruptCheckpoint(str(path), f"size {size} bytes, manifest says {entry.size} (truncated or overwritten)")
+        return open(path, "rb", buffering=0)
+    except FileNotFoundError:
+        raise CorruptCheckpoint(str(path), "file listed in the manifest is missing") from None
+    except OSError as e:
+        raise CorruptCheckpoint(str(path), f"cannot read ({e.strerror or e})") from None
+
+
+def _read_into(f: BinaryIO, view: memoryview, path: Path) -> None:
+    got = 0
+    try:
+        while got < len(view):
+            n = f.readinto(view[got:])
+            if not n:
+                raise CorruptCheckpoint(str(path), "file shrank while being read")
+            got += n
+    except OSError as e:
+        raise CorruptCheckpoint(str(path), f"read error ({e.strerror or e})") from None
+
+
+def _read_verified(path: Path, entry: FileEntry) -> bytes:
+    with _open(path, entry) as f:
+        buf = bytearray(entry.size)
+        _read_into(f, memoryview(buf), path)
+    got = checksum.digest(buf)
+    if got != entry.checksum:
+        raise CorruptCheckpoint(str(path), f"checksum mismatch (manifest {entry.checksum}, file {got})")
+    return bytes(buf)
+
+
+def _read_tensors(path: Path, entry: FileEntry, entries: list[tuple[str, TensorEntry]]) -> dict[str, torch.Tensor]:
+    hasher = checksum.Hasher()
+    out: dict[str, torch.Tensor] = {}
+    scratch = bytearray(_ZEROS)
+    with _open(path, entry) as f:
+        pos = 0
+        for name, t in entries:
+            if t.offset < pos:
+                raise CorruptCheckpoint(str(path), f"tensor {name!r} overlaps the previous one")
+            gap = memoryview(scratch)[: t.offset - pos] if t.offset - pos <= len(scratch) else None
+            if gap is None:
+                raise CorruptCheckpoint(str(path), f"unexpected gap before tensor {name!r}")
+            _read_into(f, gap, path)
+            hasher.update(gap)
+            tensor = torch.empty(t.shape, dtype=codec.dtype_from_name(t.dtype))
+            if t.nbytes:
+                view = memoryview(tensor.reshape(-1).view(torch.uint8).numpy())
+                _read_into(f, view, path)
+                hasher.update(view)
+            out[name] = tensor
+            pos = t.offset + t.nbytes
+        rest = bytearray(entry.size - pos)
+        _read_into(f, memoryview(rest), path)
+        hasher.update(rest)
+    got = hasher.hexdigest()
+    if got != entry.checksum:
+        raise CorruptCheckpoint(str(path), f"checksum mismatch (manifest {entry.checksum}, file {got})")
+    return out

@@ -10,8 +10,10 @@ from __future__ import annotations
 import json
 import logging
 import os
+import secrets
 import shutil
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,6 +24,7 @@ from ftrain.checkpoint.shard import ShardRecord
 from ftrain.errors import CheckpointDirError, CheckpointError, CorruptCheckpoint
 
 log = logging.getLogger("ftrain.checkpoint")
+_REPLACED = f"{layout.TMP_PREFIX}replaced-"
 
 
 @dataclass
@@ -45,9 +48,9 @@ class CheckpointStore:
         """Create the root if needed and prove we can write in it; the error names the dir and the fix."""
         try:
             self.root.mkdir(parents=True, exist_ok=True)
-            probe = self.root / f".probe-{os.getpid()}"
+            probe = self.root / f"{layout.TMP_PREFIX}probe-{os.getpid()}-{secrets.token_hex(4)}"
             probe.write_bytes(b"")
-            probe.unlink()
+            probe.unlink(missing_ok=True)
         except OSError as e:
             raise CheckpointDirError(
                 f"checkpoint dir {str(self.root)!r} is not writable ({e.strerror or e}); "
@@ -88,47 +91,39 @@ class CheckpointStore:
             raise CorruptCheckpoint(str(path), f"manifest says step {m.step} but the directory is for step {step}")
         return m
 
-    def read_file(self, step: int, name: str, entry: FileEntry) -> bytearray:
-        """Read one file whole, checking its size and checksum on the way."""
-        path = self.path(step) / name
-        try:
-            size = os.stat(path).st_size
-        except FileNotFoundError:
-            raise CorruptCheckpoint(str(path), "file listed in the manifest is missing") from None
-        if size != entry.size:
-            raise CorruptCheckpoint(str(path), f"size {size} bytes, manifest says {entry.size} (truncated or overwritten)")
-        buf = bytearray(size)
-        with open(path, "rb", buffering=0) as f:
-            view = memoryview(buf)
-            got = 0
-            while got < size:
-                n = f.readinto(view[got:])
-                if not n:
-                    raise CorruptCheckpoint(str(path), f"short read at byte {got} of {size}")
-                got += n
-        actual = checksum.digest(buf)
-        if actual != entry.checksum:
-            raise CorruptCheckpoint(str(path), f"checksum mismatch (manifest {entry.checksum}, file {actual})")
-        return buf
-
-    def validate(self, step: int, keep: set[str] | frozenset[str] = frozenset()) -> tuple[Manifest, dict[str, bytearray]]:
-        """Check every file of checkpoint ``step``; return its manifest and the bytes of the files in ``keep``.
-
-        Reading and checking in one pass means the files a loader needs are read once.
-        """
-        m = self.read_manifest(step)
-        kept: dict[str, bytearray] = {}
+    def check_files(self, m: Manifest) -> None:
+        """Cheap check: every listed file exists with its listed size (no reading)."""
         for name, entry in sorted(m.files.items()):
-            buf = self.read_file(step, name, entry)
-            if name in keep:
-                kept[name] = buf
-        return m, kept
+            path = self.path(m.step) / name
+            try:
+                size = os.stat(path).st_size
+            except FileNotFoundError:
+                raise CorruptCheckpoint(str(path), "file listed in the manifest is missing") from None
+            except OSError as e:
+                raise CorruptCheckpoint(str(path), f"cannot stat ({e.strerror or e})") from None
+            if size != entry.size:
+                raise CorruptCheckpoint(str(path), f"size {size} bytes, manifest says {entry.size} "
+                                                  "(truncated or overwritten)")
+
+    def validate(self, step: int) -> Manifest:
+        """Full check of checkpoint ``step``: manifest, then every file's size and checksum (streamed)."""
+        m = self.read_manifest(step)
+        self.check_files(m)
+        for name, entry in sorted(m.files.items()):
+            path = self.path(step) / name
+            try:
+                _, digest = checksum.file_digest(path)
+            except OSError as e:
+                raise CorruptCheckpoint(str(path), f"read error ({e.strerror or e})") from None
+            if digest != entry.checksum:
+                raise CorruptCheckpoint(str(path), f"checksum mismatch (manifest {entry.checksum}, file {digest})")
+        return m
 
     def info(self, step: int) -> CheckpointInfo:
         path = self.path(step)
         size = sum(e.stat().st_size for e in os.scandir(path) if e.is_file()) if path.is_dir() else 0
         try:
-            m, _ = self.validate(step)
+            m = self.validate(step)
         except CorruptCheckpoint as e:
             return CheckpointInfo(step, path, False, f"{Path(e.path).name}: {e.reason}", size)
         return CheckpointInfo(step, path, True, "", size, m.created_unix)
@@ -136,28 +131,45 @@ class CheckpointStore:
     def list(self) -> list[CheckpointInfo]:
         return [self.info(step) for step, _ in self.step_dirs()]
 
-    def newest_valid(self, keep: set[str] | frozenset[str] = frozenset()
-                     ) -> tuple[Manifest, dict[str, bytearray]] | None:
-        """The newest checkpoint that validates, skipping (and warning about) damaged ones."""
+    def candidates(self, skip: set[int] | frozenset[int] = frozenset()) -> Iterator[Manifest]:
+        """Committed-looking checkpoints, newest first, that pass the cheap checks (manifest + sizes).
+
+        Checksums are verified by whoever reads the files (see ``Session.restore``),
+        so each byte is read once. Damaged ones are skipped with a warning naming file and reason.
+        """
         for step, path in reversed(self.step_dirs()):
+            if step in skip:
+                continue
             try:
-                return self.validate(step, keep)
+                m = self.read_manifest(step)
+                self.check_files(m)
             except CorruptCheckpoint as e:
                 log.warning("skipping checkpoint %s: %s: %s; falling back to an older one", path.name,
                             e.path, e.reason)
-        return None
+                continue
+            yield m
 
     # --------------------------------------------------------- writing (rank 0)
-    def cleanup_temps(self, keep_nonce: str | None = None) -> list[Path]:
-        """Remove temp directories and files left by killed saves (except the save ``keep_nonce``)."""
-        removed = []
+    def cleanup_temps(self) -> list[Path]:
+        """Remove temp directories and files left by killed saves and prunes.
+
+        One exception: a committed checkpoint moved aside to be replaced
+        (``.tmp-replaced-step-N-*``) whose ``step-N`` never arrived is moved back, not deleted.
+        """
+        removed: list[Path] = []
         if not self.root.is_dir():
             return removed
-        for entry in os.scandir(self.root):
+        for entry in sorted(os.scandir(self.root), key=lambda e: e.name):
             stale = entry.name.startswith(layout.TMP_PREFIX) or entry.name.endswith(".partial")
-            if not stale or (keep_nonce and entry.name.endswith(f"-{keep_nonce}")):
+            if not stale:
                 continue
             path = Path(entry.path)
+            if entry.name.startswith(_REPLACED):
+                final = self.root / entry.name[len(_REPLACED):].rsplit("-", 1)[0]
+                if not final.exists():
+                    os.replace(path, final)
+                    log.warning("restored %s, which an interrupted save had moved aside", final.name)
+                    continue
             if entry.is_dir(follow_symlinks=False):
                 shutil.rmtree(path, ignore_errors=True)
             else:
@@ -168,7 +180,8 @@ class CheckpointStore:
                      ", ".join(p.name for p in removed))
         return removed
 
-    def wait_for_shards(self, tmpdir: Path, world_size: int, nonce: str, timeout: float) -> list[ShardRecord]:
+    def wait_for_shards(self, tmpdir: Path, step: int, world_size: int, nonce: str, timeout: float
+                        ) -> list[ShardRecord]:
         """Block until every rank's shard JSON has appeared in ``tmpdir`` (each is renamed in when durable)."""
         deadline = time.monotonic() + timeout
         pending = set(range(world_size))
@@ -178,11 +191,12 @@ class CheckpointStore:
             for rank in sorted(pending):
                 path = tmpdir / layout.shard_names(rank)[0]
                 try:
-                    data = json.loads(path.read_bytes())
+                    rec = ShardRecord.from_json(json.loads(path.read_bytes()))
                 except FileNotFoundError:
                     continue
-                rec = ShardRecord.from_json(data)
-                if rec.nonce != nonce:
+                except (ValueError, KeyError, TypeError, AttributeError) as e:
+                    raise CheckpointError(f"{path}: unreadable shard record ({type(e).__name__}: {e})") from None
+                if rec.nonce != nonce or rec.step != step:
                     raise CheckpointError(f"{path}: shard belongs to another save ({rec.nonce} != {nonce})")
                 records[rank] = rec
                 pending.discard(rank)
@@ -203,7 +217,7 @@ class CheckpointStore:
         A kill at any instant leaves either no new checkpoint (the temp dir is
         cleaned up on the next start) or a complete, valid one.
         """
-        records = self.wait_for_shards(tmpdir, world_size, nonce, timeout)
+        records = self.wait_for_shards(tmpdir, step, world_size, nonce, timeout)
         files: dict[str, FileEntry] = {}
         tensors = {}
         for rec in records:
@@ -223,7 +237,7 @@ class CheckpointStore:
         if final.exists():
             # Same step saved again (e.g. an earlier copy was corrupt, or resume=never over an old run).
             # Move the old one aside first: rename cannot replace a non-empty directory.
-            aside = self.root / f"{layout.TMP_PREFIX}replaced-{final.name}-{nonce}"
+            aside = self.root / f"{_REPLACED}{final.name}-{nonce}"
             os.replace(final, aside)
             os.replace(tmpdir, final)
             shutil.rmtree(aside, ignore_errors=True)
