@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLE = ROOT / "examples" / "train.py"
@@ -47,6 +48,26 @@ def read_index_log(path: Path) -> dict[int, list[int]]:
             assert steps[step] == idx, f"step {step} replayed with different samples: {steps[step]} vs {idx}"
         steps[step] = idx
     return steps
+
+
+def checkpoint_tensors(root: Path) -> dict[str, "torch.Tensor"]:
+    """Every tensor of the newest checkpoint in ``root`` (all ranks), read and verified by ftrain's own reader."""
+    from ftrain.checkpoint.shard import read_shard
+    from ftrain.checkpoint.store import CheckpointStore
+
+    store = CheckpointStore(root)
+    step = store.step_dirs()[-1][0]
+    manifest = store.validate(step)
+    tensors = {}
+    for rank in range(manifest.world_size):
+        tensors.update(read_shard(store.path(step), manifest, rank)[1])
+    return tensors
+
+
+def assert_same_tensors(a: dict, b: dict) -> None:
+    assert a.keys() == b.keys()
+    for name in a:
+        assert a[name].dtype == b[name].dtype and torch.equal(a[name], b[name]), f"tensor {name} differs"
 
 
 @pytest.fixture

@@ -19,7 +19,15 @@ from pathlib import Path
 import psutil
 import pytest
 
-from conftest import EXAMPLE, child_env, final_hash, read_index_log, run_example
+from conftest import (
+    EXAMPLE,
+    assert_same_tensors,
+    checkpoint_tensors,
+    child_env,
+    final_hash,
+    read_index_log,
+    run_example,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -82,6 +90,8 @@ def test_sigkill_at_random_steps_and_during_saves_resumes_bit_exact(tmp_path):
     else:
         pytest.fail(f"did not finish in 12 attempts (seed {seed})")
     assert final_hash(out) == ref_hash, f"seed {seed}: resumed state differs from the uninterrupted run"
+    # The final checkpoints (weights, optimizer moments, RNG, loader state): torch.equal on every tensor.
+    assert_same_tensors(checkpoint_tensors(tmp_path / "ckpt"), checkpoint_tensors(tmp_path / "ref-ckpt"))
     assert len(list(once.iterdir())) == 3, "every injected in-save kill must have fired"
     assert attempt >= 5, f"expected at least 6 attempts (3 random kills + 3 in-save kills), got {attempt + 1}"
     # Kills inside the save of step 21 / 42 fall back to the previous checkpoint; the kill before `latest` does not.
@@ -130,6 +140,7 @@ def test_two_ranks_killed_inside_sharded_saves_resume_bit_exact(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert restored == [10, 20], restored
     assert final_hash(proc.stdout) == final_hash(ref.stdout)
+    assert_same_tensors(checkpoint_tensors(ckpt), checkpoint_tensors(tmp_path / "ref"))
     for rank in (0, 1):
         assert read_index_log(logs / f"rank{rank}.txt") == read_index_log(tmp_path / "ref-logs" / f"rank{rank}.txt")
 

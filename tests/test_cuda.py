@@ -1,0 +1,50 @@
+"""CUDA paths: GPU tensors in checkpoints and the CUDA RNG streams. Skipped on machines without a GPU (CI)."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import ftrain
+from ftrain.config import CheckpointConfig, FtrainConfig
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+def make():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(32, 64), torch.nn.Dropout(0.5), torch.nn.Linear(64, 4)).cuda()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    return model, opt
+
+
+def train(model, opt, n):
+    for _ in range(n):
+        x = torch.randn(16, 32, device="cuda")  # CUDA RNG
+        loss = model(x).square().mean()  # dropout: CUDA RNG
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+
+
+def test_gpu_state_and_cuda_rng_resume_exactly(tmp_path):
+    cfg = FtrainConfig(checkpoint=CheckpointConfig(dir=str(tmp_path)))
+    model, opt = make()
+    s = ftrain.Session(cfg)
+    s.register(model=model, optimizer=opt)
+    assert s.restore() == 0
+    train(model, opt, 5)
+    s.save(5)
+    train(model, opt, 7)
+    ref = {k: v.clone() for k, v in model.state_dict().items()}
+    ref_rng = torch.cuda.get_rng_state()
+
+    model2, opt2 = make()
+    train(model2, opt2, 3)  # scramble the CUDA RNG and weights before restoring
+    s2 = ftrain.Session(cfg)
+    s2.register(model=model2, optimizer=opt2)
+    assert s2.restore() == 5
+    assert all(v.is_cuda for st in opt2.state.values() for v in st.values() if torch.is_tensor(v) and v.dim())
+    train(model2, opt2, 7)
+    assert torch.equal(torch.cuda.get_rng_state(), ref_rng)
+    for k, v in model2.state_dict().items():
+        assert torch.equal(v, ref[k]), k
