@@ -41,8 +41,9 @@ _TYPE_NAMES: dict[Any, str] = {
     list[str]: "a list of strings",
 }
 
-#: A value rule: a predicate and the phrase saying what it allows.
-Rule = tuple[Callable[[Any], bool], str]
+#: A value rule: a predicate and the phrase saying what it allows. The phrase may be a
+#: function of the rejected value, so a list rule can name the offending item.
+Rule = tuple[Callable[[Any], bool], str | Callable[[Any], str]]
 _NON_NEGATIVE: Rule = (lambda v: v >= 0, "a value >= 0")
 _POSITIVE: Rule = (lambda v: v > 0, "a value > 0")
 _NON_EMPTY: Rule = (bool, "a non-empty string")
@@ -50,6 +51,31 @@ _NON_EMPTY: Rule = (bool, "a non-empty string")
 
 def _one_of(*choices: str) -> Rule:
     return (lambda v: v in choices, "one of " + ", ".join(map(repr, choices)))
+
+
+#: Signals that may mean "preemption: save and exit". SIGKILL and SIGSTOP cannot be caught;
+#: SIGUSR2 is taken by ftrain's stack dumps, so a preemption on it would be misread.
+PREEMPTION_SIGNALS = ("SIGTERM", "SIGINT", "SIGUSR1", "SIGHUP", "SIGQUIT")
+STACK_DUMP_SIGNAL = "SIGUSR2"
+
+
+def _signal_problem(names: list[str]) -> str | None:
+    """Why ``names`` is not a valid ``preemption_signals`` list, or None if it is."""
+    if not names:
+        return "a non-empty list of signal names"
+    allowed = "signal names among " + ", ".join(PREEMPTION_SIGNALS)
+    for name in names:
+        if name == STACK_DUMP_SIGNAL:
+            return f"{allowed} ({name!r} is reserved: ftrain uses it to dump stacks)"
+        if name in ("SIGKILL", "SIGSTOP"):
+            return f"{allowed} ({name!r} cannot be caught, so no save could run)"
+        if name not in PREEMPTION_SIGNALS:
+            return f"{allowed} ({name!r} is not one of them)"
+    return None
+
+
+_SIGNAL_NAMES: Rule = (lambda v: _signal_problem(v) is None,
+                       lambda v: _signal_problem(v) or "")
 
 
 def _option(default: Any, help: str, rule: Rule | None = None) -> Any:
@@ -79,7 +105,7 @@ def _check(key: str, value: Any, tp: Any, rule: Rule | None, where: str = "") ->
     elif not isinstance(value, tp) or (tp is int and not is_number):
         raise fail(_TYPE_NAMES[tp])
     if rule is not None and not rule[0](value):
-        raise fail(rule[1])
+        raise fail(rule[1] if isinstance(rule[1], str) else rule[1](value))
     return value
 
 
@@ -146,10 +172,45 @@ class CheckpointConfig(_Section):
 
 
 @dataclass(frozen=True)
+class SupervisorConfig(_Section):
+    """How ``ftrain launch`` restarts a failed or hung job, and how it handles preemption."""
+
+    section: ClassVar[str] = "supervisor"
+
+    max_restarts: int = _option(
+        3, "Restarts of the whole job after a failure or hang before giving up.", _NON_NEGATIVE)
+    max_attempts_without_progress: int = _option(
+        3, "Give up after this many attempts in a row that commit no new checkpoint (a crash loop);"
+        " 0 disables.", _NON_NEGATIVE)
+    backoff_seconds: float = _option(
+        1.0, "Delay before the first restart; doubles with each attempt in a row without progress.",
+        _NON_NEGATIVE)
+    backoff_max_seconds: float = _option(
+        30.0, "Cap on the restart delay.", _NON_NEGATIVE)
+    grace_seconds: float = _option(
+        30.0, "After a preemption signal, time for all ranks to agree on a step, save and exit"
+        " before the job is killed.", _POSITIVE)
+    hang_timeout_seconds: float = _option(
+        300.0, "A rank that reports no step progress for this long is declared hung: its stacks are"
+        " dumped and the job is restarted; 0 disables.", _NON_NEGATIVE)
+    startup_timeout_seconds: float = _option(
+        600.0, "Allowance before a rank's first step (imports, rendezvous, restore)"
+        " before it counts as hung.", _POSITIVE)
+    preemption_signals: list[str] = _option(
+        ["SIGTERM", "SIGUSR1"], "Signals that mean preemption: save and exit"
+        " (SIGTERM for Kubernetes and cloud VMs, SIGUSR1 for SLURM's --signal).",
+        _SIGNAL_NAMES)
+    log_dir: str = _option(
+        "", "Where per-attempt, per-rank logs, error files and heartbeats go;"
+        " empty means <checkpoint.dir>/logs.")
+
+
+@dataclass(frozen=True)
 class FtrainConfig:
     """The whole configuration: one field per section, named as the section."""
 
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    supervisor: SupervisorConfig = field(default_factory=SupervisorConfig)
 
     def __post_init__(self) -> None:
         for name, cls in _sections().items():

@@ -1,7 +1,8 @@
 """Names of every environment variable ftrain reads or sets (the environment contract).
 
 Configuration keys are also read from ``FTRAIN_<SECTION>_<KEY>`` (see ``config.py``);
-the names below are the others. Documented in README.md ("Environment").
+``ftrain launch`` hands its resolved configuration to workers that way. The names
+below are the others. Documented in README.md ("Environment").
 """
 from __future__ import annotations
 
@@ -11,6 +12,16 @@ CONFIG = "FTRAIN_CONFIG"
 FAULTS = "FTRAIN_FAULTS"
 #: Directory of "already fired" markers so each injected fault fires once across restarts.
 FAULTS_ONCE_DIR = "FTRAIN_FAULTS_ONCE_DIR"
+
+# Set by `ftrain launch` for each worker (absent when a script runs under plain torchrun or python).
+#: Identifier of the supervised run (torchrun's --rdzv-id when given).
+RUN_ID = "FTRAIN_RUN_ID"
+#: 0-based attempt number; increases with each restart of the job.
+ATTEMPT = "FTRAIN_ATTEMPT"
+#: This attempt's directory: heartbeats/, errors/, stacks/, ranks/ (torchrun's per-rank logs), preempted.json.
+ATTEMPT_DIR = "FTRAIN_ATTEMPT_DIR"
+#: PID of the supervising `ftrain launch` process (not FTRAIN_SUPERVISOR_*: that prefix is the config section).
+LAUNCHER_PID = "FTRAIN_LAUNCHER_PID"
 
 # Set by torchrun for each worker; read, never written, by ftrain.
 RANK = "RANK"

@@ -9,3 +9,5 @@ OK = 0
 FAILURE = 1
 #: Bad input: unknown config key, bad value, missing script, unwritable directory.
 USAGE = 2
+#: Preempted or stopped by a signal; the job is resumable from its newest valid checkpoint (EX_TEMPFAIL).
+PREEMPTED = 75

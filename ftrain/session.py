@@ -31,7 +31,8 @@ from typing import Any, TypeVar
 import torch
 import torch.distributed as dist
 
-from ftrain import envvars, faults, rng
+from ftrain import envvars, exitcodes, faults, rng
+from ftrain.attempt import EXITING, RESTORING, SAVING, STARTING, STEPPING
 from ftrain.checkpoint import codec, layout
 from ftrain.checkpoint.manifest import Manifest
 from ftrain.checkpoint.shard import read_shard, write_shard
@@ -46,6 +47,7 @@ from ftrain.errors import (
     StateMismatch,
 )
 from ftrain.stateful import Stateful
+from ftrain.worker import Preempted, Worker
 
 log = logging.getLogger("ftrain")
 T = TypeVar("T")
@@ -71,6 +73,9 @@ class Session:
             self.rank = int(os.environ.get(envvars.RANK, "0"))
             self.world_size = int(os.environ.get(envvars.WORLD_SIZE, "1"))
         _setup_logging(self.rank)
+        sup = self.config.supervisor
+        self.worker = Worker(self.rank, list(sup.preemption_signals), sup.grace_seconds)
+        self.worker.beat(STARTING, 0)
         self.store = CheckpointStore(self.ckpt.dir)
         self._objects: dict[str, tuple[Stateful, bool]] = {}
         self._group: Any = None
@@ -122,6 +127,14 @@ class Session:
         dist.all_reduce(t, op=dist.ReduceOp.MAX, group=self._group)
         return bool(t.item())
 
+    def _any_each(self, *flags: bool) -> tuple[bool, ...]:
+        """Element-wise "any rank" of several flags, in one collective."""
+        if self.world_size == 1:
+            return flags
+        t = torch.tensor([int(f) for f in flags], dtype=torch.int64)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX, group=self._group)
+        return tuple(bool(v) for v in t.tolist())
+
     def _check_all(self, err: FtrainError | None) -> None:
         """Raise on every rank if any rank failed, so no rank is left waiting in a collective."""
         if self._any(err is not None):
@@ -164,6 +177,7 @@ class Session:
         "none valid" an error; ``never`` refuses a directory that has checkpoints.
         """
         t0 = time.monotonic()
+        self.worker.beat(RESTORING, 0)
         self._setup()
         candidates = self.store.candidates() if self.rank == 0 else iter(())
         while True:
@@ -186,6 +200,7 @@ class Session:
         faults.point("restore.end", step=step, rank=self.rank)
         self.last_saved_step = step
         self._last_save_time = time.monotonic()
+        self.worker.beat(STEPPING, step)
         log.info("restored step %d from %s in %.3fs", step, self.store.path(step), time.monotonic() - t0)
         return step
 
@@ -195,6 +210,7 @@ class Session:
                                     f"{self.store.root}; run `ftrain ckpt ls {self.store.root}` to see why")
         log.info("no valid checkpoint in %s: starting fresh at step 0", self.store.root)
         self._last_save_time = time.monotonic()
+        self.worker.beat(STEPPING, 0)
         return 0
 
     def _check_layout(self, manifest: Manifest) -> None:
@@ -236,18 +252,32 @@ class Session:
 
     # -------------------------------------------------------------------- save
     def step(self, step: int) -> bool:
-        """Call once per completed step on every rank; saves when ``every_steps``/``every_seconds`` fall due."""
+        """Call once per completed step on every rank; saves when ``every_steps``/``every_seconds`` fall due.
+
+        Also where preemption is acted on: if any rank received a preemption
+        signal, every rank saves at this same step and raises :class:`Preempted`
+        (a ``SystemExit`` with code 75).
+        """
         if self._nonce is None:
             log.warning("Session.step() called before restore(): starting without resuming")
             self._setup()
+        self.worker.beat(STEPPING, step)
         faults.point("step", step=step, rank=self.rank)
         due = self.ckpt.every_steps > 0 and step % self.ckpt.every_steps == 0
-        if not due and self.ckpt.every_seconds > 0:
-            # Clocks differ per rank: agree (max) so every rank saves at the same step.
-            due = self._any(time.monotonic() - self._last_save_time >= self.ckpt.every_seconds)
-        if due:
+        time_due = self.ckpt.every_seconds > 0 and time.monotonic() - self._last_save_time >= self.ckpt.every_seconds
+        # One small collective per step makes every rank take the same decision: clocks and signal
+        # delivery differ per rank, and a rank that saved or exited alone would deadlock the others.
+        time_due, preempt = self._any_each(time_due, self.worker.preempt_requested)
+        if preempt:
             self.save(step)
-        return due
+            self.worker.write_preempted_marker(step)
+            log.warning("preempted (%s): checkpoint of step %d committed; exiting with code %d",
+                        self.worker.preempt_reason or "another rank was signalled", step, exitcodes.PREEMPTED)
+            self.worker.beat(EXITING, step)
+            raise Preempted(step)
+        if due or time_due:
+            self.save(step)
+        return due or time_due
 
     def save(self, step: int) -> None:
         """Write a checkpoint of the registered state at ``step`` now (collective: call on every rank).
@@ -259,6 +289,7 @@ class Session:
             self._setup()
         if step == self.last_saved_step:
             return  # e.g. a final save right after a scheduled one: the state is the same
+        self.worker.beat(SAVING, step)
         t0 = time.monotonic()
         assert self._nonce is not None
         tmp = self.store.root / layout.tmp_dirname(step, self._nonce)
@@ -277,6 +308,7 @@ class Session:
         faults.point("save.end", step=step, rank=self.rank)
         self.last_saved_step = step
         self._last_save_time = time.monotonic()
+        self.worker.beat(STEPPING, step)
 
     def _guard(self, step: int, tmp: Path, fn: Callable[[], T]) -> T | FtrainError:
         """Run ``fn``; return its result, or its failure as an error value (not raised: the ranks agree first)."""

@@ -11,6 +11,7 @@ import yaml
 from ftrain.config import (
     CheckpointConfig,
     FtrainConfig,
+    SupervisorConfig,
     _parse_text,
     config_keys,
     config_to_dict,
@@ -77,6 +78,9 @@ def test_example_yaml() -> None:
     cfg = load_config(CONFIGS / "example.yaml", env={})
     assert cfg.checkpoint == CheckpointConfig(
         dir="runs/example/checkpoints", every_steps=50, every_seconds=300.0, keep_last=5)
+    assert cfg.supervisor == SupervisorConfig(
+        max_restarts=5, backoff_seconds=2.0, backoff_max_seconds=60.0,
+        hang_timeout_seconds=600.0, grace_seconds=90.0)
 
 
 def test_no_file_no_env_gives_defaults() -> None:
@@ -163,6 +167,104 @@ def test_dataclass_rejects_bad_values(kwargs: dict[str, object], message: str) -
     assert info.value.exit_code == 2
 
 
+# --- supervisor section ------------------------------------------------------------------------
+
+def test_supervisor_defaults() -> None:
+    cfg = FtrainConfig().supervisor
+    assert (cfg.max_restarts, cfg.max_attempts_without_progress) == (3, 3)
+    assert (cfg.backoff_seconds, cfg.backoff_max_seconds) == (1.0, 30.0)
+    assert (cfg.grace_seconds, cfg.hang_timeout_seconds, cfg.startup_timeout_seconds) == (
+        30.0, 300.0, 600.0)
+    assert cfg.preemption_signals == ["SIGTERM", "SIGUSR1"]
+    assert cfg.log_dir == ""
+    # The list default is copied per instance, never shared.
+    assert cfg.preemption_signals is not SupervisorConfig().preemption_signals
+
+
+@pytest.mark.parametrize(("kwargs", "message"), [
+    ({"max_restarts": -1}, "supervisor.max_restarts"),
+    ({"max_restarts": 1.0}, "supervisor.max_restarts"),
+    ({"max_attempts_without_progress": -1}, "supervisor.max_attempts_without_progress"),
+    ({"backoff_seconds": -0.1}, "supervisor.backoff_seconds"),
+    ({"backoff_max_seconds": -1}, "supervisor.backoff_max_seconds"),
+    ({"grace_seconds": 0}, "supervisor.grace_seconds"),
+    ({"grace_seconds": -5}, "a value > 0"),
+    ({"hang_timeout_seconds": -1}, "supervisor.hang_timeout_seconds"),
+    ({"startup_timeout_seconds": 0}, "supervisor.startup_timeout_seconds"),
+    ({"preemption_signals": "SIGTERM"}, "a list of strings"),
+    ({"log_dir": None}, "supervisor.log_dir"),
+])
+def test_supervisor_rejects_bad_values(kwargs: dict[str, object], message: str) -> None:
+    with pytest.raises(ConfigError, match=re.escape(message)) as info:
+        SupervisorConfig(**kwargs)  # type: ignore[arg-type]
+    assert info.value.exit_code == 2
+
+
+def test_supervisor_zero_disables_are_accepted() -> None:
+    cfg = SupervisorConfig(max_restarts=0, max_attempts_without_progress=0, backoff_seconds=0,
+                           backoff_max_seconds=0, hang_timeout_seconds=0, log_dir="/var/log/x")
+    assert cfg.hang_timeout_seconds == 0.0 and isinstance(cfg.backoff_seconds, float)
+
+
+@pytest.mark.parametrize("signals", [
+    ["SIGTERM"], ["SIGINT", "SIGUSR1", "SIGHUP", "SIGQUIT"], ["SIGTERM", "SIGUSR1"],
+])
+def test_preemption_signals_accepted(signals: list[str]) -> None:
+    assert SupervisorConfig(preemption_signals=signals).preemption_signals == signals
+
+
+@pytest.mark.parametrize(("signals", "bad", "why"), [
+    (["SIGKILL"], "'SIGKILL'", "cannot be caught"),
+    (["SIGTERM", "SIGSTOP"], "'SIGSTOP'", "cannot be caught"),
+    (["SIGTERM", "SIGUSR2"], "'SIGUSR2'", "dump stacks"),
+    (["SIGTERM", "SIGFOO"], "'SIGFOO'", "not one of"),
+    (["sigterm"], "'sigterm'", "not one of"),
+    (["TERM"], "'TERM'", "not one of"),
+    ([], "[]", "non-empty"),
+])
+def test_preemption_signals_rejected(signals: list[str], bad: str, why: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        SupervisorConfig(preemption_signals=signals)
+    message = str(info.value)
+    assert message.startswith("supervisor.preemption_signals: "), message
+    assert bad in message and why in message, message
+    assert "\n" not in message
+
+
+def test_bad_signal_in_yaml_names_key_item_and_file(tmp_path: Path) -> None:
+    path = write(tmp_path, "supervisor:\n  preemption_signals: [SIGTERM, SIGKILL]\n")
+    err = config_error("supervisor.preemption_signals", path=path)
+    assert str(path) in str(err) and "'SIGKILL'" in str(err)
+
+
+def test_preemption_signals_from_env() -> None:
+    env = {"FTRAIN_SUPERVISOR_PREEMPTION_SIGNALS": "SIGTERM,SIGUSR1"}
+    assert load_config(env=env).supervisor.preemption_signals == ["SIGTERM", "SIGUSR1"]
+    env = {"FTRAIN_SUPERVISOR_PREEMPTION_SIGNALS": " SIGUSR1 , SIGHUP "}
+    assert load_config(env=env).supervisor.preemption_signals == ["SIGUSR1", "SIGHUP"]
+
+
+@pytest.mark.parametrize(("env", "match"), [
+    ({"FTRAIN_SUPERVISOR_PREEMPTION_SIGNALS": "SIGTERM,SIGUSR2"}, "'SIGUSR2'"),
+    ({"FTRAIN_SUPERVISOR_PREEMPTION_SIGNALS": ""}, "non-empty"),
+    ({"FTRAIN_SUPERVISOR_MAX_RESTARTS": "-1"}, "FTRAIN_SUPERVISOR_MAX_RESTARTS"),
+    ({"FTRAIN_SUPERVISOR_BACKOFF_SECONDS": "soon"}, "FTRAIN_SUPERVISOR_BACKOFF_SECONDS"),
+    ({"FTRAIN_SUPERVISOR_GRACE_SECONDS": "0"}, "FTRAIN_SUPERVISOR_GRACE_SECONDS"),
+    ({"FTRAIN_SUPERVISOR_MAX_RESTART": "1"}, "FTRAIN_SUPERVISOR_MAX_RESTARTS"),
+])
+def test_bad_supervisor_env(env: dict[str, str], match: str) -> None:
+    config_error(match, env=env)
+
+
+def test_supervisor_yaml_and_override(tmp_path: Path) -> None:
+    path = write(tmp_path, "supervisor:\n  max_restarts: 10\n  log_dir: /logs\n")
+    cfg = load_config(path, env={}, overrides={"supervisor.preemption_signals": "SIGUSR1"})
+    assert cfg.supervisor.max_restarts == 10
+    assert cfg.supervisor.log_dir == "/logs"
+    assert cfg.supervisor.preemption_signals == ["SIGUSR1"]
+    assert cfg.checkpoint == CheckpointConfig()
+
+
 def test_root_rejects_non_section() -> None:
     with pytest.raises(ConfigError, match="checkpoint"):
         FtrainConfig(checkpoint={"dir": "x"})  # type: ignore[arg-type]
@@ -243,12 +345,21 @@ def test_bad_override_value() -> None:
 def test_config_to_env_round_trip() -> None:
     original = FtrainConfig(checkpoint=CheckpointConfig(
         dir="/tmp/run 1/ckpt", every_steps=17, every_seconds=0.1, keep_last=0,
-        resume="required", commit_timeout_seconds=1e9 + 0.5))
+        resume="required", commit_timeout_seconds=1e9 + 0.5), supervisor=SupervisorConfig(
+        max_restarts=0, max_attempts_without_progress=7, backoff_seconds=0.25,
+        backoff_max_seconds=1e-3, grace_seconds=12.5, hang_timeout_seconds=0,
+        startup_timeout_seconds=3.3, preemption_signals=["SIGUSR1", "SIGTERM", "SIGHUP"],
+        log_dir="/tmp/run 1/logs"))
     assert original != FtrainConfig()
+    assert original.supervisor != SupervisorConfig()
     env = config_to_env(original)
     assert set(env) == {"FTRAIN_" + key.replace(".", "_").upper() for key in config_keys()}
     assert all(isinstance(value, str) for value in env.values())
+    assert env["FTRAIN_SUPERVISOR_PREEMPTION_SIGNALS"] == "SIGUSR1,SIGTERM,SIGHUP"
+    assert env["FTRAIN_SUPERVISOR_LOG_DIR"] == "/tmp/run 1/logs"
     assert load_config(env=env) == original
+    # Defaults too, including the empty log_dir.
+    assert load_config(env=config_to_env(FtrainConfig())) == FtrainConfig()
 
 
 def test_config_to_dict() -> None:

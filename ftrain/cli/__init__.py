@@ -1,4 +1,4 @@
-"""The ``ftrain`` command: ``ftrain ckpt ...`` (and, later, ``ftrain launch``).
+"""The ``ftrain`` command: ``ftrain launch ...`` and ``ftrain ckpt ...``.
 
 Every subcommand turns an :class:`FtrainError` into one line on stderr and the
 error's exit code (see ``exitcodes.py``).
@@ -9,7 +9,7 @@ import argparse
 import sys
 
 from ftrain import __version__, exitcodes
-from ftrain.cli import ckpt
+from ftrain.cli import ckpt, launch
 from ftrain.errors import FtrainError
 
 
@@ -23,6 +23,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"ftrain {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
     ckpt.add_parser(sub)
+    launch.add_parser(sub)
     return parser
 
 

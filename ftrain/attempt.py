@@ -1,0 +1,134 @@
+"""The files one attempt of a supervised job shares between its workers and the supervisor.
+
+``<log_dir>/<run_id>/<host>/attempt-NNN/`` holds::
+
+    heartbeats/rank-RRRRR   one line "PHASE STEP UNIX_TIME", rewritten in place by the worker
+    errors/rank-RRRRR.json  written by a worker that dies of an uncaught exception
+    stacks/rank-RRRRR.txt   Python stacks, dumped by the worker on SIGUSR2 (sent by the hang detector)
+    ranks/                  torchrun's per-rank stdout/stderr logs
+    torchrun.log            torchrun's own output (and the workers', tee'd)
+    preempted.json          written after the final checkpoint of a preemption committed
+
+Workers find the directory in ``$FTRAIN_ATTEMPT_DIR``. Errors are data: the
+supervisor builds its root-cause report from these files, not from log scraping
+alone.
+"""
+from __future__ import annotations
+
+import json
+import os
+import socket
+import time
+import traceback
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+#: Phases a worker reports in its heartbeat. The hang detector gives each its own allowance.
+STARTING, RESTORING, STEPPING, SAVING, EXITING = "starting", "restoring", "step", "saving", "exiting"
+_HEARTBEAT_WIDTH = 80
+
+
+@dataclass(frozen=True)
+class Heartbeat:
+    phase: str
+    step: int
+    time: float  # wall clock of the last write (same host as the supervisor)
+
+
+class AttemptFiles:
+    def __init__(self, root: str | os.PathLike[str]) -> None:
+        self.root = Path(root)
+
+    @classmethod
+    def for_attempt(cls, log_dir: Path, run_id: str, attempt: int) -> AttemptFiles:
+        # Per host: several nodes may share one log_dir on a shared filesystem.
+        return cls(log_dir / run_id / socket.gethostname() / f"attempt-{attempt:03d}")
+
+    def create(self) -> None:
+        for sub in ("heartbeats", "errors", "stacks", "ranks"):
+            (self.root / sub).mkdir(parents=True, exist_ok=True)
+
+    def heartbeat(self, rank: int) -> Path:
+        return self.root / "heartbeats" / f"rank-{rank:05d}"
+
+    def error(self, rank: int) -> Path:
+        return self.root / "errors" / f"rank-{rank:05d}.json"
+
+    def stacks(self, rank: int) -> Path:
+        return self.root / "stacks" / f"rank-{rank:05d}.txt"
+
+    @property
+    def ranks_dir(self) -> Path:
+        return self.root / "ranks"
+
+    @property
+    def torchrun_log(self) -> Path:
+        return self.root / "torchrun.log"
+
+    @property
+    def preempted(self) -> Path:
+        return self.root / "preempted.json"
+
+    # ------------------------------------------------------------ heartbeats
+    def read_heartbeats(self) -> dict[int, Heartbeat]:
+        beats: dict[int, Heartbeat] = {}
+        hb_dir = self.root / "heartbeats"
+        if not hb_dir.is_dir():
+            return beats
+        for entry in os.scandir(hb_dir):
+            try:
+                rank = int(entry.name.removeprefix("rank-"))
+                phase, step, stamp = Path(entry.path).read_text().split()[:3]
+                beats[rank] = Heartbeat(phase, int(step), float(stamp))
+            except (ValueError, OSError):
+                continue  # being written for the first time, or not ours
+        return beats
+
+    # ---------------------------------------------------------------- errors
+    def read_errors(self) -> dict[int, dict[str, Any]]:
+        out: dict[int, dict[str, Any]] = {}
+        err_dir = self.root / "errors"
+        if not err_dir.is_dir():
+            return out
+        for path in sorted(err_dir.glob("rank-*.json")):
+            try:
+                out[int(path.stem.removeprefix("rank-"))] = json.loads(path.read_text())
+            except (ValueError, OSError):
+                continue
+        return out
+
+    def read_preempted(self) -> dict[str, Any] | None:
+        try:
+            return json.loads(self.preempted.read_text())
+        except (OSError, ValueError):
+            return None
+
+
+class HeartbeatWriter:
+    """Worker side: rewrites one fixed-width line in place (one pwrite, no fsync: only liveness matters)."""
+
+    def __init__(self, path: Path) -> None:
+        self._fd = os.open(path, os.O_WRONLY | os.O_CREAT, 0o644)
+        self._last = 0.0
+        self._phase = ""
+
+    def beat(self, phase: str, step: int, *, min_interval: float = 0.5) -> None:
+        now = time.time()
+        if phase == self._phase and now - self._last < min_interval:
+            return  # throttled: a step loop may call this thousands of times a second
+        line = f"{phase} {step} {now:.3f}".ljust(_HEARTBEAT_WIDTH - 1) + "\n"
+        os.pwrite(self._fd, line.encode(), 0)
+        self._last, self._phase = now, phase
+
+
+def write_error_file(path: Path, rank: int, exc: BaseException) -> None:
+    """Record an uncaught exception as data for the supervisor's root-cause report."""
+    record = {
+        "rank": rank, "pid": os.getpid(), "host": socket.gethostname(), "time": time.time(),
+        "exc_type": type(exc).__name__, "message": str(exc),
+        "traceback": "".join(traceback.format_exception(type(exc), exc, exc.__traceback__)),
+    }
+    tmp = path.with_name(path.name + ".partial")
+    tmp.write_text(json.dumps(record))
+    os.replace(tmp, path)

@@ -1,0 +1,136 @@
+"""The job's process tree: one torchrun child, its worker processes, and their children.
+
+Responsibilities: start torchrun so that it cannot outlive the supervisor,
+pump its output to the console and the attempt log, find the worker processes,
+deliver signals to them, and tear the whole tree down (signal, wait, SIGKILL,
+ignoring processes already gone), as torchelastic does.
+"""
+from __future__ import annotations
+
+import collections
+import ctypes
+import logging
+import signal
+import subprocess
+import sys
+import threading
+from collections.abc import Callable
+from pathlib import Path
+
+import psutil
+
+log = logging.getLogger("ftrain.launch")
+
+_PR_SET_PDEATHSIG = 1
+
+
+def _die_with_parent() -> None:
+    """In the child, before exec: get SIGTERM when the supervisor dies, even by SIGKILL.
+
+    SIGTERM (not SIGKILL) so torchrun forwards it to the workers, which treat it
+    as a preemption: a killed supervisor costs a clean save, not orphans.
+    """
+    if sys.platform.startswith("linux"):
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+
+
+class JobProcess:
+    """One attempt's torchrun process and everything under it."""
+
+    def __init__(self, cmd: list[str], env: dict[str, str], log_path: Path, *,
+                 echo: Callable[[str], str] | None = None) -> None:
+        """``echo`` (if given) maps each output line to what is shown on our stdout."""
+        self._log = open(log_path, "ab", buffering=0)
+        self.tail: collections.deque[str] = collections.deque(maxlen=400)
+        self.proc = subprocess.Popen(cmd, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                     stderr=subprocess.STDOUT, start_new_session=True,
+                                     preexec_fn=_die_with_parent)
+        self._ps = psutil.Process(self.proc.pid)
+        self._known: dict[int, psutil.Process] = {}
+        self._echo = echo
+        self._pump = threading.Thread(target=self._pump_output, name="ftrain-output", daemon=True)
+        self._pump.start()
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def _pump_output(self) -> None:
+        assert self.proc.stdout is not None
+        for raw in iter(self.proc.stdout.readline, b""):
+            self._log.write(raw)
+            line = raw.decode(errors="replace")
+            self.tail.append(line.rstrip("\n"))
+            if self._echo is not None:
+                sys.stdout.write(self._echo(line))
+                sys.stdout.flush()
+
+    def poll(self) -> int | None:
+        return self.proc.poll()
+
+    def wait_output(self, timeout: float = 5.0) -> None:
+        """Let the output pump drain after the process exited."""
+        self._pump.join(timeout)
+
+    def tree(self) -> list[psutil.Process]:
+        """torchrun and every live descendant. Remembers processes seen, so orphans reparented away are still found."""
+        try:
+            for p in [self._ps, *self._ps.children(recursive=True)]:
+                self._known.setdefault(p.pid, p)
+        except psutil.Error:
+            pass
+        return [p for p in self._known.values() if _alive(p)]
+
+    def workers(self) -> list[psutil.Process]:
+        """The rank processes: torchrun's direct children."""
+        try:
+            kids = self._ps.children(recursive=False)
+        except psutil.Error:
+            return []
+        for p in kids:
+            self._known.setdefault(p.pid, p)
+        return kids
+
+    def signal_workers(self, sig: int) -> int:
+        n = 0
+        for p in self.workers():
+            try:
+                p.send_signal(sig)
+                n += 1
+            except psutil.Error:
+                pass
+        return n
+
+    def kill_tree(self, *, graceful: float = 0.0) -> None:
+        """SIGTERM everything (if ``graceful``), wait up to that long, then SIGKILL what is left."""
+        procs = self.tree()
+        if graceful > 0:
+            for p in procs:
+                _send(p, signal.SIGTERM)
+            _, procs = psutil.wait_procs(procs, timeout=graceful)
+        for p in procs:
+            _send(p, signal.SIGKILL)
+        psutil.wait_procs(procs, timeout=10)
+        try:
+            self.proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            pass
+
+    def close(self) -> None:
+        self.wait_output()
+        self._log.close()
+
+
+def _alive(p: psutil.Process) -> bool:
+    try:
+        return p.is_running() and p.status() != psutil.STATUS_ZOMBIE
+    except psutil.Error:
+        return False
+
+
+def _send(p: psutil.Process, sig: int) -> None:
+    try:
+        p.send_signal(sig)
+    except psutil.Error:
+        pass

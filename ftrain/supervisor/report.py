@@ -1,0 +1,104 @@
+"""The root cause of a failed attempt, and the one-screen report printed when the supervisor gives up.
+
+The earliest failure is the root cause (later ranks usually die because the
+first one left their collectives). Sources, best first: the worker's own error
+file (exception type, message, traceback), then torchrun's "Root Cause" block
+(rank, exit code or signal), then the hang detector's verdict.
+"""
+from __future__ import annotations
+
+import re
+import signal
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+_ROOT = re.compile(r"Root Cause \(first observed failure\)")
+_RANK = re.compile(r"^\s*rank\s*:\s*(\d+)(?:\s*\(local_rank:\s*(\d+)\))?")
+_EXIT = re.compile(r"^\s*exitcode\s*:\s*(-?\d+)")
+
+
+@dataclass
+class Failure:
+    attempt: int
+    rank: int | None = None
+    exit_code: int | None = None
+    exc_type: str | None = None
+    message: str | None = None
+    traceback: str | None = None
+    hang: str | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def describe(self) -> str:
+        who = f"rank {self.rank}" if self.rank is not None else "the job"
+        if self.hang:
+            return f"hang: {self.hang}"
+        parts = [who]
+        if self.exit_code is not None:
+            parts.append(f"exited with {exit_text(self.exit_code)}")
+        if self.exc_type:
+            parts.append(f"({self.exc_type}: {self.message})")
+        return " ".join(parts)
+
+
+def exit_text(code: int) -> str:
+    if code < 0:
+        try:
+            return f"signal {signal.Signals(-code).name}"
+        except ValueError:
+            return f"signal {-code}"
+    return f"code {code}"
+
+
+def parse_torchrun_root_cause(lines: list[str]) -> tuple[int | None, int | None, int | None]:
+    """(rank, local rank, exit code) from torchrun's ChildFailedError summary, if present."""
+    rank = local = code = None
+    for i, line in enumerate(lines):
+        if _ROOT.search(line):
+            for follow in lines[i + 1:i + 12]:
+                if (m := _RANK.match(follow)) and rank is None:
+                    rank = int(m.group(1))
+                    local = int(m.group(2)) if m.group(2) is not None else None
+                if (m := _EXIT.match(follow)) and code is None:
+                    code = int(m.group(1))
+    return rank, local, code
+
+
+def root_cause(attempt: int, torchrun_tail: list[str], errors: dict[int, dict[str, Any]],
+               hang: str | None, ranks_dir: Path | None = None) -> Failure:
+    rank, local, code = parse_torchrun_root_cause(torchrun_tail)
+    failure = Failure(attempt=attempt, rank=rank, exit_code=code, hang=hang)
+    if not errors and local is not None and ranks_dir is not None:
+        # No error file (the script exited non-zero without an uncaught exception, or died of a
+        # signal): show the end of that rank's stderr instead.
+        logs = sorted(ranks_dir.glob(f"*/attempt_*/{local}/stderr.log"))
+        if logs:
+            tail = logs[-1].read_text(errors="replace").rstrip().splitlines()[-8:]
+            failure.traceback = "\n".join(tail) or None
+    if errors:
+        first_rank, err = min(errors.items(), key=lambda kv: kv[1].get("time", 0.0))
+        failure.rank = first_rank
+        failure.exc_type = err.get("exc_type")
+        failure.message = err.get("message")
+        failure.traceback = err.get("traceback")
+        if code is not None and rank != first_rank:
+            failure.exit_code = None  # torchrun's code belongs to another rank
+    return failure
+
+
+def format_report(reason: str, failures: list[Failure], attempts: list[str], log_dir: str,
+                  newest_checkpoint: int | None) -> str:
+    """At most ~30 lines: what gave up, the root cause with the tail of its traceback, each attempt, where logs are."""
+    out = [f"ftrain launch: {reason}"]
+    if failures:
+        first = failures[-1]
+        out.append(f"root cause (attempt {first.attempt}): {first.describe()}")
+        if first.traceback:
+            tb = [ln for ln in first.traceback.rstrip().splitlines() if ln.strip()]
+            out.append("  traceback / stderr (last lines):")
+            out.extend(f"    {ln}" for ln in tb[-12:])
+    out.append("attempts:")
+    out.extend(f"  {a}" for a in attempts[-8:])
+    out.append(f"newest valid checkpoint: {'step ' + str(newest_checkpoint) if newest_checkpoint is not None else 'none'}")
+    out.append(f"logs, error files and stack dumps: {log_dir}")
+    return "\n".join(out)

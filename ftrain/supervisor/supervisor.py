@@ -1,0 +1,277 @@
+"""The supervisor: an explicit state machine around one torchrun child per attempt.
+
+::
+
+    STARTING --> RUNNING --(exit 0)------------------------------> DONE (0)
+                    |--(crash / hang: kill tree)--> decide() --> BACKOFF --> STARTING
+                    |                                   `--> DONE (1, with a root-cause report)
+                    `--(preemption signal)--> STOPPING --(workers saved and exited,
+                                                          or grace ran out: kill)--> DONE (75)
+
+Every restart decision is :func:`ftrain.supervisor.policy.decide`, a pure
+function. This module only observes processes and files and carries decisions
+out. Whatever happens (including an exception here), the ``finally`` tears the
+job's process tree down; if this process is SIGKILLed, torchrun gets SIGTERM
+from the kernel (PR_SET_PDEATHSIG) and its workers save and exit.
+"""
+from __future__ import annotations
+
+import enum
+import logging
+import os
+import random
+import re
+import signal
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import FrameType
+
+from ftrain import envvars, exitcodes
+from ftrain.attempt import AttemptFiles
+from ftrain.checkpoint.store import CheckpointStore
+from ftrain.config import FtrainConfig, config_to_env
+from ftrain.supervisor.hang import HangLimits, find_hung
+from ftrain.supervisor.policy import Action, AttemptResult, Outcome, RestartPolicy, decide
+from ftrain.supervisor.process import JobProcess
+from ftrain.supervisor.report import Failure, format_report, root_cause
+from ftrain.worker import STACK_DUMP_SIGNAL
+
+log = logging.getLogger("ftrain.launch")
+
+_POLL = 0.1
+#: torchrun prefixes each tee'd worker line with this (we set the template), so we can strip it for rank 0.
+_PREFIX_TEMPLATE = "@@ftrain-rank${rank}@@"
+_PREFIX = re.compile(r"^@@ftrain-rank(\d+)@@")
+
+
+class State(enum.Enum):
+    STARTING = "starting"
+    RUNNING = "running"
+    STOPPING = "stopping"
+    BACKOFF = "backoff"
+    DONE = "done"
+
+
+@dataclass
+class LaunchSpec:
+    """Everything needed to start one attempt."""
+
+    script: str
+    script_args: list[str]
+    nproc: int
+    torchrun_args: list[str]
+    run_id: str
+    config: FtrainConfig
+    extra_env: dict[str, str] = field(default_factory=dict)
+
+
+class Supervisor:
+    def __init__(self, spec: LaunchSpec, *, echo: bool = True) -> None:
+        self.spec = spec
+        cfg = spec.config
+        self.sup = cfg.supervisor
+        self.policy = RestartPolicy.from_config(self.sup)
+        self.store = CheckpointStore(cfg.checkpoint.dir)
+        self.log_dir = Path(self.sup.log_dir) if self.sup.log_dir else Path(cfg.checkpoint.dir) / "logs"
+        self.limits = HangLimits(hang_timeout=self.sup.hang_timeout_seconds,
+                                 startup_timeout=self.sup.startup_timeout_seconds,
+                                 save_timeout=self.sup.hang_timeout_seconds + cfg.checkpoint.commit_timeout_seconds,
+                                 exit_timeout=self.sup.grace_seconds)
+        self.state = State.STARTING
+        self.echo = echo
+        self._signals: list[str] = []
+        self._job: JobProcess | None = None
+
+    # ------------------------------------------------------------------ public
+    def run(self) -> int:
+        self._install_signal_handlers()
+        history: list[AttemptResult] = []
+        failures: list[Failure] = []
+        lines: list[str] = []
+        try:
+            while True:
+                attempt = len(history)
+                before = self._newest_step()
+                result, failure = self._run_attempt(attempt)
+                after = self._newest_step()
+                progressed = after is not None and (before is None or after > before)
+                result = AttemptResult(attempt, result.outcome, progressed, result.exit_code, result.detail)
+                history.append(result)
+                if failure:
+                    failures.append(failure)
+                lines.append(f"#{attempt} {result.outcome.value}: {result.detail}; newest checkpoint: "
+                             f"{'step ' + str(after) if after is not None else 'none'}")
+                decision = decide(history, self.policy, random.random())
+                if decision.action is Action.STOP:
+                    self._set(State.DONE)
+                    return self._finish(decision.exit_code, decision.reason, failures, lines, after)
+                self._say(f"attempt {attempt} {result.outcome.value} ({result.detail}); restarting in "
+                          f"{decision.delay:.1f}s from the newest valid checkpoint")
+                self._set(State.BACKOFF)
+                if self._sleep(decision.delay):
+                    self._set(State.DONE)
+                    return self._finish(exitcodes.PREEMPTED, f"stopped by {self._signals[0]} while waiting to "
+                                        "restart", failures, lines, after)
+        finally:
+            if self._job is not None and self._job.poll() is None:
+                self._job.kill_tree(graceful=2.0)
+
+    # --------------------------------------------------------------- attempts
+    def _run_attempt(self, attempt: int) -> tuple[AttemptResult, Failure | None]:
+        self._set(State.STARTING)
+        files = AttemptFiles.for_attempt(self.log_dir, self.spec.run_id, attempt)
+        files.create()
+        job = self._job = JobProcess(self._command(files), self._env(files, attempt), files.torchrun_log,
+                                     echo=strip_prefix if self.echo else None)
+        self._say(f"attempt {attempt}: started torchrun (pid {job.pid}) with {self.spec.nproc} worker(s) per node; "
+                  f"logs in {files.root}")
+        self._set(State.RUNNING)
+        started = time.time()
+        grace_deadline: float | None = None
+        hang: str | None = None
+        next_hang_check = time.monotonic() + 1.0
+        while job.poll() is None:
+            if len(self._signals) >= 2:
+                self._say(f"second signal ({self._signals[-1]}): stopping now")
+                job.kill_tree()
+                break
+            if self._signals and grace_deadline is None:
+                self._set(State.STOPPING)
+                n = job.signal_workers(self._forward_signal())
+                grace_deadline = time.monotonic() + self.sup.grace_seconds
+                self._say(f"{self._signals[0]}: asked {n} worker(s) to save and exit within "
+                          f"{self.sup.grace_seconds:g}s")
+            if grace_deadline is not None and time.monotonic() > grace_deadline:
+                self._say(f"grace period of {self.sup.grace_seconds:g}s ran out: killing the job "
+                          "(the previous checkpoint stays valid)")
+                job.kill_tree()
+                break
+            if grace_deadline is None and time.monotonic() >= next_hang_check:
+                next_hang_check = time.monotonic() + 1.0
+                hang = find_hung(files.read_heartbeats(), self.spec.nproc, started, time.time(), self.limits)
+                if hang:
+                    self._handle_hang(job, files, hang)
+                    break
+            time.sleep(_POLL)
+        rc = job.poll()
+        job.kill_tree()  # workers or their DataLoader children may linger after torchrun exits
+        job.close()
+        self._job = None
+        return self._classify(attempt, files, job, rc, hang)
+
+    def _handle_hang(self, job: JobProcess, files: AttemptFiles, hang: str) -> None:
+        self._say(f"hang detected: {hang}; dumping Python stacks of every rank to {files.root / 'stacks'}")
+        job.signal_workers(STACK_DUMP_SIGNAL)
+        time.sleep(2.0)  # faulthandler writes from a signal handler; give it a moment before the kill
+        job.kill_tree()
+
+    def _classify(self, attempt: int, files: AttemptFiles, job: JobProcess, rc: int | None,
+                  hang: str | None) -> tuple[AttemptResult, Failure | None]:
+        marker = files.read_preempted()
+        if marker is not None:
+            return AttemptResult(attempt, Outcome.PREEMPTED, False, rc,
+                                 f"preempted; final checkpoint at step {marker.get('step')}"), None
+        if self._signals:
+            return AttemptResult(attempt, Outcome.PREEMPTED, False, rc,
+                                 f"stopped by {self._signals[0]} before a final checkpoint committed"), None
+        if hang:
+            failure = root_cause(attempt, list(job.tail), files.read_errors(), hang, files.ranks_dir)
+            return AttemptResult(attempt, Outcome.HUNG, False, rc, failure.describe()), failure
+        if rc == 0:
+            return AttemptResult(attempt, Outcome.SUCCEEDED, False, rc, "all ranks finished"), None
+        failure = root_cause(attempt, list(job.tail), files.read_errors(), None, files.ranks_dir)
+        if failure.rank is None and failure.exit_code is None and rc is not None:
+            failure.exit_code = rc
+        return AttemptResult(attempt, Outcome.FAILED, False, rc, failure.describe()), failure
+
+    # ----------------------------------------------------------- environment
+    def _command(self, files: AttemptFiles) -> list[str]:
+        args = list(self.spec.torchrun_args)
+        if not any(a.startswith(("--rdzv-endpoint", "--rdzv_endpoint", "--master-addr", "--master_addr",
+                                 "--standalone")) for a in args):
+            # Single node: rendezvous on loopback with a free port, never another address.
+            args += ["--rdzv-backend", "c10d", "--rdzv-endpoint", "127.0.0.1:0"]
+        if not any(a.startswith(("--rdzv-id", "--rdzv_id")) for a in args):
+            args += ["--rdzv-id", self.spec.run_id]
+        return [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(self.spec.nproc), *args,
+                # Restarts are ours (whole job, with backoff and a crash-loop guard), not torchrun's.
+                "--max-restarts", "0",
+                "--log-dir", str(files.ranks_dir), "--redirects", "3", "--tee", "3",
+                self.spec.script, *self.spec.script_args]
+
+    def _env(self, files: AttemptFiles, attempt: int) -> dict[str, str]:
+        env = dict(os.environ)
+        env.update(config_to_env(self.spec.config))
+        env.update(self.spec.extra_env)
+        env.update({
+            envvars.RUN_ID: self.spec.run_id, envvars.ATTEMPT: str(attempt), envvars.ATTEMPT_DIR: str(files.root),
+            envvars.LAUNCHER_PID: str(os.getpid()),
+            "TORCHELASTIC_LOG_LINE_PREFIX_TEMPLATE": _PREFIX_TEMPLATE,
+            # If a preemption signal reaches torchrun itself (a whole-cgroup kill), it must forward it
+            # (SLURM's SIGUSR1 included) and wait our grace period, not its default 30 s, before SIGKILL.
+            "TORCHELASTIC_SIGNALS_TO_HANDLE": ",".join(sorted({"SIGTERM", "SIGINT", "SIGHUP", "SIGQUIT",
+                                                              *self.sup.preemption_signals})),
+            "TORCH_ELASTIC_SHUTDOWN_TIMEOUT": str(int(self.sup.grace_seconds) + 5),
+        })
+        env.setdefault("OMP_NUM_THREADS", "1")
+        return env
+
+    # ---------------------------------------------------------------- signals
+    def _install_signal_handlers(self) -> None:
+        def handler(signum: int, frame: FrameType | None) -> None:
+            self._signals.append(signal.Signals(signum).name)
+
+        for name in {*self.sup.preemption_signals, "SIGINT"}:
+            signal.signal(getattr(signal, name), handler)
+
+    def _forward_signal(self) -> int:
+        first = self._signals[0]
+        name = first if first in self.sup.preemption_signals else self.sup.preemption_signals[0]
+        return int(getattr(signal, name))
+
+    def _sleep(self, seconds: float) -> bool:
+        """Back off; True if a signal arrived meanwhile (then do not restart)."""
+        deadline = time.monotonic() + seconds
+        while time.monotonic() < deadline:
+            if self._signals:
+                return True
+            time.sleep(min(_POLL, max(0.0, deadline - time.monotonic())))
+        return bool(self._signals)
+
+    # ---------------------------------------------------------------- output
+    def _finish(self, code: int, reason: str, failures: list[Failure], lines: list[str], newest: int | None) -> int:
+        if code == exitcodes.OK:
+            self._say(f"finished: {reason}")
+        elif code == exitcodes.PREEMPTED:
+            self._say(f"preempted ({reason}); exiting with code {code}. Relaunch the same command to resume from "
+                      f"{'step ' + str(newest) if newest is not None else 'the start'}")
+        else:
+            print(format_report(reason, failures, lines, str(self.log_dir / self.spec.run_id), newest),
+                  file=sys.stderr, flush=True)
+        return code
+
+    def _newest_step(self) -> int | None:
+        dirs = self.store.step_dirs()
+        return dirs[-1][0] if dirs else None
+
+    def _set(self, state: State) -> None:
+        self.state = state
+        log.debug("supervisor state: %s", state.value)
+
+    def _say(self, msg: str) -> None:
+        print(f"[ftrain launch] {msg}", file=sys.stderr, flush=True)
+
+
+def strip_prefix(line: str) -> str:
+    """Worker lines come tee'd with a rank prefix: rank 0's are shown as written, others as ``[rank N] ...``."""
+    m = _PREFIX.match(line)
+    if not m:
+        return line
+    rank = int(m.group(1))
+    rest = line[m.end():]
+    return rest if rank == 0 else f"[rank {rank}] {rest}"
+
+
+__all__ = ["LaunchSpec", "State", "Supervisor"]
