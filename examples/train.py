@@ -87,7 +87,11 @@ def main(argv: list[str] | None = None) -> int:
     random.seed(args.seed + rank)
 
     model = build_model()
-    train_model = nn.parallel.DistributedDataParallel(model) if distributed else model
+    # find_unused_parameters=True also stops DDP from rebuilding its gradient buckets after the first
+    # iteration. A resumed run's first iteration would otherwise use a different bucket layout than the
+    # original run used at that step, and with more than 2 ranks gloo then sums gradients in a different
+    # order: a resume that is close, but not bit-exact. (README: "DDP and bit-exact resume".)
+    train_model = nn.parallel.DistributedDataParallel(model, find_unused_parameters=True) if distributed else model
     optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.01)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(args.steps))
     loader = ftrain.ResumableLoader(SyntheticDataset(), batch_size=args.batch_size, shuffle=True, seed=args.seed,

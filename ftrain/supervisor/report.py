@@ -67,22 +67,26 @@ def parse_torchrun_root_cause(lines: list[str]) -> tuple[int | None, int | None,
 def root_cause(attempt: int, torchrun_tail: list[str], errors: dict[int, dict[str, Any]],
                hang: str | None, ranks_dir: Path | None = None) -> Failure:
     rank, local, code = parse_torchrun_root_cause(torchrun_tail)
+    # A rank killed by a signal leaves no error file, and the ranks it strands in a collective raise
+    # (and write error files) a moment later: then torchrun's first observed failure is the root cause.
+    # Otherwise the earliest error file is: torchrun observes exits in batches and may name a bystander.
+    if errors and (rank is None or code is None or code > 0):
+        first = min(errors.items(), key=lambda kv: kv[1].get("time", 0.0))[0]
+        if first != rank:
+            rank, local, code = first, None, None
     failure = Failure(attempt=attempt, rank=rank, exit_code=code, hang=hang)
-    if not errors and local is not None and ranks_dir is not None:
+    if rank not in errors and local is not None and ranks_dir is not None:
         # No error file (the script exited non-zero without an uncaught exception, or died of a
         # signal): show the end of that rank's stderr instead.
         logs = sorted(ranks_dir.glob(f"*/attempt_*/{local}/stderr.log"))
         if logs:
             tail = logs[-1].read_text(errors="replace").rstrip().splitlines()[-8:]
             failure.traceback = "\n".join(tail) or None
-    if errors:
-        first_rank, err = min(errors.items(), key=lambda kv: kv[1].get("time", 0.0))
-        failure.rank = first_rank
+    err = errors.get(rank) if rank is not None else None
+    if err is not None:
         failure.exc_type = err.get("exc_type")
         failure.message = err.get("message")
         failure.traceback = err.get("traceback")
-        if code is not None and rank != first_rank:
-            failure.exit_code = None  # torchrun's code belongs to another rank
     return failure
 
 

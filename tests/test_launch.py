@@ -1,0 +1,215 @@
+"""`ftrain launch` with real processes: torchrun, gloo on loopback, real kills, hangs and preemptions."""
+from __future__ import annotations
+
+import os
+import random
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+
+from conftest import EXAMPLE, ROOT, assert_same_tensors, checkpoint_tensors, child_env, final_hash
+
+from ftrain import exitcodes
+
+pytestmark = pytest.mark.slow
+
+
+class Launch:
+    """A running `ftrain launch`, its output collected by a thread so the test can wait for lines."""
+
+    def __init__(self, args: list[str], env: dict[str, str]) -> None:
+        self.proc = subprocess.Popen([sys.executable, "-m", "ftrain", "launch", *args], env=env, cwd=ROOT,
+                                     stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        self.lines: list[str] = []
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+
+    def _read(self) -> None:
+        assert self.proc.stdout is not None
+        for line in self.proc.stdout:
+            self.lines.append(line)
+
+    @property
+    def output(self) -> str:
+        return "".join(self.lines)
+
+    def wait_for(self, pattern: str, timeout: float = 120) -> re.Match[str]:
+        deadline = time.monotonic() + timeout
+        rx = re.compile(pattern, re.M)
+        while time.monotonic() < deadline:
+            m = rx.search(self.output)
+            if m:
+                return m
+            if self.proc.poll() is not None:
+                self._reader.join(5)
+                m = rx.search(self.output)
+                if m:
+                    return m
+                break
+            time.sleep(0.05)
+        raise AssertionError(f"no line matching {pattern!r}; output:\n{self.output[-4000:]}")
+
+    def wait(self, timeout: float = 300) -> int:
+        rc = self.proc.wait(timeout=timeout)
+        self._reader.join(10)
+        return rc
+
+
+def job_processes(run_id: str) -> list[psutil.Process]:
+    """Every live process whose environment carries this run id (supervisor excluded: it sets it for children)."""
+    found = []
+    for p in psutil.process_iter():
+        try:
+            if p.environ().get("FTRAIN_RUN_ID") == run_id and p.status() != psutil.STATUS_ZOMBIE:
+                found.append(p)
+        except psutil.Error:
+            pass
+    return found
+
+
+def assert_no_orphans(run_id: str, timeout: float = 20) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if not job_processes(run_id):
+            return
+        time.sleep(0.2)
+    left = job_processes(run_id)
+    assert not left, f"orphans of run {run_id}: {[(p.pid, p.cmdline()) for p in left]}"
+
+
+def launch_env(**extra: str) -> dict[str, str]:
+    return child_env(FTRAIN_SUPERVISOR_BACKOFF_SECONDS="0.2", FTRAIN_SUPERVISOR_BACKOFF_MAX_SECONDS="1", **extra)
+
+
+STEPS = 60
+
+
+def test_chaos_kills_hang_and_preemption_resume_bit_exact(tmp_path):
+    """Four ranks; three SIGKILLs of random ranks at random steps (one inside a save), one hang, then a SIGTERM
+    to the supervisor and a relaunch. The final state must equal an uninterrupted run's."""
+    common = ["--nproc", "4", "--save-every-steps", "5", "--hang-timeout", "4", "--max-restarts", "10"]
+    script = [str(EXAMPLE), "--steps", str(STEPS), "--print-every", "1"]
+    ref = Launch([*common, "--ckpt-dir", str(tmp_path / "ref"), "--rdzv-id", "ref", *script], launch_env())
+    assert ref.wait() == 0, ref.output[-4000:]
+    ref_hash = final_hash(ref.output)
+
+    seed = int(os.environ.get("FTRAIN_TEST_SEED", time.time_ns() % 10_000))
+    rng = random.Random(seed)
+    r = [rng.randrange(4) for _ in range(4)]
+    faults = [f"kill@step:step={rng.randint(3, 12)}:rank={r[0]}",
+              f"kill@save.mid_write:step={rng.choice([20, 25])}:rank={r[1]}",
+              f"kill@step:step={rng.randint(28, 38)}:rank={r[2]}",
+              f"hang@step:step={rng.randint(41, 47)}:rank={r[3]}"]
+    once = tmp_path / "once"
+    once.mkdir()
+    env = launch_env(FTRAIN_FAULTS=",".join(faults), FTRAIN_FAULTS_ONCE_DIR=str(once))
+    ckpt = tmp_path / "ckpt"
+    run = Launch([*common, "--ckpt-dir", str(ckpt), "--rdzv-id", "chaos", *script], env)
+    run.wait_for(r"^step (5[0-9]) ", timeout=400)
+    run.proc.send_signal(signal.SIGTERM)
+    rc = run.wait()
+    info = f"seed {seed}, faults {faults}:\n{run.output[-5000:]}"
+    assert rc == exitcodes.PREEMPTED, info
+    assert len(list(once.iterdir())) == 4, info
+    assert len(re.findall(r"attempt \d+: started torchrun", run.output)) == 5, info
+    assert "hang detected: rank" in run.output, info
+    stacks = list((ckpt / "logs" / "chaos").glob(f"*/attempt-*/stacks/rank-{r[3]:05d}.txt"))
+    assert any("faults.py" in s.read_text() for s in stacks), "the hung rank's Python stack was not dumped"
+    assert_no_orphans("chaos")
+
+    again = Launch([*common, "--ckpt-dir", str(ckpt), "--rdzv-id", "chaos", *script], env)
+    assert again.wait() == 0, again.output[-4000:]
+    assert re.search(r"restored step (5\d)", again.output)
+    assert final_hash(again.output) == ref_hash, f"seed {seed}: final state differs from the uninterrupted run"
+    assert_same_tensors(checkpoint_tensors(ckpt), checkpoint_tensors(tmp_path / "ref"))
+    assert_no_orphans("chaos")
+
+
+def test_signal_to_every_process_gives_one_final_save_within_grace(tmp_path):
+    ckpt = tmp_path / "ckpt"
+    grace = 20.0
+    run = Launch(["--nproc", "2", "--ckpt-dir", str(ckpt), "--save-every-steps", "1000", "--grace-seconds",
+                  str(grace), "--rdzv-id", "preempt", str(EXAMPLE), "--steps", "100000", "--print-every", "1",
+                  "--step-sleep", "0.01"], launch_env())
+    run.wait_for(r"^step 30 ")
+    procs = [psutil.Process(run.proc.pid), *psutil.Process(run.proc.pid).children(recursive=True)]
+    assert len(procs) >= 1 + 1 + 2 + 4, procs  # supervisor, torchrun, 2 ranks, 2 DataLoader workers each
+    t0 = time.monotonic()
+    for p in procs:  # like systemd's KillMode=control-group or a node shutdown: everyone at once
+        try:
+            p.send_signal(signal.SIGTERM)
+        except psutil.Error:
+            pass
+    rc = run.wait()
+    elapsed = time.monotonic() - t0
+    assert rc == exitcodes.PREEMPTED, run.output[-4000:]
+    assert elapsed < grace, f"took {elapsed:.1f}s, grace is {grace}s"
+    saves = re.findall(r"saved step (\d+)", run.output)
+    assert len(saves) == 1, f"expected exactly one (final) save, got {saves}"
+    steps = [int(p.name.removeprefix("step-")) for p in ckpt.iterdir() if p.name.startswith("step-")]
+    assert steps == [int(saves[0])]
+    assert subprocess.run([sys.executable, "-m", "ftrain", "ckpt", "verify", str(ckpt)], env=child_env(),
+                          capture_output=True).returncode == 0
+    assert_no_orphans("preempt")
+
+
+def test_crash_loop_gives_up_with_a_root_cause_report(tmp_path):
+    script = tmp_path / "always_fails.py"
+    script.write_text(
+        "import os, torch.distributed as dist, ftrain\n"
+        "dist.init_process_group('gloo')\n"
+        "s = ftrain.Session()\n"
+        "s.restore()\n"
+        "if dist.get_rank() == 1:\n"
+        "    raise ValueError('boom: bad batch shape')\n"
+        "dist.barrier()\n")
+    run = Launch(["--nproc", "2", "--ckpt-dir", str(tmp_path / "ckpt"), "--max-restarts", "2", "--rdzv-id", "loop",
+                  str(script)], launch_env())
+    rc = run.wait()
+    out = run.output
+    assert rc == exitcodes.FAILURE, out[-3000:]
+    assert len(re.findall(r"attempt \d+: started torchrun", out)) == 3
+    report = out[out.index("ftrain launch: gave up"):]
+    assert "root cause (attempt 2): rank 1" in report and "ValueError: boom: bad batch shape" in report, report
+    assert len(report.strip().splitlines()) <= 30, report
+    assert_no_orphans("loop")
+
+
+def test_sigkill_of_the_supervisor_leaves_no_orphans(tmp_path):
+    run = Launch(["--nproc", "2", "--ckpt-dir", str(tmp_path / "ckpt"), "--rdzv-id", "orphan", str(EXAMPLE),
+                  "--steps", "100000", "--print-every", "1", "--step-sleep", "0.01"], launch_env())
+    run.wait_for(r"^step 10 ")
+    assert len(job_processes("orphan")) >= 5
+    run.proc.kill()
+    run.wait()
+    assert_no_orphans("orphan", timeout=40)
+
+
+@pytest.mark.parametrize("case", ["bad_key", "bad_value", "missing_script", "unwritable_dir"])
+def test_bad_input_is_one_line_and_exit_2(tmp_path, case):
+    args = ["--ckpt-dir", str(tmp_path / "ckpt")]
+    if case == "bad_key":
+        cfg = tmp_path / "c.yaml"
+        cfg.write_text("checkpoint:\n  evry_steps: 5\n")
+        args += ["--config", str(cfg)]
+    elif case == "bad_value":
+        args += ["--keep-last", "-1"]
+    elif case == "unwritable_dir":
+        (tmp_path / "file").write_text("")
+        args = ["--ckpt-dir", str(tmp_path / "file" / "ckpt")]
+    script = str(tmp_path / "nope.py") if case == "missing_script" else str(EXAMPLE)
+    proc = subprocess.run([sys.executable, "-m", "ftrain", "launch", *args, script], env=child_env(), cwd=ROOT,
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1, proc.stderr
+    expected = {"bad_key": "checkpoint.evry_steps", "bad_value": "checkpoint.keep_last",
+                "missing_script": "nope.py", "unwritable_dir": "not writable"}[case]
+    assert expected in lines[0]
