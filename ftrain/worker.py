@@ -115,6 +115,15 @@ class Worker:
             except OSError:
                 pass  # reporting must never mask the original error
             previous(etype, value, tb)
+            # Leave now. Interpreter shutdown after a crash can take seconds (DataLoader worker joins,
+            # process-group teardown against dead peers), and every second delays the restart; the
+            # supervisor tears down whatever is left.
+            for stream in (sys.stdout, sys.stderr):
+                try:
+                    stream.flush()
+                except (OSError, ValueError):
+                    pass
+            os._exit(exitcodes.FAILURE)
 
         sys.excepthook = hook
 
