@@ -10,6 +10,7 @@ import argparse
 import logging
 import os
 import secrets
+import signal
 import time
 from pathlib import Path
 from typing import Any
@@ -71,6 +72,11 @@ def _usage(msg: str) -> FtrainError:
 
 
 def cmd_launch(args: argparse.Namespace) -> int:
+    # Catch preemption signals from the first moment: importing the supervisor (torch, psutil) takes seconds,
+    # and SLURM's SIGUSR1 would otherwise kill us before any handler exists. The supervisor takes these over.
+    early: list[str] = []
+    for name in ("SIGTERM", "SIGUSR1", "SIGINT"):
+        signal.signal(getattr(signal, name), lambda signum, frame: early.append(signal.Signals(signum).name))
     from ftrain.supervisor.supervisor import LaunchSpec, Supervisor  # imports psutil; keep `ftrain ckpt` light
 
     script = Path(args.script)
@@ -100,4 +106,4 @@ def cmd_launch(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.INFO, format="[ftrain launch] %(message)s")
     spec = LaunchSpec(script=str(script), script_args=list(args.script_args), nproc=args.nproc,
                       torchrun_args=torchrun_args, run_id=run_id, config=cfg)
-    return Supervisor(spec).run()
+    return Supervisor(spec, early_signals=early).run()

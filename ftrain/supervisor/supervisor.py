@@ -68,7 +68,7 @@ class LaunchSpec:
 
 
 class Supervisor:
-    def __init__(self, spec: LaunchSpec, *, echo: bool = True) -> None:
+    def __init__(self, spec: LaunchSpec, *, echo: bool = True, early_signals: list[str] | None = None) -> None:
         self.spec = spec
         cfg = spec.config
         self.sup = cfg.supervisor
@@ -81,7 +81,8 @@ class Supervisor:
                                  exit_timeout=self.sup.grace_seconds)
         self.state = State.STARTING
         self.echo = echo
-        self._signals: list[str] = []
+        # Signals received before run() (see cli.launch) count as if they arrived now.
+        self._signals: list[str] = early_signals if early_signals is not None else []
         self._job: JobProcess | None = None
 
     # ------------------------------------------------------------------ public
