@@ -127,6 +127,7 @@ def main(argv: list[str] | None = None) -> int:
             if step >= args.steps:
                 break
     session.save(step)  # a final checkpoint, so the finished run is also verifiable        # ftrain
+    session.close()     # wait for the background write to commit                          # ftrain
 
     if rank == 0:
         digest = ftrain.state_sha256([("model", model.state_dict()), ("optimizer", optimizer.state_dict())])

@@ -30,6 +30,7 @@ from ftrain.errors import ConfigError
 
 ENV_PREFIX = "FTRAIN_"
 RESUME_MODES = ("auto", "required", "never")
+WHEN_BUSY = ("wait", "skip")
 
 _TRUE = ("1", "true", "yes")
 _FALSE = ("0", "false", "no")
@@ -169,6 +170,12 @@ class CheckpointConfig(_Section):
         " checkpoints.", _one_of(*RESUME_MODES))
     commit_timeout_seconds: float = _option(
         600.0, "Seconds rank 0 waits for every rank's shard before failing the save.", _POSITIVE)
+    async_save: bool = _option(
+        True, "Copy state into reused host buffers, then write, checksum and commit in a background thread;"
+        " false writes synchronously.")
+    when_busy: str = _option(
+        "wait", "When a save falls due while the previous one is still being written: wait for it, or skip"
+        " this save (counted and logged).", _one_of(*WHEN_BUSY))
 
 
 @dataclass(frozen=True)

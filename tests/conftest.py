@@ -52,7 +52,7 @@ def read_index_log(path: Path) -> dict[int, list[int]]:
 
 def checkpoint_tensors(root: Path) -> dict[str, "torch.Tensor"]:
     """Every tensor of the newest checkpoint in ``root`` (all ranks), read and verified by ftrain's own reader."""
-    from ftrain.checkpoint.shard import read_shard
+    from ftrain.checkpoint.shard import read_shard_tensors
     from ftrain.checkpoint.store import CheckpointStore
 
     store = CheckpointStore(root)
@@ -60,7 +60,7 @@ def checkpoint_tensors(root: Path) -> dict[str, "torch.Tensor"]:
     manifest = store.validate(step)
     tensors = {}
     for rank in range(manifest.world_size):
-        tensors.update(read_shard(store.path(step), manifest, rank)[1])
+        tensors.update(read_shard_tensors(store.path(step), manifest, rank))
     return tensors
 
 

@@ -61,6 +61,7 @@ def run_to(path: Path, steps: int, every: int = 10, **kw) -> tuple[Job, ftrain.S
         job.train(1)
         if session.step(step):
             snaps[step] = job.snapshot()
+    session.close()
     return job, session, snaps
 
 
@@ -198,7 +199,7 @@ def test_resume_never_refuses_a_dir_with_checkpoints(tmp_path):
     s = ftrain.Session(cfg(root, resume="never"))
     job.register(s)
     assert s.restore() == 0  # empty: fine
-    s.save(10)
+    s.save(10, blocking=True)
     s = ftrain.Session(cfg(root, resume="never"))
     job.register(s)
     with pytest.raises(CheckpointDirError, match="already holds checkpoints"):
@@ -250,6 +251,7 @@ def test_every_seconds_triggers(tmp_path):
     assert not s.step(1)  # just restored: not due yet (0.05 s is far longer than this call)
     time.sleep(0.1)
     assert s.step(2)
+    s.close()
     assert (tmp_path / layout.step_dirname(2)).is_dir()
 
 
@@ -268,17 +270,20 @@ def test_file_size_limit_fails_cleanly_and_keeps_the_previous_checkpoint(tmp_pat
     """RLIMIT_FSIZE makes writes fail like a full disk; the save must fail loudly and leave step 10 valid."""
     root = tmp_path / "ckpt"
     script = textwrap.dedent(f"""
-        import resource, signal, sys, torch, ftrain
+        import resource, signal, sys, time, torch, ftrain
         from ftrain.config import CheckpointConfig, FtrainConfig
         signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # get EFBIG instead of being killed
         model = torch.nn.Linear(64, 64)
         s = ftrain.Session(FtrainConfig(checkpoint=CheckpointConfig(dir={str(root)!r})))
         s.register(model=model)
         s.restore()
-        s.save(10)
+        s.save(10, blocking=True)
         resource.setrlimit(resource.RLIMIT_FSIZE, (4096, 4096))
         try:
             s.save(20)
+            for step in range(21, 1000):  # a background write's failure surfaces at the next step after it
+                s.step(step)
+                time.sleep(0.01)
         except ftrain.FtrainError as e:
             print("ERROR:", e)
             sys.exit(e.exit_code)

@@ -46,6 +46,11 @@ def shard_names(rank: int) -> tuple[str, str]:
     return f"shard-{rank:05d}.json", f"shard-{rank:05d}.bin"
 
 
+def shard_error_name(rank: int) -> str:
+    """Written by a rank whose shard write failed, so the committing rank stops waiting at once."""
+    return f"shard-{rank:05d}.error"
+
+
 def fsync_dir(path: str | Path) -> None:
     """Make renames and creations inside ``path`` durable."""
     fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)

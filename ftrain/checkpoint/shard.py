@@ -4,6 +4,7 @@ The JSON holds the rank's state trees (see ``codec``), the index of its tensors
 in the .bin file, and the .bin file's size and checksum. It is renamed into place
 only after the .bin file is fsynced, so its appearance tells the committing rank
 that this shard is durable; the commit protocol relies on nothing else.
+Writing is in ``snapshot.py``; this module holds the record and the readers.
 """
 from __future__ import annotations
 
@@ -15,9 +16,8 @@ from typing import Any, BinaryIO
 
 import torch
 
-from ftrain import faults
 from ftrain.checkpoint import checksum, codec
-from ftrain.checkpoint.layout import align_up, atomic_write, shard_names, write_all
+from ftrain.checkpoint.layout import shard_names
 from ftrain.checkpoint.manifest import FileEntry, Manifest, TensorEntry
 from ftrain.errors import CorruptCheckpoint
 
@@ -59,71 +59,9 @@ class ShardRecord:
         }
 
 
-def write_shard(tmpdir: Path, *, rank: int, step: int, nonce: str, trees: dict[str, Any]) -> ShardRecord:
-    """Encode ``trees`` and write this rank's two shard files durably into ``tmpdir``.
-
-    Tensor names start with the tree's key, so keys must be unique across the
-    ranks of one checkpoint (the session uses ``replicated`` and ``rank-RRRRR``).
-    Raises :class:`CheckpointError` for unstorable values before touching the disk.
-    """
-    json_name, bin_name = shard_names(rank)
-    encoded: dict[str, Any] = {}
-    tensors: dict[str, torch.Tensor] = {}
-    for key, tree in trees.items():
-        encoded[key], t = codec.encode(tree, key)
-        tensors.update(t)
-
-    index: dict[str, TensorEntry] = {}
-    offset = 0
-    for name, t in tensors.items():
-        nbytes = t.numel() * t.element_size()
-        index[name] = TensorEntry(bin_name, offset, nbytes, codec.dtype_name(t.dtype), tuple(t.shape))
-        offset = align_up(offset + nbytes)
-    total = offset
-    record = ShardRecord(rank=rank, step=step, nonce=nonce, bin_name=bin_name, bin_size=total, bin_checksum="",
-                         tensors=index, trees=encoded)
-    json.dumps(record.to_json())  # fail on a non-JSON value now, before any byte is written
-
-    hasher = checksum.Hasher()
-    fd = os.open(tmpdir / bin_name, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-    try:
-        pos = 0
-        for name, t in tensors.items():
-            entry = index[name]
-            if entry.offset > pos:
-                pad = _ZEROS[: entry.offset - pos]
-                hasher.update(pad)
-                write_all(fd, pad)
-            data = codec.tensor_bytes(t.cpu())
-            hasher.update(data)
-            write_all(fd, data)
-            pos = entry.offset + entry.nbytes
-            if pos * 2 >= total > 0:
-                faults.point("save.mid_write", step=step, rank=rank)
-        if total > pos:
-            pad = _ZEROS[: total - pos]
-            hasher.update(pad)
-            write_all(fd, pad)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-    record.bin_checksum = hasher.hexdigest()
-    faults.point("save.shard_bin_written", step=step, rank=rank)
-    # No directory fsync here: the committing rank fsyncs the directory once for all shards.
-    atomic_write(tmpdir / json_name, json.dumps(record.to_json()).encode(), fsync_parent=False)
-    return record
-
-
-def read_shard(ckpt_dir: Path, manifest: Manifest, rank: int) -> tuple[ShardRecord, dict[str, torch.Tensor]]:
-    """Read and verify ``rank``'s shard of a committed checkpoint.
-
-    Tensors are read straight from the file into their own freshly allocated
-    tensors (no intermediate buffer, nothing kept alive afterwards) while the
-    checksum is computed over exactly the bytes read. Any inconsistency raises
-    :class:`CorruptCheckpoint` naming the file.
-    """
-    json_name, bin_name = shard_names(rank)
+def read_shard_record(ckpt_dir: Path, manifest: Manifest, rank: int) -> ShardRecord:
+    """Read and verify ``rank``'s shard JSON (its state trees) of a committed checkpoint."""
+    json_name, _ = shard_names(rank)
     jpath = ckpt_dir / json_name
     raw = _read_verified(jpath, manifest.files[json_name])
     try:
@@ -135,8 +73,18 @@ def read_shard(ckpt_dir: Path, manifest: Manifest, rank: int) -> tuple[ShardReco
         raise CorruptCheckpoint(str(jpath), f"malformed shard record ({type(e).__name__}: {e})") from None
     if record.rank != rank or record.step != manifest.step:
         raise CorruptCheckpoint(str(jpath), f"shard is for rank {record.rank} step {record.step}")
+    return record
+
+
+def read_shard_tensors(ckpt_dir: Path, manifest: Manifest, rank: int) -> dict[str, torch.Tensor]:
+    """Read and verify ``rank``'s shard .bin, straight into one freshly allocated tensor per entry.
+
+    No intermediate buffer is kept alive afterwards, and the checksum is computed
+    over exactly the bytes read. Any inconsistency raises :class:`CorruptCheckpoint`.
+    """
+    _, bin_name = shard_names(rank)
     entries = sorted(((n, t) for n, t in manifest.tensors.items() if t.file == bin_name), key=lambda x: x[1].offset)
-    return record, _read_tensors(ckpt_dir / bin_name, manifest.files[bin_name], entries)
+    return _read_tensors(ckpt_dir / bin_name, manifest.files[bin_name], entries)
 
 
 def _open(path: Path, entry: FileEntry) -> BinaryIO:

@@ -189,6 +189,10 @@ class CheckpointStore:
         delay = 0.001
         while pending:
             for rank in sorted(pending):
+                failed = tmpdir / layout.shard_error_name(rank)
+                if failed.exists():
+                    raise CheckpointError(f"rank {rank} failed to write its shard of step {step}: "
+                                          f"{failed.read_text(errors='replace').strip()}")
                 path = tmpdir / layout.shard_names(rank)[0]
                 try:
                     rec = ShardRecord.from_json(json.loads(path.read_bytes()))

@@ -1,0 +1,254 @@
+"""Save and restore state trees as sharded, verified checkpoints, synchronously or in the background.
+
+Save = snapshot (training thread: encode, copy tensors into a reused host
+buffer) + persist (write, fsync, checksum) + commit (rank 0: manifest, rename,
+``latest``, prune). Replicated state (identical on every rank) is written once
+in total: its tensors are split across ranks by :func:`snapshot.owners`; each
+rank also writes its per-rank state. With ``checkpoint.async_save`` the persist
+and commit run in a :class:`BackgroundWriter` thread and the ranks coordinate
+through the filesystem only; otherwise they run inline and the ranks agree on
+success with two small collectives.
+
+Restore reads each file once in the whole job (each rank reads its own shard,
+verifying its checksum) and broadcasts the replicated tensors from the ranks
+that hold them.
+
+Not thread-safe: call from the training thread only.
+"""
+from __future__ import annotations
+
+import logging
+import secrets
+import shutil
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ftrain import faults
+from ftrain.checkpoint import codec, layout
+from ftrain.checkpoint.manifest import Manifest
+from ftrain.checkpoint.shard import read_shard_record, read_shard_tensors
+from ftrain.checkpoint.snapshot import Snapshot, StagingArena, owners, persist, take_snapshot
+from ftrain.checkpoint.store import CheckpointStore
+from ftrain.checkpoint.writer import BackgroundWriter
+from ftrain.collectives import Collectives
+from ftrain.config import CheckpointConfig
+from ftrain.errors import CheckpointDirError, CheckpointError, CorruptCheckpoint, FtrainError
+
+log = logging.getLogger("ftrain")
+
+REPLICATED = "replicated"
+
+
+def rank_key(rank: int) -> str:
+    return f"rank-{rank:05d}"
+
+
+class Checkpointer:
+    def __init__(self, cfg: CheckpointConfig, coll: Collectives) -> None:
+        self.cfg = cfg
+        self.coll = coll
+        self.rank, self.world_size = coll.rank, coll.world_size
+        self.store = CheckpointStore(cfg.dir)
+        self.arena = StagingArena()
+        self.writer = BackgroundWriter()
+        self.nonce: str | None = None
+        #: Blocking time of the last save on this rank (snapshot only, when asynchronous).
+        self.last_blocking_seconds = 0.0
+
+    # ------------------------------------------------------------------ setup
+    def setup(self) -> None:
+        """Collective, once: check the dir is writable, clean leftovers (rank 0), agree on a save nonce.
+
+        The nonce names this job attempt's temp directories, so shards left by a
+        killed attempt can never be mistaken for this attempt's.
+        """
+        self.coll.setup()
+        err: FtrainError | None = None
+        try:
+            self.store.ensure_writable()
+            if self.rank == 0:
+                self.store.cleanup_temps()
+                existing = self.store.step_dirs()
+                if self.cfg.resume == "never" and existing:
+                    raise CheckpointDirError(
+                        f"checkpoint.resume is 'never' but {self.store.root} already holds checkpoints (up to step "
+                        f"{existing[-1][0]}); point checkpoint.dir at an empty directory, delete them, or resume")
+        except FtrainError as e:
+            err = e
+        except OSError as e:
+            err = CheckpointDirError(f"cannot prepare checkpoint dir {self.store.root}: {e}")
+        self.coll.check_all(err)
+        (nonce,) = self.coll.broadcast([secrets.randbits(56)])
+        self.nonce = f"{nonce:014x}"
+
+    # ---------------------------------------------------------------- restore
+    def restore(self, check: Callable[[Manifest], None]) -> tuple[Manifest, dict[str, Any]] | None:
+        """The newest checkpoint every rank could read and verify, decoded; None if there is none.
+
+        Rank 0 proposes candidates newest first; each rank reads its own files,
+        verifying checksums; if any rank finds damage all fall back together.
+        ``check`` may refuse a manifest (raising on every rank alike).
+        """
+        candidates = self.store.candidates() if self.rank == 0 else iter(())
+        while True:
+            proposal = next(candidates, None) if self.rank == 0 else None
+            (step,) = self.coll.broadcast([proposal.step if proposal else -1])
+            if step < 0:
+                return None
+            err: CorruptCheckpoint | None = None
+            try:
+                manifest = proposal or self.store.read_manifest(step)
+                check(manifest)  # the same manifest on every rank, so the same verdict
+                trees, tensors = self._read(manifest)
+            except CorruptCheckpoint as e:
+                log.warning("skipping checkpoint step %d: %s: %s; falling back to an older one", step, e.path,
+                            e.reason)
+                err = e
+            if not self.coll.any(err is not None)[0]:
+                break
+        self._share_replicated(manifest, tensors)
+        try:
+            decoded = {key: codec.decode(tree, tensors.__getitem__) for key, tree in trees.items()}
+        except (CheckpointError, KeyError, TypeError, ValueError, RecursionError) as e:
+            raise CorruptCheckpoint(str(self.store.path(step)), f"malformed state tree ({e})") from None
+        return manifest, decoded
+
+    def _read(self, manifest: Manifest) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+        ckpt_dir = self.store.path(manifest.step)
+        record0 = read_shard_record(ckpt_dir, manifest, 0)
+        mine = record0 if self.rank == 0 else read_shard_record(ckpt_dir, manifest, self.rank)
+        tensors = read_shard_tensors(ckpt_dir, manifest, self.rank)
+        trees = {REPLICATED: record0.trees.get(REPLICATED), rank_key(self.rank): mine.trees.get(rank_key(self.rank))}
+        if any(t is None for t in trees.values()):
+            raise CorruptCheckpoint(str(ckpt_dir / layout.shard_names(self.rank)[0]), "state tree missing")
+        return trees, tensors
+
+    def _share_replicated(self, manifest: Manifest, tensors: dict[str, torch.Tensor]) -> None:
+        """Give every rank the replicated tensors other ranks read (each file is read by one rank only)."""
+        if self.world_size == 1:
+            return
+        for name, entry in sorted(manifest.tensors.items()):
+            if not name.startswith(f"{REPLICATED}/"):
+                continue
+            owner = manifest.files[entry.file].rank
+            if owner != self.rank:
+                tensors[name] = torch.empty(entry.shape, dtype=codec.dtype_from_name(entry.dtype))
+            self.coll.broadcast_tensor(tensors[name], src=owner)
+
+    # ------------------------------------------------------------------- save
+    def save(self, step: int, replicated: dict[str, Any], per_rank: dict[str, Any], meta: dict[str, Any], *,
+             blocking: bool) -> None:
+        """Checkpoint ``step``. Collective in the sense that every rank must call it for the same step.
+
+        Asynchronous unless ``blocking`` or ``checkpoint.async_save`` is false:
+        returns after the snapshot; errors surface later via :meth:`take_error`.
+        Synchronous: returns when the checkpoint is committed, or raises on every rank.
+        """
+        assert self.nonce is not None, "setup() first"
+        self.writer.wait()  # one save in flight; the session decided whether to wait or skip
+        self.raise_pending()
+        t0 = time.monotonic()
+        tmp = self.store.root / layout.tmp_dirname(step, self.nonce)
+        err: FtrainError | None = None
+        snap: Snapshot | None = None
+        try:
+            faults.point("save.begin", step=step, rank=self.rank)
+            snap = self._snapshot(step, replicated, per_rank)
+            tmp.mkdir(exist_ok=True)
+        except (FtrainError, OSError, TypeError, ValueError) as e:
+            err = _as_error(e, step, tmp, self.store.root)
+        self.last_blocking_seconds = time.monotonic() - t0
+        if self.cfg.async_save and not blocking:
+            if err is not None:
+                raise err  # nothing was submitted; the caller's rank fails now, with the reason
+            assert snap is not None
+            self.writer.submit(lambda: self._persist_and_commit(snap, tmp, meta, t0), name=f"ftrain-save-{step}")
+            return
+        try:
+            self.coll.check_all(err)
+            assert snap is not None
+            self.coll.check_all(_failure(lambda: persist(snap, tmp), step, tmp, self.store.root))
+            # Every shard is durable here. Rank 0 commits; the others learn whether it worked.
+            self.coll.check_all(_failure(lambda: self._commit(tmp, step, meta, t0), step, tmp, self.store.root)
+                                if self.rank == 0 else None)
+        except FtrainError:
+            if self.rank == 0:  # every rank has stopped writing by now (they agreed above)
+                shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        self.last_blocking_seconds = time.monotonic() - t0
+
+    def _snapshot(self, step: int, replicated: dict[str, Any], per_rank: dict[str, Any]) -> Snapshot:
+        rep_tree, rep_tensors = codec.encode(replicated, REPLICATED)
+        own_tree, own_tensors = codec.encode(per_rank, rank_key(self.rank))
+        split = owners({n: t.numel() * t.element_size() for n, t in rep_tensors.items()}, self.world_size)
+        tensors = {n: t for n, t in rep_tensors.items() if split[n] == self.rank}
+        tensors.update(own_tensors)
+        trees = {rank_key(self.rank): own_tree}
+        if self.rank == 0:  # the replicated structure is the same everywhere: rank 0 records it
+            trees[REPLICATED] = rep_tree
+        return take_snapshot(trees, tensors, rank=self.rank, step=step, nonce=self.nonce or "", arena=self.arena)
+
+    def _persist_and_commit(self, snap: Snapshot, tmp: Path, meta: dict[str, Any], t0: float) -> None:
+        try:
+            persist(snap, tmp)
+            if self.rank == 0:
+                self._commit(tmp, snap.step, meta, t0)
+        except BaseException as e:
+            if self.rank == 0:
+                shutil.rmtree(tmp, ignore_errors=True)  # never leave a half-written save behind
+            else:
+                try:  # tell the committing rank at once instead of letting it wait for the timeout
+                    (tmp / layout.shard_error_name(self.rank)).write_text(str(e))
+                except OSError:
+                    pass
+            raise _as_error(e, snap.step, tmp, self.store.root) from e
+
+    def _commit(self, tmp: Path, step: int, meta: dict[str, Any], t0: float) -> Manifest:
+        manifest = self.store.commit(tmp, step=step, world_size=self.world_size, nonce=self.nonce or "",
+                                     timeout=self.cfg.commit_timeout_seconds, meta=meta)
+        pruned = self.store.prune(self.cfg.keep_last, protect={step})
+        log.info("saved step %d (%.1f MB, %d file(s)) in %.3fs, training blocked %.3fs%s", step,
+                 manifest.total_bytes / 1e6, len(manifest.files), time.monotonic() - t0, self.last_blocking_seconds,
+                 f"; pruned {', '.join(map(str, pruned))}" if pruned else "")
+        return manifest
+
+    # ---------------------------------------------------------- async status
+    def busy(self) -> bool:
+        return self.writer.busy()
+
+    def wait(self) -> None:
+        """Block until the in-flight save (if any) is persisted and, on rank 0, committed."""
+        self.writer.wait()
+
+    def has_error(self) -> bool:
+        return self.writer.failed()
+
+    def raise_pending(self) -> None:
+        err = self.writer.take_error()
+        if err is not None:
+            raise err if isinstance(err, FtrainError) else CheckpointError(f"background checkpoint write failed: {err}")
+
+
+def _failure(fn: Callable[[], object], step: int, tmp: Path, root: Path) -> FtrainError | None:
+    """Run ``fn``; return its failure as an error value, not raised, so the ranks can agree first."""
+    try:
+        fn()
+    except (FtrainError, OSError, TypeError, ValueError) as e:
+        return _as_error(e, step, tmp, root)
+    return None
+
+
+def _as_error(e: BaseException, step: int, tmp: Path, root: Path) -> FtrainError:
+    if isinstance(e, FtrainError):
+        return e
+    if isinstance(e, OSError):
+        return CheckpointError(
+            f"saving step {step} failed writing {e.filename or tmp}: {e.strerror or e} (disk full, quota, file size "
+            f"limit or permissions?); the previous checkpoint in {root} is untouched")
+    return CheckpointError(f"saving step {step} failed: {type(e).__name__}: {e}")
+
+

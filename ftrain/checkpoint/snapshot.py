@@ -1,0 +1,139 @@
+"""Saving in two phases: *snapshot* (on the training thread) and *persist* (anywhere).
+
+The snapshot encodes the state trees (JSON structure, no copies) and copies
+every tensor into one host buffer that is allocated once and reused by every
+later save with the same layout (page faults on fresh memory cost 10-20x a warm
+copy; see docs/PERFORMANCE.md). Tensors are laid out exactly as in the shard
+file, so persisting is one sequential write of the buffer plus a checksum over
+it. For CUDA tensors the buffer is pinned and the copies are asynchronous; the
+persist phase waits on a CUDA event before reading.
+
+Thread-safety: a :class:`StagingArena` must not be snapshotted into while a
+persist of its previous snapshot is running; the session guarantees this with
+its one-save-in-flight rule.
+"""
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ftrain import faults
+from ftrain.checkpoint import checksum, codec
+from ftrain.checkpoint.layout import align_up, atomic_write, shard_names, write_all
+from ftrain.checkpoint.manifest import TensorEntry
+from ftrain.checkpoint.shard import ShardRecord
+
+_WRITE_CHUNK = 64 << 20
+
+
+class StagingArena:
+    """A reusable host buffer (pinned when it stages CUDA tensors)."""
+
+    def __init__(self) -> None:
+        self._buf: torch.Tensor | None = None
+
+    def get(self, nbytes: int, *, pinned: bool) -> torch.Tensor:
+        buf = self._buf
+        if buf is None or buf.numel() < nbytes or (pinned and not buf.is_pinned()):
+            # Zeroed once, so alignment padding is deterministic; reused afterwards.
+            buf = torch.zeros(nbytes, dtype=torch.uint8, pin_memory=pinned and torch.cuda.is_available())
+            self._buf = buf
+        return buf[:nbytes]
+
+
+@dataclass
+class Snapshot:
+    rank: int
+    step: int
+    nonce: str
+    trees: dict[str, Any]
+    index: dict[str, TensorEntry]
+    data: torch.Tensor  # uint8 view of the arena, exactly the shard file's bytes
+    ready: Any = None   # torch.cuda.Event when copies from CUDA are in flight
+
+    @property
+    def nbytes(self) -> int:
+        return self.data.numel()
+
+
+def take_snapshot(trees: dict[str, Any], tensors: dict[str, torch.Tensor], *, rank: int, step: int, nonce: str,
+                  arena: StagingArena) -> Snapshot:
+    """Copy ``tensors`` into ``arena`` in shard-file layout; ``trees`` is the already encoded JSON structure.
+
+    ``tensors`` may be a subset of the tensors the trees refer to: replicated
+    state is split across ranks (see :func:`owners`). Raises for a value that is
+    not JSON, before copying anything.
+    """
+    _, bin_name = shard_names(rank)
+    json.dumps(trees)  # fail on a non-JSON value now, not in the background writer
+    index: dict[str, TensorEntry] = {}
+    offset = 0
+    for name, t in tensors.items():
+        nbytes = t.numel() * t.element_size()
+        index[name] = TensorEntry(bin_name, offset, nbytes, codec.dtype_name(t.dtype), tuple(t.shape))
+        offset = align_up(offset + nbytes)
+    any_cuda = any(t.is_cuda for t in tensors.values())
+    data = arena.get(offset, pinned=any_cuda)
+    for name, t in tensors.items():
+        entry = index[name]
+        if entry.nbytes:
+            dst = data[entry.offset:entry.offset + entry.nbytes].view(t.dtype).view(t.shape)
+            dst.copy_(t.detach(), non_blocking=t.is_cuda)
+    ready = None
+    if any_cuda:
+        ready = torch.cuda.Event()
+        ready.record()
+    return Snapshot(rank=rank, step=step, nonce=nonce, trees=trees, index=index, data=data, ready=ready)
+
+
+def persist(snap: Snapshot, tmpdir: Path) -> ShardRecord:
+    """Write a snapshot as this rank's shard files, durably: the .bin (fsynced), then the .json renamed in.
+
+    Safe to run off the training thread: it only reads the snapshot. The
+    checksum is computed here, over exactly the bytes written.
+    """
+    if snap.ready is not None:
+        snap.ready.synchronize()
+    json_name, bin_name = shard_names(snap.rank)
+    view = memoryview(snap.data.numpy()) if snap.nbytes else memoryview(b"")
+    hasher = checksum.Hasher()
+    fd = os.open(tmpdir / bin_name, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    try:
+        half = len(view) // 2
+        for lo, hi in ((0, half), (half, len(view))):
+            if lo == half:
+                faults.point("save.mid_write", step=snap.step, rank=snap.rank)
+            for start in range(lo, hi, _WRITE_CHUNK):
+                chunk = view[start:min(hi, start + _WRITE_CHUNK)]
+                hasher.update(chunk)
+                write_all(fd, chunk)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    record = ShardRecord(rank=snap.rank, step=snap.step, nonce=snap.nonce, bin_name=bin_name,
+                         bin_size=snap.nbytes, bin_checksum=hasher.hexdigest(), tensors=snap.index,
+                         trees=snap.trees)
+    faults.point("save.shard_bin_written", step=snap.step, rank=snap.rank)
+    # No directory fsync here: the committing rank fsyncs the directory once for all shards.
+    atomic_write(tmpdir / json_name, json.dumps(record.to_json()).encode(), fsync_parent=False)
+    return record
+
+
+def owners(sizes: dict[str, int], world_size: int) -> dict[str, int]:
+    """Which rank writes each replicated tensor: largest first, to the least-loaded rank.
+
+    Deterministic in (names, sizes, world_size), so every rank computes the
+    same split without communicating. Granularity is one tensor.
+    """
+    load = [0] * world_size
+    out: dict[str, int] = {}
+    for name, size in sorted(sizes.items(), key=lambda kv: (-kv[1], kv[0])):
+        rank = min(range(world_size), key=lambda r: (load[r], r))
+        out[name] = rank
+        load[rank] += size
+    return out
