@@ -41,9 +41,18 @@ class AttemptFiles:
         self.root = Path(root)
 
     @classmethod
-    def for_attempt(cls, log_dir: Path, run_id: str, attempt: int) -> AttemptFiles:
-        # Per host: several nodes may share one log_dir on a shared filesystem.
-        return cls(log_dir / run_id / socket.gethostname() / f"attempt-{attempt:03d}")
+    def next_attempt(cls, log_dir: Path, run_id: str) -> tuple[int, AttemptFiles]:
+        """The first unused attempt number of this run on this host, and its files.
+
+        Numbering continues across relaunches with the same run id (after a
+        preemption), so an attempt never sees an earlier launch's heartbeats.
+        Per host: several nodes may share one log_dir on a shared filesystem.
+        """
+        host_dir = log_dir / run_id / socket.gethostname()
+        used = [int(p.name.removeprefix("attempt-")) for p in host_dir.glob("attempt-*")
+                if p.name.removeprefix("attempt-").isdigit()] if host_dir.is_dir() else []
+        n = max(used, default=-1) + 1
+        return n, cls(host_dir / f"attempt-{n:03d}")
 
     def create(self) -> None:
         for sub in ("heartbeats", "errors", "stacks", "ranks"):

@@ -93,6 +93,9 @@ class Supervisor:
         lines: list[str] = []
         try:
             while True:
+                if self._signals and self._job is None and not history:
+                    return self._finish(exitcodes.PREEMPTED, f"stopped by {self._signals[0]} before the job started",
+                                        failures, lines, self._newest_step())
                 attempt = len(history)
                 before = self._newest_step()
                 result, failure = self._run_attempt(attempt)
@@ -122,9 +125,9 @@ class Supervisor:
     # --------------------------------------------------------------- attempts
     def _run_attempt(self, attempt: int) -> tuple[AttemptResult, Failure | None]:
         self._set(State.STARTING)
-        files = AttemptFiles.for_attempt(self.log_dir, self.spec.run_id, attempt)
+        number, files = AttemptFiles.next_attempt(self.log_dir, self.spec.run_id)
         files.create()
-        job = self._job = JobProcess(self._command(files), self._env(files, attempt), files.torchrun_log,
+        job = self._job = JobProcess(self._command(files), self._env(files, number), files.torchrun_log,
                                      echo=strip_prefix if self.echo else None)
         self._say(f"attempt {attempt}: started torchrun (pid {job.pid}) with {self.spec.nproc} worker(s) per node; "
                   f"logs in {files.root}")
