@@ -33,8 +33,11 @@ def test_gpu_state_and_cuda_rng_resume_exactly(tmp_path):
     s.register(model=model, optimizer=opt)
     assert s.restore() == 0
     train(model, opt, 5)
-    s.save(5)
-    train(model, opt, 7)
+    s.save(5)  # asynchronous: a pinned staging buffer, copies ordered by a CUDA event
+    staging = s.checkpointer.arena._buf
+    assert staging is not None and staging.is_pinned()
+    train(model, opt, 7)  # keeps mutating the GPU tensors while the background writer persists the snapshot
+    s.close()
     ref = {k: v.clone() for k, v in model.state_dict().items()}
     ref_rng = torch.cuda.get_rng_state()
 
@@ -48,3 +51,22 @@ def test_gpu_state_and_cuda_rng_resume_exactly(tmp_path):
     assert torch.equal(torch.cuda.get_rng_state(), ref_rng)
     for k, v in model2.state_dict().items():
         assert torch.equal(v, ref[k]), k
+
+
+def test_snapshot_is_taken_before_training_continues(tmp_path):
+    """The bytes on disk are the state at save time, not values updated while the writer ran."""
+    cfg = FtrainConfig(checkpoint=CheckpointConfig(dir=str(tmp_path)))
+    w = torch.nn.Parameter(torch.zeros(64 << 20, device="cuda"))  # 256 MiB: the write takes a while
+    holder = torch.nn.ParameterDict({"w": w})
+    s = ftrain.Session(cfg)
+    s.register(model=holder)
+    s.restore()
+    s.save(1)
+    with torch.no_grad():
+        w.fill_(7.0)  # immediately after save() returns
+    s.close()
+    back = torch.nn.ParameterDict({"w": torch.nn.Parameter(torch.ones(64 << 20, device="cuda"))})
+    s2 = ftrain.Session(cfg)
+    s2.register(model=back)
+    assert s2.restore() == 1
+    assert torch.count_nonzero(back["w"]).item() == 0
