@@ -20,6 +20,12 @@ class ConfigError(FtrainError):
     exit_code = exitcodes.USAGE
 
 
+class UsageError(FtrainError):
+    """Bad command-line input: a missing script or directory, a bad flag value."""
+
+    exit_code = exitcodes.USAGE
+
+
 class CheckpointError(FtrainError):
     """A checkpoint could not be written or read."""
 

@@ -208,11 +208,15 @@ class Session:
         self.worker.beat(EXITING, step)
         raise Preempted(step)
 
-
     def _flush_at_exit(self) -> None:
-        # A script that ends without close() must not lose its last (background) save.
+        # A script that ends without close() must not lose its last (background) save; but a process that
+        # is exiting because its peers died must not wait for a commit that can never happen: bounded.
+        limit = self.config.supervisor.grace_seconds
+        if not self.checkpointer.wait(timeout=limit):
+            log.error("exiting with a checkpoint write still in flight after %.0fs; it will not commit", limit)
+            return
         try:
-            self.close()
+            self.checkpointer.raise_pending()
         except FtrainError as e:
             log.error("the last checkpoint did not commit: %s", e)
 

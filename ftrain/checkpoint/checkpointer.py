@@ -9,15 +9,16 @@ and commit run in a :class:`BackgroundWriter` thread and the ranks coordinate
 through the filesystem only; otherwise they run inline and the ranks agree on
 success with two small collectives.
 
-Restore reads each file once in the whole job (each rank reads its own shard,
-verifying its checksum) and broadcasts the replicated tensors from the ranks
-that hold them.
+Restore: every rank reads and verifies its own shard. On a single node it also
+reads the replicated tensors from the other shards (one disk read per node, via
+the page cache); across nodes they are broadcast from the ranks that read them.
 
 Not thread-safe: call from the training thread only.
 """
 from __future__ import annotations
 
 import logging
+import os
 import secrets
 import shutil
 import time
@@ -27,7 +28,7 @@ from typing import Any
 
 import torch
 
-from ftrain import faults
+from ftrain import envvars, faults
 from ftrain.checkpoint import codec, layout
 from ftrain.checkpoint.manifest import Manifest
 from ftrain.checkpoint.shard import read_shard_record, read_shard_tensors
@@ -122,14 +123,21 @@ class Checkpointer:
         record0 = read_shard_record(ckpt_dir, manifest, 0)
         mine = record0 if self.rank == 0 else read_shard_record(ckpt_dir, manifest, self.rank)
         tensors = read_shard_tensors(ckpt_dir, manifest, self.rank)
+        if self._single_node():
+            # All ranks share one page cache: reading the other shards costs one disk read per node and
+            # is faster than broadcasting (measured: docs/PERFORMANCE.md). Every file is verified as read.
+            for rank in range(self.world_size):
+                if rank != self.rank:
+                    tensors.update((n, t) for n, t in read_shard_tensors(ckpt_dir, manifest, rank).items()
+                                   if n.startswith(f"{REPLICATED}/"))
         trees = {REPLICATED: record0.trees.get(REPLICATED), rank_key(self.rank): mine.trees.get(rank_key(self.rank))}
         if any(t is None for t in trees.values()):
             raise CorruptCheckpoint(str(ckpt_dir / layout.shard_names(self.rank)[0]), "state tree missing")
         return trees, tensors
 
     def _share_replicated(self, manifest: Manifest, tensors: dict[str, torch.Tensor]) -> None:
-        """Give every rank the replicated tensors other ranks read (each file is read by one rank only)."""
-        if self.world_size == 1:
+        """Multi-node: give every rank the replicated tensors that ranks elsewhere read (each file read once)."""
+        if self.world_size == 1 or self._single_node():
             return
         for name, entry in sorted(manifest.tensors.items()):
             if not name.startswith(f"{REPLICATED}/"):
@@ -138,6 +146,9 @@ class Checkpointer:
             if owner != self.rank:
                 tensors[name] = torch.empty(entry.shape, dtype=codec.dtype_from_name(entry.dtype))
             self.coll.broadcast_tensor(tensors[name], src=owner)
+
+    def _single_node(self) -> bool:
+        return int(os.environ.get(envvars.LOCAL_WORLD_SIZE, "0")) == self.world_size
 
     # ------------------------------------------------------------------- save
     def save(self, step: int, replicated: dict[str, Any], per_rank: dict[str, Any], meta: dict[str, Any], *,
@@ -164,7 +175,8 @@ class Checkpointer:
         self.last_blocking_seconds = time.monotonic() - t0
         if self.cfg.async_save and not blocking:
             if err is not None:
-                raise err  # nothing was submitted; the caller's rank fails now, with the reason
+                self._report_failure(tmp, err)  # other ranks' writers are running: let rank 0 stop waiting
+                raise err  # nothing was submitted; this rank fails now, with the reason
             assert snap is not None
             self.writer.submit(lambda: self._persist_and_commit(snap, tmp, meta, t0), name=f"ftrain-save-{step}")
             return
@@ -198,14 +210,18 @@ class Checkpointer:
             if self.rank == 0:
                 self._commit(tmp, snap.step, meta, t0)
         except BaseException as e:
-            if self.rank == 0:
-                shutil.rmtree(tmp, ignore_errors=True)  # never leave a half-written save behind
-            else:
-                try:  # tell the committing rank at once instead of letting it wait for the timeout
-                    (tmp / layout.shard_error_name(self.rank)).write_text(str(e))
-                except OSError:
-                    pass
+            self._report_failure(tmp, e)
             raise _as_error(e, snap.step, tmp, self.store.root) from e
+
+    def _report_failure(self, tmp: Path, err: BaseException) -> None:
+        if self.rank == 0:
+            shutil.rmtree(tmp, ignore_errors=True)  # never leave a half-written save behind
+            return
+        try:  # tell the committing rank at once instead of letting it wait for the timeout
+            tmp.mkdir(exist_ok=True)
+            (tmp / layout.shard_error_name(self.rank)).write_text(str(err))
+        except OSError:
+            pass
 
     def _commit(self, tmp: Path, step: int, meta: dict[str, Any], t0: float) -> Manifest:
         manifest = self.store.commit(tmp, step=step, world_size=self.world_size, nonce=self.nonce or "",
@@ -220,9 +236,9 @@ class Checkpointer:
     def busy(self) -> bool:
         return self.writer.busy()
 
-    def wait(self) -> None:
-        """Block until the in-flight save (if any) is persisted and, on rank 0, committed."""
-        self.writer.wait()
+    def wait(self, timeout: float | None = None) -> bool:
+        """Block until the in-flight save (if any) is persisted and, on rank 0, committed; False on timeout."""
+        return self.writer.wait(timeout)
 
     def has_error(self) -> bool:
         return self.writer.failed()

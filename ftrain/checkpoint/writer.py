@@ -31,8 +31,9 @@ class BackgroundWriter:
     def submit(self, job: Callable[[], None], name: str) -> None:
         if self.busy():
             raise RuntimeError("a checkpoint write is already in flight")
-        # Not a daemon: interpreter exit waits for an in-flight write rather than cutting it off.
-        self._thread = threading.Thread(target=self._run, args=(job,), name=name, daemon=False)
+        # A daemon, so a crashing process is never held up by a commit that waits for dead ranks; the
+        # session's exit hook waits (bounded) for an in-flight write in the normal case.
+        self._thread = threading.Thread(target=self._run, args=(job,), name=name, daemon=True)
         self._thread.start()
 
     def _run(self, job: Callable[[], None]) -> None:
@@ -42,10 +43,14 @@ class BackgroundWriter:
             self._error = e
             log.error("background checkpoint write failed: %s", e)
 
-    def wait(self) -> None:
+    def wait(self, timeout: float | None = None) -> bool:
+        """Join the in-flight job; False if it is still running after ``timeout`` seconds."""
         if self._thread is not None:
-            self._thread.join()
+            self._thread.join(timeout)
+            if self._thread.is_alive():
+                return False
             self._thread = None
+        return True
 
     def failed(self) -> bool:
         return self._error is not None and not self.busy()

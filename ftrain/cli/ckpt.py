@@ -7,11 +7,13 @@ from __future__ import annotations
 import argparse
 import json
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ftrain import exitcodes
-from ftrain.checkpoint.store import CheckpointInfo, CheckpointStore
-from ftrain.errors import FtrainError
+from ftrain.errors import UsageError
+
+if TYPE_CHECKING:  # the store imports torch (seconds); `ftrain launch` must not pay that before its handlers
+    from ftrain.checkpoint.store import CheckpointInfo, CheckpointStore
 
 
 def add_parser(sub: Any) -> None:
@@ -28,16 +30,12 @@ def add_parser(sub: Any) -> None:
 
 
 def _store(path: str) -> CheckpointStore:
+    from ftrain.checkpoint.store import CheckpointStore
+
     store = CheckpointStore(path)
     if not store.root.is_dir():
-        raise _usage(f"checkpoint dir {path!r} does not exist or is not a directory")
+        raise UsageError(f"checkpoint dir {path!r} does not exist or is not a directory")
     return store
-
-
-def _usage(msg: str) -> FtrainError:
-    err = FtrainError(msg)
-    err.exit_code = exitcodes.USAGE
-    return err
 
 
 def _row(info: CheckpointInfo, latest: str | None) -> dict[str, Any]:
@@ -74,7 +72,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
     store = _store(args.dir)
     if args.step is not None:
         if not store.path(args.step).is_dir():
-            raise _usage(f"no checkpoint for step {args.step} in {store.root}")
+            raise UsageError(f"no checkpoint for step {args.step} in {store.root}")
         infos = [store.info(args.step)]
     else:
         infos = store.list()

@@ -15,10 +15,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from ftrain import exitcodes
-from ftrain.checkpoint.store import CheckpointStore
-from ftrain.config import load_config
-from ftrain.errors import FtrainError
+from ftrain.errors import UsageError
 
 #: torchrun flags passed through unchanged: (flag, takes a value).
 TORCHRUN_FLAGS = [("--nnodes", True), ("--node-rank", True), ("--rdzv-backend", True), ("--rdzv-endpoint", True),
@@ -65,25 +62,21 @@ def _dest(flag: str) -> str:
     return "tr_" + flag.lstrip("-").replace("-", "_")
 
 
-def _usage(msg: str) -> FtrainError:
-    err = FtrainError(msg)
-    err.exit_code = exitcodes.USAGE
-    return err
-
-
 def cmd_launch(args: argparse.Namespace) -> int:
     # Catch preemption signals from the first moment: importing the supervisor (torch, psutil) takes seconds,
     # and SLURM's SIGUSR1 would otherwise kill us before any handler exists. The supervisor takes these over.
     early: list[str] = []
     for name in ("SIGTERM", "SIGUSR1", "SIGINT"):
         signal.signal(getattr(signal, name), lambda signum, frame: early.append(signal.Signals(signum).name))
-    from ftrain.supervisor.supervisor import LaunchSpec, Supervisor  # imports psutil; keep `ftrain ckpt` light
+    from ftrain.checkpoint.store import CheckpointStore  # these import torch: seconds, so after the handlers
+    from ftrain.config import load_config
+    from ftrain.supervisor.supervisor import LaunchSpec, Supervisor
 
     script = Path(args.script)
     if not script.is_file():
-        raise _usage(f"training script {args.script!r} not found (or not a file)")
+        raise UsageError(f"training script {args.script!r} not found (or not a file)")
     if args.nproc < 1:
-        raise _usage(f"--nproc must be >= 1, got {args.nproc}")
+        raise UsageError(f"--nproc must be >= 1, got {args.nproc}")
     cfg = load_config(args.config, overrides={key: getattr(args, dest) for dest, key in CONFIG_FLAGS.items()})
     CheckpointStore(cfg.checkpoint.dir).ensure_writable()
     log_dir = Path(cfg.supervisor.log_dir) if cfg.supervisor.log_dir else Path(cfg.checkpoint.dir) / "logs"
@@ -92,7 +85,7 @@ def cmd_launch(args: argparse.Namespace) -> int:
         if not os.access(log_dir, os.W_OK):
             raise PermissionError(13, "Permission denied")
     except OSError as e:
-        raise _usage(f"log dir {str(log_dir)!r} is not writable ({e.strerror}); set supervisor.log_dir "
+        raise UsageError(f"log dir {str(log_dir)!r} is not writable ({e.strerror}); set supervisor.log_dir "
                      "(--log-dir) to a writable directory") from None
 
     torchrun_args: list[str] = []
