@@ -93,7 +93,7 @@ STEPS = 60
 def test_chaos_kills_hang_and_preemption_resume_bit_exact(tmp_path):
     """Four ranks; three SIGKILLs of random ranks at random steps (one inside a save), one hang, then a SIGTERM
     to the supervisor and a relaunch. The final state must equal an uninterrupted run's."""
-    common = ["--nproc", "4", "--save-every-steps", "5", "--hang-timeout", "4", "--max-restarts", "10"]
+    common = ["--nproc", "4", "--save-every-steps", "5", "--hang-timeout", "6", "--max-restarts", "10"]
     script = [str(EXAMPLE), "--steps", str(STEPS), "--print-every", "1"]
     ref = Launch([*common, "--ckpt-dir", str(tmp_path / "ref"), "--rdzv-id", "ref", *script], launch_env())
     assert ref.wait() == 0, ref.output[-4000:]

@@ -82,10 +82,15 @@ def test_sigkill_at_random_steps_and_during_saves_resumes_bit_exact(tmp_path):
     # Random external kills, each between two of the injected in-save kills.
     external = [rng.randint(2, 20), rng.randint(22, 41), rng.randint(57, STEPS - 1)]
     restored: list[int] = []
+    committed = 0  # newest step whose commit was logged so far
     for attempt in range(14):
         kill_at = external.pop(0) if external and attempt % 2 == 0 else None
         rc, out, err = run_and_maybe_kill(args, env, kill_at)
-        restored += [int(m) for m in re.findall(r"restored step (\d+)", err)]
+        got = [int(m) for m in re.findall(r"restored step (\d+)", err)]
+        # A restart never loads a checkpoint older than the last one committed (checksums are verified on load).
+        assert all(step >= committed for step in got), f"restored {got} after step {committed} was committed"
+        restored += got
+        committed = max([committed, *(int(m) for m in re.findall(r"saved step (\d+)", err))])
         if rc == 0:
             break
         assert rc == -signal.SIGKILL, f"attempt {attempt} (seed {seed}) failed with {rc}:\n{err[-3000:]}"

@@ -176,7 +176,7 @@ class Supervisor:
         marker = files.read_preempted()
         if marker is not None:
             return AttemptResult(attempt, Outcome.PREEMPTED, False, rc,
-                                 f"preempted; final checkpoint at step {marker.get('step')}"), None
+                                 f"final checkpoint at step {marker.get('step')}"), None
         if self._signals:
             return AttemptResult(attempt, Outcome.PREEMPTED, False, rc,
                                  f"stopped by {self._signals[0]} before a final checkpoint committed"), None
