@@ -20,6 +20,7 @@ import os
 import random
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -28,6 +29,7 @@ import torch.nn as nn
 from torch.utils.data import Dataset
 
 import ftrain
+from ftrain.config import load_config
 
 
 class SyntheticDataset(Dataset):
@@ -68,7 +70,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--config", help="ftrain YAML config (else $FTRAIN_CONFIG, else defaults)")
     p.add_argument("--ckpt-dir", help="checkpoint directory (overrides checkpoint.dir)")
-    p.add_argument("--save-every", type=int, help="checkpoint every N steps (overrides checkpoint.every_steps)")
+    p.add_argument("--save-every", type=int,
+                   help="checkpoint every N steps (overrides checkpoint.every_steps; default 10 if nothing sets a "
+                        "schedule)")
     p.add_argument("--save-every-seconds", type=float, help="overrides checkpoint.every_seconds")
     p.add_argument("--workers", type=int, default=2, help="DataLoader worker processes")
     p.add_argument("--index-log", help="directory for per-rank logs of the sample indices each step consumed")
@@ -99,7 +103,11 @@ def main(argv: list[str] | None = None) -> int:
 
     overrides = {"checkpoint.dir": args.ckpt_dir, "checkpoint.every_steps": args.save_every,
                  "checkpoint.every_seconds": args.save_every_seconds}
-    session = ftrain.Session(config_path=args.config, overrides=overrides)                 # ftrain
+    config = load_config(args.config, overrides=overrides)
+    if config.checkpoint.every_steps == 0 and config.checkpoint.every_seconds == 0:
+        # Nothing configured a schedule (library default: off): this example saves every 10 steps.
+        config = replace(config, checkpoint=replace(config.checkpoint, every_steps=10))
+    session = ftrain.Session(config)                                                       # ftrain
     session.register(model=model, optimizer=optimizer, scheduler=scheduler, loader=loader)  # ftrain
     step = session.restore()                                                                # ftrain
 
