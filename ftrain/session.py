@@ -65,6 +65,8 @@ class Session:
         self.last_saved_step: int | None = None
         self.skipped_saves = 0
         self._last_save_time = time.monotonic()
+        self._crashing = False
+        self._note_crash()
         atexit.register(self._flush_at_exit)
 
     # ---------------------------------------------------------------- registry
@@ -156,11 +158,11 @@ class Session:
         # and background writers differ per rank, and a rank that acted alone would deadlock the others.
         time_due, preempt, failed, busy = self.coll.any(
             time_due, self.worker.preempt_requested, self.checkpointer.has_error(), self.checkpointer.busy())
+        if preempt:  # first: the preemption checkpoint does not depend on an earlier failed one
+            self._save_and_exit(step)
         if failed:
             self.checkpointer.raise_pending()
             raise CheckpointError("another rank's background checkpoint write failed; see its log")
-        if preempt:
-            self._save_and_exit(step)
         if not (due or time_due):
             return False
         if busy and self.ckpt.when_busy == "skip":
@@ -183,6 +185,9 @@ class Session:
         if step == self.last_saved_step:
             return  # e.g. a final save right after a scheduled one: the state is the same
         self.worker.beat(SAVING, step)
+        if self._previous_save_failed():
+            self.checkpointer.raise_pending()
+            raise CheckpointError("another rank's background checkpoint write failed; see its log")
         replicated = {k: o.state_dict() for k, (o, per_rank) in self._objects.items() if not per_rank}
         mine: dict[str, Any] = {"rng": rng.capture()}
         mine.update((k, o.state_dict()) for k, (o, per_rank) in self._objects.items() if per_rank)
@@ -199,8 +204,19 @@ class Session:
         self.checkpointer.wait()
         self.checkpointer.raise_pending()
 
+    def _previous_save_failed(self) -> bool:
+        """Wait for the in-flight save; True on every rank if it failed on any (collective)."""
+        self.checkpointer.wait()
+        return self.coll.any(self.checkpointer.has_error())[0]
+
     def _save_and_exit(self, step: int) -> None:
-        self.checkpointer.wait()  # flush the in-flight save first: it may be the newer one on disk
+        self.worker.beat(SAVING, step)
+        if self._previous_save_failed():
+            # The preemption checkpoint does not depend on the failed one: log it and save anyway.
+            err = self.checkpointer.take_error()
+            log.error("the previous background save failed (%s); taking the preemption checkpoint anyway",
+                      err or "on another rank")
+            self.last_saved_step = None
         self.save(step, blocking=True)
         self.worker.write_preempted_marker(step)
         log.warning("preempted (%s): checkpoint of step %d committed; exiting with code %d",
@@ -209,16 +225,29 @@ class Session:
         raise Preempted(step)
 
     def _flush_at_exit(self) -> None:
-        # A script that ends without close() must not lose its last (background) save; but a process that
-        # is exiting because its peers died must not wait for a commit that can never happen: bounded.
-        limit = self.config.supervisor.grace_seconds
+        # A script that ends without close() must not lose its last (background) save, nor exit 0 when it
+        # failed. But a process exiting on an uncaught exception (its peers may be dead) must not wait for a
+        # commit that may never happen: then the wait is bounded by the grace period.
+        limit = self.config.supervisor.grace_seconds if self._crashing else None
         if not self.checkpointer.wait(timeout=limit):
             log.error("exiting with a checkpoint write still in flight after %.0fs; it will not commit", limit)
             return
-        try:
-            self.checkpointer.raise_pending()
-        except FtrainError as e:
-            log.error("the last checkpoint did not commit: %s", e)
+        err = self.checkpointer.take_error()
+        if err is not None:
+            log.error("the last checkpoint did not commit: %s", err)
+            if not self._crashing:
+                sys.stdout.flush()
+                sys.stderr.flush()
+                os._exit(exitcodes.FAILURE)
+
+    def _note_crash(self) -> None:
+        previous = sys.excepthook
+
+        def hook(etype: type[BaseException], value: BaseException, tb: Any) -> None:
+            self._crashing = True
+            previous(etype, value, tb)
+
+        sys.excepthook = hook
 
 
 def _default_per_rank(obj: object) -> bool:

@@ -321,3 +321,43 @@ def test_checkpoint_moved_aside_by_an_interrupted_replace_is_recovered(tmp_path)
     s = ftrain.Session(cfg(root))
     job.register(s)
     assert s.restore() == 20
+
+
+def _script(body: str, root: Path, **env: str) -> subprocess.CompletedProcess[str]:
+    head = textwrap.dedent(f"""
+        import os, signal, sys, time, torch, ftrain
+        from ftrain.config import CheckpointConfig, FtrainConfig
+        model = torch.nn.Linear(8, 8)
+        s = ftrain.Session(FtrainConfig(checkpoint=CheckpointConfig(dir={str(root)!r}, every_steps=2)))
+        s.register(model=model)
+        s.restore()
+    """)
+    return subprocess.run([sys.executable, "-c", head + textwrap.dedent(body)], env=child_env(**env),
+                          capture_output=True, text=True, timeout=60, cwd=ROOT)
+
+
+def test_exit_without_close_fails_loudly_if_the_last_save_did_not_commit(tmp_path):
+    root = tmp_path / "ckpt"
+    proc = _script("""
+        for step in range(1, 5):
+            s.step(step)
+        s.save(5)  # the background write of step 5 fails; the script never calls close()
+    """, root, FTRAIN_FAULTS="raise@save.mid_write:step=5")
+    assert proc.returncode == 1, proc.stderr
+    assert "the last checkpoint did not commit" in proc.stderr
+    assert sorted(p.name for p in root.glob("step-*")) == [layout.step_dirname(2), layout.step_dirname(4)]
+
+
+def test_preemption_checkpoint_is_taken_even_if_the_previous_background_save_failed(tmp_path):
+    root = tmp_path / "ckpt"
+    proc = _script("""
+        s.step(1)
+        s.step(2)  # its background write fails (injected)
+        time.sleep(0.5)  # whether or not the failure is already known at the next step
+        os.kill(os.getpid(), signal.SIGTERM)  # a preemption notice: only sets a flag
+        s.step(3)
+    """, root, FTRAIN_FAULTS="raise@save.mid_write:step=2")
+    assert proc.returncode == 75, proc.stderr
+    assert "previous background save failed" in proc.stderr
+    assert [p.name for p in root.glob("step-*")] == [layout.step_dirname(3)]
+    assert cli(["ckpt", "verify", str(root)]) == 0

@@ -160,8 +160,7 @@ class Checkpointer:
         Synchronous: returns when the checkpoint is committed, or raises on every rank.
         """
         assert self.nonce is not None, "setup() first"
-        self.writer.wait()  # one save in flight; the session decided whether to wait or skip
-        self.raise_pending()
+        self.writer.wait()  # one save in flight; the session has already settled the previous one
         t0 = time.monotonic()
         tmp = self.store.root / layout.tmp_dirname(step, self.nonce)
         err: FtrainError | None = None
@@ -242,6 +241,9 @@ class Checkpointer:
 
     def has_error(self) -> bool:
         return self.writer.failed()
+
+    def take_error(self) -> BaseException | None:
+        return self.writer.take_error()
 
     def raise_pending(self) -> None:
         err = self.writer.take_error()

@@ -10,6 +10,7 @@ from __future__ import annotations
 import collections
 import ctypes
 import logging
+import os
 import signal
 import subprocess
 import sys
@@ -103,18 +104,30 @@ class JobProcess:
         return n
 
     def kill_tree(self, *, graceful: float = 0.0) -> None:
-        """SIGTERM everything (if ``graceful``), wait up to that long, then SIGKILL what is left."""
+        """SIGTERM everything (if ``graceful``), wait up to that long, then SIGKILL what is left.
+
+        Also signals torchrun's process group (it leads its own session), which reaches workers even
+        after torchrun itself died and they were reparented out of sight.
+        """
         procs = self.tree()
         if graceful > 0:
+            self._killpg(signal.SIGTERM)
             for p in procs:
                 _send(p, signal.SIGTERM)
             _, procs = psutil.wait_procs(procs, timeout=graceful)
+        self._killpg(signal.SIGKILL)
         for p in procs:
             _send(p, signal.SIGKILL)
         psutil.wait_procs(procs, timeout=10)
         try:
             self.proc.wait(timeout=10)
         except subprocess.TimeoutExpired:
+            pass
+
+    def _killpg(self, sig: int) -> None:
+        try:
+            os.killpg(self.proc.pid, sig)
+        except (ProcessLookupError, PermissionError):
             pass
 
     def close(self) -> None:

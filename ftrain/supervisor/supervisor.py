@@ -154,6 +154,7 @@ class Supervisor:
                 break
             if grace_deadline is None and time.monotonic() >= next_hang_check:
                 next_hang_check = time.monotonic() + 1.0
+                job.tree()  # remember every descendant, so they can be killed even if torchrun dies first
                 hang = find_hung(files.read_heartbeats(), self.spec.nproc, started, time.time(), self.limits)
                 if hang:
                     self._handle_hang(job, files, hang)
