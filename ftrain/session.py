@@ -161,8 +161,7 @@ class Session:
         if preempt:  # first: the preemption checkpoint does not depend on an earlier failed one
             self._save_and_exit(step)
         if failed:
-            self.checkpointer.raise_pending()
-            raise CheckpointError("another rank's background checkpoint write failed; see its log")
+            self._raise_failed_save()
         if not (due or time_due):
             return False
         if busy and self.ckpt.when_busy == "skip":
@@ -186,8 +185,7 @@ class Session:
             return  # e.g. a final save right after a scheduled one: the state is the same
         self.worker.beat(SAVING, step)
         if self._previous_save_failed():
-            self.checkpointer.raise_pending()
-            raise CheckpointError("another rank's background checkpoint write failed; see its log")
+            self._raise_failed_save()
         replicated = {k: o.state_dict() for k, (o, per_rank) in self._objects.items() if not per_rank}
         mine: dict[str, Any] = {"rng": rng.capture()}
         mine.update((k, o.state_dict()) for k, (o, per_rank) in self._objects.items() if per_rank)
@@ -203,6 +201,11 @@ class Session:
         """Wait for the in-flight save to commit; raise if it failed. Call at the end of training."""
         self.checkpointer.wait()
         self.checkpointer.raise_pending()
+
+    def _raise_failed_save(self) -> None:
+        """Every rank raises once the ranks agreed a background save failed: its own error, or a pointer."""
+        self.checkpointer.raise_pending()
+        raise CheckpointError("another rank's background checkpoint write failed; see its log")
 
     def _previous_save_failed(self) -> bool:
         """Wait for the in-flight save; True on every rank if it failed on any (collective)."""
