@@ -6,6 +6,7 @@ uses them. With one process every call is a local no-op.
 """
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
@@ -48,6 +49,31 @@ class Collectives:
         t = torch.tensor([int(f) for f in flags], dtype=torch.int64)
         dist.all_reduce(t, op=dist.ReduceOp.MAX, group=self._group)
         return tuple(bool(v) for v in t.tolist())
+
+    def agree(self, flags: tuple[bool, ...], values: list[float | None]) -> tuple[tuple[bool, ...], list[float | None]]:
+        """``any`` of ``flags``, plus rank 0's ``values`` (None: not reported) on every rank, in one collective.
+
+        Per-step decisions that depend on a metric (keep-best saves, early stopping)
+        must be the same on every rank even if ranks computed slightly different
+        values, or only rank 0 reported one: rank 0's word is final.
+        """
+        if self.world_size == 1:
+            return flags, list(values)
+        n = len(values)
+        # One float64 MAX all-reduce: flags as 0/1; per value a "present" slot (1: a number, 2: NaN, which MAX
+        # cannot carry) and the value itself, which every other rank sends as -inf so rank 0's survives.
+        data = [float(f) for f in flags] + [0.0] * n + [-math.inf] * n
+        if self.rank == 0:
+            for i, v in enumerate(values):
+                if v is not None:
+                    data[len(flags) + i] = 2.0 if math.isnan(v) else 1.0
+                    data[len(flags) + n + i] = v if not math.isnan(v) else -math.inf
+        t = torch.tensor(data, dtype=torch.float64)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX, group=self._group)
+        out = t.tolist()
+        present, got = out[len(flags):len(flags) + n], out[len(flags) + n:]
+        agreed = [None if p == 0 else (math.nan if p == 2 else v) for p, v in zip(present, got)]
+        return tuple(bool(v) for v in out[:len(flags)]), agreed
 
     def check_all(self, err: FtrainError | None) -> None:
         """Raise on every rank if any rank failed, so no rank is left waiting in a collective."""

@@ -31,6 +31,7 @@ from ftrain.errors import ConfigError
 ENV_PREFIX = "FTRAIN_"
 RESUME_MODES = ("auto", "required", "never")
 WHEN_BUSY = ("wait", "skip")
+SELECTION_MODES = ("auto", "min", "max")
 
 _TRUE = ("1", "true", "yes")
 _FALSE = ("0", "false", "no")
@@ -176,6 +177,36 @@ class CheckpointConfig(_Section):
     when_busy: str = _option(
         "wait", "When a save falls due while the previous one is still being written: wait for it, or skip"
         " this save (counted and logged).", _one_of(*WHEN_BUSY))
+    monitor: str = _option(
+        "", "Metric (reported with session.report()) that ranks checkpoints for keep_best, save_best_only,"
+        " load_best_at_end and early stopping; empty: none.")
+    mode: str = _option(
+        "auto", "min or max: whether a lower or a higher monitor value is better; auto: max for names such as"
+        " acc, f1, auc, else min.", _one_of(*SELECTION_MODES))
+    keep_best: int = _option(
+        1, "Keep the N best checkpoints by monitor besides the keep_last newest (retention never deletes"
+        " them); a report that ranks among them triggers a save; 0 disables.", _NON_NEGATIVE)
+    save_best_only: bool = _option(
+        False, "Write scheduled saves only when they rank among the keep_best best; preemption and"
+        " explicit session.save() checkpoints are always written.")
+    load_best_at_end: bool = _option(
+        False, "session.close() loads the best checkpoint's state into the registered objects.")
+    trainable_only: bool = _option(
+        False, "Save only the parameters with requires_grad of registered modules (plus buffers, optimizer,"
+        " RNG and data state); frozen weights are referenced by a fingerprint checked on resume.")
+
+
+@dataclass(frozen=True)
+class EarlyStoppingConfig(_Section):
+    """Stop training when ``checkpoint.monitor`` stops improving; the counter survives restarts."""
+
+    section: ClassVar[str] = "early_stopping"
+
+    patience: int = _option(
+        0, "session.should_stop becomes true after this many reports of checkpoint.monitor in a row"
+        " without improvement; 0 disables.", _NON_NEGATIVE)
+    min_delta: float = _option(
+        0.0, "A report improves only if it beats the best value so far by more than this.", _NON_NEGATIVE)
 
 
 @dataclass(frozen=True)
@@ -217,12 +248,23 @@ class FtrainConfig:
     """The whole configuration: one field per section, named as the section."""
 
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    early_stopping: EarlyStoppingConfig = field(default_factory=EarlyStoppingConfig)
     supervisor: SupervisorConfig = field(default_factory=SupervisorConfig)
 
     def __post_init__(self) -> None:
         for name, cls in _sections().items():
             if not isinstance(getattr(self, name), cls):
                 raise ConfigError(f"{name}: expected a {cls.__name__}, got {getattr(self, name)!r}")
+        ckpt = self.checkpoint
+        needs_monitor = [k for k, on in (("checkpoint.save_best_only", ckpt.save_best_only),
+                                          ("checkpoint.load_best_at_end", ckpt.load_best_at_end),
+                                          ("early_stopping.patience", self.early_stopping.patience > 0)) if on]
+        if needs_monitor and not ckpt.monitor:
+            raise ConfigError(f"{needs_monitor[0]} needs checkpoint.monitor: set it to the name of the metric "
+                              "you report with session.report(), e.g. val_loss")
+        if (ckpt.save_best_only or ckpt.load_best_at_end) and ckpt.keep_best == 0:
+            key = "checkpoint.save_best_only" if ckpt.save_best_only else "checkpoint.load_best_at_end"
+            raise ConfigError(f"{key} needs checkpoint.keep_best >= 1 (with 0 no checkpoint is kept as a best one)")
 
 
 class _Key(NamedTuple):

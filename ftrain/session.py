@@ -27,19 +27,19 @@ from typing import Any
 
 import torch.distributed as dist
 
-from ftrain import envvars, exitcodes, faults, rng
+from ftrain import envvars, exitcodes, faults
 from ftrain.attempt import EXITING, RESTORING, SAVING, STARTING, STEPPING
 from ftrain.checkpoint.checkpointer import REPLICATED, Checkpointer, rank_key
 from ftrain.checkpoint.manifest import Manifest
 from ftrain.collectives import Collectives
-from ftrain.config import FtrainConfig, load_config
+from ftrain.config import FtrainConfig, config_to_dict, load_config
 from ftrain.errors import CheckpointError, FtrainError, NoValidCheckpoint, StateMismatch
+from ftrain.registry import Registry
+from ftrain.selection import Selection, SelectionSpec, json_metrics, resolve_mode
 from ftrain.stateful import Stateful
 from ftrain.worker import Preempted, Worker
 
 log = logging.getLogger("ftrain")
-
-_RESERVED = frozenset({"rng"})
 
 
 class Session:
@@ -61,7 +61,18 @@ class Session:
         self.coll = Collectives(self.rank, self.world_size)
         self.checkpointer = Checkpointer(self.ckpt, self.coll)
         self.store = self.checkpointer.store
-        self._objects: dict[str, tuple[Stateful, bool]] = {}
+        self.registry = Registry()
+        ck, es = self.ckpt, self.config.early_stopping
+        self.selection = Selection(SelectionSpec(ck.monitor, resolve_mode(ck.monitor, ck.mode), ck.keep_best,
+                                                 es.patience, es.min_delta))
+        #: Metrics reported since the last step() (this rank's), and those of the last step() that had any.
+        self._pending: dict[str, float] = {}
+        self._metrics: tuple[int, dict[str, float]] = (-1, {})
+        #: Rank 0's value of the monitored metric at a step, as every rank agreed on it in step().
+        self._monitored: tuple[int, float] | None = None
+        self._warned_unmonitored = False
+        #: Step of the checkpoint load_best() loaded, if any.
+        self.best_step: int | None = None
         self.last_saved_step: int | None = None
         self.skipped_saves = 0
         self._last_save_time = time.monotonic()
@@ -81,13 +92,7 @@ class Session:
         if name is not None:
             named = {name: obj, **named}  # type: ignore[dict-item]
         for key, o in named.items():
-            if not key or "/" in key or key in _RESERVED:
-                raise FtrainError(f"cannot register state under the name {key!r}: names must be non-empty, "
-                                  f"without '/', and not one of {sorted(_RESERVED)}")
-            if not isinstance(o, Stateful):
-                raise FtrainError(f"cannot register {key!r}: a {type(o).__name__} has no state_dict()/"
-                                  "load_state_dict(); wrap plain values in ftrain.Counters")
-            self._objects[key] = (o, _default_per_rank(o) if per_rank is None else per_rank)
+            self.registry.add(key, o, per_rank)
 
     # ----------------------------------------------------------------- restore
     def restore(self) -> int:
@@ -110,10 +115,8 @@ class Session:
             step = 0
         else:
             manifest, trees = found
-            replicated, mine = trees[REPLICATED], trees[rank_key(self.rank)]
-            for key, (obj, per_rank) in self._objects.items():
-                obj.load_state_dict((mine if per_rank else replicated)[key])
-            rng.restore(mine["rng"])  # last: loading other state must not disturb the restored streams
+            self._load(manifest, trees, include_rng=True)
+            self._restore_selection(manifest)
             step = manifest.step
             faults.point("restore.end", step=step, rank=self.rank)
             self.last_saved_step = step
@@ -123,19 +126,75 @@ class Session:
         return step
 
     def _check_layout(self, manifest: Manifest) -> None:
-        """Refuse (on every rank alike: they all read the same manifest) state this run cannot take exactly."""
-        if manifest.world_size != self.world_size:
-            raise StateMismatch(f"checkpoint step {manifest.step} was written by {manifest.world_size} rank(s); this "
-                                f"run has {self.world_size}. Per-rank RNG and data positions cannot be mapped exactly: "
-                                "relaunch with the original number of processes")
-        saved_rep = set(manifest.meta.get("replicated") or ())
-        saved_all = saved_rep | set(manifest.meta.get("per_rank") or ())
-        missing, new = sorted(saved_all - set(self._objects)), sorted(set(self._objects) - saved_all)
-        moved = sorted(k for k, (_, p) in self._objects.items() if k in saved_all and (k in saved_rep) == p)
-        if missing or new or moved:
-            raise StateMismatch(f"checkpoint step {manifest.step} does not match the registered state (missing: "
-                                f"{missing}, new: {new}, per_rank changed: {moved}); register the same objects, "
-                                "with the same per_rank choices, as the run that saved it")
+        self.registry.check_layout(manifest, self.world_size)
+
+    def _load(self, manifest: Manifest, trees: dict[str, Any], *, include_rng: bool) -> None:
+        # Freezing and trainable-only bases are checked on every rank before any state is touched, and the
+        # ranks agree on the verdict: a rank that raised alone would leave the others in the next collective.
+        err: StateMismatch | None = None
+        try:
+            self.registry.prepare(manifest)
+        except StateMismatch as e:
+            err = e
+        self.coll.check_all(err)
+        self.registry.load(manifest, trees[REPLICATED], trees[rank_key(self.rank)], include_rng=include_rng)
+
+    def _restore_selection(self, manifest: Manifest) -> None:
+        saved = manifest.meta.get("selection")
+        if self.selection.spec.enabled and saved is not None:
+            self.selection.load_state_dict(saved)
+            if self.selection.should_stop:
+                log.info("restored: %s", self.selection.describe_stop())
+
+    def load_best(self) -> int | None:
+        """Load the best checkpoint by ``checkpoint.monitor`` into the registered objects; return its step.
+
+        Every registered object is loaded (RNG streams are not: they keep going).
+        Damaged candidates are skipped like on restore. Returns None, with a
+        warning, if no checkpoint records the monitored metric. Collective.
+        """
+        if self._previous_save_failed():  # the best one may be the save still in flight
+            self._raise_failed_save()
+        ranked: list[Manifest] = []
+        if self.rank == 0:
+            from ftrain.checkpoint import reader
+
+            try:
+                ranked = reader.best_ranking(self.store)[2]
+            except CheckpointError as e:
+                log.warning("load_best: %s", e)
+        found = self.checkpointer.restore(self._check_layout, candidates=iter(ranked))
+        if found is None:
+            log.warning("load_best: no valid checkpoint records %r; the registered objects keep their current state",
+                        self.ckpt.monitor)
+            return None
+        manifest, trees = found
+        self._load(manifest, trees, include_rng=False)
+        self.best_step = manifest.step
+        log.info("loaded the best checkpoint: step %d (%s=%s)", manifest.step, self.ckpt.monitor,
+                 (manifest.meta.get("metrics") or {}).get(self.ckpt.monitor))
+        return manifest.step
+
+    @property
+    def should_stop(self) -> bool:
+        """True once early stopping fired (``early_stopping.patience``); stays true after a restore."""
+        return self.selection.should_stop
+
+    # ----------------------------------------------------------------- metrics
+    def report(self, **metrics: Any) -> None:
+        """Report metrics (numbers or one-element tensors) for the step about to be passed to :meth:`step`.
+
+        Call after an evaluation, before ``step(n)``. Rank 0's values are what
+        counts: they are recorded in the manifest of a checkpoint taken at that
+        step, and ``checkpoint.monitor`` is agreed on by all ranks in ``step()``
+        (ranks that do not evaluate need not report).
+        """
+        for name, value in metrics.items():
+            try:
+                self._pending[name] = float(value)
+            except (TypeError, ValueError, RuntimeError):
+                raise FtrainError(f"session.report({name}=...): expected a number or a one-element tensor, got "
+                                  f"{type(value).__name__}") from None
 
     # -------------------------------------------------------------------- save
     def step(self, step: int) -> bool:
@@ -154,23 +213,46 @@ class Session:
         faults.point("step", step=step, rank=self.rank)
         due = self.ckpt.every_steps > 0 and step % self.ckpt.every_steps == 0
         time_due = self.ckpt.every_seconds > 0 and time.monotonic() - self._last_save_time >= self.ckpt.every_seconds
-        # One small collective per step makes every rank take the same decisions: clocks, signal delivery
-        # and background writers differ per rank, and a rank that acted alone would deadlock the others.
-        time_due, preempt, failed, busy = self.coll.any(
-            time_due, self.worker.preempt_requested, self.checkpointer.has_error(), self.checkpointer.busy())
-        if preempt:  # first: the preemption checkpoint does not depend on an earlier failed one
+        monitor = self.ckpt.monitor
+        local = [self._pending.get(monitor)] if monitor else []
+        # One small collective per step makes every rank take the same decisions: clocks, signal delivery,
+        # background writers and reported metrics differ per rank, and a rank that acted alone would deadlock
+        # the others. It also carries rank 0's value of the monitored metric.
+        (time_due, preempt, failed, busy), values = self.coll.agree(
+            (time_due, self.worker.preempt_requested, self.checkpointer.has_error(), self.checkpointer.busy()), local)
+        # Metrics first: any checkpoint of this step, the preemption one included, must hold their effect.
+        best_due, stop_now = self._take_metrics(step, values[0] if values else None)
+        if preempt:  # before a failed save: the preemption checkpoint does not depend on it
             self._save_and_exit(step)
         if failed:
             self._raise_failed_save()
-        if not (due or time_due):
+        scheduled = (due or time_due) and not self.ckpt.save_best_only
+        if not (scheduled or best_due or stop_now):
             return False
-        if busy and self.ckpt.when_busy == "skip":
+        if busy and self.ckpt.when_busy == "skip" and not (best_due or stop_now):
             self.skipped_saves += 1
             log.warning("skipped the save of step %d: the previous one is still being written "
                         "(checkpoint.when_busy=skip; %d skipped so far)", step, self.skipped_saves)
             return False
         self.save(step)
         return True
+
+    def _take_metrics(self, step: int, value: float | None) -> tuple[bool, bool]:
+        """Account this step's reported metrics; ``(ranks among the best, early stopping fired)``."""
+        if self._pending:
+            self._metrics = (step, self._pending)
+            if self.ckpt.monitor and self.ckpt.monitor not in self._pending and not self._warned_unmonitored:
+                self._warned_unmonitored = True
+                log.warning("reported %s but checkpoint.monitor is %r: keep-best and early stopping see nothing",
+                            sorted(self._pending), self.ckpt.monitor)
+            self._pending = {}
+        if value is None:
+            return False, False
+        self._monitored = (step, value)
+        stop_now = self.selection.observe(step, value)
+        if stop_now:
+            log.warning("%s", self.selection.describe_stop())
+        return self.selection.ranks_best(value), stop_now
 
     def save(self, step: int, *, blocking: bool = False) -> None:
         """Checkpoint the registered state at ``step`` (every rank must call it for the same step).
@@ -186,10 +268,8 @@ class Session:
         self.worker.beat(SAVING, step)
         if self._previous_save_failed():
             self._raise_failed_save()
-        replicated = {k: o.state_dict() for k, (o, per_rank) in self._objects.items() if not per_rank}
-        mine: dict[str, Any] = {"rng": rng.capture()}
-        mine.update((k, o.state_dict()) for k, (o, per_rank) in self._objects.items() if per_rank)
-        meta = {"replicated": sorted(replicated), "per_rank": sorted(set(mine) - {"rng"})}
+        replicated, mine, meta = self.registry.capture(self.ckpt.trainable_only)
+        meta.update(self._selection_meta(step), config=config_to_dict(self.config))
         self.checkpointer.save(step, replicated, mine, meta, blocking=blocking)
         if blocking or not self.ckpt.async_save:
             faults.point("save.end", step=step, rank=self.rank)
@@ -197,8 +277,30 @@ class Session:
         self._last_save_time = time.monotonic()
         self.worker.beat(STEPPING, step)
 
+    def _selection_meta(self, step: int) -> dict[str, Any]:
+        """What a checkpoint of ``step`` records about metrics; ranks it among the best if it is one."""
+        metrics = self._metrics[1] if self._metrics[0] == step else {}
+        meta: dict[str, Any] = {"metrics": json_metrics(metrics)}
+        if not self.selection.spec.enabled:
+            return meta
+        if self._monitored is not None and self._monitored[0] == step and self.selection.ranks_best(self._monitored[1]):
+            self.selection.record_saved(step, self._monitored[1])
+        meta.update(monitor={"name": self.selection.spec.monitor, "mode": self.selection.spec.mode},
+                    selection=self.selection.state_dict(), best_steps=self.selection.best_steps)
+        return meta
+
     def close(self) -> None:
-        """Wait for the in-flight save to commit; raise if it failed. Call at the end of training."""
+        """Wait for the in-flight save to commit; raise if it failed. Call at the end of training.
+
+        With ``checkpoint.load_best_at_end`` the registered objects then hold the
+        best checkpoint's state (collective).
+        """
+        if self.ckpt.monitor and self.selection.last is None:
+            log.warning("checkpoint.monitor is %r but it was never reported with session.report(): no checkpoint "
+                        "was ranked", self.ckpt.monitor)
+        if self.ckpt.load_best_at_end:
+            self.load_best()
+            return
         self.checkpointer.wait()
         self.checkpointer.raise_pending()
 
@@ -251,12 +353,6 @@ class Session:
             previous(etype, value, tb)
 
         sys.excepthook = hook
-
-
-def _default_per_rank(obj: object) -> bool:
-    from ftrain.data import ResumableLoader, ResumableSampler
-
-    return isinstance(obj, (ResumableLoader, ResumableSampler))
 
 
 def _setup_logging(rank: int) -> None:

@@ -22,7 +22,7 @@ import os
 import secrets
 import shutil
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -87,14 +87,19 @@ class Checkpointer:
         self.nonce = f"{nonce:014x}"
 
     # ---------------------------------------------------------------- restore
-    def restore(self, check: Callable[[Manifest], None]) -> tuple[Manifest, dict[str, Any]] | None:
+    def restore(self, check: Callable[[Manifest], None], candidates: Iterator[Manifest] | None = None
+                ) -> tuple[Manifest, dict[str, Any]] | None:
         """The newest checkpoint every rank could read and verify, decoded; None if there is none.
 
-        Rank 0 proposes candidates newest first; each rank reads its own files,
-        verifying checksums; if any rank finds damage all fall back together.
-        ``check`` may refuse a manifest (raising on every rank alike).
+        Rank 0 proposes candidates newest first (or in the order of ``candidates``,
+        which only rank 0's matters); each rank reads its own files, verifying
+        checksums; if any rank finds damage all fall back together. ``check`` may
+        refuse a manifest (raising on every rank alike).
         """
-        candidates = self.store.candidates() if self.rank == 0 else iter(())
+        if self.rank != 0:
+            candidates = iter(())
+        elif candidates is None:
+            candidates = self.store.candidates()
         while True:
             proposal = next(candidates, None) if self.rank == 0 else None
             (step,) = self.coll.broadcast([proposal.step if proposal else -1])
@@ -128,8 +133,8 @@ class Checkpointer:
             # is faster than broadcasting (measured: docs/PERFORMANCE.md). Every file is verified as read.
             for rank in range(self.world_size):
                 if rank != self.rank:
-                    tensors.update((n, t) for n, t in read_shard_tensors(ckpt_dir, manifest, rank).items()
-                                   if n.startswith(f"{REPLICATED}/"))
+                    tensors.update(read_shard_tensors(ckpt_dir, manifest, rank,
+                                                      keep=lambda n: n.startswith(f"{REPLICATED}/")))
         trees = {REPLICATED: record0.trees.get(REPLICATED), rank_key(self.rank): mine.trees.get(rank_key(self.rank))}
         if any(t is None for t in trees.values()):
             raise CorruptCheckpoint(str(ckpt_dir / layout.shard_names(self.rank)[0]), "state tree missing")
@@ -225,7 +230,10 @@ class Checkpointer:
     def _commit(self, tmp: Path, step: int, meta: dict[str, Any], t0: float) -> Manifest:
         manifest = self.store.commit(tmp, step=step, world_size=self.world_size, nonce=self.nonce or "",
                                      timeout=self.cfg.commit_timeout_seconds, meta=meta)
-        pruned = self.store.prune(self.cfg.keep_last, protect={step})
+        best = [s for s in meta.get("best_steps") or () if isinstance(s, int)]
+        pruned = self.store.prune(self.cfg.keep_last, protect={step, *best})
+        if best:
+            self.store.set_best_hint(best[0])
         log.info("saved step %d (%.1f MB, %d file(s)) in %.3fs, training blocked %.3fs%s", step,
                  manifest.total_bytes / 1e6, len(manifest.files), time.monotonic() - t0, self.last_blocking_seconds,
                  f"; pruned {', '.join(map(str, pruned))}" if pruned else "")

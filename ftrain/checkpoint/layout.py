@@ -22,6 +22,7 @@ STEP_PREFIX = "step-"
 TMP_PREFIX = ".tmp-"
 MANIFEST = "manifest.json"
 LATEST = "latest"
+BEST = "best"
 #: Tensor bytes inside shard files start at multiples of this, so every dtype can be viewed in place.
 ALIGN = 64
 

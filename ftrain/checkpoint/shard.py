@@ -12,7 +12,7 @@ import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any, BinaryIO, Callable
 
 import torch
 
@@ -23,6 +23,8 @@ from ftrain.errors import CorruptCheckpoint
 
 SHARD_VERSION = 1
 _ZEROS = bytes(64)
+#: Tensors a reader does not keep are streamed through a buffer of this size (to checksum them).
+_SKIP_CHUNK = 4 << 20
 
 
 @dataclass
@@ -76,15 +78,19 @@ def read_shard_record(ckpt_dir: Path, manifest: Manifest, rank: int) -> ShardRec
     return record
 
 
-def read_shard_tensors(ckpt_dir: Path, manifest: Manifest, rank: int) -> dict[str, torch.Tensor]:
+def read_shard_tensors(ckpt_dir: Path, manifest: Manifest, rank: int,
+                       keep: Callable[[str], bool] | None = None) -> dict[str, torch.Tensor]:
     """Read and verify ``rank``'s shard .bin, straight into one freshly allocated tensor per entry.
 
     No intermediate buffer is kept alive afterwards, and the checksum is computed
     over exactly the bytes read. Any inconsistency raises :class:`CorruptCheckpoint`.
+    With ``keep``, only tensors whose name it accepts are returned; the others are
+    still read and checksummed (the whole file is verified) but never allocated,
+    so exporting a model does not need memory for its optimizer state.
     """
     _, bin_name = shard_names(rank)
     entries = sorted(((n, t) for n, t in manifest.tensors.items() if t.file == bin_name), key=lambda x: x[1].offset)
-    return _read_tensors(ckpt_dir / bin_name, manifest.files[bin_name], entries)
+    return _read_tensors(ckpt_dir / bin_name, manifest.files[bin_name], entries, keep)
 
 
 def _open(path: Path, entry: FileEntry) -> BinaryIO:
@@ -121,10 +127,12 @@ def _read_verified(path: Path, entry: FileEntry) -> bytes:
     return bytes(buf)
 
 
-def _read_tensors(path: Path, entry: FileEntry, entries: list[tuple[str, TensorEntry]]) -> dict[str, torch.Tensor]:
+def _read_tensors(path: Path, entry: FileEntry, entries: list[tuple[str, TensorEntry]],
+                  keep: Callable[[str], bool] | None = None) -> dict[str, torch.Tensor]:
     hasher = checksum.Hasher()
     out: dict[str, torch.Tensor] = {}
     scratch = bytearray(_ZEROS)
+    skip_buf: memoryview | None = None
     with _open(path, entry) as f:
         pos = 0
         for name, t in entries:
@@ -135,6 +143,14 @@ def _read_tensors(path: Path, entry: FileEntry, entries: list[tuple[str, TensorE
                 raise CorruptCheckpoint(str(path), f"unexpected gap before tensor {name!r}")
             _read_into(f, gap, path)
             hasher.update(gap)
+            if keep is not None and not keep(name):
+                skip_buf = skip_buf or memoryview(bytearray(_SKIP_CHUNK))
+                for start in range(0, t.nbytes, _SKIP_CHUNK):
+                    chunk = skip_buf[: min(_SKIP_CHUNK, t.nbytes - start)]
+                    _read_into(f, chunk, path)
+                    hasher.update(chunk)
+                pos = t.offset + t.nbytes
+                continue
             tensor = torch.empty(t.shape, dtype=codec.dtype_from_name(t.dtype))
             if t.nbytes:
                 view = memoryview(tensor.reshape(-1).view(torch.uint8).numpy())

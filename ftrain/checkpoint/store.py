@@ -77,6 +77,17 @@ class CheckpointStore:
         except OSError:
             return None
 
+    def best_hint(self) -> str | None:
+        """What the ``best`` pointer says: the best checkpoint by the monitored metric (a hint, like ``latest``)."""
+        try:
+            return (self.root / layout.BEST).read_text().strip() or None
+        except OSError:
+            return None
+
+    def set_best_hint(self, step: int) -> None:
+        if self.path(step).is_dir():
+            layout.atomic_write(self.root / layout.BEST, f"{layout.step_dirname(step)}\n".encode())
+
     # ---------------------------------------------------------------- validation
     def read_manifest(self, step: int) -> Manifest:
         path = self.path(step) / layout.MANIFEST

@@ -1,0 +1,138 @@
+"""The objects a session checkpoints, and how their state goes into a checkpoint and back.
+
+Each registered object is *replicated* (the same on every rank: written once in
+total) or *per-rank* (loaders, samplers: written by each rank). Modules get two
+extras (see ``trainable.py``): their frozen parameter names are recorded and
+re-applied on restore, and with ``trainable_only`` their frozen weights are left
+out and referenced by a fingerprint instead.
+
+What this module adds to a manifest's ``meta`` (docs/FORMAT.md): ``replicated``,
+``per_rank``, ``frozen``, ``trainable_only``, ``omitted``, ``base_fingerprint``.
+
+Not thread-safe: used by the training thread of one session.
+"""
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from ftrain import rng, trainable
+from ftrain.checkpoint.manifest import Manifest
+from ftrain.errors import FtrainError, StateMismatch
+from ftrain.stateful import Stateful
+
+log = logging.getLogger("ftrain")
+
+RESERVED = frozenset({"rng"})
+
+
+class Registry:
+    def __init__(self) -> None:
+        self.objects: dict[str, tuple[Stateful, bool]] = {}
+        #: Fingerprints of frozen bases, by (object name, frozen names): hashed once per run, not per save.
+        self._fingerprints: dict[tuple[str, tuple[str, ...]], str] = {}
+
+    def add(self, key: str, obj: object, per_rank: bool | None) -> None:
+        if not key or "/" in key or key in RESERVED:
+            raise FtrainError(f"cannot register state under the name {key!r}: names must be non-empty, "
+                              f"without '/', and not one of {sorted(RESERVED)}")
+        if not isinstance(obj, Stateful):
+            raise FtrainError(f"cannot register {key!r}: a {type(obj).__name__} has no state_dict()/"
+                              "load_state_dict(); wrap plain values in ftrain.Counters")
+        self.objects[key] = (obj, _default_per_rank(obj) if per_rank is None else per_rank)
+
+    # ------------------------------------------------------------------- save
+    def capture(self, trainable_only: bool) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]]:
+        """``(replicated, per_rank, meta)``: every object's state now, this rank's RNG, and what meta records."""
+        replicated: dict[str, Any] = {}
+        mine: dict[str, Any] = {"rng": rng.capture()}
+        frozen_by: dict[str, list[str]] = {}
+        omitted_by: dict[str, list[str]] = {}
+        fingerprints: dict[str, str] = {}
+        for key, (obj, per_rank) in self.objects.items():
+            state = obj.state_dict()
+            if trainable.is_module(obj):
+                frozen = trainable.frozen_names(obj)  # type: ignore[arg-type]
+                frozen_by[key] = frozen
+                if trainable_only and frozen:
+                    state, omitted_by[key] = trainable.split_state(state, frozen)
+                    fingerprints[key] = self._fingerprint(key, obj, frozen)
+            (mine if per_rank else replicated)[key] = state
+        meta: dict[str, Any] = {
+            "replicated": sorted(replicated), "per_rank": sorted(set(mine) - RESERVED), "frozen": frozen_by,
+            "trainable_only": trainable_only, "omitted": omitted_by, "base_fingerprint": fingerprints,
+        }
+        return replicated, mine, meta
+
+    def _fingerprint(self, key: str, obj: Any, frozen: list[str]) -> str:
+        cache_key = (key, tuple(frozen))
+        if cache_key not in self._fingerprints:
+            self._fingerprints[cache_key] = trainable.fingerprint(obj, frozen)
+        return self._fingerprints[cache_key]
+
+    # ---------------------------------------------------------------- restore
+    def check_layout(self, manifest: Manifest, world_size: int) -> None:
+        """Refuse (on every rank alike: they all read the same manifest) state this run cannot take exactly."""
+        if manifest.world_size != world_size:
+            raise StateMismatch(f"checkpoint step {manifest.step} was written by {manifest.world_size} rank(s); this "
+                                f"run has {world_size}. Per-rank RNG and data positions cannot be mapped exactly: "
+                                "relaunch with the original number of processes")
+        saved_rep = set(manifest.meta.get("replicated") or ())
+        saved_all = saved_rep | set(manifest.meta.get("per_rank") or ())
+        missing, new = sorted(saved_all - set(self.objects)), sorted(set(self.objects) - saved_all)
+        moved = sorted(k for k, (_, p) in self.objects.items() if k in saved_all and (k in saved_rep) == p)
+        if missing or new or moved:
+            raise StateMismatch(f"checkpoint step {manifest.step} does not match the registered state (missing: "
+                                f"{missing}, new: {new}, per_rank changed: {moved}); register the same objects, "
+                                "with the same per_rank choices, as the run that saved it")
+
+    def prepare(self, manifest: Manifest) -> None:
+        """Before loading: re-apply the saved freezing, and check trainable-only bases against their fingerprint.
+
+        Raises :class:`StateMismatch`; the caller makes the ranks agree before anything is loaded.
+        """
+        meta = manifest.meta
+        frozen_by = _str_lists(meta.get("frozen"), "frozen")
+        fingerprints = meta.get("base_fingerprint") or {}
+        for key, (obj, _) in self.objects.items():
+            if not trainable.is_module(obj) or key not in frozen_by:
+                continue
+            what = f"registered module {key!r} (checkpoint step {manifest.step})"
+            changed = trainable.apply_frozen(obj, frozen_by[key], what)  # type: ignore[arg-type]
+            if changed:
+                log.warning("%s: restored requires_grad as saved for %d parameter(s), e.g. %s (the checkpoint "
+                            "records which parameters were frozen)", what, len(changed), changed[:3])
+            if key in _str_lists(meta.get("omitted"), "omitted"):
+                recorded = fingerprints.get(key) if isinstance(fingerprints, dict) else None
+                if not isinstance(recorded, str):
+                    raise StateMismatch(f"{what}: trainable-only checkpoint without a base fingerprint")
+                trainable.check_base(obj, frozen_by[key], recorded, what)  # type: ignore[arg-type]
+
+    def load(self, manifest: Manifest, replicated: dict[str, Any], mine: dict[str, Any],
+             include_rng: bool = True) -> None:
+        omitted_by = _str_lists(manifest.meta.get("omitted"), "omitted")
+        for key, (obj, per_rank) in self.objects.items():
+            state = (mine if per_rank else replicated)[key]
+            if key in omitted_by and trainable.is_module(obj):
+                trainable.load_partial(obj, state, omitted_by[key],  # type: ignore[arg-type]
+                                       f"registered module {key!r} (checkpoint step {manifest.step})")
+            else:
+                obj.load_state_dict(state)
+        if include_rng:
+            rng.restore(mine["rng"])  # last: loading other state must not disturb the restored streams
+
+
+def _str_lists(value: Any, field: str) -> dict[str, list[str]]:
+    """A ``{name: [str]}`` meta field, checked (a hostile manifest must not crash the loader obscurely)."""
+    if value is None:
+        return {}
+    if not isinstance(value, dict) or not all(
+            isinstance(v, list) and all(isinstance(s, str) for s in v) for v in value.values()):
+        raise StateMismatch(f"checkpoint meta field {field!r} is malformed: expected {{object: [names]}}")
+    return value
+
+
+def _default_per_rank(obj: object) -> bool:
+    from ftrain.data import ResumableLoader, ResumableSampler
+
+    return isinstance(obj, (ResumableLoader, ResumableSampler))

@@ -1,0 +1,294 @@
+"""In-process tests of keep-best retention, save_best_only, load_best_at_end, early stopping and
+trainable-only checkpoints, against real files on disk."""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+import ftrain
+from ftrain import rng
+from ftrain.checkpoint import codec, layout
+from ftrain.checkpoint.store import CheckpointStore
+from ftrain.config import CheckpointConfig, EarlyStoppingConfig, FtrainConfig
+from ftrain.errors import ConfigError, StateMismatch
+
+#: A scripted validation loss, reported every 5 steps (and once off the save schedule, at step 22).
+SCRIPT = {5: 1.0, 10: 0.5, 15: 0.7, 20: 0.4, 22: 0.3, 25: 0.9, 30: 0.45, 35: 0.8, 40: 0.6}
+
+
+def cfg(path: Path, patience: int = 0, min_delta: float = 0.0, **kw) -> FtrainConfig:
+    kw.setdefault("monitor", "val_loss")
+    return FtrainConfig(checkpoint=CheckpointConfig(dir=str(path), **kw),
+                        early_stopping=EarlyStoppingConfig(patience=patience, min_delta=min_delta))
+
+
+class Job:
+    def __init__(self) -> None:
+        torch.manual_seed(0)
+        self.model = nn.Linear(4, 3)
+        self.opt = torch.optim.SGD(self.model.parameters(), lr=0.1)
+
+    def train(self) -> None:
+        loss = self.model(torch.randn(2, 4)).pow(2).sum()
+        self.opt.zero_grad()
+        loss.backward()
+        self.opt.step()
+
+
+def run(path: Path, until: int, config: FtrainConfig, script: dict[int, float] = SCRIPT,
+        weights: dict[int, dict[str, torch.Tensor]] | None = None) -> tuple[Job, ftrain.Session, int]:
+    """Train to ``until`` (or an early stop), reporting ``script``; returns the job, session and last step."""
+    job = Job()
+    session = ftrain.Session(config)
+    session.register(model=job.model, optimizer=job.opt)
+    step = session.restore()
+    while step < until and not session.should_stop:
+        job.train()
+        step += 1
+        if step in script:
+            session.report(val_loss=script[step], train_loss=step * 0.01)
+        session.step(step)
+        if weights is not None:
+            weights[step] = {k: v.clone() for k, v in job.model.state_dict().items()}
+    session.close()
+    return job, session, step
+
+
+def on_disk(path: Path) -> list[int]:
+    return [s for s, _ in CheckpointStore(path).step_dirs()]
+
+
+def test_keep_best_and_keep_last_leave_exactly_the_right_checkpoints(tmp_path: Path) -> None:
+    run(tmp_path, 40, cfg(tmp_path, every_steps=5, keep_last=2, keep_best=2))
+    # Newest two: 35, 40. Best two by val_loss among saved ones: 22 (0.3, saved off-schedule because it ranked)
+    # and 20 (0.4). 30 (0.45) was a best one until 22 arrived, then pruned.
+    assert on_disk(tmp_path) == [20, 22, 35, 40]
+    assert CheckpointStore(tmp_path).best_hint() == layout.step_dirname(22)
+    store = CheckpointStore(tmp_path)
+    m = store.validate(22)
+    assert m.meta["metrics"] == {"val_loss": 0.3, "train_loss": 0.22}
+    assert m.meta["monitor"] == {"name": "val_loss", "mode": "min"}
+    assert m.meta["best_steps"] == [22, 20]
+    assert store.validate(35).meta["metrics"] == {"val_loss": 0.8, "train_loss": 35 * 0.01}
+
+
+def test_a_restarted_run_keeps_the_same_checkpoints(tmp_path: Path) -> None:
+    run(tmp_path / "ref", 40, cfg(tmp_path / "ref", every_steps=5, keep_last=2, keep_best=2))
+    run(tmp_path / "cut", 27, cfg(tmp_path / "cut", every_steps=5, keep_last=2, keep_best=2))
+    run(tmp_path / "cut", 40, cfg(tmp_path / "cut", every_steps=5, keep_last=2, keep_best=2))
+    assert on_disk(tmp_path / "cut") == on_disk(tmp_path / "ref") == [20, 22, 35, 40]
+
+
+def test_best_pointer_and_max_mode(tmp_path: Path) -> None:
+    script = {s: 1 - v for s, v in SCRIPT.items()}
+    job = Job()
+    session = ftrain.Session(cfg(tmp_path, monitor="val_acc", every_steps=5, keep_last=1, keep_best=1))
+    session.register(model=job.model)
+    session.restore()
+    for step in range(1, 41):
+        job.train()
+        if step in script:
+            session.report(val_acc=torch.tensor(script[step]))  # a 0-dim tensor is accepted
+        session.step(step)
+    session.close()
+    assert on_disk(tmp_path) == [22, 40]
+    assert CheckpointStore(tmp_path).validate(40).meta["monitor"]["mode"] == "max"
+
+
+def test_save_best_only_writes_only_improving_checkpoints(tmp_path: Path) -> None:
+    run(tmp_path, 40, cfg(tmp_path, every_steps=5, keep_last=0, keep_best=1, save_best_only=True))
+    assert on_disk(tmp_path) == [5, 10, 20, 22]  # the improvements over the best so far, nothing else
+
+
+def test_load_best_at_end_loads_the_best_weights(tmp_path: Path) -> None:
+    weights: dict[int, dict[str, torch.Tensor]] = {}
+    job, session, _ = run(tmp_path, 40, cfg(tmp_path, every_steps=5, keep_last=1, keep_best=2,
+                                             load_best_at_end=True), weights=weights)
+    assert session.best_step == 22
+    for k, v in job.model.state_dict().items():
+        assert torch.equal(v, weights[22][k]), k
+
+
+def test_load_best_skips_a_corrupt_best_checkpoint(tmp_path: Path, caplog) -> None:
+    weights: dict[int, dict[str, torch.Tensor]] = {}
+    run(tmp_path, 40, cfg(tmp_path, every_steps=5, keep_last=1, keep_best=2), weights=weights)
+    shard = tmp_path / layout.step_dirname(22) / layout.shard_names(0)[1]
+    data = bytearray(shard.read_bytes())
+    data[70] ^= 0xFF
+    shard.write_bytes(data)
+    job = Job()
+    session = ftrain.Session(cfg(tmp_path, every_steps=5, keep_last=1, keep_best=2))
+    session.register(model=job.model, optimizer=job.opt)
+    session.restore()
+    assert session.load_best() == 20
+    assert "checksum mismatch" in caplog.text
+    for k, v in job.model.state_dict().items():
+        assert torch.equal(v, weights[20][k]), k
+    session.close()
+
+
+EARLY = {s: v for s, v in zip(range(3, 200, 3), [1.0, 0.8, 0.7, 0.69, 0.71, 0.6, 0.65, 0.62, 0.66, 0.61, 0.1])}
+
+
+def test_early_stopping_stops_at_the_same_step_after_restarts(tmp_path: Path) -> None:
+    config = cfg(tmp_path / "ref", every_steps=4, keep_best=1, patience=3, min_delta=0.02)
+    ref, _, ref_stop = run(tmp_path / "ref", 100, config, script=EARLY)
+    # 0.69 (step 12) is not better than 0.7 by more than 0.02; 0.6 (18) is; then 21, 24, 27, 30 do not improve.
+    assert ref_stop == 27
+    # The same run, cut at several points and resumed from its newest checkpoint each time.
+    cut = dataclasses.replace(config, checkpoint=dataclasses.replace(config.checkpoint, dir=str(tmp_path / "cut")))
+    for until in (7, 13, 22, 26):
+        run(tmp_path / "cut", until, cut, script=EARLY)
+    job, session, stop = run(tmp_path / "cut", 100, cut, script=EARLY)
+    assert stop == ref_stop and session.should_stop
+    for k, v in ref.model.state_dict().items():
+        assert torch.equal(job.model.state_dict()[k], v)
+    # The stop was checkpointed, so a restart does not train on.
+    again, session, stop = run(tmp_path / "cut", 100, cut, script=EARLY)
+    assert session.should_stop and stop == 27
+
+
+def test_config_refuses_selection_options_without_a_monitor(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="checkpoint.save_best_only needs checkpoint.monitor"):
+        cfg(tmp_path, monitor="", save_best_only=True)
+    with pytest.raises(ConfigError, match="early_stopping.patience needs checkpoint.monitor"):
+        cfg(tmp_path, monitor="", patience=2)
+    with pytest.raises(ConfigError, match="keep_best >= 1"):
+        cfg(tmp_path, keep_best=0, load_best_at_end=True)
+
+
+def test_report_rejects_non_numbers(tmp_path: Path) -> None:
+    session = ftrain.Session(cfg(tmp_path))
+    with pytest.raises(ftrain.FtrainError, match="val_loss"):
+        session.report(val_loss="low")
+
+
+# ------------------------------------------------------------------ fine-tuning state
+class Adapted(nn.Module):
+    """A frozen base with small trainable adapters (LoRA-like)."""
+
+    def __init__(self, width: int = 64, layers: int = 4, rank: int = 2) -> None:
+        super().__init__()
+        self.base = nn.ModuleList(nn.Linear(width, width) for _ in range(layers))
+        self.down = nn.ModuleList(nn.Linear(width, rank, bias=False) for _ in range(layers))
+        self.up = nn.ModuleList(nn.Linear(rank, width, bias=False) for _ in range(layers))
+        self.norm = nn.BatchNorm1d(width)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for base, down, up in zip(self.base, self.down, self.up):
+            x = torch.tanh(base(x) + up(down(x)))
+        return self.norm(x)
+
+
+def adapted_job(seed: int = 0, width: int = 64) -> tuple[Adapted, torch.optim.Optimizer]:
+    torch.manual_seed(seed)
+    model = Adapted(width)
+    for p in model.base.parameters():
+        p.requires_grad_(False)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    return model, opt
+
+
+def train_adapted(model: Adapted, opt: torch.optim.Optimizer, session: ftrain.Session, start: int, until: int) -> None:
+    for step in range(start + 1, until + 1):
+        loss = model(torch.randn(8, model.base[0].in_features)).pow(2).mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        session.step(step)
+    session.close()
+
+
+def bin_bytes(path: Path) -> int:
+    step = on_disk(path)[-1]
+    return sum(f.stat().st_size for f in (path / layout.step_dirname(step)).glob("*.bin"))
+
+
+def test_trainable_only_saves_bytes_in_proportion_and_resumes_exactly(tmp_path: Path) -> None:
+    def session_for(d: Path, trainable_only: bool) -> ftrain.Session:
+        return ftrain.Session(FtrainConfig(checkpoint=CheckpointConfig(
+            dir=str(d), every_steps=5, trainable_only=trainable_only)))
+
+    sizes = {}
+    for only in (False, True):
+        model, opt = adapted_job()
+        session = session_for(tmp_path / str(only), only)
+        session.register(model=model, optimizer=opt)
+        train_adapted(model, opt, session, session.restore(), 10)
+        sizes[only] = bin_bytes(tmp_path / str(only))
+        meta = CheckpointStore(tmp_path / str(only)).validate(10).meta
+        assert meta["trainable_only"] is only and meta["frozen"]["model"] == sorted(
+            f"base.{i}.{w}" for i in range(4) for w in ("bias", "weight"))
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad) * 4
+    frozen = sum(p.numel() for p in model.parameters() if not p.requires_grad) * 4
+    buffers = sum(b.numel() * b.element_size() for b in model.buffers())
+    # Full: every parameter, AdamW's two moments of the trainable ones, buffers. Trainable-only: no base.
+    assert sizes[False] - sizes[True] == pytest.approx(frozen, abs=64 * 24)  # 64-byte alignment padding
+    _, rng_tensors = codec.encode(rng.capture(), "rng")
+    rng_bytes = sum(t.numel() * t.element_size() for t in rng_tensors.values())
+    steps = 4 * sum(1 for p in model.parameters() if p.requires_grad)  # AdamW's per-parameter step counters
+    assert sizes[True] == pytest.approx(3 * trainable + buffers + steps + rng_bytes, abs=64 * 40)
+    assert sizes[True] < 0.25 * sizes[False]
+    # Resume on top of the same base is exact.
+    ref_model, ref_opt = adapted_job()
+    ref = session_for(tmp_path / "ref", True)
+    ref.register(model=ref_model, optimizer=ref_opt)
+    train_adapted(ref_model, ref_opt, ref, ref.restore(), 20)
+    model, opt = adapted_job()
+    session = session_for(tmp_path / str(True), True)
+    session.register(model=model, optimizer=opt)
+    assert session.restore() == 10
+    train_adapted(model, opt, session, 10, 20)
+    for k, v in ref_model.state_dict().items():
+        assert torch.equal(model.state_dict()[k], v), k
+
+
+def test_trainable_only_refuses_a_different_base(tmp_path: Path) -> None:
+    config = FtrainConfig(checkpoint=CheckpointConfig(dir=str(tmp_path), every_steps=5, trainable_only=True))
+    model, opt = adapted_job()
+    session = ftrain.Session(config)
+    session.register(model=model, optimizer=opt)
+    train_adapted(model, opt, session, session.restore(), 5)
+    recorded = CheckpointStore(tmp_path).validate(5).meta["base_fingerprint"]["model"]
+    other, opt = adapted_job(seed=1)  # the same architecture, other base weights
+    session = ftrain.Session(config)
+    session.register(model=other, optimizer=opt)
+    with pytest.raises(StateMismatch, match="base model fingerprint mismatch") as err:
+        session.restore()
+    assert recorded in str(err.value)
+    adapters = {k: v.clone() for k, v in other.state_dict().items()}
+    for k, v in other.state_dict().items():  # nothing was loaded
+        assert torch.equal(v, adapters[k])
+
+
+def test_frozen_flags_are_restored_as_saved(tmp_path: Path) -> None:
+    """Gradual unfreezing: a run that unfroze its base before the checkpoint resumes unfrozen."""
+    config = FtrainConfig(checkpoint=CheckpointConfig(dir=str(tmp_path), every_steps=5))
+    model, opt = adapted_job()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)  # knows every parameter, frozen or not
+    session = ftrain.Session(config)
+    session.register(model=model, optimizer=opt)
+    session.restore()
+    for p in model.base.parameters():
+        p.requires_grad_(True)
+    train_adapted(model, opt, session, 0, 5)
+    model, _ = adapted_job()  # the script freezes the base again at start...
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    session = ftrain.Session(config)
+    session.register(model=model, optimizer=opt)
+    session.restore()
+    assert all(p.requires_grad for p in model.parameters())  # ...and the checkpoint's flags win
+    session.close()
+
+
+def test_manifest_metrics_are_strict_json(tmp_path: Path) -> None:
+    run(tmp_path, 10, cfg(tmp_path, every_steps=5), script={5: math.nan, 10: math.inf})
+    body = json.loads((tmp_path / layout.step_dirname(10) / layout.MANIFEST).read_text(),
+                      parse_constant=lambda c: pytest.fail(f"non-standard JSON constant {c}"))
+    assert body["body"]["meta"]["metrics"]["val_loss"] == "inf"
