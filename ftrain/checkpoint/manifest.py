@@ -113,6 +113,8 @@ def parse(data: bytes, where: str) -> Manifest:
     got = checksum.digest(_canonical(body))
     if want != got:
         raise CorruptCheckpoint(where, f"manifest checksum mismatch (recorded {want}, computed {got})")
+    if not isinstance(body.get("meta", {}), dict):
+        raise CorruptCheckpoint(where, "manifest field 'meta' is not an object")
     try:
         files = {str(n): FileEntry(int(f["size"]), str(f["checksum"]), int(f["rank"])) for n, f in body["files"].items()}
         tensors = {

@@ -35,7 +35,8 @@ def open_path(path: str | Path, which: int | str | None = None) -> tuple[Checkpo
     step = layout.parse_step_dirname(p.name)
     if step is not None and (p / layout.MANIFEST).exists():
         if which not in (None, "latest", step, str(step)):
-            raise CheckpointError(f"{p} is the checkpoint of step {step}; --step {which} asks for another one")
+            raise CheckpointError(f"{p} is the checkpoint of step {step}, but step {which!r} was asked for; "
+                                  "pass the checkpoint root to choose another step")
         return CheckpointStore(p.parent), step
     if not p.is_dir():
         raise CheckpointError(f"checkpoint path {str(p)!r} does not exist or is not a directory")
@@ -49,9 +50,9 @@ def parse_selector(text: str) -> int | str:
     try:
         step = int(text)
     except ValueError:
-        raise CheckpointError(f"--step {text!r}: expected a step number, 'latest' or 'best'") from None
+        raise CheckpointError(f"checkpoint step {text!r}: expected a step number, 'latest' or 'best'") from None
     if step < 0:
-        raise CheckpointError(f"--step {text!r}: step numbers are >= 0")
+        raise CheckpointError(f"checkpoint step {text!r}: step numbers are >= 0")
     return step
 
 
@@ -67,8 +68,8 @@ def best_ranking(store: CheckpointStore) -> tuple[str, str, list[Manifest]]:
             manifests.append(store.read_manifest(step))
         except CorruptCheckpoint as e:
             log.warning("skipping checkpoint step %d: %s: %s", step, e.path, e.reason)
-    monitor = next((m.meta["monitor"] for m in reversed(manifests) if isinstance(m.meta.get("monitor"), dict)), None)
-    if monitor is None or not isinstance(monitor.get("name"), str) or monitor.get("mode") not in ("min", "max"):
+    monitor = next((m.meta["monitor"] for m in reversed(manifests) if _valid_monitor(m.meta.get("monitor"))), None)
+    if monitor is None:
         raise CheckpointError(f"no checkpoint in {store.root} records a monitored metric, so none is 'best'; "
                               "set checkpoint.monitor and report it with session.report()")
     name, mode = monitor["name"], monitor["mode"]
@@ -76,6 +77,10 @@ def best_ranking(store: CheckpointStore) -> tuple[str, str, list[Manifest]]:
     order = rank_steps(((s, v) for s, v in values.items() if v is not None), mode)
     by_step = {m.step: m for m in manifests}
     return name, mode, [by_step[s] for s in order]
+
+
+def _valid_monitor(monitor: Any) -> bool:
+    return isinstance(monitor, dict) and isinstance(monitor.get("name"), str) and monitor.get("mode") in ("min", "max")
 
 
 def candidates(store: CheckpointStore, which: int | str) -> list[Manifest]:
@@ -151,4 +156,4 @@ def check_object(manifest: Manifest, name: str, store: CheckpointStore) -> None:
         per_rank = manifest.meta.get("per_rank") or []
         extra = f" ({name!r} is per-rank state)" if name in per_rank else ""
         raise CheckpointError(f"checkpoint step {manifest.step} in {store.root} has no object {name!r}{extra}; "
-                              f"it holds {sorted(replicated)}: pick one with --object")
+                              f"it holds {sorted(replicated)}: pick one of those")

@@ -1,23 +1,25 @@
-"""``ftrain ckpt ls|verify``: inspect a checkpoint root without loading any state.
+"""``ftrain ckpt ls|verify|inspect|export``: look into a checkpoint root, or take the weights out.
 
-Neither command unpickles anything or writes to the directory.
+``ls`` and ``verify`` never load state; ``inspect`` reads one manifest and
+``export`` one object's tensors (both in ``export.py``). No command unpickles
+anything or writes to the checkpoint directory.
 """
 from __future__ import annotations
 
 import argparse
 import json
-import time
 from typing import TYPE_CHECKING, Any
 
 from ftrain import exitcodes
-from ftrain.errors import UsageError
+from ftrain.cli import export
+from ftrain.errors import CheckpointError, CorruptCheckpoint, UsageError
 
 if TYPE_CHECKING:  # the store imports torch (seconds); `ftrain launch` must not pay that before its handlers
     from ftrain.checkpoint.store import CheckpointInfo, CheckpointStore
 
 
 def add_parser(sub: Any) -> None:
-    p = sub.add_parser("ckpt", help="list and verify checkpoints")
+    p = sub.add_parser("ckpt", help="list, verify, inspect and export checkpoints")
     cs = p.add_subparsers(dest="ckpt_command", required=True, parser_class=type(p))
     ls = cs.add_parser("ls", help="table of checkpoints: step, time, size, status")
     ls.add_argument("dir", help="checkpoint root directory")
@@ -27,6 +29,7 @@ def add_parser(sub: Any) -> None:
     v.add_argument("dir", help="checkpoint root directory")
     v.add_argument("step", nargs="?", type=int, help="verify only this step (default: every checkpoint)")
     v.set_defaults(func=cmd_verify)
+    export.add_parsers(cs)
 
 
 def _store(path: str) -> CheckpointStore:
@@ -42,7 +45,7 @@ def _row(info: CheckpointInfo, latest: str | None) -> dict[str, Any]:
     return {
         "step": info.step,
         "path": str(info.path),
-        "created_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(info.created_unix)) if info.created_unix else None,
+        "created_utc": export.utc(info.created_unix),  # guarded: a hostile created_unix must not crash ls
         "size_bytes": info.size,
         "status": "valid" if info.valid else "corrupt",
         "reason": info.reason or None,
@@ -53,19 +56,63 @@ def _row(info: CheckpointInfo, latest: str | None) -> dict[str, Any]:
 def cmd_ls(args: argparse.Namespace) -> int:
     store = _store(args.dir)
     latest = store.latest_hint()
-    rows = [_row(i, latest) for i in store.list()]
+    infos = store.list()
+    monitor, values, best = _selection(store, infos)
+    rows = [_row(i, latest) for i in infos]
+    for r in rows:
+        r["metrics"] = values.get(r["step"])
+        r["best"] = r["step"] == best
     if args.json:
-        print(json.dumps({"dir": str(store.root), "latest": latest, "checkpoints": rows}, indent=2))
+        print(json.dumps({"dir": str(store.root), "latest": latest, "monitor": monitor, "best": best,
+                          "checkpoints": rows}, indent=2))
         return exitcodes.OK
     if not rows:
         print(f"no checkpoints in {store.root}")
         return exitcodes.OK
-    print(f"{'STEP':>12}  {'CREATED (UTC)':<20}  {'SIZE':>10}  STATUS")
+    name = export.safe(monitor["name"])[:12] if monitor else None
+    metric_head = f"  {name:>12}" if name else ""
+    print(f"{'STEP':>12}  {'CREATED (UTC)':<20}  {'SIZE':>10}{metric_head}  STATUS")
     for r in rows:
         status = "valid" if r["status"] == "valid" else f"CORRUPT: {r['reason']}"
-        mark = "  <- latest" if r["latest"] else ""
-        print(f"{r['step']:>12}  {r['created_utc'] or '-':<20}  {_human(r['size_bytes']):>10}  {status}{mark}")
+        marks = [m for m, on in (("latest", r["latest"]), ("best", r["best"])) if on]
+        mark = f"  <- {', '.join(marks)}" if marks else ""
+        metric = ""
+        if monitor:
+            v = (r["metrics"] or {}).get(monitor["name"])
+            metric = f"  {export.num(v) if v is not None else '-':>12}"
+        size = export.human(r["size_bytes"])
+        print(f"{r['step']:>12}  {r['created_utc'] or '-':<20}  {size:>10}{metric}  {status}{mark}")
     return exitcodes.OK
+
+
+def _selection(store: CheckpointStore, infos: list[CheckpointInfo]
+               ) -> tuple[dict[str, str] | None, dict[int, Any], int | None]:
+    """(monitor, {step: meta.metrics}, best valid step) for ``ls``; no monitor means no best, not an error."""
+    import logging
+
+    from ftrain.checkpoint import reader
+
+    values: dict[int, Any] = {}
+    for info in infos:
+        try:
+            metrics = store.read_manifest(info.step).meta.get("metrics")
+        except CorruptCheckpoint:
+            continue  # the row already says CORRUPT and why
+        if isinstance(metrics, dict):
+            values[info.step] = export.jsonable(metrics)
+    # best_ranking warns about each unreadable manifest; ls already shows those rows as CORRUPT with the reason.
+    quiet = logging.getLogger("ftrain.checkpoint")
+    was = quiet.disabled
+    quiet.disabled = True
+    try:
+        name, mode, ranked = reader.best_ranking(store)
+    except CheckpointError:
+        return None, values, None
+    finally:
+        quiet.disabled = was
+    valid = {i.step for i in infos if i.valid}
+    best = next((m.step for m in ranked if m.step in valid), None)  # what `export --step best` would pick
+    return {"name": name, "mode": mode}, values, best
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
@@ -88,12 +135,3 @@ def cmd_verify(args: argparse.Namespace) -> int:
             print(f"CORRUPT  step {info.step}  {info.path}/{info.reason}")
     print(f"{len(infos) - bad} valid, {bad} corrupt")
     return exitcodes.FAILURE if bad else exitcodes.OK
-
-
-def _human(n: int) -> str:
-    size = float(n)
-    for unit in ("B", "KB", "MB", "GB"):
-        if size < 1000 or unit == "GB":
-            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
-        size /= 1000
-    return f"{n} B"
