@@ -28,6 +28,7 @@ demo: venv
 bench: venv
 	$(BIN)/python benchmarks/checksum.py
 	$(BIN)/python benchmarks/checkpoint.py
+	$(BIN)/python benchmarks/trainable_only.py
 	$(BIN)/python benchmarks/recovery.py
 
 clean:
