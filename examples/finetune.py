@@ -113,7 +113,8 @@ def main(argv: list[str] | None = None) -> int:
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(args.steps))
     train_set, val = SyntheticDataset(n=2560, classes=classes, seed=task_seed), SyntheticDataset(n=0)
     # Hold out the last 512 samples of the same problem for validation.
-    train_set.x, train_set.y, val.x, val.y = train_set.x[:2048], train_set.y[:2048], train_set.x[2048:], train_set.y[2048:]
+    val.x, val.y = train_set.x[2048:], train_set.y[2048:]
+    train_set.x, train_set.y = train_set.x[:2048], train_set.y[:2048]
     loader = ftrain.ResumableLoader(train_set, batch_size=args.batch_size, shuffle=True, seed=args.seed,
                                     num_workers=args.workers)
 

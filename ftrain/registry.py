@@ -29,8 +29,10 @@ RESERVED = frozenset({"rng"})
 class Registry:
     def __init__(self) -> None:
         self.objects: dict[str, tuple[Stateful, bool]] = {}
-        #: Fingerprints of frozen bases, by (object name, frozen names): hashed once per run, not per save.
-        self._fingerprints: dict[tuple[str, tuple[str, ...]], str] = {}
+        #: Per module: the frozen parameters that still hold the base's values (what trainable-only may omit).
+        self._bases: dict[str, trainable.FrozenBase] = {}
+        #: Digests of omitted parameters verified by prepare(), adopted as the base once loading succeeded.
+        self._verified: dict[str, dict[str, str]] = {}
 
     def add(self, key: str, obj: object, per_rank: bool | None) -> None:
         if not key or "/" in key or key in RESERVED:
@@ -55,8 +57,12 @@ class Registry:
                 frozen = trainable.frozen_names(obj)  # type: ignore[arg-type]
                 frozen_by[key] = frozen
                 if trainable_only and frozen:
-                    state, omitted_by[key] = trainable.split_state(state, frozen)
-                    fingerprints[key] = self._fingerprint(key, obj, frozen)
+                    base = self._base(key, obj)
+                    digests = base.unchanged(obj, frozen)  # type: ignore[arg-type]
+                    state, omitted = trainable.split_state(state, digests)
+                    if omitted:
+                        omitted_by[key] = omitted
+                        fingerprints[key] = trainable.combine(obj, {n: digests[n] for n in omitted})  # type: ignore
             (mine if per_rank else replicated)[key] = state
         meta: dict[str, Any] = {
             "replicated": sorted(replicated), "per_rank": sorted(set(mine) - RESERVED), "frozen": frozen_by,
@@ -64,11 +70,28 @@ class Registry:
         }
         return replicated, mine, meta
 
-    def _fingerprint(self, key: str, obj: Any, frozen: list[str]) -> str:
-        cache_key = (key, tuple(frozen))
-        if cache_key not in self._fingerprints:
-            self._fingerprints[cache_key] = trainable.fingerprint(obj, frozen)
-        return self._fingerprints[cache_key]
+    def _base(self, key: str, obj: Any) -> trainable.FrozenBase:
+        if key not in self._bases:  # no restore() ran (or it found nothing): the base is what is frozen now
+            self.establish(None, trainable_only=True)
+        return self._bases[key]
+
+    def establish(self, manifest: Manifest | None, *, trainable_only: bool) -> None:
+        """After a restore: fix each module's base, the frozen values trainable-only saves may leave out.
+
+        A resumed trainable-only run's base is what its checkpoint omitted (just
+        verified by fingerprint); otherwise it is every parameter frozen now.
+        """
+        if not trainable_only:
+            return
+        for key, (obj, _) in self.objects.items():
+            if not trainable.is_module(obj) or key in self._bases:
+                continue
+            base = self._bases[key] = trainable.FrozenBase()
+            if key in self._verified:
+                base.adopt(obj, digests=self._verified[key])  # type: ignore[arg-type]
+            elif manifest is None or not manifest.meta.get("trainable_only"):
+                base.adopt(obj, names=trainable.frozen_names(obj))  # type: ignore[arg-type]
+        self._verified.clear()
 
     # ---------------------------------------------------------------- restore
     def check_layout(self, manifest: Manifest, world_size: int) -> None:
@@ -93,7 +116,20 @@ class Registry:
         """
         meta = manifest.meta
         frozen_by = _str_lists(meta.get("frozen"), "frozen")
+        omitted_by = _str_lists(meta.get("omitted"), "omitted")
         fingerprints = meta.get("base_fingerprint") or {}
+        self._verified = {}
+        for key, (obj, _) in self.objects.items():
+            if not trainable.is_module(obj) or key not in frozen_by:
+                continue
+            what = f"registered module {key!r} (checkpoint step {manifest.step})"
+            if key in omitted_by:  # checked first: a refused checkpoint must leave the flags alone too
+                if not set(omitted_by[key]) <= set(frozen_by[key]):
+                    raise StateMismatch(f"{what}: the checkpoint omits parameters it does not record as frozen")
+                recorded = fingerprints.get(key) if isinstance(fingerprints, dict) else None
+                if not isinstance(recorded, str):
+                    raise StateMismatch(f"{what}: trainable-only checkpoint without a base fingerprint")
+                self._verified[key] = trainable.check_base(obj, omitted_by[key], recorded, what)  # type: ignore
         for key, (obj, _) in self.objects.items():
             if not trainable.is_module(obj) or key not in frozen_by:
                 continue
@@ -102,11 +138,6 @@ class Registry:
             if changed:
                 log.warning("%s: restored requires_grad as saved for %d parameter(s), e.g. %s (the checkpoint "
                             "records which parameters were frozen)", what, len(changed), changed[:3])
-            if key in _str_lists(meta.get("omitted"), "omitted"):
-                recorded = fingerprints.get(key) if isinstance(fingerprints, dict) else None
-                if not isinstance(recorded, str):
-                    raise StateMismatch(f"{what}: trainable-only checkpoint without a base fingerprint")
-                trainable.check_base(obj, frozen_by[key], recorded, what)  # type: ignore[arg-type]
 
     def load(self, manifest: Manifest, replicated: dict[str, Any], mine: dict[str, Any],
              include_rng: bool = True) -> None:

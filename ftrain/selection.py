@@ -36,17 +36,21 @@ from ftrain.errors import StateMismatch
 log = logging.getLogger("ftrain")
 
 MODES = ("auto", "min", "max")
+#: Name parts that mean "lower is better" for mode auto; they win over the others (``dice_loss``, ``top1_err``).
+_MIN_PARTS = ("loss", "err", "wer", "cer", "ppl", "perplexity", "mse", "mae", "rmse", "nll", "distance")
 #: Name tokens that mean "higher is better" for mode auto.
 _MAX_TOKENS = frozenset({"acc", "accuracy", "f1", "fmeasure", "auc", "auroc", "precision", "recall", "iou", "miou",
                          "bleu", "map", "ap", "top1", "top5", "r2", "psnr", "ssim", "dice", "score"})
-_MAX_PREFIXES = ("acc", "rouge", "top", "f1")
+_MAX_PREFIXES = ("acc", "rouge", "f1")
 
 
 def resolve_mode(monitor: str, mode: str) -> str:
-    """``min`` or ``max`` for ``monitor``; ``auto`` guesses from the name (e.g. ``val_acc`` -> max)."""
+    """``min`` or ``max`` for ``monitor``; ``auto`` guesses from the name (``val_acc`` -> max, else min)."""
     if mode in ("min", "max"):
         return mode
     tokens = [t for t in re.split(r"[^a-z0-9]+", monitor.lower()) if t]
+    if any(part in t for t in tokens for part in _MIN_PARTS):
+        return "min"
     if any(t in _MAX_TOKENS or t.startswith(_MAX_PREFIXES) for t in tokens):
         return "max"
     return "min"
@@ -131,6 +135,10 @@ class Selection:
         by_step = {s: v for v, s in entries}
         self.best = [(by_step[s], s) for s in order]
 
+    def discard(self, step: int) -> None:
+        """Forget checkpoint ``step`` (its save failed, or it is gone): it no longer holds a keep-best slot."""
+        self.best = [(v, s) for v, s in self.best if s != step]
+
     @property
     def best_steps(self) -> list[int]:
         return [s for _, s in self.best]
@@ -171,22 +179,22 @@ class Selection:
                         "start afresh", state.get("monitor"), state.get("mode"), self.spec.monitor, self.spec.mode)
             return
         try:
-            best = [(_from_json(v), int(s)) for v, s in state["best"]]
+            best = [(_from_json(v), _int(s)) for v, s in state["best"]]
             es = state["early_stopping"]
             es_best = None if es["best"] is None else _from_json(es["best"])
-            es_best_step = None if es["best_step"] is None else int(es["best_step"])
-            waited = int(es["evals_without_improvement"])
-            stopped = None if es["stopped_step"] is None else int(es["stopped_step"])
-            last = None if state["last"] is None else (int(state["last"][0]), _from_json(state["last"][1]))
-        except (KeyError, TypeError, ValueError) as e:
+            es_best_step = None if es["best_step"] is None else _int(es["best_step"])
+            waited = _int(es["evals_without_improvement"])
+            stopped = None if es["stopped_step"] is None else _int(es["stopped_step"])
+            last = None if state["last"] is None else (_int(state["last"][0]), _from_json(state["last"][1]))
+        except (KeyError, TypeError, ValueError, OverflowError) as e:
             raise StateMismatch(f"model selection state is malformed ({type(e).__name__}: {e})") from None
         self.best = best
         if len(self.best) > self.spec.keep_best:  # keep_best was lowered since: the tail is no longer protected
             self.best = self.best[: max(0, self.spec.keep_best)]
         self.es_best, self.es_best_step, self.evals_without_improvement = es_best, es_best_step, waited
         self.stopped_step, self.last = stopped, last
-        if self.stopped_step is not None and self.spec.patience == 0:
-            self.stopped_step = None  # early stopping was switched off since: keep training
+        if self.stopped_step is not None and (self.spec.patience == 0 or waited < self.spec.patience):
+            self.stopped_step = None  # early stopping was switched off or given more patience since: train on
 
 
 def _json_float(v: float) -> float | str:
@@ -200,6 +208,12 @@ def _from_json(v: Any) -> float:
     if isinstance(v, bool) or not isinstance(v, (int, float)):
         raise ValueError(f"not a number: {v!r}")
     return float(v)
+
+
+def _int(v: Any) -> int:
+    if isinstance(v, bool) or not isinstance(v, int):
+        raise ValueError(f"not an integer: {v!r}")
+    return v
 
 
 def _get(state: Any, key: str) -> Any:

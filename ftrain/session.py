@@ -12,6 +12,12 @@ A script becomes fault tolerant with a few lines::
 ``step`` counts *completed* optimizer steps: a checkpoint at step N holds the
 state after N steps, and ``restore()`` returning N means "run step N+1 next".
 
+Model selection: ``session.report(val_loss=...)`` before ``step(n)`` attaches
+metrics to step n; with ``checkpoint.monitor`` set, ``step()`` keeps the best
+checkpoints (a report that ranks among them triggers a save) and runs early
+stopping (``session.should_stop``). Their state is saved in every checkpoint
+taken at or after the report, so report before ``step()``/``save()`` of that step.
+
 Process model: one Session per process. All ranks of a job must call
 ``restore``, ``step`` and ``save`` at the same points (they use collectives).
 Not thread-safe.
@@ -71,6 +77,8 @@ class Session:
         #: Rank 0's value of the monitored metric at a step, as every rank agreed on it in step().
         self._monitored: tuple[int, float] | None = None
         self._warned_unmonitored = False
+        #: The keep-best ranking before the last save ranked itself among the best: put back if that save fails.
+        self._best_before: tuple[int, list[tuple[float, int]]] | None = None
         #: Step of the checkpoint load_best() loaded, if any.
         self.best_step: int | None = None
         self.last_saved_step: int | None = None
@@ -113,9 +121,11 @@ class Session:
                                         f"{self.store.root}; run `ftrain ckpt ls {self.store.root}` to see why")
             log.info("no valid checkpoint in %s: starting fresh at step 0", self.store.root)
             step = 0
+            self.registry.establish(None, trainable_only=self.ckpt.trainable_only)
         else:
             manifest, trees = found
             self._load(manifest, trees, include_rng=True)
+            self.registry.establish(manifest, trainable_only=self.ckpt.trainable_only)
             self._restore_selection(manifest)
             step = manifest.step
             faults.point("restore.end", step=step, rank=self.rank)
@@ -141,10 +151,20 @@ class Session:
 
     def _restore_selection(self, manifest: Manifest) -> None:
         saved = manifest.meta.get("selection")
-        if self.selection.spec.enabled and saved is not None:
-            self.selection.load_state_dict(saved)
-            if self.selection.should_stop:
-                log.info("restored: %s", self.selection.describe_stop())
+        if not (self.selection.spec.enabled and saved is not None):
+            return
+        self.selection.load_state_dict(saved)
+        if self.selection.should_stop:
+            log.info("restored: %s", self.selection.describe_stop())
+        # A best checkpoint whose save failed, or that was deleted by hand, must not hold a keep-best slot.
+        # Rank 0 looks (every rank must drop the same entries, whatever its view of a shared filesystem).
+        steps = self.selection.best_steps
+        if steps:
+            present = self.coll.broadcast([int(self.store.path(s).is_dir()) for s in steps])
+            for s, ok in zip(steps, present):
+                if not ok:
+                    log.warning("best checkpoint step %d is gone; it no longer counts among the best", s)
+                    self.selection.discard(s)
 
     def load_best(self) -> int | None:
         """Load the best checkpoint by ``checkpoint.monitor`` into the registered objects; return its step.
@@ -161,7 +181,7 @@ class Session:
 
             try:
                 ranked = reader.best_ranking(self.store)[2]
-            except CheckpointError as e:
+            except (CheckpointError, OSError) as e:  # rank 0 must still join the collective below
                 log.warning("load_best: %s", e)
         found = self.checkpointer.restore(self._check_layout, candidates=iter(ranked))
         if found is None:
@@ -234,13 +254,14 @@ class Session:
             log.warning("skipped the save of step %d: the previous one is still being written "
                         "(checkpoint.when_busy=skip; %d skipped so far)", step, self.skipped_saves)
             return False
-        self.save(step)
+        self._save(step)
         return True
 
     def _take_metrics(self, step: int, value: float | None) -> tuple[bool, bool]:
         """Account this step's reported metrics; ``(ranks among the best, early stopping fired)``."""
         if self._pending:
-            self._metrics = (step, self._pending)
+            earlier = self._metrics[1] if self._metrics[0] == step else {}
+            self._metrics = (step, {**earlier, **self._pending})
             if self.ckpt.monitor and self.ckpt.monitor not in self._pending and not self._warned_unmonitored:
                 self._warned_unmonitored = True
                 log.warning("reported %s but checkpoint.monitor is %r: keep-best and early stopping see nothing",
@@ -259,10 +280,26 @@ class Session:
 
         With ``checkpoint.async_save`` (the default) this returns once the state
         is copied to host buffers; ``close()`` or ``blocking=True`` waits for the
-        commit. A save already in flight is waited for first.
+        commit. A save already in flight is waited for first. Metrics reported
+        since the last ``step()`` count for this step (they may re-save it).
         """
         if self.checkpointer.nonce is None:
             self.checkpointer.setup()
+        if self._settle_metrics(step) and step == self.last_saved_step:
+            self.last_saved_step = None  # the metrics (and early stopping) changed: save this step again
+        self._save(step, blocking=blocking)
+
+    def _settle_metrics(self, step: int) -> bool:
+        """Take reports made since the last ``step()`` (collective when a metric is monitored); True if any."""
+        value = None
+        if self.ckpt.monitor:
+            _, (value,) = self.coll.agree((), [self._pending.get(self.ckpt.monitor)])
+        if not self._pending and value is None:
+            return False
+        self._take_metrics(step, value)
+        return True
+
+    def _save(self, step: int, *, blocking: bool = False) -> None:
         if step == self.last_saved_step:
             return  # e.g. a final save right after a scheduled one: the state is the same
         self.worker.beat(SAVING, step)
@@ -284,6 +321,7 @@ class Session:
         if not self.selection.spec.enabled:
             return meta
         if self._monitored is not None and self._monitored[0] == step and self.selection.ranks_best(self._monitored[1]):
+            self._best_before = (step, list(self.selection.best))
             self.selection.record_saved(step, self._monitored[1])
         meta.update(monitor={"name": self.selection.spec.monitor, "mode": self.selection.spec.mode},
                     selection=self.selection.state_dict(), best_steps=self.selection.best_steps)
@@ -298,6 +336,9 @@ class Session:
         if self.ckpt.monitor and self.selection.last is None:
             log.warning("checkpoint.monitor is %r but it was never reported with session.report(): no checkpoint "
                         "was ranked", self.ckpt.monitor)
+        if self._pending:
+            log.warning("metrics %s were reported after the last step()/save() and are in no checkpoint",
+                        sorted(self._pending))
         if self.ckpt.load_best_at_end:
             self.load_best()
             return
@@ -321,8 +362,11 @@ class Session:
             err = self.checkpointer.take_error()
             log.error("the previous background save failed (%s); taking the preemption checkpoint anyway",
                       err or "on another rank")
+            if self._best_before is not None and self._best_before[0] == self.last_saved_step:
+                # It never committed: it is not a best one, and the best it displaced must stay protected.
+                self.selection.best = self._best_before[1]
             self.last_saved_step = None
-        self.save(step, blocking=True)
+        self._save(step, blocking=True)
         self.worker.write_preempted_marker(step)
         log.warning("preempted (%s): checkpoint of step %d committed; exiting with code %d",
                     self.worker.preempt_reason or "another rank was signalled", step, exitcodes.PREEMPTED)

@@ -6,12 +6,12 @@ step 1000 (gradual unfreezing) and restarts at step 1500 would silently train
 with a frozen backbone. The session records the frozen parameter names in every
 checkpoint and re-applies them on restore.
 
-With ``checkpoint.trainable_only`` a module's frozen parameters are left out of
-the checkpoint (a LoRA run does not copy its multi-GB base on every save). They
-are referenced by a fingerprint: XXH3-128 over each frozen parameter's name,
-dtype, shape and bytes, in name order. On resume the script loads the base from
-its original source, and the fingerprint must match before the trainable part
-is restored on top.
+With ``checkpoint.trainable_only`` a module's frozen parameters that still hold
+the base's values are left out of the checkpoint (a LoRA run does not copy its
+multi-GB base on every save). They are referenced by a fingerprint: XXH3-128
+over each omitted parameter's name, dtype, shape and the XXH3-128 of its bytes,
+in name order. On resume the script loads the base from its original source,
+and the fingerprint must match before the trainable part is restored on top.
 
 Functions only; thread-safe as long as the module is not being modified.
 """
@@ -21,6 +21,7 @@ import logging
 from collections.abc import Iterable, Mapping
 from typing import Any
 
+import torch
 from torch import nn
 
 from ftrain.checkpoint import checksum, codec
@@ -57,21 +58,74 @@ def apply_frozen(module: nn.Module, frozen: Iterable[str], what: str) -> list[st
     return changed
 
 
-def fingerprint(module: nn.Module, names: Iterable[str]) -> str:
-    """XXH3-128 of the named parameters (name, dtype, shape, bytes; in name order), as hex."""
+def param_digest(t: torch.Tensor) -> str:
+    """XXH3-128 of a tensor's raw bytes (GPU tensors through bounded host copies)."""
+    h = checksum.Hasher()
+    flat = t.detach().reshape(-1)
+    if flat.device.type == "cpu":
+        h.update(codec.tensor_bytes(flat))
+        return h.hexdigest()
+    step = max(1, _HASH_CHUNK // max(1, t.element_size()))
+    for start in range(0, flat.numel(), step):
+        h.update(codec.tensor_bytes(flat[start:start + step].cpu()))
+    return h.hexdigest()
+
+
+def combine(module: nn.Module, digests: Mapping[str, str]) -> str:
+    """The fingerprint of the named parameters from their digests: XXH3-128 over sorted name|dtype|shape|digest."""
     params = dict(module.named_parameters(remove_duplicate=False))
     h = checksum.Hasher()
-    for name in sorted(set(names)):
-        t = params[name].detach()
-        h.update(f"{name}|{codec.dtype_name(t.dtype)}|{list(t.shape)}|".encode())
-        flat = t.reshape(-1)
-        if flat.device.type == "cpu":
-            h.update(codec.tensor_bytes(flat))
-            continue
-        step = max(1, _HASH_CHUNK // max(1, t.element_size()))
-        for start in range(0, flat.numel(), step):
-            h.update(codec.tensor_bytes(flat[start:start + step].cpu()))
+    for name in sorted(digests):
+        t = params[name]
+        h.update(f"{name}|{codec.dtype_name(t.dtype)}|{list(t.shape)}|{digests[name]}\n".encode())
     return h.hexdigest()
+
+
+def fingerprint(module: nn.Module, names: Iterable[str]) -> str:
+    """The fingerprint of the named parameters' current values (see :func:`combine`)."""
+    params = dict(module.named_parameters(remove_duplicate=False))
+    return combine(module, {n: param_digest(params[n]) for n in set(names)})
+
+
+class FrozenBase:
+    """The frozen parameters that still hold the base's values: the only ones a trainable-only save may omit.
+
+    The base is what the script loaded from its source: the frozen parameters
+    when the run started, or, on a resumed run, those the checkpoint omitted
+    (their fingerprint was checked). A parameter frozen later, or changed since
+    (unfrozen, trained and frozen again), is saved in full: its values exist
+    nowhere else. Changes are noticed through the tensor's version counter,
+    which every in-place write bumps; a bumped parameter is re-hashed.
+    """
+
+    def __init__(self) -> None:
+        self._digests: dict[str, tuple[int, str]] = {}  # name -> (tensor version when hashed, digest)
+
+    def adopt(self, module: nn.Module, digests: Mapping[str, str] | None = None, names: Iterable[str] = ()) -> None:
+        """Make parameters part of the base: with known ``digests`` (just verified), or hashed now (``names``)."""
+        params = dict(module.named_parameters(remove_duplicate=False))
+        for name, digest in (digests or {}).items():
+            self._digests[name] = (params[name]._version, digest)
+        for name in names:
+            self._digests[name] = (params[name]._version, param_digest(params[name]))
+
+    def unchanged(self, module: nn.Module, frozen: Iterable[str]) -> dict[str, str]:
+        """``{name: digest}`` of the ``frozen`` parameters that still hold their base values."""
+        params = dict(module.named_parameters(remove_duplicate=False))
+        out = {}
+        for name in frozen:
+            known = self._digests.get(name)
+            if known is None:
+                continue
+            version, digest = known
+            if params[name]._version != version:
+                now = param_digest(params[name])
+                if now != digest:  # trained since it was part of the base: from now on it is saved in full
+                    del self._digests[name]
+                    continue
+                self._digests[name] = (params[name]._version, now)
+            out[name] = digest
+        return out
 
 
 def split_state(state: Mapping[str, Any], frozen: Iterable[str]) -> tuple[dict[str, Any], list[str]]:
@@ -90,19 +144,24 @@ def load_partial(module: nn.Module, state: Mapping[str, Any], omitted: Iterable[
                             f"unexpected: {sorted(result.unexpected_keys)[:5]}); register the same architecture")
 
 
-def check_base(module: nn.Module, frozen: list[str], recorded: str, what: str) -> None:
-    """Refuse to restore a trainable-only checkpoint on top of a different frozen base."""
-    got = fingerprint(module, frozen)
+def check_base(module: nn.Module, omitted: list[str], recorded: str, what: str) -> dict[str, str]:
+    """Refuse to restore a trainable-only checkpoint on top of different base weights; return their digests."""
+    params = dict(module.named_parameters(remove_duplicate=False))
+    digests = {n: param_digest(params[n]) for n in set(omitted)}
+    got = combine(module, digests)
     if got != recorded:
         raise StateMismatch(
             f"{what}: base model fingerprint mismatch: the checkpoint was trained on a base with fingerprint "
-            f"{recorded}, but the {len(frozen)} frozen parameter(s) loaded now have fingerprint {got}. Load the "
-            "same base weights (same file, dtype and freezing) before session.restore(), or start a new run "
-            "in an empty checkpoint.dir")
+            f"{recorded}, but the {len(digests)} base parameter(s) it leaves out have fingerprint {got} now. Load "
+            "the same base weights (same file, dtype and freezing) before session.restore(), or start a new run in "
+            "an empty checkpoint.dir. (After load_best(): those parameters were trained since that checkpoint, e.g. "
+            "by gradual unfreezing; reload the base weights first.)")
+    return digests
 
 
 def is_module(obj: object) -> bool:
     return isinstance(obj, nn.Module)
 
 
-__all__ = ["apply_frozen", "check_base", "fingerprint", "frozen_names", "is_module", "load_partial", "split_state"]
+__all__ = ["FrozenBase", "apply_frozen", "check_base", "combine", "fingerprint", "frozen_names", "is_module",
+           "load_partial", "param_digest", "split_state"]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import shutil
 from pathlib import Path
 
 import pytest
@@ -12,7 +13,7 @@ import torch
 from torch import nn
 
 import ftrain
-from ftrain import rng
+from ftrain import faults, rng
 from ftrain.checkpoint import codec, layout
 from ftrain.checkpoint.store import CheckpointStore
 from ftrain.config import CheckpointConfig, EarlyStoppingConfig, FtrainConfig
@@ -292,3 +293,96 @@ def test_manifest_metrics_are_strict_json(tmp_path: Path) -> None:
     body = json.loads((tmp_path / layout.step_dirname(10) / layout.MANIFEST).read_text(),
                       parse_constant=lambda c: pytest.fail(f"non-standard JSON constant {c}"))
     assert body["body"]["meta"]["metrics"]["val_loss"] == "inf"
+
+
+def test_metrics_reported_before_a_final_save_are_recorded_and_can_stop(tmp_path: Path) -> None:
+    """The common "evaluate, report, save" after the loop: the step was already saved by the schedule."""
+    config = cfg(tmp_path, every_steps=5, keep_best=1, patience=1)
+    job, session, _ = run(tmp_path, 10, config, script={5: 0.5})
+    session = ftrain.Session(config)
+    session.register(model=job.model, optimizer=job.opt)
+    assert session.restore() == 10
+    session.report(val_loss=0.9)
+    session.save(10)  # step 10 is saved again, now with its metrics and the early stop
+    session.close()
+    meta = CheckpointStore(tmp_path).validate(10).meta
+    assert meta["metrics"] == {"val_loss": 0.9}
+    assert meta["selection"]["early_stopping"]["stopped_step"] == 10
+    again = ftrain.Session(config)
+    again.register(model=job.model, optimizer=job.opt)
+    again.restore()
+    assert again.should_stop
+
+
+def test_a_failed_best_save_does_not_cost_the_real_best(tmp_path: Path, monkeypatch) -> None:
+    """The save of a new best fails in the background, then a preemption arrives: the preemption checkpoint
+    must keep protecting the previous best (the failed one displaced it in the ranking), and `best` names it."""
+    config = cfg(tmp_path, every_steps=5, keep_last=1, keep_best=1)
+    job = Job()
+    session = ftrain.Session(config)
+    session.register(model=job.model, optimizer=job.opt)
+    session.restore()
+    monkeypatch.setattr(faults, "_FAULTS", faults.parse("raise@save.mid_write:step=7"))
+    for step, value in ((1, None), (2, None), (3, 0.5), (4, None), (5, None), (6, None), (7, 0.1)):
+        job.train()
+        if value is not None:
+            session.report(val_loss=value)
+        session.step(step)  # 3 and 7 rank best and are saved; the save of 7 fails in the background
+    session.checkpointer.wait()
+    session.worker.request_preemption("test")
+    job.train()
+    with pytest.raises(SystemExit):
+        session.step(8)
+    store = CheckpointStore(tmp_path)
+    assert on_disk(tmp_path) == [3, 8] and store.best_hint() == layout.step_dirname(3)
+    assert store.validate(8).meta["best_steps"] == [3]
+
+
+def test_a_best_step_that_is_gone_is_dropped_on_restore(tmp_path: Path, caplog) -> None:
+    config = cfg(tmp_path, every_steps=5, keep_last=1, keep_best=2)
+    job, _, _ = run(tmp_path, 10, config, script={5: 0.5, 10: 0.7})
+    assert on_disk(tmp_path) == [5, 10]
+    shutil.rmtree(tmp_path / layout.step_dirname(5))  # deleted by hand
+    session = ftrain.Session(config)
+    session.register(model=job.model, optimizer=job.opt)
+    session.restore()
+    assert session.selection.best_steps == [10] and "step 5 is gone" in caplog.text
+    session.close()
+
+
+def test_a_dangling_best_pointer_is_removed(tmp_path: Path) -> None:
+    run(tmp_path, 10, cfg(tmp_path, every_steps=5, keep_last=1, keep_best=1), script={5: 0.5})
+    store = CheckpointStore(tmp_path)
+    assert store.best_hint() == layout.step_dirname(5)
+    (tmp_path / layout.BEST).write_text(layout.step_dirname(3) + "\n")
+    store.update_best_hint(None)
+    assert store.best_hint() is None
+
+
+def test_trainable_only_saves_base_parameters_that_were_trained(tmp_path: Path) -> None:
+    """Unfreeze a base layer, train it, freeze it again: its values exist nowhere else, so they are saved."""
+    config = FtrainConfig(checkpoint=CheckpointConfig(dir=str(tmp_path), every_steps=5, trainable_only=True))
+    model, _ = adapted_job()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    session = ftrain.Session(config)
+    session.register(model=model, optimizer=opt)
+    session.restore()
+    train_adapted(model, opt, session, 0, 5)
+    for p in model.base[0].parameters():
+        p.requires_grad_(True)
+    train_adapted(model, opt, session, 5, 6)
+    for p in model.base[0].parameters():
+        p.requires_grad_(False)
+    session.save(6)
+    session.close()
+    meta = CheckpointStore(tmp_path).validate(6).meta
+    assert meta["omitted"]["model"] == sorted(f"base.{i}.{w}" for i in (1, 2, 3) for w in ("bias", "weight"))
+    assert "base.0.weight" in meta["frozen"]["model"]
+    trained = {k: v.clone() for k, v in model.state_dict().items()}
+    fresh, _ = adapted_job()  # the pristine base, as the script loads it
+    session = ftrain.Session(config)
+    session.register(model=fresh, optimizer=torch.optim.SGD(fresh.parameters(), lr=0.1))
+    assert session.restore() == 6
+    for k, v in trained.items():
+        assert torch.equal(fresh.state_dict()[k], v), k
+    session.close()

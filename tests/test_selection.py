@@ -14,6 +14,9 @@ from ftrain.selection import Selection, SelectionSpec, improves, rank_steps, res
     ("val_loss", "min"), ("loss", "min"), ("val/error", "min"), ("perplexity", "min"), ("wer", "min"),
     ("val_acc", "max"), ("accuracy", "max"), ("val/f1", "max"), ("eval_auc", "max"), ("rouge_l", "max"),
     ("top1", "max"), ("mAP", "max"), ("val_accuracy_top5", "max"),
+    # A loss or error named after a score is still minimised.
+    ("dice_loss", "min"), ("iou_loss", "min"), ("top1_err", "min"), ("top5_error", "min"), ("val_ssim_loss", "min"),
+    ("toploss", "min"), ("acc_loss", "min"),
 ])
 def test_auto_mode_guesses_from_the_name(name: str, mode: str) -> None:
     assert resolve_mode(name, "auto") == mode
@@ -105,10 +108,11 @@ def test_state_for_another_metric_is_ignored_and_malformed_state_refused(caplog)
     assert other.best == [] and "start afresh" in caplog.text
     with pytest.raises(StateMismatch, match="version"):
         Selection(spec()).load_state_dict({"version": 99})
-    bad = sel.state_dict()
-    bad["best"] = [["x", 3]]
-    with pytest.raises(StateMismatch, match="malformed"):
-        Selection(spec()).load_state_dict(bad)
+    for field, value in (("best", [["x", 3]]), ("best", [[0.1, 3.5]]), ("last", [1e400, 0.5]), ("best", [[0.1, True]])):
+        bad = sel.state_dict()
+        bad[field] = value
+        with pytest.raises(StateMismatch, match="malformed"):
+            Selection(spec()).load_state_dict(bad)
 
 
 def test_lowering_keep_best_or_turning_patience_off_applies_on_restore() -> None:
@@ -121,3 +125,18 @@ def test_lowering_keep_best_or_turning_patience_off_applies_on_restore() -> None
     smaller = Selection(spec(keep_best=1, patience=0))
     smaller.load_state_dict(sel.state_dict())
     assert smaller.best_steps == [3] and not smaller.should_stop
+    more_patient = Selection(spec(keep_best=3, patience=5))
+    more_patient.load_state_dict(sel.state_dict())
+    assert not more_patient.should_stop and more_patient.evals_without_improvement == 1
+    same = Selection(spec(keep_best=3, patience=1))
+    same.load_state_dict(sel.state_dict())
+    assert same.should_stop
+
+
+def test_discard_frees_a_keep_best_slot() -> None:
+    sel = Selection(spec(keep_best=2))
+    sel.record_saved(1, 0.2)
+    sel.record_saved(2, 0.1)
+    assert not sel.ranks_best(0.3)
+    sel.discard(2)
+    assert sel.best_steps == [1] and sel.ranks_best(0.3)

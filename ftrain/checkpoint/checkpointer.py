@@ -230,10 +230,13 @@ class Checkpointer:
     def _commit(self, tmp: Path, step: int, meta: dict[str, Any], t0: float) -> Manifest:
         manifest = self.store.commit(tmp, step=step, world_size=self.world_size, nonce=self.nonce or "",
                                      timeout=self.cfg.commit_timeout_seconds, meta=meta)
-        best = [s for s in meta.get("best_steps") or () if isinstance(s, int)]
+        # A best step whose save failed has no directory: it must neither be protected nor named by `best`.
+        best = [s for s in meta.get("best_steps") or ()
+                if isinstance(s, int) and (s == step or self.store.path(s).is_dir())]
+        self.store.update_best_hint(best[0] if best else None)  # before pruning, like the commit's other pointers
         pruned = self.store.prune(self.cfg.keep_last, protect={step, *best})
-        if best:
-            self.store.set_best_hint(best[0])
+        if pruned:
+            self.store.update_best_hint(best[0] if best else None)
         log.info("saved step %d (%.1f MB, %d file(s)) in %.3fs, training blocked %.3fs%s", step,
                  manifest.total_bytes / 1e6, len(manifest.files), time.monotonic() - t0, self.last_blocking_seconds,
                  f"; pruned {', '.join(map(str, pruned))}" if pruned else "")

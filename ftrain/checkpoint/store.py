@@ -84,9 +84,14 @@ class CheckpointStore:
         except OSError:
             return None
 
-    def set_best_hint(self, step: int) -> None:
-        if self.path(step).is_dir():
+    def update_best_hint(self, step: int | None) -> None:
+        """Point ``best`` at ``step``; with None, only remove a pointer whose checkpoint is gone."""
+        if step is not None and self.path(step).is_dir():
             layout.atomic_write(self.root / layout.BEST, f"{layout.step_dirname(step)}\n".encode())
+            return
+        hint = self.best_hint()
+        if hint is not None and not (self.root / hint).is_dir():
+            (self.root / layout.BEST).unlink(missing_ok=True)
 
     # ---------------------------------------------------------------- validation
     def read_manifest(self, step: int) -> Manifest:

@@ -189,7 +189,14 @@ def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
         raise CorruptCheckpoint(str(path), f"not a readable safetensors file ({e})") from None
 
 
+#: torch.load(weights_only=True) could still run code before 2.6 (CVE-2025-32434): refuse .pt files there.
+SAFE_TORCH = (2, 6)
+
+
 def _read_torch(path: Path) -> Any:
+    if tuple(int(x) for x in re.findall(r"\d+", torch.__version__)[:2]) < SAFE_TORCH:
+        raise FtrainError(f"refusing to read {path}: torch {torch.__version__} has a weights_only loader that can "
+                          "run code (CVE-2025-32434); upgrade to torch>=2.6 or convert the file to safetensors")
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
