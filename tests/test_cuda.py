@@ -70,3 +70,30 @@ def test_snapshot_is_taken_before_training_continues(tmp_path):
     s2.register(model=back)
     assert s2.restore() == 1
     assert torch.count_nonzero(back["w"]).item() == 0
+
+
+def test_trainable_only_on_gpu_fingerprints_like_cpu_and_resumes_exactly(tmp_path):
+    from ftrain import trainable
+
+    big = torch.randn(3, (64 << 20) // 4 // 3 + 5)  # more than one 64 MiB hashing chunk, odd length
+    assert trainable.param_digest(big.cuda()) == trainable.param_digest(big)
+    cfg = FtrainConfig(checkpoint=CheckpointConfig(dir=str(tmp_path), trainable_only=True))
+    model, _ = make()
+    model[0].requires_grad_(False)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
+    session = ftrain.Session(cfg)
+    session.register(model=model, optimizer=opt)
+    session.restore()
+    train(model, opt, 3)
+    session.save(3, blocking=True)
+    train(model, opt, 2)
+    ref = {k: v.clone() for k, v in model.state_dict().items()}
+    model2, _ = make()
+    model2[0].requires_grad_(False)
+    opt2 = torch.optim.AdamW([p for p in model2.parameters() if p.requires_grad], lr=1e-3)
+    s2 = ftrain.Session(cfg)
+    s2.register(model=model2, optimizer=opt2)
+    assert s2.restore() == 3
+    train(model2, opt2, 2)
+    for k, v in ref.items():
+        assert torch.equal(model2.state_dict()[k], v), k
