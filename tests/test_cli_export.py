@@ -435,3 +435,23 @@ def test_session_with_monitor_and_trainable_only_end_to_end(tmp_path, capsys):
     assert all(torch.equal(got[k], weights[2][k]) for k in got)
     code, out, _ = run(capsys, "ls", str(d))
     assert out.splitlines()[2].endswith("<- best") and out.splitlines()[3].endswith("<- latest")
+
+
+def test_out_name_template_is_filled_from_step_and_metrics(run3, tmp_path, capsys):
+    root, _, snaps = run3
+    out_dir = tmp_path / "out"
+    out_dir.mkdir()
+    code, out, err = run(capsys, "export", str(root), str(out_dir / "{object}-{step:04d}-{val_loss:.3f}.safetensors"),
+                         "--step", "best")
+    assert code == 0, err
+    written = out_dir / "model-0002-0.200.safetensors"
+    assert written.exists() and str(written) in out
+    for k, v in safetensors_torch.load_file(str(written)).items():
+        assert torch.equal(v, snaps[2][k]), k
+    # The same name again is refused without --force; an unknown field names the available ones.
+    code, _, err = run(capsys, "export", str(root), str(out_dir / "{object}-{step:04d}-{val_loss:.3f}.safetensors"),
+                       "--step", "2")
+    assert code == 2 and "already exists" in err
+    code, _, err = run(capsys, "export", str(root), str(out_dir / "w-{val_acc}.pt"))
+    assert code == 2 and "val_acc" in err and "step" in err and "val_loss" in err
+    assert sorted(p.name for p in out_dir.iterdir()) == ["model-0002-0.200.safetensors"]  # no temp file left

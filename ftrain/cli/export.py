@@ -55,7 +55,9 @@ def add_parsers(cs: Any) -> None:
     step_help = "a step number, 'latest' (default: newest intact) or 'best' (best monitored metric)"
     e = cs.add_parser("export", help="write one object's weights (default: model) as safetensors or a torch file")
     e.add_argument("dir", help="checkpoint root, or one step-N directory in it")
-    e.add_argument("out", help="output file; the format follows its suffix (.safetensors, .pt, .pth)")
+    e.add_argument("out", help="output file; the format follows its suffix (.safetensors, .pt, .pth); its name may "
+                   "be a template with {step}, {object} and the checkpoint's metrics, e.g. "
+                   "'model-{step:06d}-{val_loss:.4f}.safetensors'")
     e.add_argument("--step", default="latest", help=step_help)
     e.add_argument("--format", choices=("safetensors", "torch"), help="output format (default: from OUT's suffix)")
     e.add_argument("--object", default="model", dest="obj", metavar="NAME",
@@ -76,13 +78,18 @@ def add_parsers(cs: Any) -> None:
 def cmd_export(args: argparse.Namespace) -> int:
     fmt = _format(args.out, args.format)
     out = Path(args.out)
+    templated = "{" in out.name  # Keras-style file name template, filled in once the checkpoint is chosen
     store, which = _open(args.dir, args.step)
-    tmp = _create_temp(out, args.force)  # before reading any checkpoint byte: a bad OUT fails now, not in an hour
+    tmp = _create_temp(out, args.force, check_exists=not templated)  # a bad OUT fails now, not after reading GBs
     try:
         with _warnings_to_stderr():
             from ftrain.checkpoint import layout, reader
 
             manifest, objects = reader.load(store, which, name=args.obj)
+            if templated:
+                out = out.parent / _render(out.name, manifest, args.obj)
+                if out.exists() and not args.force:
+                    raise UsageError(f"output {str(out)!r} already exists; pass --force to replace it")
             tensors = _flat_tensors(objects[args.obj], args.obj)
             _write(tmp, out, tensors, fmt, _st_metadata(store, manifest, args.obj))
             if out.exists() and not args.force:  # checked again: someone may have created it while we read
@@ -120,10 +127,30 @@ def _format(out: str, fmt: str | None) -> str:
     return fmt
 
 
-def _create_temp(out: Path, force: bool) -> Path:
-    if out.is_dir():
+def _render(template: str, m: Manifest, obj: str) -> str:
+    """Fill a file name template with the step, the object name and the checkpoint's metrics."""
+    fields: dict[str, Any] = {}
+    metrics = m.meta.get("metrics")
+    for name, value in (metrics.items() if isinstance(metrics, dict) else ()):
+        if isinstance(value, str) and value in ("nan", "inf", "-inf"):
+            value = float(value)
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            fields[str(name)] = value
+    fields.update(step=m.step, object=obj)
+    try:
+        name = template.format_map(fields)
+    except (KeyError, IndexError, ValueError) as e:
+        raise UsageError(f"cannot fill the OUT template {template!r} for step {m.step} ({type(e).__name__}: {e}); "
+                         f"fields available there: {', '.join(sorted(fields))}") from None
+    if "/" in name or name in ("", ".", ".."):
+        raise UsageError(f"the OUT template {template!r} gives the file name {name!r}")
+    return name
+
+
+def _create_temp(out: Path, force: bool, check_exists: bool = True) -> Path:
+    if check_exists and out.is_dir():
         raise UsageError(f"output {str(out)!r} is a directory; give a file name")
-    if out.exists() and not force:
+    if check_exists and out.exists() and not force:
         raise UsageError(f"output {str(out)!r} already exists; pass --force to replace it")
     if not out.parent.is_dir():
         raise UsageError(f"output directory {str(out.parent)!r} does not exist")
