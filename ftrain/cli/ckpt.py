@@ -1,8 +1,8 @@
 """``ftrain ckpt ls|verify|inspect|export``: look into a checkpoint root, or take the weights out.
 
-``ls`` and ``verify`` never load state; ``inspect`` reads one manifest and
-``export`` one object's tensors (both in ``export.py``). No command unpickles
-anything or writes to the checkpoint directory.
+``ls`` and ``verify`` never load state; ``inspect`` (``inspection.py``) reads one
+manifest and ``export`` (``export.py``) one object's tensors. No command
+unpickles anything or writes to the checkpoint directory.
 """
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import json
 from typing import TYPE_CHECKING, Any
 
 from ftrain import exitcodes
-from ftrain.cli import export
+from ftrain.cli import export, inspection, show
 from ftrain.errors import CheckpointError, CorruptCheckpoint, UsageError
 
 if TYPE_CHECKING:  # the store imports torch (seconds); `ftrain launch` must not pay that before its handlers
@@ -29,7 +29,8 @@ def add_parser(sub: Any) -> None:
     v.add_argument("dir", help="checkpoint root directory")
     v.add_argument("step", nargs="?", type=int, help="verify only this step (default: every checkpoint)")
     v.set_defaults(func=cmd_verify)
-    export.add_parsers(cs)
+    export.add_parser(cs)
+    inspection.add_parser(cs)
 
 
 def _store(path: str) -> CheckpointStore:
@@ -45,7 +46,7 @@ def _row(info: CheckpointInfo, latest: str | None) -> dict[str, Any]:
     return {
         "step": info.step,
         "path": str(info.path),
-        "created_utc": export.utc(info.created_unix),  # guarded: a hostile created_unix must not crash ls
+        "created_utc": show.utc(info.created_unix),  # guarded: a hostile created_unix must not crash ls
         "size_bytes": info.size,
         "status": "valid" if info.valid else "corrupt",
         "reason": info.reason or None,
@@ -69,7 +70,7 @@ def cmd_ls(args: argparse.Namespace) -> int:
     if not rows:
         print(f"no checkpoints in {store.root}")
         return exitcodes.OK
-    name = export.safe(monitor["name"])[:12] if monitor else None
+    name = show.safe(monitor["name"])[:12] if monitor else None
     metric_head = f"  {name:>12}" if name else ""
     print(f"{'STEP':>12}  {'CREATED (UTC)':<20}  {'SIZE':>10}{metric_head}  STATUS")
     for r in rows:
@@ -79,8 +80,8 @@ def cmd_ls(args: argparse.Namespace) -> int:
         metric = ""
         if monitor:
             v = (r["metrics"] or {}).get(monitor["name"])
-            metric = f"  {export.num(v) if v is not None else '-':>12}"
-        size = export.human(r["size_bytes"])
+            metric = f"  {show.num(v) if v is not None else '-':>12}"
+        size = show.human(r["size_bytes"])
         print(f"{r['step']:>12}  {r['created_utc'] or '-':<20}  {size:>10}{metric}  {status}{mark}")
     return exitcodes.OK
 
@@ -99,7 +100,7 @@ def _selection(store: CheckpointStore, infos: list[CheckpointInfo]
         except CorruptCheckpoint:
             continue  # the row already says CORRUPT and why
         if isinstance(metrics, dict):
-            values[info.step] = export.jsonable(metrics)
+            values[info.step] = show.jsonable(metrics)
     # best_ranking warns about each unreadable manifest; ls already shows those rows as CORRUPT with the reason.
     quiet = logging.getLogger("ftrain.checkpoint")
     was = quiet.disabled

@@ -1,19 +1,18 @@
-"""``ftrain ckpt export|inspect``: take one object's weights out of a checkpoint, or describe one.
+"""``ftrain ckpt export``: take one object's weights out of a checkpoint.
 
-``export`` reads and checksums every byte of the chosen checkpoint
+Reads and checksums every byte of the chosen checkpoint
 (:func:`ftrain.checkpoint.reader.load`), materialises only that object's tensors
 and writes them as safetensors or a plain ``torch.save`` dict; OUT appears
-atomically (temp file beside it, fsync, rename). ``inspect`` reads the manifest
-only; ``--verify`` adds the checksum pass of ``ftrain ckpt verify``. Manifest
-``meta`` is free-form JSON (another ftrain version, or an attacker, wrote it):
-every key is optional and type-checked, and odd shapes are shown as JSON.
+atomically (temp file beside it, fsync, rename). OUT's name may be a template
+filled from the chosen checkpoint (``{step}``, ``{object}``, its metrics).
 
 Exit codes: 1 for anything about the checkpoint (none selected, damaged, no such
-object, not a flat state_dict, ``--verify`` found damage) or a write failing part
-way; 2 for bad input, checked before any checkpoint byte is read (bad ``--step``,
+object, not a flat state_dict) or a write failing part way; 2 for bad input,
+checked before any checkpoint byte is read where possible (bad ``--step``,
 format or suffix, DIR missing, OUT exists without ``--force``, OUT's directory
-missing or unwritable). Neither command writes to the checkpoint directory.
-torch and safetensors are imported lazily: ``ftrain launch`` builds this parser too.
+missing or unwritable, a template field the checkpoint lacks). Never writes to
+the checkpoint directory. torch and safetensors are imported lazily:
+``ftrain launch`` builds this parser too.
 """
 from __future__ import annotations
 
@@ -22,17 +21,15 @@ import contextlib
 import importlib.util
 import json
 import logging
-import math
 import os
 import secrets
 import sys
-import time
-from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ftrain import exitcodes
-from ftrain.errors import CheckpointError, CorruptCheckpoint, FtrainError, UsageError
+from ftrain.cli.show import STEP_HELP, get_dict, human, jsonable, open_checkpoint, safe, warnings_to_stderr
+from ftrain.errors import CheckpointError, FtrainError, UsageError
 
 if TYPE_CHECKING:
     import torch
@@ -43,16 +40,15 @@ if TYPE_CHECKING:
 log = logging.getLogger("ftrain.cli")
 
 SUFFIXES = {".safetensors": "safetensors", ".pt": "torch", ".pth": "torch"}
-_MAX_DEPTH = 32  # meta nested deeper than this is shown as "..." (a hostile manifest must not blow the stack)
 
 
 class ExportError(FtrainError):
     """Writing the export failed after it started (disk full, I/O error); OUT was left untouched. Exit 1."""
 
 
-def add_parsers(cs: Any) -> None:
-    """Register ``export`` and ``inspect`` under ``ftrain ckpt`` (``cs``: its subparsers)."""
-    step_help = "a step number, 'latest' (default: newest intact) or 'best' (best monitored metric)"
+def add_parser(cs: Any) -> None:
+    """Register ``export`` under ``ftrain ckpt`` (``cs``: its subparsers)."""
+    step_help = STEP_HELP
     e = cs.add_parser("export", help="write one object's weights (default: model) as safetensors or a torch file")
     e.add_argument("dir", help="checkpoint root, or one step-N directory in it")
     e.add_argument("out", help="output file; the format follows its suffix (.safetensors, .pt, .pth); its name may "
@@ -64,14 +60,6 @@ def add_parsers(cs: Any) -> None:
                    help="registered object to export; must be a flat {name: tensor} state_dict (default: model)")
     e.add_argument("--force", action="store_true", help="replace OUT if it already exists")
     e.set_defaults(func=cmd_export)
-    i = cs.add_parser("inspect", help="describe one checkpoint from its manifest: metrics, selection, config, tensors")
-    i.add_argument("dir", help="checkpoint root, or one step-N directory in it")
-    i.add_argument("--step", default="latest", help=step_help)
-    i.add_argument("--json", action="store_true", help="print one JSON document")
-    i.add_argument("--verify", action="store_true", help="also check every file's size and checksum; exit 1 if corrupt")
-    i.add_argument("--tensors", action=argparse.BooleanOptionalAction, default=True,
-                   help="include the tensor table (default: on)")
-    i.set_defaults(func=cmd_inspect)
 
 
 # ------------------------------------------------------------------- export
@@ -79,10 +67,10 @@ def cmd_export(args: argparse.Namespace) -> int:
     fmt = _format(args.out, args.format)
     out = Path(args.out)
     templated = "{" in out.name  # Keras-style file name template, filled in once the checkpoint is chosen
-    store, which = _open(args.dir, args.step)
+    store, which = open_checkpoint(args.dir, args.step)
     tmp = _create_temp(out, args.force, check_exists=not templated)  # a bad OUT fails now, not after reading GBs
     try:
-        with _warnings_to_stderr():
+        with warnings_to_stderr():
             from ftrain.checkpoint import layout, reader
 
             manifest, objects = reader.load(store, which, name=args.obj)
@@ -105,7 +93,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     omitted = omitted_by_object.get(args.obj, []) if isinstance(omitted_by_object, dict) else None
     n = len(omitted) if isinstance(omitted, list) else "an unknown number of"
     if meta.get("trainable_only") is True and n != 0:
-        fp = _get_dict(meta, "base_fingerprint").get(args.obj)
+        fp = get_dict(meta, "base_fingerprint").get(args.obj)
         print(f"ftrain: note: step {manifest.step} is a trainable-only checkpoint: the {n} frozen base tensor(s) of "
               f"{args.obj!r} (meta.omitted) are not in {out}; load it over the base weights"
               f"{f' with fingerprint {safe(fp)}' if isinstance(fp, str) else ''} (load_state_dict(strict=False))",
@@ -201,10 +189,10 @@ def _holds_state(value: Any) -> bool:
 def _st_metadata(store: CheckpointStore, m: Manifest, obj: str) -> dict[str, str]:
     meta = m.meta
     out = {"format": "pt", "ftrain_step": str(m.step), "ftrain_source": str(store.path(m.step).resolve()),
-           "ftrain_object": obj, "ftrain_metrics": json.dumps(jsonable(_get_dict(meta, "metrics")), sort_keys=True)}
+           "ftrain_object": obj, "ftrain_metrics": json.dumps(jsonable(get_dict(meta, "metrics")), sort_keys=True)}
     if meta.get("trainable_only") is True:
         out["ftrain_trainable_only"] = "true"
-        fp = _get_dict(meta, "base_fingerprint").get(obj)
+        fp = get_dict(meta, "base_fingerprint").get(obj)
         if isinstance(fp, str):
             out["ftrain_base_fingerprint"] = fp
     return out
@@ -233,260 +221,3 @@ def _write(tmp: Path, out: Path, tensors: dict[str, torch.Tensor], fmt: str, met
     except OSError as e:
         raise ExportError(f"writing {out} failed: {e.strerror or e} (disk full or quota?); it was not created "
                           "or changed") from None
-
-
-# ------------------------------------------------------------------ inspect
-def cmd_inspect(args: argparse.Namespace) -> int:
-    store, which = _open(args.dir, args.step)
-    with _warnings_to_stderr():
-        manifest, damage = _pick(store, which, args.verify)
-    doc = describe(store, manifest, tensors=args.tensors)
-    if args.verify:
-        doc["verify"] = "ok" if damage is None else "corrupt"
-        doc["verify_error"] = None if damage is None else str(damage)
-    if args.json:
-        print(json.dumps(doc, indent=2))
-    else:
-        print("\n".join(_text(doc)))
-    return exitcodes.FAILURE if damage is not None else exitcodes.OK
-
-
-def _pick(store: CheckpointStore, which: int | str, verify: bool) -> tuple[Manifest, CorruptCheckpoint | None]:
-    """The manifest ``which`` names and, for an explicit step with ``verify``, the damage found (if any).
-
-    ``latest``/``best`` skip damaged checkpoints with a warning, as export and
-    restore do: cheap checks (manifest + sizes), or full checksums with ``verify``.
-    """
-    from ftrain.checkpoint import reader
-
-    if isinstance(which, int):
-        manifest = reader.candidates(store, which)[0]
-        if verify:
-            try:
-                store.validate(which)
-            except CorruptCheckpoint as e:
-                return manifest, e
-        return manifest, None
-    pool = store.candidates() if which == "latest" else _size_checked(store, reader.best_ranking(store)[2])
-    for manifest in pool:
-        if verify:
-            try:
-                store.validate(manifest.step)
-            except CorruptCheckpoint as e:
-                log.warning("skipping checkpoint step %d: %s: %s", manifest.step, e.path, e.reason)
-                continue
-        return manifest, None
-    raise CheckpointError(f"no {which} checkpoint in {store.root} is intact (see `ftrain ckpt ls {store.root}`)")
-
-
-def _size_checked(store: CheckpointStore, manifests: Iterable[Manifest]) -> Iterator[Manifest]:
-    for m in manifests:
-        try:
-            store.check_files(m)
-        except CorruptCheckpoint as e:
-            log.warning("skipping checkpoint step %d: %s: %s", m.step, e.path, e.reason)
-            continue
-        yield m
-
-
-def describe(store: CheckpointStore, m: Manifest, *, tensors: bool = True) -> dict[str, Any]:
-    """The JSON summary of checkpoint ``m`` (what ``inspect --json`` prints); meta values sanitised, not trusted."""
-    meta = m.meta
-    doc: dict[str, Any] = {
-        "path": str(store.path(m.step)), "step": m.step, "created_unix": jsonable(m.created_unix),
-        "created_utc": utc(m.created_unix), "world_size": m.world_size, "format_version": m.format_version,
-        "ftrain_version": m.ftrain_version, "torch_version": m.torch_version,
-        "size_bytes": m.total_bytes, "files": len(m.files),
-        "objects": {"replicated": jsonable(meta.get("replicated")), "per_rank": jsonable(meta.get("per_rank"))},
-        "metrics": jsonable(meta.get("metrics")), "monitor": jsonable(meta.get("monitor")),
-        "selection": jsonable(meta.get("selection")), "best_steps": jsonable(meta.get("best_steps")),
-        "frozen": _counts(meta.get("frozen")), "trainable_only": meta.get("trainable_only") is True,
-        "omitted": _counts(meta.get("omitted")), "base_fingerprint": jsonable(meta.get("base_fingerprint")),
-        "config": jsonable(meta.get("config")), "verify": None, "verify_error": None,
-    }
-    if tensors:
-        doc["tensors"] = [{"name": n, "dtype": t.dtype, "shape": list(t.shape), "bytes": t.nbytes, "file": t.file}
-                          for n, t in sorted(m.tensors.items())]
-    return doc
-
-
-def _text(doc: dict[str, Any]) -> list[str]:
-    lines: list[str] = []
-
-    def row(label: str, value: object) -> None:
-        lines.append(f"{label:<12} {value}")
-
-    row("checkpoint", safe(doc["path"]))
-    row("step", doc["step"])
-    row("created", doc["created_utc"] or "-")
-    row("world size", doc["world_size"])
-    row("versions", f"format {doc['format_version']}, ftrain {safe(doc['ftrain_version'])}, "
-                    f"torch {safe(doc['torch_version'])}")
-    row("size", f"{human(doc['size_bytes'])} in {doc['files']} data files (manifest.json not counted)")
-    objs = doc["objects"]
-    row("objects", f"replicated: {_names(objs['replicated'])}; per-rank: {_names(objs['per_rank'])}")
-    if doc["metrics"] is not None:
-        metrics = doc["metrics"]
-        row("metrics", "  ".join(f"{safe(k)}={num(v)}" for k, v in sorted(metrics.items()))
-            if isinstance(metrics, dict) else _raw(metrics))
-    mon = doc["monitor"]
-    if mon is not None:
-        ok = isinstance(mon, dict) and isinstance(mon.get("name"), str) and mon.get("mode") in ("min", "max")
-        row("monitor", f"{safe(mon['name'])} ({mon['mode']})" if ok else _raw(mon))
-    sel = doc["selection"] if isinstance(doc["selection"], dict) else {}
-    if doc["selection"] is not None or doc["best_steps"] is not None:
-        row("best", _best_text(sel.get("best"), doc["best_steps"]))
-    if isinstance(sel.get("early_stopping"), dict):
-        es = sel["early_stopping"]
-        stopped = es.get("stopped_step")
-        row("early stop", f"best {num(es.get('best'))} at step {num(es.get('best_step'))}; "
-                          f"{num(es.get('evals_without_improvement'))} evaluation(s) without improvement; "
-                          + ("not stopped" if stopped is None else f"stopped at step {num(stopped)}"))
-    if doc["frozen"] is not None:
-        row("frozen", _counts_text(doc["frozen"], "frozen parameter(s)"))
-    if doc["trainable_only"]:
-        fp = doc["base_fingerprint"]
-        fps = ", ".join(f"{safe(k)}={safe(v)}" for k, v in sorted(fp.items())) if isinstance(fp, dict) else _raw(fp)
-        row("trainable", f"trainable-only checkpoint; not saved: {_counts_text(doc['omitted'], 'frozen tensor(s)')}; "
-                         f"base fingerprint {fps}")
-    if doc["verify"] is not None:
-        row("verify", "ok" if doc["verify"] == "ok" else f"CORRUPT: {doc['verify_error']}")
-    if doc["config"] is not None:
-        lines.append("config")
-        lines += _config_lines(doc["config"])
-    if "tensors" in doc:
-        ts = doc["tensors"]
-        lines.append(f"tensors      {len(ts)}, {human(sum(t['bytes'] for t in ts))}")
-        width = min(64, max([len(safe(t["name"])) for t in ts] + [4]))
-        lines.append(f"  {'NAME':<{width}}  {'DTYPE':<9}  {'SHAPE':<16}  {'BYTES':>12}  FILE")
-        for t in ts:
-            shape = "[" + ", ".join(map(str, t["shape"])) + "]"
-            lines.append(f"  {safe(t['name']):<{width}}  {t['dtype']:<9}  {shape:<16}  {t['bytes']:>12}  {t['file']}")
-    return lines
-
-
-def _best_text(best: Any, best_steps: Any) -> str:
-    if isinstance(best, list) and all(isinstance(b, list) and len(b) == 2 for b in best):
-        return ", ".join(f"step {num(s)} ({num(v)})" for v, s in best) or "none yet"
-    if isinstance(best_steps, list):
-        return "steps " + (", ".join(num(s) for s in best_steps) or "none yet")
-    return _raw(best if best is not None else best_steps)
-
-
-def _config_lines(config: Any) -> list[str]:
-    if not isinstance(config, dict):
-        return [f"  {_raw(config)}"]
-    out = []
-    for section, values in sorted(config.items()):
-        if isinstance(values, dict):
-            out += [f"  {safe(section)}.{safe(k)} = {json.dumps(v)}" for k, v in sorted(values.items())]
-        else:
-            out.append(f"  {safe(section)} = {json.dumps(values)}")
-    return out
-
-
-# ----------------------------------------------------------------- helpers
-def _open(path: str, step: str) -> tuple[CheckpointStore, int | str]:
-    from ftrain.checkpoint import reader
-
-    if not os.path.isdir(path):  # exit 2 like `ckpt ls`: a mistyped path is bad input, not a damaged checkpoint
-        raise UsageError(f"checkpoint dir {path!r} does not exist or is not a directory")
-    try:
-        which = reader.parse_selector(step)
-    except CheckpointError as e:
-        raise UsageError(str(e)) from None
-    return reader.open_path(path, which)
-
-
-@contextlib.contextmanager
-def _warnings_to_stderr() -> Iterator[None]:
-    """ftrain's warnings ("skipping checkpoint step N") as ``ftrain: warning:`` lines on stderr.
-
-    Nothing configures logging in ``ftrain ckpt``: Python's last-resort handler would
-    print them bare, or not at all once a host (a test runner) configures the root logger.
-    """
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setLevel(logging.WARNING)
-    handler.setFormatter(logging.Formatter("ftrain: warning: %(message)s"))
-    logger = logging.getLogger("ftrain")
-    logger.addHandler(handler)
-    try:
-        yield
-    finally:
-        logger.removeHandler(handler)
-
-
-def utc(ts: Any) -> str | None:
-    try:
-        return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(ts)) if ts else None
-    except (OverflowError, OSError, ValueError, TypeError):  # a hostile created_unix (1e300, inf)
-        return None
-
-
-def jsonable(v: Any, depth: int = 0) -> Any:
-    """``v`` (parsed JSON) as strict JSON: non-finite floats as "nan"/"inf"/"-inf" strings, depth capped."""
-    if isinstance(v, float) and not math.isfinite(v):
-        return repr(v)
-    if v is None or isinstance(v, (bool, int, float, str)):
-        return v
-    if depth >= _MAX_DEPTH:
-        return "..."
-    if isinstance(v, dict):
-        return {str(k): jsonable(x, depth + 1) for k, x in v.items()}
-    if isinstance(v, (list, tuple)):
-        return [jsonable(x, depth + 1) for x in v]
-    return repr(v)
-
-
-def _get_dict(meta: dict[str, Any], key: str) -> dict[str, Any]:
-    v = meta.get(key)
-    return v if isinstance(v, dict) else {}
-
-
-def _counts(v: Any) -> Any:
-    """{object: [names]} as {object: count}; any other shape as sanitised JSON."""
-    if isinstance(v, dict) and all(isinstance(x, list) for x in v.values()):
-        return {str(k): len(x) for k, x in v.items()}
-    return jsonable(v)
-
-
-def _counts_text(v: Any, what: str) -> str:
-    if isinstance(v, dict) and all(isinstance(x, int) for x in v.values()):
-        return ", ".join(f"{safe(k)}: {n} {what}" for k, n in sorted(v.items())) or "none"
-    return _raw(v)
-
-
-def _names(v: Any) -> str:
-    if isinstance(v, list) and all(isinstance(x, str) for x in v):
-        return ", ".join(safe(x) for x in v) or "-"
-    return _raw(v)
-
-
-def num(v: Any) -> str:
-    if isinstance(v, float):
-        return f"{v:.6g}"
-    if isinstance(v, int) and not isinstance(v, bool):
-        return str(v)
-    if v in ("nan", "inf", "-inf"):
-        return str(v)
-    return json.dumps(v)
-
-
-def _raw(v: Any) -> str:
-    text = json.dumps(v)
-    return f"{text[:200]}{'...' if len(text) > 200 else ''} (unexpected shape)"
-
-
-def safe(s: Any) -> str:
-    """A name from a file, printable: no terminal escape sequences or line breaks reach the screen."""
-    s = str(s)
-    return s if s.isprintable() else json.dumps(s)
-
-
-def human(n: int) -> str:
-    size = float(n)
-    for unit in ("B", "KB", "MB", "GB"):
-        if size < 1000 or unit == "GB":
-            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
-        size /= 1000
-    return f"{n} B"
