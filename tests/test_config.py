@@ -373,3 +373,9 @@ def test_config_to_dict() -> None:
 def test_configs_are_immutable() -> None:
     with pytest.raises(dataclasses.FrozenInstanceError):
         FtrainConfig().checkpoint.keep_last = 1  # type: ignore[misc]
+
+
+def test_finetune_yaml() -> None:
+    cfg = load_config(CONFIGS / "finetune.yaml", env={})
+    assert cfg.checkpoint.monitor == "val_loss" and cfg.checkpoint.keep_best == 2 and cfg.checkpoint.trainable_only
+    assert cfg.early_stopping.patience == 5 and cfg.early_stopping.min_delta == 0.001
