@@ -150,6 +150,10 @@ def load_partial(module: nn.Module, state: Mapping[str, Any], omitted: Iterable[
 def check_base(module: nn.Module, omitted: list[str], recorded: str, what: str) -> dict[str, str]:
     """Refuse to restore a trainable-only checkpoint on top of different base weights; return their digests."""
     params = dict(module.named_parameters(remove_duplicate=False))
+    unknown = sorted(set(omitted) - params.keys())
+    if unknown:
+        raise StateMismatch(f"{what}: the checkpoint leaves out parameter(s) the module does not have: {unknown[:5]}; "
+                            "is this the same architecture?")
     digests = {n: param_digest(params[n]) for n in set(omitted)}
     got = combine(module, digests)
     if got != recorded:

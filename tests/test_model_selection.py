@@ -386,3 +386,19 @@ def test_trainable_only_saves_base_parameters_that_were_trained(tmp_path: Path) 
     for k, v in trained.items():
         assert torch.equal(fresh.state_dict()[k], v), k
     session.close()
+
+
+def test_trainable_only_checkpoint_on_another_architecture_is_a_clear_error(tmp_path: Path) -> None:
+    config = FtrainConfig(checkpoint=CheckpointConfig(dir=str(tmp_path), every_steps=5, trainable_only=True))
+    model, opt = adapted_job()
+    session = ftrain.Session(config)
+    session.register(model=model, optimizer=opt)
+    train_adapted(model, opt, session, session.restore(), 5)
+    torch.manual_seed(0)
+    smaller = Adapted(layers=3)
+    for p in smaller.base.parameters():
+        p.requires_grad_(False)
+    session = ftrain.Session(config)
+    session.register(model=smaller, optimizer=torch.optim.AdamW([p for p in smaller.parameters() if p.requires_grad]))
+    with pytest.raises(StateMismatch, match="does not have.*base.3"):
+        session.restore()
