@@ -33,6 +33,9 @@ class Registry:
         self._bases: dict[str, trainable.FrozenBase] = {}
         #: Digests of omitted parameters verified by prepare(), adopted as the base once loading succeeded.
         self._verified: dict[str, dict[str, str]] = {}
+        #: Digests of the other frozen parameters as the script loaded them, taken by prepare() before loading:
+        #: those the checkpoint does not change are base values too (the rest were trained: saved in full).
+        self._preload: dict[str, dict[str, str]] = {}
 
     def add(self, key: str, obj: object, per_rank: bool | None) -> None:
         if not key or "/" in key or key in RESERVED:
@@ -78,20 +81,24 @@ class Registry:
     def establish(self, manifest: Manifest | None, *, trainable_only: bool) -> None:
         """After a restore: fix each module's base, the frozen values trainable-only saves may leave out.
 
-        A resumed trainable-only run's base is what its checkpoint omitted (just
-        verified by fingerprint); otherwise it is every parameter frozen now.
+        A fresh run's base is every parameter frozen now. A resumed run's base is
+        what its checkpoint omitted (just verified by fingerprint), plus the
+        frozen parameters whose loaded values equal what the script had loaded
+        before (a parameter trained in an earlier stage differs: it stays in
+        every save, since its values exist nowhere else).
         """
-        if not trainable_only:
-            return
-        for key, (obj, _) in self.objects.items():
-            if not trainable.is_module(obj) or key in self._bases:
-                continue
-            base = self._bases[key] = trainable.FrozenBase()
-            if key in self._verified:
-                base.adopt(obj, digests=self._verified[key])  # type: ignore[arg-type]
-            elif manifest is None or not manifest.meta.get("trainable_only"):
-                base.adopt(obj, names=trainable.frozen_names(obj))  # type: ignore[arg-type]
+        if trainable_only:
+            for key, (obj, _) in self.objects.items():
+                if not trainable.is_module(obj) or key in self._bases:
+                    continue
+                base = self._bases[key] = trainable.FrozenBase()
+                if manifest is None:
+                    base.adopt(obj, names=trainable.frozen_names(obj))  # type: ignore[arg-type]
+                    continue
+                base.adopt(obj, digests=self._verified.get(key))  # type: ignore[arg-type]
+                base.adopt_if_unchanged(obj, self._preload.get(key, {}))  # type: ignore[arg-type]
         self._verified.clear()
+        self._preload.clear()
 
     # ---------------------------------------------------------------- restore
     def check_layout(self, manifest: Manifest, world_size: int) -> None:
@@ -109,16 +116,19 @@ class Registry:
                                 f"{missing}, new: {new}, per_rank changed: {moved}); register the same objects, "
                                 "with the same per_rank choices, as the run that saved it")
 
-    def prepare(self, manifest: Manifest) -> None:
+    def prepare(self, manifest: Manifest, *, collect_base: bool = False) -> None:
         """Before loading: re-apply the saved freezing, and check trainable-only bases against their fingerprint.
 
-        Raises :class:`StateMismatch`; the caller makes the ranks agree before anything is loaded.
+        With ``collect_base`` (a restore for a trainable-only run) also digest the
+        frozen parameters the checkpoint stores, as the script loaded them, for
+        :meth:`establish`. Raises :class:`StateMismatch`; the caller makes the
+        ranks agree before anything is loaded.
         """
         meta = manifest.meta
         frozen_by = _str_lists(meta.get("frozen"), "frozen")
         omitted_by = _str_lists(meta.get("omitted"), "omitted")
         fingerprints = meta.get("base_fingerprint") or {}
-        self._verified = {}
+        self._verified, self._preload = {}, {}
         for key, (obj, _) in self.objects.items():
             if not trainable.is_module(obj) or key not in frozen_by:
                 continue
@@ -135,6 +145,9 @@ class Registry:
                 continue
             what = f"registered module {key!r} (checkpoint step {manifest.step})"
             changed = trainable.apply_frozen(obj, frozen_by[key], what)  # type: ignore[arg-type]
+            if collect_base:
+                stored = set(frozen_by[key]) - set(omitted_by.get(key, ()))
+                self._preload[key] = trainable.digests(obj, stored)  # type: ignore[arg-type]
             if changed:
                 log.warning("%s: restored requires_grad as saved for %d parameter(s), e.g. %s (the checkpoint "
                             "records which parameters were frozen)", what, len(changed), changed[:3])

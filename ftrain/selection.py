@@ -36,8 +36,11 @@ from ftrain.errors import StateMismatch
 log = logging.getLogger("ftrain")
 
 MODES = ("auto", "min", "max")
-#: Name parts that mean "lower is better" for mode auto; they win over the others (``dice_loss``, ``top1_err``).
-_MIN_PARTS = ("loss", "err", "wer", "cer", "ppl", "perplexity", "mse", "mae", "rmse", "nll", "distance")
+#: Name tokens that mean "lower is better" for mode auto; they win over the others (``dice_loss``, ``top1_err``).
+_MIN_TOKENS = frozenset({"loss", "err", "error", "errors", "wer", "cer", "ppl", "perplexity", "mse", "mae", "rmse",
+                         "nll", "distance", "dist"})
+#: Token endings with the same meaning, for names written without separators (``valloss``, ``top1err``).
+_MIN_SUFFIXES = ("loss", "err", "error")
 #: Name tokens that mean "higher is better" for mode auto.
 _MAX_TOKENS = frozenset({"acc", "accuracy", "f1", "fmeasure", "auc", "auroc", "precision", "recall", "iou", "miou",
                          "bleu", "map", "ap", "top1", "top5", "r2", "psnr", "ssim", "dice", "score"})
@@ -49,7 +52,7 @@ def resolve_mode(monitor: str, mode: str) -> str:
     if mode in ("min", "max"):
         return mode
     tokens = [t for t in re.split(r"[^a-z0-9]+", monitor.lower()) if t]
-    if any(part in t for t in tokens for part in _MIN_PARTS):
+    if any(t in _MIN_TOKENS or t.endswith(_MIN_SUFFIXES) for t in tokens):
         return "min"
     if any(t in _MAX_TOKENS or t.startswith(_MAX_PREFIXES) for t in tokens):
         return "max"

@@ -143,7 +143,7 @@ class Session:
         # ranks agree on the verdict: a rank that raised alone would leave the others in the next collective.
         err: StateMismatch | None = None
         try:
-            self.registry.prepare(manifest)
+            self.registry.prepare(manifest, collect_base=include_rng and self.ckpt.trainable_only)
         except StateMismatch as e:
             err = e
         self.coll.check_all(err)
@@ -290,11 +290,15 @@ class Session:
         self._save(step, blocking=blocking)
 
     def _settle_metrics(self, step: int) -> bool:
-        """Take reports made since the last ``step()`` (collective when a metric is monitored); True if any."""
-        value = None
-        if self.ckpt.monitor:
-            _, (value,) = self.coll.agree((), [self._pending.get(self.ckpt.monitor)])
-        if not self._pending and value is None:
+        """Take reports made since the last ``step()``; True on every rank if any rank reported (collective).
+
+        Agreed, not local: often only rank 0 evaluates, and a rank that decided
+        alone to save the step again would wait in a collective the others skip.
+        """
+        local = [self._pending.get(self.ckpt.monitor)] if self.ckpt.monitor else []
+        (reported,), values = self.coll.agree((bool(self._pending),), local)
+        value = values[0] if values else None
+        if not reported and value is None:
             return False
         self._take_metrics(step, value)
         return True
@@ -316,6 +320,7 @@ class Session:
 
     def _selection_meta(self, step: int) -> dict[str, Any]:
         """What a checkpoint of ``step`` records about metrics; ranks it among the best if it is one."""
+        self._best_before = None  # only this save's own ranking may be undone if it fails
         metrics = self._metrics[1] if self._metrics[0] == step else {}
         meta: dict[str, Any] = {"metrics": json_metrics(metrics)}
         if not self.selection.spec.enabled:

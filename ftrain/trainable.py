@@ -81,10 +81,21 @@ def combine(module: nn.Module, digests: Mapping[str, str]) -> str:
     return h.hexdigest()
 
 
+def digests(module: nn.Module, names: Iterable[str]) -> dict[str, str]:
+    """``{name: digest}`` of the named parameters' current values."""
+    params = dict(module.named_parameters(remove_duplicate=False))
+    return {n: param_digest(params[n]) for n in set(names)}
+
+
 def fingerprint(module: nn.Module, names: Iterable[str]) -> str:
     """The fingerprint of the named parameters' current values (see :func:`combine`)."""
-    params = dict(module.named_parameters(remove_duplicate=False))
-    return combine(module, {n: param_digest(params[n]) for n in set(names)})
+    return combine(module, digests(module, names))
+
+
+def _identity(t: torch.Tensor) -> tuple[int, int, torch.dtype, torch.device]:
+    """What says "the same bytes as when hashed" besides the version counter: ``module.to(...)`` or
+    ``load_state_dict(assign=True)`` swap a parameter's storage without bumping its version."""
+    return t._version, t.data_ptr(), t.dtype, t.device
 
 
 class FrozenBase:
@@ -102,15 +113,22 @@ class FrozenBase:
     """
 
     def __init__(self) -> None:
-        self._digests: dict[str, tuple[int, str]] = {}  # name -> (tensor version when hashed, digest)
+        self._digests: dict[str, tuple[tuple[Any, ...], str]] = {}  # name -> (tensor identity when hashed, digest)
 
     def adopt(self, module: nn.Module, digests: Mapping[str, str] | None = None, names: Iterable[str] = ()) -> None:
         """Make parameters part of the base: with known ``digests`` (just verified), or hashed now (``names``)."""
         params = dict(module.named_parameters(remove_duplicate=False))
         for name, digest in (digests or {}).items():
-            self._digests[name] = (params[name]._version, digest)
+            self._digests[name] = (_identity(params[name]), digest)
         for name in names:
-            self._digests[name] = (params[name]._version, param_digest(params[name]))
+            self._digests[name] = (_identity(params[name]), param_digest(params[name]))
+
+    def adopt_if_unchanged(self, module: nn.Module, before: Mapping[str, str]) -> None:
+        """Adopt the parameters whose values still have the digests ``before`` (taken before a load)."""
+        params = dict(module.named_parameters(remove_duplicate=False))
+        for name, digest in before.items():
+            if param_digest(params[name]) == digest:
+                self._digests[name] = (_identity(params[name]), digest)
 
     def unchanged(self, module: nn.Module, frozen: Iterable[str]) -> dict[str, str]:
         """``{name: digest}`` of the ``frozen`` parameters that still hold their base values."""
@@ -120,13 +138,13 @@ class FrozenBase:
             known = self._digests.get(name)
             if known is None:
                 continue
-            version, digest = known
-            if params[name]._version != version:
+            identity, digest = known
+            if _identity(params[name]) != identity:
                 now = param_digest(params[name])
                 if now != digest:  # trained since it was part of the base: from now on it is saved in full
                     del self._digests[name]
                     continue
-                self._digests[name] = (params[name]._version, now)
+                self._digests[name] = (_identity(params[name]), now)
             out[name] = digest
         return out
 
@@ -170,5 +188,5 @@ def is_module(obj: object) -> bool:
     return isinstance(obj, nn.Module)
 
 
-__all__ = ["FrozenBase", "apply_frozen", "check_base", "combine", "fingerprint", "frozen_names", "is_module",
-           "load_partial", "param_digest", "split_state"]
+__all__ = ["FrozenBase", "apply_frozen", "check_base", "combine", "digests", "fingerprint", "frozen_names",
+           "is_module", "load_partial", "param_digest", "split_state"]

@@ -5,6 +5,7 @@ import json
 import math
 from pathlib import Path
 
+import pytest
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
@@ -31,3 +32,37 @@ def test_agree_gives_every_rank_the_same_flags_and_rank_0_values(tmp_path: Path)
     assert results[0] == results[1]
     assert results[0]["flags"] == [True, False]
     assert results[0]["values"] == ["0.5", "None", "nan", "-inf", "inf"]
+
+
+def _report_on_rank0_then_save(rank: int, store_path: str, ckpt: str, monitor: str) -> None:
+    import torch
+
+    import ftrain
+    from ftrain.config import CheckpointConfig, FtrainConfig
+
+    dist.init_process_group("gloo", init_method=f"file://{store_path}", rank=rank, world_size=2)
+    torch.manual_seed(0)
+    model = torch.nn.Linear(2, 2)
+    session = ftrain.Session(FtrainConfig(checkpoint=CheckpointConfig(dir=ckpt, every_steps=2, monitor=monitor)))
+    session.register(model=model)
+    session.restore()
+    session.step(1)
+    session.step(2)  # saves step 2 on the schedule
+    if rank == 0:  # a final evaluation on rank 0 only, then every rank saves the same step
+        session.report(val_loss=0.25, val_acc=0.5)
+    session.save(2)  # must not leave rank 0 alone in a collective (it saves step 2 again, with the metrics)
+    session.step(3)
+    session.close()
+    dist.destroy_process_group()
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("monitor", ["", "val_acc"])
+def test_a_report_on_rank_0_only_before_save_does_not_hang(tmp_path: Path, monitor: str) -> None:
+    from ftrain.checkpoint.store import CheckpointStore
+
+    mp.spawn(_report_on_rank0_then_save, args=(str(tmp_path / "store"), str(tmp_path / "ck"), monitor), nprocs=2,
+             join=True)
+    meta = CheckpointStore(tmp_path / "ck").validate(2).meta
+    assert meta["metrics"] == {"val_loss": 0.25, "val_acc": 0.5}

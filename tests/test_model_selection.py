@@ -402,3 +402,36 @@ def test_trainable_only_checkpoint_on_another_architecture_is_a_clear_error(tmp_
     session.register(model=smaller, optimizer=torch.optim.AdamW([p for p in smaller.parameters() if p.requires_grad]))
     with pytest.raises(StateMismatch, match="does not have.*base.3"):
         session.restore()
+
+
+def test_turning_trainable_only_on_after_full_training_keeps_the_trained_weights(tmp_path: Path) -> None:
+    """Stage 1 trains everything with full checkpoints; stage 2 resumes, freezes the base and turns trainable-only
+    on. The base was trained in stage 1, so it is no "base" that a script could reload: it must stay in the saves."""
+    model, _ = adapted_job()
+    for p in model.parameters():
+        p.requires_grad_(True)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    full = FtrainConfig(checkpoint=CheckpointConfig(dir=str(tmp_path), every_steps=5))
+    session = ftrain.Session(full)
+    session.register(model=model, optimizer=opt)
+    train_adapted(model, opt, session, session.restore(), 4)
+    for p in model.base.parameters():  # the end of stage 1 freezes the (trained) base: the checkpoint records it
+        p.requires_grad_(False)
+    session.save(5)
+    session.close()
+    only = FtrainConfig(checkpoint=CheckpointConfig(dir=str(tmp_path), every_steps=5, trainable_only=True))
+    model, _ = adapted_job()  # the script: pristine base, frozen
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    session = ftrain.Session(only)
+    session.register(model=model, optimizer=opt)
+    assert session.restore() == 5
+    train_adapted(model, opt, session, 5, 10)
+    assert "model" not in CheckpointStore(tmp_path).validate(10).meta["omitted"]
+    trained = {k: v.clone() for k, v in model.state_dict().items()}
+    model, _ = adapted_job()
+    session = ftrain.Session(only)
+    session.register(model=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1))
+    assert session.restore() == 10
+    for k, v in trained.items():
+        assert torch.equal(model.state_dict()[k], v), k
+    session.close()

@@ -16,7 +16,10 @@ from ftrain.selection import Selection, SelectionSpec, improves, rank_steps, res
     ("top1", "max"), ("mAP", "max"), ("val_accuracy_top5", "max"),
     # A loss or error named after a score is still minimised.
     ("dice_loss", "min"), ("iou_loss", "min"), ("top1_err", "min"), ("top5_error", "min"), ("val_ssim_loss", "min"),
-    ("toploss", "min"), ("acc_loss", "min"),
+    ("toploss", "min"), ("acc_loss", "min"), ("valloss", "min"), ("top1err", "min"),
+    # ...but a score whose other words merely contain "er", "mae" or "loss"-like letters is maximised.
+    ("answer_acc", "max"), ("val_answer_f1", "max"), ("cancer_auroc", "max"), ("soccer_acc", "max"),
+    ("concern_f1", "max"), ("tower_acc", "max"), ("maestro_acc", "max"),
 ])
 def test_auto_mode_guesses_from_the_name(name: str, mode: str) -> None:
     assert resolve_mode(name, "auto") == mode
