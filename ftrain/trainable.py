@@ -108,7 +108,7 @@ class FrozenBase:
     nowhere else. Changes are noticed through the tensor's version counter,
     which every in-place write bumps (optimizer steps, ``no_grad`` updates) but
     writes through ``.data`` do not (documented); a bumped parameter is re-hashed.
-    Re-hashing the whole base on every save would cost about 80 ms per GB of the
+    Re-hashing the whole base on every save would cost about 100 ms per GB of the
     training thread's time instead.
     """
 
