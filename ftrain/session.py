@@ -84,6 +84,7 @@ class Session:
         self.last_saved_step: int | None = None
         self.skipped_saves = 0
         self._last_save_time = time.monotonic()
+        self._config_meta = config_to_dict(self.config)  # recorded in every manifest; the config is frozen
         self._crashing = False
         self._note_crash()
         atexit.register(self._flush_at_exit)
@@ -310,7 +311,7 @@ class Session:
         if self._previous_save_failed():
             self._raise_failed_save()
         replicated, mine, meta = self.registry.capture(self.ckpt.trainable_only)
-        meta.update(self._selection_meta(step), config=config_to_dict(self.config))
+        meta.update(self._selection_meta(step), config=self._config_meta)
         self.checkpointer.save(step, replicated, mine, meta, blocking=blocking)
         if blocking or not self.ckpt.async_save:
             faults.point("save.end", step=step, rank=self.rank)

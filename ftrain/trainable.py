@@ -87,11 +87,6 @@ def digests(module: nn.Module, names: Iterable[str]) -> dict[str, str]:
     return {n: param_digest(params[n]) for n in set(names)}
 
 
-def fingerprint(module: nn.Module, names: Iterable[str]) -> str:
-    """The fingerprint of the named parameters' current values (see :func:`combine`)."""
-    return combine(module, digests(module, names))
-
-
 def _identity(t: torch.Tensor) -> tuple[int, int, torch.dtype, torch.device]:
     """What says "the same bytes as when hashed" besides the version counter: ``module.to(...)`` or
     ``load_state_dict(assign=True)`` swap a parameter's storage without bumping its version."""
@@ -188,5 +183,5 @@ def is_module(obj: object) -> bool:
     return isinstance(obj, nn.Module)
 
 
-__all__ = ["FrozenBase", "apply_frozen", "check_base", "combine", "digests", "fingerprint", "frozen_names",
+__all__ = ["FrozenBase", "apply_frozen", "check_base", "combine", "digests", "frozen_names",
            "is_module", "load_partial", "param_digest", "split_state"]

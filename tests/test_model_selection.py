@@ -29,6 +29,13 @@ def cfg(path: Path, patience: int = 0, min_delta: float = 0.0, **kw) -> FtrainCo
                         early_stopping=EarlyStoppingConfig(patience=patience, min_delta=min_delta))
 
 
+def open_session(config: FtrainConfig, **objects: object) -> ftrain.Session:
+    """A session with ``objects`` registered (restore is the caller's: some tests expect it to fail)."""
+    session = ftrain.Session(config)
+    session.register(**objects)
+    return session
+
+
 class Job:
     def __init__(self) -> None:
         torch.manual_seed(0)
@@ -46,8 +53,7 @@ def run(path: Path, until: int, config: FtrainConfig, script: dict[int, float] =
         weights: dict[int, dict[str, torch.Tensor]] | None = None) -> tuple[Job, ftrain.Session, int]:
     """Train to ``until`` (or an early stop), reporting ``script``; returns the job, session and last step."""
     job = Job()
-    session = ftrain.Session(config)
-    session.register(model=job.model, optimizer=job.opt)
+    session = open_session(config, model=job.model, optimizer=job.opt)
     step = session.restore()
     while step < until and not session.should_stop:
         job.train()
@@ -89,8 +95,7 @@ def test_a_restarted_run_keeps_the_same_checkpoints(tmp_path: Path) -> None:
 def test_best_pointer_and_max_mode(tmp_path: Path) -> None:
     script = {s: 1 - v for s, v in SCRIPT.items()}
     job = Job()
-    session = ftrain.Session(cfg(tmp_path, monitor="val_acc", every_steps=5, keep_last=1, keep_best=1))
-    session.register(model=job.model)
+    session = open_session(cfg(tmp_path, monitor="val_acc", every_steps=5, keep_last=1, keep_best=1), model=job.model)
     session.restore()
     for step in range(1, 41):
         job.train()
@@ -124,8 +129,7 @@ def test_load_best_skips_a_corrupt_best_checkpoint(tmp_path: Path, caplog) -> No
     data[70] ^= 0xFF
     shard.write_bytes(data)
     job = Job()
-    session = ftrain.Session(cfg(tmp_path, every_steps=5, keep_last=1, keep_best=2))
-    session.register(model=job.model, optimizer=job.opt)
+    session = open_session(cfg(tmp_path, every_steps=5, keep_last=1, keep_best=2), model=job.model, optimizer=job.opt)
     session.restore()
     assert session.load_best() == 20
     assert "checksum mismatch" in caplog.text
@@ -253,13 +257,11 @@ def test_trainable_only_saves_bytes_in_proportion_and_resumes_exactly(tmp_path: 
 def test_trainable_only_refuses_a_different_base(tmp_path: Path) -> None:
     config = FtrainConfig(checkpoint=CheckpointConfig(dir=str(tmp_path), every_steps=5, trainable_only=True))
     model, opt = adapted_job()
-    session = ftrain.Session(config)
-    session.register(model=model, optimizer=opt)
+    session = open_session(config, model=model, optimizer=opt)
     train_adapted(model, opt, session, session.restore(), 5)
     recorded = CheckpointStore(tmp_path).validate(5).meta["base_fingerprint"]["model"]
     other, opt = adapted_job(seed=1)  # the same architecture, other base weights
-    session = ftrain.Session(config)
-    session.register(model=other, optimizer=opt)
+    session = open_session(config, model=other, optimizer=opt)
     with pytest.raises(StateMismatch, match="base model fingerprint mismatch") as err:
         session.restore()
     assert recorded in str(err.value)
@@ -273,16 +275,14 @@ def test_frozen_flags_are_restored_as_saved(tmp_path: Path) -> None:
     config = FtrainConfig(checkpoint=CheckpointConfig(dir=str(tmp_path), every_steps=5))
     model, opt = adapted_job()
     opt = torch.optim.SGD(model.parameters(), lr=0.1)  # knows every parameter, frozen or not
-    session = ftrain.Session(config)
-    session.register(model=model, optimizer=opt)
+    session = open_session(config, model=model, optimizer=opt)
     session.restore()
     for p in model.base.parameters():
         p.requires_grad_(True)
     train_adapted(model, opt, session, 0, 5)
     model, _ = adapted_job()  # the script freezes the base again at start...
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    session = ftrain.Session(config)
-    session.register(model=model, optimizer=opt)
+    session = open_session(config, model=model, optimizer=opt)
     session.restore()
     assert all(p.requires_grad for p in model.parameters())  # ...and the checkpoint's flags win
     session.close()
@@ -299,8 +299,7 @@ def test_metrics_reported_before_a_final_save_are_recorded_and_can_stop(tmp_path
     """The common "evaluate, report, save" after the loop: the step was already saved by the schedule."""
     config = cfg(tmp_path, every_steps=5, keep_best=1, patience=1)
     job, session, _ = run(tmp_path, 10, config, script={5: 0.5})
-    session = ftrain.Session(config)
-    session.register(model=job.model, optimizer=job.opt)
+    session = open_session(config, model=job.model, optimizer=job.opt)
     assert session.restore() == 10
     session.report(val_loss=0.9)
     session.save(10)  # step 10 is saved again, now with its metrics and the early stop
@@ -308,8 +307,7 @@ def test_metrics_reported_before_a_final_save_are_recorded_and_can_stop(tmp_path
     meta = CheckpointStore(tmp_path).validate(10).meta
     assert meta["metrics"] == {"val_loss": 0.9}
     assert meta["selection"]["early_stopping"]["stopped_step"] == 10
-    again = ftrain.Session(config)
-    again.register(model=job.model, optimizer=job.opt)
+    again = open_session(config, model=job.model, optimizer=job.opt)
     again.restore()
     assert again.should_stop
 
@@ -319,8 +317,7 @@ def test_a_failed_best_save_does_not_cost_the_real_best(tmp_path: Path, monkeypa
     must keep protecting the previous best (the failed one displaced it in the ranking), and `best` names it."""
     config = cfg(tmp_path, every_steps=5, keep_last=1, keep_best=1)
     job = Job()
-    session = ftrain.Session(config)
-    session.register(model=job.model, optimizer=job.opt)
+    session = open_session(config, model=job.model, optimizer=job.opt)
     session.restore()
     monkeypatch.setattr(faults, "_FAULTS", faults.parse("raise@save.mid_write:step=7"))
     for step, value in ((1, None), (2, None), (3, 0.5), (4, None), (5, None), (6, None), (7, 0.1)):
@@ -343,8 +340,7 @@ def test_a_best_step_that_is_gone_is_dropped_on_restore(tmp_path: Path, caplog) 
     job, _, _ = run(tmp_path, 10, config, script={5: 0.5, 10: 0.7})
     assert on_disk(tmp_path) == [5, 10]
     shutil.rmtree(tmp_path / layout.step_dirname(5))  # deleted by hand
-    session = ftrain.Session(config)
-    session.register(model=job.model, optimizer=job.opt)
+    session = open_session(config, model=job.model, optimizer=job.opt)
     session.restore()
     assert session.selection.best_steps == [10] and "step 5 is gone" in caplog.text
     session.close()
@@ -364,8 +360,7 @@ def test_trainable_only_saves_base_parameters_that_were_trained(tmp_path: Path) 
     config = FtrainConfig(checkpoint=CheckpointConfig(dir=str(tmp_path), every_steps=5, trainable_only=True))
     model, _ = adapted_job()
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    session = ftrain.Session(config)
-    session.register(model=model, optimizer=opt)
+    session = open_session(config, model=model, optimizer=opt)
     session.restore()
     train_adapted(model, opt, session, 0, 5)
     for p in model.base[0].parameters():
@@ -380,8 +375,7 @@ def test_trainable_only_saves_base_parameters_that_were_trained(tmp_path: Path) 
     assert "base.0.weight" in meta["frozen"]["model"]
     trained = {k: v.clone() for k, v in model.state_dict().items()}
     fresh, _ = adapted_job()  # the pristine base, as the script loads it
-    session = ftrain.Session(config)
-    session.register(model=fresh, optimizer=torch.optim.SGD(fresh.parameters(), lr=0.1))
+    session = open_session(config, model=fresh, optimizer=torch.optim.SGD(fresh.parameters(), lr=0.1))
     assert session.restore() == 6
     for k, v in trained.items():
         assert torch.equal(fresh.state_dict()[k], v), k
@@ -391,15 +385,14 @@ def test_trainable_only_saves_base_parameters_that_were_trained(tmp_path: Path) 
 def test_trainable_only_checkpoint_on_another_architecture_is_a_clear_error(tmp_path: Path) -> None:
     config = FtrainConfig(checkpoint=CheckpointConfig(dir=str(tmp_path), every_steps=5, trainable_only=True))
     model, opt = adapted_job()
-    session = ftrain.Session(config)
-    session.register(model=model, optimizer=opt)
+    session = open_session(config, model=model, optimizer=opt)
     train_adapted(model, opt, session, session.restore(), 5)
     torch.manual_seed(0)
     smaller = Adapted(layers=3)
     for p in smaller.base.parameters():
         p.requires_grad_(False)
-    session = ftrain.Session(config)
-    session.register(model=smaller, optimizer=torch.optim.AdamW([p for p in smaller.parameters() if p.requires_grad]))
+    opt = torch.optim.AdamW([p for p in smaller.parameters() if p.requires_grad])
+    session = open_session(config, model=smaller, optimizer=opt)
     with pytest.raises(StateMismatch, match="does not have.*base.3"):
         session.restore()
 
@@ -412,8 +405,7 @@ def test_turning_trainable_only_on_after_full_training_keeps_the_trained_weights
         p.requires_grad_(True)
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     full = FtrainConfig(checkpoint=CheckpointConfig(dir=str(tmp_path), every_steps=5))
-    session = ftrain.Session(full)
-    session.register(model=model, optimizer=opt)
+    session = open_session(full, model=model, optimizer=opt)
     train_adapted(model, opt, session, session.restore(), 4)
     for p in model.base.parameters():  # the end of stage 1 freezes the (trained) base: the checkpoint records it
         p.requires_grad_(False)
@@ -422,15 +414,13 @@ def test_turning_trainable_only_on_after_full_training_keeps_the_trained_weights
     only = FtrainConfig(checkpoint=CheckpointConfig(dir=str(tmp_path), every_steps=5, trainable_only=True))
     model, _ = adapted_job()  # the script: pristine base, frozen
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    session = ftrain.Session(only)
-    session.register(model=model, optimizer=opt)
+    session = open_session(only, model=model, optimizer=opt)
     assert session.restore() == 5
     train_adapted(model, opt, session, 5, 10)
     assert "model" not in CheckpointStore(tmp_path).validate(10).meta["omitted"]
     trained = {k: v.clone() for k, v in model.state_dict().items()}
     model, _ = adapted_job()
-    session = ftrain.Session(only)
-    session.register(model=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1))
+    session = open_session(only, model=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1))
     assert session.restore() == 10
     for k, v in trained.items():
         assert torch.equal(model.state_dict()[k], v), k

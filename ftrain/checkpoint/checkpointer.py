@@ -235,8 +235,8 @@ class Checkpointer:
                 if isinstance(s, int) and (s == step or self.store.path(s).is_dir())]
         self.store.update_best_hint(best[0] if best else None)  # before pruning, like the commit's other pointers
         pruned = self.store.prune(self.cfg.keep_last, protect={step, *best})
-        if pruned:
-            self.store.update_best_hint(best[0] if best else None)
+        if pruned and not best:  # a pointer left from an earlier ranking may name a step just pruned
+            self.store.update_best_hint(None)
         log.info("saved step %d (%.1f MB, %d file(s)) in %.3fs, training blocked %.3fs%s", step,
                  manifest.total_bytes / 1e6, len(manifest.files), time.monotonic() - t0, self.last_blocking_seconds,
                  f"; pruned {', '.join(map(str, pruned))}" if pruned else "")

@@ -17,6 +17,7 @@ from typing import Any
 import torch
 
 from ftrain.checkpoint import codec, layout
+from ftrain.checkpoint.checkpointer import REPLICATED
 from ftrain.checkpoint.manifest import Manifest
 from ftrain.checkpoint.shard import read_shard_record, read_shard_tensors
 from ftrain.checkpoint.store import CheckpointStore
@@ -25,7 +26,6 @@ from ftrain.selection import metric_value, rank_steps
 
 log = logging.getLogger("ftrain.checkpoint")
 
-REPLICATED = "replicated"
 SELECTORS = ("latest", "best")
 
 

@@ -72,15 +72,15 @@ class CheckpointStore:
 
     def latest_hint(self) -> str | None:
         """What the ``latest`` pointer says (a hint for humans and tools; discovery never relies on it)."""
-        try:
-            return (self.root / layout.LATEST).read_text().strip() or None
-        except OSError:
-            return None
+        return self._hint(layout.LATEST)
 
     def best_hint(self) -> str | None:
         """What the ``best`` pointer says: the best checkpoint by the monitored metric (a hint, like ``latest``)."""
+        return self._hint(layout.BEST)
+
+    def _hint(self, name: str) -> str | None:
         try:
-            return (self.root / layout.BEST).read_text().strip() or None
+            return (self.root / name).read_text().strip() or None
         except OSError:
             return None
 
