@@ -1,7 +1,11 @@
 """ftrain: fault-tolerant, exactly-resumable distributed PyTorch training.
 
 The training-script API is :class:`Session`; data position comes from
-:class:`ResumableLoader`. See README.md.
+:class:`ResumableLoader`. See README.md ("Architecture") for the tree: the
+supervisor side (``cli``, ``supervisor``), the worker side (``session``,
+``data``, ``finetune``), the storage leaf (``checkpoint``) and the contracts
+both sides share (``attempt``, ``envvars``, ``exitcodes``, ``errors``,
+``config``, ``faults``, ``signals``, ``stateful``, ``hashing``).
 """
 from __future__ import annotations
 
@@ -29,6 +33,10 @@ def __getattr__(name: str) -> object:
         from ftrain import data
 
         return getattr(data, name)
+    if name == "Preempted":
+        from ftrain.session.liveness import Preempted
+
+        return Preempted
     if name == "state_sha256":
         from ftrain.hashing import state_sha256
 
@@ -37,7 +45,7 @@ def __getattr__(name: str) -> object:
 
 
 __all__ = [
-    "CheckpointError", "ConfigError", "CorruptCheckpoint", "Counters", "FtrainError", "NoValidCheckpoint",
+    "CheckpointError", "ConfigError", "CorruptCheckpoint", "Counters", "FtrainError", "NoValidCheckpoint", "Preempted",
     "ResumableLoader", "ResumableSampler", "SeededDataset", "Session", "StateMismatch", "Stateful", "derive_seed",
     "state_sha256", "__version__",
 ]

@@ -130,6 +130,9 @@ class HeartbeatWriter:
         os.pwrite(self._fd, line.encode(), 0)
         self._last, self._phase = now, phase
 
+    def close(self) -> None:
+        os.close(self._fd)
+
 
 def write_error_file(path: Path, rank: int, exc: BaseException) -> None:
     """Record an uncaught exception as data for the supervisor's root-cause report."""

@@ -27,6 +27,7 @@ import yaml
 
 from ftrain import envvars
 from ftrain.errors import ConfigError
+from ftrain.signals import CATCHABLE_PREEMPTION_SIGNALS, DEFAULT_PREEMPTION_SIGNALS, STACK_DUMP_SIGNAL
 
 ENV_PREFIX = "FTRAIN_"
 RESUME_MODES = ("auto", "required", "never")
@@ -55,10 +56,9 @@ def _one_of(*choices: str) -> Rule:
     return (lambda v: v in choices, "one of " + ", ".join(map(repr, choices)))
 
 
-#: Signals that may mean "preemption: save and exit". SIGKILL and SIGSTOP cannot be caught;
-#: SIGUSR2 is taken by ftrain's stack dumps, so a preemption on it would be misread.
-PREEMPTION_SIGNALS = ("SIGTERM", "SIGINT", "SIGUSR1", "SIGHUP", "SIGQUIT")
-STACK_DUMP_SIGNAL = "SIGUSR2"
+#: SIGKILL and SIGSTOP cannot be caught; SIGUSR2 is taken by ftrain's stack dumps, so a preemption on it
+#: would be misread (see ``signals.py``).
+PREEMPTION_SIGNALS = CATCHABLE_PREEMPTION_SIGNALS
 
 
 def _signal_problem(names: list[str]) -> str | None:
@@ -235,7 +235,7 @@ class SupervisorConfig(_Section):
         600.0, "Allowance before a rank's first step (imports, rendezvous, restore)"
         " before it counts as hung.", _POSITIVE)
     preemption_signals: list[str] = _option(
-        ["SIGTERM", "SIGUSR1"], "Signals that mean preemption: save and exit"
+        list(DEFAULT_PREEMPTION_SIGNALS), "Signals that mean preemption: save and exit"
         " (SIGTERM for Kubernetes and cloud VMs, SIGUSR1 for SLURM's --signal).",
         _SIGNAL_NAMES)
     log_dir: str = _option(
@@ -265,6 +265,11 @@ class FtrainConfig:
         if (ckpt.save_best_only or ckpt.load_best_at_end) and ckpt.keep_best == 0:
             key = "checkpoint.save_best_only" if ckpt.save_best_only else "checkpoint.load_best_at_end"
             raise ConfigError(f"{key} needs checkpoint.keep_best >= 1 (with 0 no checkpoint is kept as a best one)")
+
+    @property
+    def log_dir(self) -> str:
+        """``supervisor.log_dir``, or its default ``<checkpoint.dir>/logs`` (the one place that default lives)."""
+        return self.supervisor.log_dir or os.path.join(self.checkpoint.dir, "logs")
 
 
 class _Key(NamedTuple):

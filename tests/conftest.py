@@ -52,15 +52,16 @@ def read_index_log(path: Path) -> dict[int, list[int]]:
 
 def checkpoint_tensors(root: Path) -> dict[str, "torch.Tensor"]:
     """Every tensor of the newest checkpoint in ``root`` (all ranks), read and verified by ftrain's own reader."""
+    from ftrain.checkpoint.format import step_dirname
     from ftrain.checkpoint.shard import read_shard_tensors
     from ftrain.checkpoint.store import CheckpointStore
 
     store = CheckpointStore(root)
-    step = store.step_dirs()[-1][0]
+    step = store.steps()[-1]
     manifest = store.validate(step)
     tensors = {}
     for rank in range(manifest.world_size):
-        tensors.update(read_shard_tensors(store.path(step), manifest, rank))
+        tensors.update(read_shard_tensors(store.storage, step_dirname(step), manifest, rank))
     return tensors
 
 

@@ -12,10 +12,10 @@ import pytest
 import torch
 
 import ftrain
-from ftrain.checkpoint import layout
-from ftrain.checkpoint.checkpointer import Checkpointer
+from ftrain.checkpoint import format as layout
+from ftrain.session.checkpointer import Checkpointer
 from ftrain.cli import main as cli
-from ftrain.collectives import Collectives
+from ftrain.session.collectives import Collectives
 from ftrain.config import CheckpointConfig
 
 from conftest import ROOT, child_env

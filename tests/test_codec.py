@@ -7,7 +7,8 @@ import math
 import pytest
 import torch
 
-from ftrain.checkpoint import codec, layout
+from ftrain.checkpoint import codec
+from ftrain.checkpoint import format as layout
 from ftrain.checkpoint.manifest import FileEntry, Manifest, TensorEntry, parse
 from ftrain.errors import CheckpointError, CorruptCheckpoint
 

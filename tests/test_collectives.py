@@ -9,7 +9,7 @@ import pytest
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from ftrain.collectives import Collectives
+from ftrain.session.collectives import Collectives
 
 #: Per rank: what it reports. Rank 1 disagrees everywhere (and alone raises a flag); rank 0's word must win,
 #: including "not reported", NaN (which MAX cannot carry) and -inf (which the others send as filler).

@@ -73,7 +73,7 @@ def test_snapshot_is_taken_before_training_continues(tmp_path):
 
 
 def test_trainable_only_on_gpu_fingerprints_like_cpu_and_resumes_exactly(tmp_path):
-    from ftrain import trainable
+    from ftrain.session import trainable
 
     big = torch.randn(3, (64 << 20) // 4 // 3 + 5)  # more than one 64 MiB hashing chunk, odd length
     assert trainable.param_digest(big.cuda()) == trainable.param_digest(big)

@@ -10,7 +10,7 @@ import pytest
 import torch
 from torch.utils.data import Dataset
 
-from ftrain import data as fdata
+from ftrain.data import seeding as fdata
 from ftrain.data import ResumableLoader, ResumableSampler, SeededDataset, derive_seed
 from ftrain.errors import StateMismatch
 

@@ -13,8 +13,10 @@ import torch
 from torch import nn
 
 import ftrain
-from ftrain import faults, rng
-from ftrain.checkpoint import codec, layout
+from ftrain import faults
+from ftrain.session import rng
+from ftrain.checkpoint import codec
+from ftrain.checkpoint import format as layout
 from ftrain.checkpoint.store import CheckpointStore
 from ftrain.config import CheckpointConfig, EarlyStoppingConfig, FtrainConfig
 from ftrain.errors import ConfigError, StateMismatch
@@ -326,7 +328,7 @@ def test_a_failed_best_save_does_not_cost_the_real_best(tmp_path: Path, monkeypa
             session.report(val_loss=value)
         session.step(step)  # 3 and 7 rank best and are saved; the save of 7 fails in the background
     session.checkpointer.wait()
-    session.worker.request_preemption("test")
+    session.liveness.request_preemption("test")
     job.train()
     with pytest.raises(SystemExit):
         session.step(8)

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 import ftrain
-from ftrain.checkpoint import layout
+from ftrain.checkpoint import format as layout
 from ftrain.cli import main as cli
 from ftrain.config import CheckpointConfig, FtrainConfig
 from ftrain.errors import CheckpointDirError, CheckpointError, NoValidCheckpoint, StateMismatch

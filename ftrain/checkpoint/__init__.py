@@ -1,8 +1,12 @@
-"""Checkpoint storage: the on-disk format (docs/FORMAT.md) and the commit protocol.
+"""Storage leaf (both sides of the process boundary): the on-disk checkpoint format and its commit protocol.
 
-Modules: ``layout`` (names, durable writes), ``checksum``, ``codec`` (state trees
-without pickle), ``manifest``, ``shard`` (one rank's files), ``store`` (discovery,
-validation, commit, retention).
+Imports nothing from the worker or supervisor side, nor the config: callers pass
+plain values. The format is specified in docs/FORMAT.md. Modules: ``format``
+(names), ``storage`` (the storage interface and the local filesystem),
+``checksum``, ``codec`` (state trees without pickle), ``manifest``, ``shard``
+(one rank's files), ``snapshot`` (copy to host, persist), ``writer`` (the
+background thread), ``store`` (discovery, validation, commit, retention),
+``reader`` (a whole checkpoint in one process, for tools).
 """
 from __future__ import annotations
 

@@ -9,6 +9,7 @@ against an adversary who can rewrite both data and manifest.
 from __future__ import annotations
 
 import os
+from typing import BinaryIO
 
 import xxhash
 
@@ -35,17 +36,22 @@ def digest(data: memoryview | bytes) -> str:
     return xxhash.xxh3_128_hexdigest(data)
 
 
-def file_digest(path: str | os.PathLike[str]) -> tuple[int, str]:
-    """(size, checksum) of a file, read in chunks."""
+def stream_digest(f: BinaryIO) -> tuple[int, str]:
+    """(size, checksum) of what is left to read in ``f``, read in chunks."""
     h = Hasher()
     size = 0
     buf = bytearray(_CHUNK)
     view = memoryview(buf)
-    with open(path, "rb", buffering=0) as f:
-        while True:
-            n = f.readinto(buf)
-            if not n:
-                break
-            h.update(view[:n])
-            size += n
+    while True:
+        n = f.readinto(buf)
+        if not n:
+            break
+        h.update(view[:n])
+        size += n
     return size, h.hexdigest()
+
+
+def file_digest(path: str | os.PathLike[str]) -> tuple[int, str]:
+    """(size, checksum) of a file, read in chunks."""
+    with open(path, "rb", buffering=0) as f:
+        return stream_digest(f)

@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from ftrain.checkpoint import checksum, codec, layout
+from ftrain.checkpoint import checksum, codec, format
 from ftrain.errors import CheckpointError, CorruptCheckpoint
 
 FORMAT_NAME = "ftrain.checkpoint"
@@ -141,12 +141,12 @@ def _check_consistent(m: Manifest, where: str) -> None:
     """
     if m.world_size < 1 or m.step < 0:
         raise CorruptCheckpoint(where, f"impossible step {m.step} or world_size {m.world_size}")
-    expected = {n for r in range(m.world_size) for n in layout.shard_names(r)}
+    expected = {n for r in range(m.world_size) for n in format.shard_names(r)}
     if set(m.files) != expected:
         raise CorruptCheckpoint(where, f"file list {sorted(m.files)[:4]}... does not match world_size "
                                        f"{m.world_size} (expected shard-00000..{m.world_size - 1:05d} .json/.bin)")
     for name, f in m.files.items():
-        if f.size < 0 or layout.shard_names(f.rank)[name.endswith(".bin")] != name:
+        if f.size < 0 or format.shard_names(f.rank)[name.endswith(".bin")] != name:
             raise CorruptCheckpoint(where, f"bad entry for {name}")
     for name, t in m.tensors.items():
         f = m.files.get(t.file)
@@ -158,5 +158,5 @@ def _check_consistent(m: Manifest, where: str) -> None:
             raise CorruptCheckpoint(where, f"tensor {name!r}: {e}") from None
         if any(d < 0 for d in t.shape) or math.prod(t.shape) * itemsize != t.nbytes:
             raise CorruptCheckpoint(where, f"tensor {name!r}: shape {list(t.shape)} x {t.dtype} != {t.nbytes} bytes")
-        if t.offset < 0 or t.offset % layout.ALIGN or t.offset + t.nbytes > f.size:
+        if t.offset < 0 or t.offset % format.ALIGN or t.offset + t.nbytes > f.size:
             raise CorruptCheckpoint(where, f"tensor {name!r} lies outside {t.file} or is misaligned")

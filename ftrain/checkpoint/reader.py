@@ -1,9 +1,10 @@
 """Read a committed checkpoint outside a training job: for export, inspection and fine-tuning.
 
-A training job restores through :class:`~ftrain.checkpoint.checkpointer.Checkpointer`
+A training job restores through :class:`ftrain.session.checkpointer.Checkpointer`
 (every rank reads its share). Tools read a whole checkpoint in one process:
-:func:`select` picks the checkpoint (a step, ``latest`` or ``best``),
-:func:`read_objects` decodes the replicated objects (model, optimizer, ...).
+:func:`candidates` lists the checkpoints to try (a step, ``latest`` or ``best``,
+ranked by a function the caller passes), :func:`read_trees` decodes the
+replicated objects (model, optimizer, ...) and :func:`load` does both.
 Every byte read is verified against the manifest's checksums; nothing is unpickled.
 
 Thread-safe (no shared state); read-only on the directory.
@@ -11,18 +12,22 @@ Thread-safe (no shared state); read-only on the directory.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from ftrain.checkpoint import codec, layout
-from ftrain.checkpoint.checkpointer import REPLICATED
+from ftrain.checkpoint import codec, format
+from ftrain.checkpoint.format import REPLICATED
 from ftrain.checkpoint.manifest import Manifest
 from ftrain.checkpoint.shard import read_shard_record, read_shard_tensors
 from ftrain.checkpoint.store import CheckpointStore
 from ftrain.errors import CheckpointError, CorruptCheckpoint
-from ftrain.selection import metric_value, rank_steps
+
+#: Orders a root's manifests best first (``ftrain.session.ranking.rank_manifests``); the storage layer
+#: does not know what "best" means.
+Ranking = Callable[[list[Manifest]], list[Manifest]]
 
 log = logging.getLogger("ftrain.checkpoint")
 
@@ -32,8 +37,8 @@ SELECTORS = ("latest", "best")
 def open_path(path: str | Path, which: int | str | None = None) -> tuple[CheckpointStore, int | str]:
     """The store and selector for ``path``: a checkpoint root, or one ``step-N`` directory inside it."""
     p = Path(path)
-    step = layout.parse_step_dirname(p.name)
-    if step is not None and (p / layout.MANIFEST).exists():
+    step = format.parse_step_dirname(p.name)
+    if step is not None and (p / format.MANIFEST).exists():
         if which not in (None, "latest", step, str(step)):
             raise CheckpointError(f"{p} is the checkpoint of step {step}, but step {which!r} was asked for; "
                                   "pass the checkpoint root to choose another step")
@@ -56,39 +61,15 @@ def parse_selector(text: str) -> int | str:
     return step
 
 
-def best_ranking(store: CheckpointStore) -> tuple[str, str, list[Manifest]]:
-    """``(monitor, mode, manifests best first)`` by the metric the newest checkpoint monitors.
-
-    Only checkpoints whose manifest records that metric for their own step are
-    ranked. Raises :class:`CheckpointError` if no checkpoint monitors a metric.
-    """
-    manifests = []
-    for step, _ in store.step_dirs():
-        try:
-            manifests.append(store.read_manifest(step))
-        except CorruptCheckpoint as e:
-            log.warning("skipping checkpoint step %d: %s: %s", step, e.path, e.reason)
-    monitor = next((m.meta["monitor"] for m in reversed(manifests) if _valid_monitor(m.meta.get("monitor"))), None)
-    if monitor is None:
-        raise CheckpointError(f"no checkpoint in {store.root} records a monitored metric, so none is 'best'; "
-                              "set checkpoint.monitor and report it with session.report()")
-    name, mode = monitor["name"], monitor["mode"]
-    values = {m.step: metric_value(m.meta, name) for m in manifests}
-    order = rank_steps(((s, v) for s, v in values.items() if v is not None), mode)
-    by_step = {m.step: m for m in manifests}
-    return name, mode, [by_step[s] for s in order]
-
-
-def _valid_monitor(monitor: Any) -> bool:
-    return isinstance(monitor, dict) and isinstance(monitor.get("name"), str) and monitor.get("mode") in ("min", "max")
-
-
-def candidates(store: CheckpointStore, which: int | str) -> list[Manifest]:
-    """Manifests to try for ``which``, in order: one for a step; newest (or best) first otherwise."""
+def candidates(store: CheckpointStore, which: int | str, rank: Ranking | None = None) -> list[Manifest]:
+    """Manifests to try for ``which``, in order: one for a step; newest first for ``latest``; for ``best``,
+    the order ``rank`` gives the root's manifests."""
     if which == "latest":
         return list(store.candidates())
     if which == "best":
-        return best_ranking(store)[2]
+        if rank is None:
+            raise CheckpointError("selecting the 'best' checkpoint needs a ranking of the manifests")
+        return rank(store.manifests())
     if not isinstance(which, int):
         raise CheckpointError(f"unknown checkpoint selector {which!r}: a step number, 'latest' or 'best'")
     if not store.path(which).is_dir():
@@ -103,20 +84,21 @@ def read_trees(store: CheckpointStore, manifest: Manifest, *, keep: str | None =
     ``keep`` (an object name) limits which tensors are materialised; all bytes
     are still checksummed. Returns ``{object name: state}``.
     """
+    ckpt = format.step_dirname(manifest.step)
     ckpt_dir = store.path(manifest.step)
-    record0 = read_shard_record(ckpt_dir, manifest, 0)
+    record0 = read_shard_record(store.storage, ckpt, manifest, 0)
     for rank in range(1, manifest.world_size):  # verify every record, even though rank 0 holds the tree
-        read_shard_record(ckpt_dir, manifest, rank)
+        read_shard_record(store.storage, ckpt, manifest, rank)
     prefix = f"{REPLICATED}/{keep}/" if keep is not None else f"{REPLICATED}/"
     tensors: dict[str, torch.Tensor] = {}
     for rank in range(manifest.world_size):
-        tensors.update(read_shard_tensors(ckpt_dir, manifest, rank, keep=lambda n: n.startswith(prefix)))
+        tensors.update(read_shard_tensors(store.storage, ckpt, manifest, rank, keep=lambda n: n.startswith(prefix)))
     tree = record0.trees.get(REPLICATED)
     if not isinstance(tree, dict):
-        raise CorruptCheckpoint(str(ckpt_dir / layout.shard_names(0)[0]), "replicated state tree missing")
+        raise CorruptCheckpoint(str(ckpt_dir / format.shard_names(0)[0]), "replicated state tree missing")
     if keep is not None:
         if keep not in tree:  # meta lists it (check_object passed) but the tree lacks it: damage, so fall back
-            raise CorruptCheckpoint(str(ckpt_dir / layout.shard_names(0)[0]),
+            raise CorruptCheckpoint(str(ckpt_dir / format.shard_names(0)[0]),
                                     f"object {keep!r} is listed in the manifest but missing from the state tree")
         tree = {keep: tree[keep]}
     try:
@@ -125,13 +107,14 @@ def read_trees(store: CheckpointStore, manifest: Manifest, *, keep: str | None =
         raise CorruptCheckpoint(str(ckpt_dir), f"malformed state tree ({e})") from None
 
 
-def load(store: CheckpointStore, which: int | str, *, name: str | None = None) -> tuple[Manifest, dict[str, Any]]:
+def load(store: CheckpointStore, which: int | str, *, name: str | None = None,
+         rank: Ranking | None = None) -> tuple[Manifest, dict[str, Any]]:
     """The first checkpoint for ``which`` that reads back intact, and its replicated objects (or just ``name``).
 
-    ``latest`` and ``best`` fall back past damaged checkpoints with a warning; an
+    ``latest`` and ``best`` (ordered by ``rank``) fall back past damaged checkpoints with a warning; an
     explicit step raises :class:`CorruptCheckpoint` if it is damaged.
     """
-    tried = candidates(store, which)
+    tried = candidates(store, which, rank)
     if not tried:
         raise CheckpointError(f"no valid checkpoint in {store.root} (see `ftrain ckpt ls {store.root}`)")
     last_error: CorruptCheckpoint | None = None

@@ -9,16 +9,16 @@ Writing is in ``snapshot.py``; this module holds the record and the readers.
 from __future__ import annotations
 
 import json
-import os
+from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Any, BinaryIO, Callable
+from typing import Any, BinaryIO
 
 import torch
 
 from ftrain.checkpoint import checksum, codec
-from ftrain.checkpoint.layout import shard_names
+from ftrain.checkpoint.format import shard_names
 from ftrain.checkpoint.manifest import FileEntry, Manifest, TensorEntry
+from ftrain.checkpoint.storage import Storage
 from ftrain.errors import CorruptCheckpoint
 
 SHARD_VERSION = 1
@@ -61,10 +61,10 @@ class ShardRecord:
         }
 
 
-def read_shard_record(ckpt_dir: Path, manifest: Manifest, rank: int) -> ShardRecord:
-    """Read and verify ``rank``'s shard JSON (its state trees) of a committed checkpoint."""
+def read_shard_record(storage: Storage, ckpt: str, manifest: Manifest, rank: int) -> ShardRecord:
+    """Read and verify ``rank``'s shard JSON (its state trees) of committed checkpoint directory ``ckpt``."""
     json_name, _ = shard_names(rank)
-    jpath = ckpt_dir / json_name
+    jpath = _File(storage, f"{ckpt}/{json_name}")
     raw = _read_verified(jpath, manifest.files[json_name])
     try:
         data = json.loads(raw)
@@ -78,7 +78,7 @@ def read_shard_record(ckpt_dir: Path, manifest: Manifest, rank: int) -> ShardRec
     return record
 
 
-def read_shard_tensors(ckpt_dir: Path, manifest: Manifest, rank: int,
+def read_shard_tensors(storage: Storage, ckpt: str, manifest: Manifest, rank: int,
                        keep: Callable[[str], bool] | None = None) -> dict[str, torch.Tensor]:
     """Read and verify ``rank``'s shard .bin, straight into one freshly allocated tensor per entry.
 
@@ -90,22 +90,33 @@ def read_shard_tensors(ckpt_dir: Path, manifest: Manifest, rank: int,
     """
     _, bin_name = shard_names(rank)
     entries = sorted(((n, t) for n, t in manifest.tensors.items() if t.file == bin_name), key=lambda x: x[1].offset)
-    return _read_tensors(ckpt_dir / bin_name, manifest.files[bin_name], entries, keep)
+    return _read_tensors(_File(storage, f"{ckpt}/{bin_name}"), manifest.files[bin_name], entries, keep)
 
 
-def _open(path: Path, entry: FileEntry) -> BinaryIO:
+@dataclass(frozen=True)
+class _File:
+    """A file in a storage, named for messages by its full location."""
+
+    storage: Storage
+    rel: str
+
+    def __str__(self) -> str:
+        return self.storage.describe(self.rel)
+
+
+def _open(path: _File, entry: FileEntry) -> BinaryIO:
     try:
-        size = os.stat(path).st_size
+        size = path.storage.size(path.rel)
         if size != entry.size:
             raise CorruptCheckpoint(str(path), f"size {size} bytes, manifest says {entry.size} (truncated or overwritten)")
-        return open(path, "rb", buffering=0)
+        return path.storage.open(path.rel)
     except FileNotFoundError:
         raise CorruptCheckpoint(str(path), "file listed in the manifest is missing") from None
     except OSError as e:
         raise CorruptCheckpoint(str(path), f"cannot read ({e.strerror or e})") from None
 
 
-def _read_into(f: BinaryIO, view: memoryview, path: Path) -> None:
+def _read_into(f: BinaryIO, view: memoryview, path: _File) -> None:
     got = 0
     try:
         while got < len(view):
@@ -117,7 +128,7 @@ def _read_into(f: BinaryIO, view: memoryview, path: Path) -> None:
         raise CorruptCheckpoint(str(path), f"read error ({e.strerror or e})") from None
 
 
-def _read_verified(path: Path, entry: FileEntry) -> bytes:
+def _read_verified(path: _File, entry: FileEntry) -> bytes:
     with _open(path, entry) as f:
         buf = bytearray(entry.size)
         _read_into(f, memoryview(buf), path)
@@ -127,7 +138,7 @@ def _read_verified(path: Path, entry: FileEntry) -> bytes:
     return bytes(buf)
 
 
-def _read_tensors(path: Path, entry: FileEntry, entries: list[tuple[str, TensorEntry]],
+def _read_tensors(path: _File, entry: FileEntry, entries: list[tuple[str, TensorEntry]],
                   keep: Callable[[str], bool] | None = None) -> dict[str, torch.Tensor]:
     hasher = checksum.Hasher()
     out: dict[str, torch.Tensor] = {}

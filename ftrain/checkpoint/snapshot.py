@@ -15,18 +15,17 @@ its one-save-in-flight rule.
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
 
 from ftrain import faults
 from ftrain.checkpoint import checksum, codec
-from ftrain.checkpoint.layout import align_up, atomic_write, shard_names, write_all
+from ftrain.checkpoint.format import align_up, shard_names
 from ftrain.checkpoint.manifest import TensorEntry
 from ftrain.checkpoint.shard import ShardRecord
+from ftrain.checkpoint.storage import LocalStorage, atomic_write, write_all
 
 _WRITE_CHUNK = 64 << 20
 
@@ -91,19 +90,20 @@ def take_snapshot(trees: dict[str, Any], tensors: dict[str, torch.Tensor], *, ra
     return Snapshot(rank=rank, step=step, nonce=nonce, trees=trees, index=index, data=data, ready=ready)
 
 
-def persist(snap: Snapshot, tmpdir: Path) -> ShardRecord:
-    """Write a snapshot as this rank's shard files, durably: the .bin (fsynced), then the .json renamed in.
+def persist(snap: Snapshot, storage: LocalStorage, tmp: str) -> ShardRecord:
+    """Write a snapshot as this rank's shard files in directory ``tmp``, durably: the .bin (fsynced), then the
+    .json renamed in.
 
     Safe to run off the training thread: it only reads the snapshot. The
-    checksum is computed here, over exactly the bytes written.
+    checksum is computed here, over exactly the bytes written. Shards are always
+    written to local storage; a remote tier receives committed checkpoints.
     """
     if snap.ready is not None:
         snap.ready.synchronize()
     json_name, bin_name = shard_names(snap.rank)
     view = memoryview(snap.data.numpy()) if snap.nbytes else memoryview(b"")
     hasher = checksum.Hasher()
-    fd = os.open(tmpdir / bin_name, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-    try:
+    with storage.create(f"{tmp}/{bin_name}") as fd:
         half = len(view) // 2
         for lo, hi in ((0, half), (half, len(view))):
             if lo == half:
@@ -112,15 +112,12 @@ def persist(snap: Snapshot, tmpdir: Path) -> ShardRecord:
                 chunk = view[start:min(hi, start + _WRITE_CHUNK)]
                 hasher.update(chunk)
                 write_all(fd, chunk)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
     record = ShardRecord(rank=snap.rank, step=snap.step, nonce=snap.nonce, bin_name=bin_name,
                          bin_size=snap.nbytes, bin_checksum=hasher.hexdigest(), tensors=snap.index,
                          trees=snap.trees)
     faults.point("save.shard_bin_written", step=snap.step, rank=snap.rank)
     # No directory fsync here: the committing rank fsyncs the directory once for all shards.
-    atomic_write(tmpdir / json_name, json.dumps(record.to_json()).encode(), fsync_parent=False)
+    atomic_write(storage.full(f"{tmp}/{json_name}"), json.dumps(record.to_json()).encode(), fsync_parent=False)
     return record
 
 

@@ -1,30 +1,29 @@
-"""A checkpoint root directory: discovery, validation, the commit, cleanup and retention.
+"""A checkpoint root: discovery, validation, the commit, cleanup and retention (docs/FORMAT.md).
 
-Concurrency contract: any number of processes may read (``list``, ``validate``).
-Exactly one process per job (rank 0) calls :meth:`commit`, :meth:`cleanup_temps`
-and :meth:`prune`; other ranks only write their shard into the temp directory of
-the save in progress. One job per checkpoint root.
+Every byte goes through a :class:`~ftrain.checkpoint.storage.Storage`; the
+local filesystem is the default. Concurrency contract: any number of processes
+may read (``list``, ``validate``). Exactly one process per job (rank 0) calls
+:meth:`commit`, :meth:`cleanup_temps` and :meth:`retain`; other ranks only write
+their shard into the temp directory of the save in progress. One job per root.
 """
 from __future__ import annotations
 
 import json
 import logging
 import os
-import secrets
-import shutil
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 from ftrain import __version__, faults
-from ftrain.checkpoint import checksum, layout
+from ftrain.checkpoint import checksum, format
 from ftrain.checkpoint.manifest import FileEntry, Manifest, parse
 from ftrain.checkpoint.shard import ShardRecord
+from ftrain.checkpoint.storage import LocalStorage, Storage
 from ftrain.errors import CheckpointDirError, CheckpointError, CorruptCheckpoint
 
 log = logging.getLogger("ftrain.checkpoint")
-_REPLACED = f"{layout.TMP_PREFIX}replaced-"
 
 
 @dataclass
@@ -40,247 +39,280 @@ class CheckpointInfo:
 
 
 class CheckpointStore:
-    def __init__(self, root: str | os.PathLike[str]) -> None:
+    def __init__(self, root: str | os.PathLike[str], storage: Storage | None = None) -> None:
         self.root = Path(root)
+        self.storage: Storage = storage if storage is not None else LocalStorage(self.root)
 
     # ----------------------------------------------------------------- discovery
     def ensure_writable(self) -> None:
         """Create the root if needed and prove we can write in it; the error names the dir and the fix."""
         try:
-            self.root.mkdir(parents=True, exist_ok=True)
-            probe = self.root / f"{layout.TMP_PREFIX}probe-{os.getpid()}-{secrets.token_hex(4)}"
-            probe.write_bytes(b"")
-            probe.unlink(missing_ok=True)
+            self.storage.ensure_writable()
         except OSError as e:
             raise CheckpointDirError(
                 f"checkpoint dir {str(self.root)!r} is not writable ({e.strerror or e}); "
                 "set checkpoint.dir (or --ckpt-dir / FTRAIN_CHECKPOINT_DIR) to a writable directory") from None
 
-    def step_dirs(self) -> list[tuple[int, Path]]:
-        """Committed-looking checkpoint directories, oldest first."""
-        if not self.root.is_dir():
-            return []
+    def steps(self) -> list[int]:
+        """Steps of the committed-looking checkpoint directories, oldest first."""
         out = []
-        for entry in os.scandir(self.root):
-            step = layout.parse_step_dirname(entry.name)
-            if step is not None and entry.is_dir():
-                out.append((step, Path(entry.path)))
+        for entry in self.storage.list():
+            step = format.parse_step_dirname(entry.name)
+            if step is not None and entry.is_dir:
+                out.append(step)
         return sorted(out)
 
+    def step_dirs(self) -> list[tuple[int, Path]]:
+        """Committed-looking checkpoint directories, oldest first."""
+        return [(step, self.path(step)) for step in self.steps()]
+
+    def has(self, step: int) -> bool:
+        return self.storage.is_dir(format.step_dirname(step))
+
     def path(self, step: int) -> Path:
-        return self.root / layout.step_dirname(step)
+        return self.root / format.step_dirname(step)
 
     def latest_hint(self) -> str | None:
         """What the ``latest`` pointer says (a hint for humans and tools; discovery never relies on it)."""
-        return self._hint(layout.LATEST)
+        return self._hint(format.LATEST)
 
     def best_hint(self) -> str | None:
         """What the ``best`` pointer says: the best checkpoint by the monitored metric (a hint, like ``latest``)."""
-        return self._hint(layout.BEST)
+        return self._hint(format.BEST)
 
     def _hint(self, name: str) -> str | None:
         try:
-            return (self.root / name).read_text().strip() or None
+            return self.storage.read(name).decode(errors="replace").strip() or None
         except OSError:
             return None
 
     def update_best_hint(self, step: int | None) -> None:
         """Point ``best`` at ``step``; with None, only remove a pointer whose checkpoint is gone."""
-        if step is not None and self.path(step).is_dir():
-            layout.atomic_write(self.root / layout.BEST, f"{layout.step_dirname(step)}\n".encode())
+        if step is not None and self.has(step):
+            self.storage.write(format.BEST, f"{format.step_dirname(step)}\n".encode())
             return
         hint = self.best_hint()
-        if hint is not None and not (self.root / hint).is_dir():
-            (self.root / layout.BEST).unlink(missing_ok=True)
+        if hint is not None and not self.storage.is_dir(hint):
+            self.storage.delete(format.BEST)
 
     # ---------------------------------------------------------------- validation
     def read_manifest(self, step: int) -> Manifest:
-        path = self.path(step) / layout.MANIFEST
+        name = f"{format.step_dirname(step)}/{format.MANIFEST}"
+        where = self.storage.describe(name)
         try:
-            data = path.read_bytes()
+            data = self.storage.read(name)
         except FileNotFoundError:
-            raise CorruptCheckpoint(str(path), "manifest missing (save was interrupted or the file was deleted)") from None
+            raise CorruptCheckpoint(where, "manifest missing (save was interrupted or the file was deleted)") from None
         except OSError as e:
-            raise CorruptCheckpoint(str(path), f"cannot read manifest ({e.strerror})") from None
-        m = parse(data, str(path))
+            raise CorruptCheckpoint(where, f"cannot read manifest ({e.strerror})") from None
+        m = parse(data, where)
         if m.step != step:
-            raise CorruptCheckpoint(str(path), f"manifest says step {m.step} but the directory is for step {step}")
+            raise CorruptCheckpoint(where, f"manifest says step {m.step} but the directory is for step {step}")
         return m
 
     def check_files(self, m: Manifest) -> None:
         """Cheap check: every listed file exists with its listed size (no reading)."""
         for name, entry in sorted(m.files.items()):
-            path = self.path(m.step) / name
+            rel = f"{format.step_dirname(m.step)}/{name}"
+            where = self.storage.describe(rel)
             try:
-                size = os.stat(path).st_size
+                size = self.storage.size(rel)
             except FileNotFoundError:
-                raise CorruptCheckpoint(str(path), "file listed in the manifest is missing") from None
+                raise CorruptCheckpoint(where, "file listed in the manifest is missing") from None
             except OSError as e:
-                raise CorruptCheckpoint(str(path), f"cannot stat ({e.strerror or e})") from None
+                raise CorruptCheckpoint(where, f"cannot stat ({e.strerror or e})") from None
             if size != entry.size:
-                raise CorruptCheckpoint(str(path), f"size {size} bytes, manifest says {entry.size} "
-                                                  "(truncated or overwritten)")
+                raise CorruptCheckpoint(where, f"size {size} bytes, manifest says {entry.size} "
+                                               "(truncated or overwritten)")
 
     def validate(self, step: int) -> Manifest:
         """Full check of checkpoint ``step``: manifest, then every file's size and checksum (streamed)."""
         m = self.read_manifest(step)
         self.check_files(m)
         for name, entry in sorted(m.files.items()):
-            path = self.path(step) / name
+            rel = f"{format.step_dirname(step)}/{name}"
             try:
-                _, digest = checksum.file_digest(path)
+                with self.storage.open(rel) as f:
+                    _, digest = checksum.stream_digest(f)
             except OSError as e:
-                raise CorruptCheckpoint(str(path), f"read error ({e.strerror or e})") from None
+                raise CorruptCheckpoint(self.storage.describe(rel), f"read error ({e.strerror or e})") from None
             if digest != entry.checksum:
-                raise CorruptCheckpoint(str(path), f"checksum mismatch (manifest {entry.checksum}, file {digest})")
+                raise CorruptCheckpoint(self.storage.describe(rel),
+                                        f"checksum mismatch (manifest {entry.checksum}, file {digest})")
         return m
 
     def info(self, step: int) -> CheckpointInfo:
-        path = self.path(step)
-        size = sum(e.stat().st_size for e in os.scandir(path) if e.is_file()) if path.is_dir() else 0
+        size = sum(e.size for e in self.storage.list(format.step_dirname(step)) if not e.is_dir)
         try:
             m = self.validate(step)
         except CorruptCheckpoint as e:
-            return CheckpointInfo(step, path, False, f"{Path(e.path).name}: {e.reason}", size)
-        return CheckpointInfo(step, path, True, "", size, m.created_unix)
+            return CheckpointInfo(step, self.path(step), False, f"{Path(e.path).name}: {e.reason}", size)
+        return CheckpointInfo(step, self.path(step), True, "", size, m.created_unix)
 
     def list(self) -> list[CheckpointInfo]:
-        return [self.info(step) for step, _ in self.step_dirs()]
+        return [self.info(step) for step in self.steps()]
+
+    def manifests(self) -> list[Manifest]:
+        """Every manifest that parses, oldest first; unreadable ones are skipped with a warning."""
+        out = []
+        for step in self.steps():
+            try:
+                out.append(self.read_manifest(step))
+            except CorruptCheckpoint as e:
+                log.warning("skipping checkpoint step %d: %s: %s", step, e.path, e.reason)
+        return out
 
     def candidates(self, skip: set[int] | frozenset[int] = frozenset()) -> Iterator[Manifest]:
         """Committed-looking checkpoints, newest first, that pass the cheap checks (manifest + sizes).
 
-        Checksums are verified by whoever reads the files (see ``Session.restore``),
+        Checksums are verified by whoever reads the files (the restore protocol),
         so each byte is read once. Damaged ones are skipped with a warning naming file and reason.
         """
-        for step, path in reversed(self.step_dirs()):
+        for step in reversed(self.steps()):
             if step in skip:
                 continue
             try:
                 m = self.read_manifest(step)
                 self.check_files(m)
             except CorruptCheckpoint as e:
-                log.warning("skipping checkpoint %s: %s: %s; falling back to an older one", path.name,
-                            e.path, e.reason)
+                log.warning("skipping checkpoint %s: %s: %s; falling back to an older one",
+                            format.step_dirname(step), e.path, e.reason)
                 continue
             yield m
 
     # --------------------------------------------------------- writing (rank 0)
-    def cleanup_temps(self) -> list[Path]:
+    def cleanup_temps(self) -> list[str]:
         """Remove temp directories and files left by killed saves and prunes.
 
         One exception: a committed checkpoint moved aside to be replaced
         (``.tmp-replaced-step-N-*``) whose ``step-N`` never arrived is moved back, not deleted.
         """
-        removed: list[Path] = []
-        if not self.root.is_dir():
-            return removed
-        for entry in sorted(os.scandir(self.root), key=lambda e: e.name):
-            stale = entry.name.startswith(layout.TMP_PREFIX) or entry.name.endswith(".partial")
-            if not stale:
+        removed: list[str] = []
+        for entry in sorted(self.storage.list(), key=lambda e: e.name):
+            if not format.is_garbage(entry.name):
                 continue
-            path = Path(entry.path)
-            if entry.name.startswith(_REPLACED):
-                final = self.root / entry.name[len(_REPLACED):].rsplit("-", 1)[0]
-                if not final.exists():
-                    os.replace(path, final)
-                    log.warning("restored %s, which an interrupted save had moved aside", final.name)
+            if entry.name.startswith(format.REPLACED_PREFIX):
+                final = entry.name[len(format.REPLACED_PREFIX):].rsplit("-", 1)[0]
+                if format.parse_step_dirname(final) is not None and not self.storage.is_dir(final):
+                    self.storage.commit(entry.name, final)
+                    log.warning("restored %s, which an interrupted save had moved aside", final)
                     continue
-            if entry.is_dir(follow_symlinks=False):
-                shutil.rmtree(path, ignore_errors=True)
-            else:
-                path.unlink(missing_ok=True)
-            removed.append(path)
+            self.storage.delete(entry.name)
+            removed.append(entry.name)
         if removed:
-            log.info("removed %d leftover(s) of interrupted saves: %s", len(removed),
-                     ", ".join(p.name for p in removed))
+            log.info("removed %d leftover(s) of interrupted saves: %s", len(removed), ", ".join(removed))
         return removed
 
-    def wait_for_shards(self, tmpdir: Path, step: int, world_size: int, nonce: str, timeout: float
+    def wait_for_shards(self, tmp: str, step: int, world_size: int, nonce: str, timeout: float
                         ) -> list[ShardRecord]:
-        """Block until every rank's shard JSON has appeared in ``tmpdir`` (each is renamed in when durable)."""
+        """Block until every rank's shard JSON has appeared in ``tmp`` (each is renamed in when durable)."""
         deadline = time.monotonic() + timeout
         pending = set(range(world_size))
         records: dict[int, ShardRecord] = {}
         delay = 0.001
         while pending:
             for rank in sorted(pending):
-                failed = tmpdir / layout.shard_error_name(rank)
-                if failed.exists():
-                    raise CheckpointError(f"rank {rank} failed to write its shard of step {step}: "
-                                          f"{failed.read_text(errors='replace').strip()}")
-                path = tmpdir / layout.shard_names(rank)[0]
                 try:
-                    rec = ShardRecord.from_json(json.loads(path.read_bytes()))
+                    reason = self.storage.read(f"{tmp}/{format.shard_error_name(rank)}")
+                except FileNotFoundError:
+                    pass
+                else:
+                    raise CheckpointError(f"rank {rank} failed to write its shard of step {step}: "
+                                          f"{reason.decode(errors='replace').strip()}")
+                rel = f"{tmp}/{format.shard_names(rank)[0]}"
+                try:
+                    rec = ShardRecord.from_json(json.loads(self.storage.read(rel)))
                 except FileNotFoundError:
                     continue
                 except (ValueError, KeyError, TypeError, AttributeError) as e:
-                    raise CheckpointError(f"{path}: unreadable shard record ({type(e).__name__}: {e})") from None
+                    raise CheckpointError(f"{self.storage.describe(rel)}: unreadable shard record "
+                                          f"({type(e).__name__}: {e})") from None
                 if rec.nonce != nonce or rec.step != step:
-                    raise CheckpointError(f"{path}: shard belongs to another save ({rec.nonce} != {nonce})")
+                    raise CheckpointError(f"{self.storage.describe(rel)}: shard belongs to another save "
+                                          f"({rec.nonce} != {nonce})")
                 records[rank] = rec
                 pending.discard(rank)
             if not pending:
                 break
             if time.monotonic() > deadline:
                 raise CheckpointError(
-                    f"save into {tmpdir.name} timed out after {timeout:.0f}s waiting for rank(s) {sorted(pending)}; "
+                    f"save into {tmp} timed out after {timeout:.0f}s waiting for rank(s) {sorted(pending)}; "
                     "raise checkpoint.commit_timeout_seconds if their disks are slow")
             time.sleep(delay)
             delay = min(delay * 2, 0.05)
         return [records[r] for r in range(world_size)]
 
-    def commit(self, tmpdir: Path, *, step: int, world_size: int, nonce: str, timeout: float,
+    def commit(self, tmp: str, *, step: int, world_size: int, nonce: str, timeout: float,
                meta: dict[str, object]) -> Manifest:
-        """Turn a finished temp directory into checkpoint ``step``: manifest, rename, ``latest``.
+        """Turn the finished temp directory ``tmp`` into checkpoint ``step``: manifest, rename, ``latest``.
 
         A kill at any instant leaves either no new checkpoint (the temp dir is
         cleaned up on the next start) or a complete, valid one.
         """
-        records = self.wait_for_shards(tmpdir, step, world_size, nonce, timeout)
+        records = self.wait_for_shards(tmp, step, world_size, nonce, timeout)
         files: dict[str, FileEntry] = {}
         tensors = {}
         for rec in records:
-            json_name = layout.shard_names(rec.rank)[0]
+            json_name = format.shard_names(rec.rank)[0]
             files[rec.bin_name] = FileEntry(rec.bin_size, rec.bin_checksum, rec.rank)
-            size, digest = checksum.file_digest(tmpdir / json_name)
+            with self.storage.open(f"{tmp}/{json_name}") as f:
+                size, digest = checksum.stream_digest(f)
             files[json_name] = FileEntry(size, digest, rec.rank)
             tensors.update(rec.tensors)
         manifest = Manifest(step=step, world_size=world_size, files=files, tensors=tensors,
                             ftrain_version=__version__, meta=dict(meta))
         faults.point("save.before_manifest", step=step, rank=0)
-        # One directory fsync makes every rank's renamed-in shard JSON durable before the manifest exists.
-        layout.fsync_dir(tmpdir)
-        layout.atomic_write(tmpdir / layout.MANIFEST, manifest.to_bytes())
+        # One directory sync makes every rank's renamed-in shard JSON durable before the manifest exists.
+        self._sync(tmp)
+        self.storage.write(f"{tmp}/{format.MANIFEST}", manifest.to_bytes())
         faults.point("save.before_rename", step=step, rank=0)
-        final = self.path(step)
-        if final.exists():
+        final = format.step_dirname(step)
+        if self.storage.is_dir(final):
             # Same step saved again (e.g. an earlier copy was corrupt, or resume=never over an old run).
             # Move the old one aside first: rename cannot replace a non-empty directory.
-            aside = self.root / f"{_REPLACED}{final.name}-{nonce}"
-            os.replace(final, aside)
-            os.replace(tmpdir, final)
-            shutil.rmtree(aside, ignore_errors=True)
+            aside = f"{format.REPLACED_PREFIX}{final}-{nonce}"
+            self.storage.commit(final, aside)
+            self.storage.commit(tmp, final)
+            self.storage.delete(aside)
         else:
-            os.replace(tmpdir, final)
-        layout.fsync_dir(self.root)
+            self.storage.commit(tmp, final)
         faults.point("save.before_latest", step=step, rank=0)
-        layout.atomic_write(self.root / layout.LATEST, f"{final.name}\n".encode())
+        self.storage.write(format.LATEST, f"{final}\n".encode())
         return manifest
+
+    def _sync(self, path: str) -> None:
+        sync = getattr(self.storage, "fsync", None)
+        if sync is not None:
+            sync(path)
+
+    def retain(self, step: int, keep_last: int, best: Iterable[int]) -> list[int]:
+        """After committing ``step``: point ``best`` at the best one, then prune; returns the pruned steps.
+
+        ``best`` lists the steps retention must keep as best ones, best first.
+        A best step with no directory (its save failed) is neither protected nor
+        pointed to. The pointer is written before pruning, like the commit's
+        other pointers, and never left naming a pruned step.
+        """
+        kept_best = [s for s in best if s == step or self.has(s)]
+        self.update_best_hint(kept_best[0] if kept_best else None)
+        pruned = self.prune(keep_last, protect={step, *kept_best})
+        if pruned and not kept_best:  # a pointer left from an earlier ranking may name a step just pruned
+            self.update_best_hint(None)
+        return pruned
 
     def prune(self, keep_last: int, protect: set[int]) -> list[int]:
         """Delete committed checkpoints beyond the newest ``keep_last`` (0 keeps all), never those in ``protect``."""
         if keep_last <= 0:
             return []
-        steps = [s for s, _ in self.step_dirs()]
+        steps = self.steps()
         doomed = [s for s in steps[:-keep_last] if s not in protect]
         for step in doomed:
             # Rename first so a kill mid-delete leaves a temp dir (cleaned later), not a half checkpoint.
-            path = self.path(step)
-            aside = self.root / f"{layout.TMP_PREFIX}deleting-{path.name}"
+            name = format.step_dirname(step)
+            aside = f"{format.DELETING_PREFIX}{name}"
             try:
-                os.replace(path, aside)
+                self.storage.commit(name, aside)
             except OSError:
                 continue
-            shutil.rmtree(aside, ignore_errors=True)
+            self.storage.delete(aside)
         return doomed

@@ -15,6 +15,7 @@ from ftrain.cli import export, inspection, show
 from ftrain.errors import CheckpointError, CorruptCheckpoint, UsageError
 
 if TYPE_CHECKING:  # the store imports torch (seconds); `ftrain launch` must not pay that before its handlers
+    from ftrain.checkpoint.manifest import Manifest
     from ftrain.checkpoint.store import CheckpointInfo, CheckpointStore
 
 
@@ -89,28 +90,23 @@ def cmd_ls(args: argparse.Namespace) -> int:
 def _selection(store: CheckpointStore, infos: list[CheckpointInfo]
                ) -> tuple[dict[str, str] | None, dict[int, Any], int | None]:
     """(monitor, {step: meta.metrics}, best valid step) for ``ls``; no monitor means no best, not an error."""
-    import logging
-
-    from ftrain.checkpoint import reader
+    from ftrain.session.ranking import best_ranking
 
     values: dict[int, Any] = {}
+    manifests: list[Manifest] = []
     for info in infos:
         try:
-            metrics = store.read_manifest(info.step).meta.get("metrics")
+            manifest = store.read_manifest(info.step)
         except CorruptCheckpoint:
             continue  # the row already says CORRUPT and why
+        manifests.append(manifest)
+        metrics = manifest.meta.get("metrics")
         if isinstance(metrics, dict):
             values[info.step] = show.jsonable(metrics)
-    # best_ranking warns about each unreadable manifest; ls already shows those rows as CORRUPT with the reason.
-    quiet = logging.getLogger("ftrain.checkpoint")
-    was = quiet.disabled
-    quiet.disabled = True
     try:
-        name, mode, ranked = reader.best_ranking(store)
+        name, mode, ranked = best_ranking(manifests)
     except CheckpointError:
         return None, values, None
-    finally:
-        quiet.disabled = was
     valid = {i.step for i in infos if i.valid}
     best = next((m.step for m in ranked if m.step in valid), None)  # what `export --step best` would pick
     return {"name": name, "mode": mode}, values, best

@@ -71,9 +71,10 @@ def cmd_export(args: argparse.Namespace) -> int:
     tmp = _create_temp(out, args.force, check_exists=not templated)  # a bad OUT fails now, not after reading GBs
     try:
         with warnings_to_stderr():
-            from ftrain.checkpoint import layout, reader
+            from ftrain.checkpoint import reader, storage
+            from ftrain.session.ranking import rank_manifests
 
-            manifest, objects = reader.load(store, which, name=args.obj)
+            manifest, objects = reader.load(store, which, name=args.obj, rank=rank_manifests)
             if templated:
                 out = out.parent / _render(out.name, manifest, args.obj)
                 if out.exists() and not args.force:
@@ -84,7 +85,7 @@ def cmd_export(args: argparse.Namespace) -> int:
                 raise UsageError(f"{out} appeared while exporting; not replaced (use --force)")
             os.replace(tmp, out)
         with contextlib.suppress(OSError):  # some filesystems refuse a directory fsync; the file itself is durable
-            layout.fsync_dir(out.parent)
+            storage.fsync_dir(out.parent)
     except BaseException:
         tmp.unlink(missing_ok=True)  # never leave a partial file behind, whatever failed (Ctrl-C included)
         raise

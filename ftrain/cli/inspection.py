@@ -63,6 +63,7 @@ def _pick(store: CheckpointStore, which: int | str, verify: bool) -> tuple[Manif
     restore do: cheap checks (manifest + sizes), or full checksums with ``verify``.
     """
     from ftrain.checkpoint import reader
+    from ftrain.session.ranking import rank_manifests
 
     if isinstance(which, int):
         manifest = reader.candidates(store, which)[0]
@@ -72,7 +73,7 @@ def _pick(store: CheckpointStore, which: int | str, verify: bool) -> tuple[Manif
             except CorruptCheckpoint as e:
                 return manifest, e
         return manifest, None
-    pool = store.candidates() if which == "latest" else _size_checked(store, reader.best_ranking(store)[2])
+    pool = store.candidates() if which == "latest" else _size_checked(store, rank_manifests(store.manifests()))
     for manifest in pool:
         if verify:
             try:

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from ftrain.errors import UsageError
+from ftrain.signals import EARLY_SIGNALS
 
 #: torchrun flags passed through unchanged: (flag, takes a value).
 TORCHRUN_FLAGS = [("--nnodes", True), ("--node-rank", True), ("--rdzv-backend", True), ("--rdzv-endpoint", True),
@@ -66,7 +67,7 @@ def cmd_launch(args: argparse.Namespace) -> int:
     # Catch preemption signals from the first moment: importing the supervisor (torch, psutil) takes seconds,
     # and SLURM's SIGUSR1 would otherwise kill us before any handler exists. The supervisor takes these over.
     early: list[str] = []
-    for name in ("SIGTERM", "SIGUSR1", "SIGINT"):
+    for name in EARLY_SIGNALS:
         signal.signal(getattr(signal, name), lambda signum, frame: early.append(signal.Signals(signum).name))
     from ftrain.checkpoint.store import CheckpointStore  # these import torch: seconds, so after the handlers
     from ftrain.config import load_config
@@ -79,7 +80,7 @@ def cmd_launch(args: argparse.Namespace) -> int:
         raise UsageError(f"--nproc must be >= 1, got {args.nproc}")
     cfg = load_config(args.config, overrides={key: getattr(args, dest) for dest, key in CONFIG_FLAGS.items()})
     CheckpointStore(cfg.checkpoint.dir).ensure_writable()
-    log_dir = Path(cfg.supervisor.log_dir) if cfg.supervisor.log_dir else Path(cfg.checkpoint.dir) / "logs"
+    log_dir = Path(cfg.log_dir)
     try:
         log_dir.mkdir(parents=True, exist_ok=True)
         if not os.access(log_dir, os.W_OK):

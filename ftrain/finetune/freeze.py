@@ -13,7 +13,7 @@ Invariants:
 * A tied (shared) parameter is one parameter: a pattern may select it by any
   of its names, it appears in one optimizer group only, and name lists
   (:func:`freeze`'s result, :func:`frozen_names`) give every name it has, as
-  ``ftrain.trainable.frozen_names`` does, so they round-trip through it.
+  ``ftrain.session.trainable.frozen_names`` does, so they round-trip through it.
 
 Thread-safety: :func:`freeze`/:func:`unfreeze` mutate ``requires_grad``; call
 them between steps, not while another thread runs backward.
@@ -27,7 +27,7 @@ from typing import Any
 from torch import nn
 
 from ftrain.errors import FtrainError
-from ftrain.trainable import frozen_names  # noqa: F401  (re-exported: the session records the same list)
+from ftrain.session.trainable import frozen_names  # noqa: F401  (re-exported: the session records the same list)
 
 __all__ = ["DEFAULT_GROUP", "freeze", "frozen_names", "param_groups", "unfreeze"]
 

@@ -35,6 +35,7 @@ from torch import nn
 
 from ftrain.checkpoint import reader
 from ftrain.errors import CheckpointError, CorruptCheckpoint, FtrainError, StateMismatch
+from ftrain.session.ranking import rank_manifests
 
 log = logging.getLogger("ftrain")
 
@@ -259,7 +260,7 @@ def _read_checkpoint(path: Path, step: int | str | None, object_name: str) -> tu
     if not store.step_dirs():
         raise FtrainError(f"{path} is a directory but not an ftrain checkpoint (no step-N directories in it); "
                           f"accepted: {ACCEPTED}")
-    manifest, objects = reader.load(store, which, name=object_name)
+    manifest, objects = reader.load(store, which, name=object_name, rank=rank_manifests)
     state = objects.get(object_name)
     where = f"{store.path(manifest.step)} [{object_name}]"
     if not isinstance(state, Mapping):

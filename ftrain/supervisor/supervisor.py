@@ -34,9 +34,9 @@ from ftrain.checkpoint.store import CheckpointStore
 from ftrain.config import FtrainConfig, config_to_env
 from ftrain.supervisor.hang import HangLimits, find_hung
 from ftrain.supervisor.policy import Action, AttemptResult, Outcome, RestartPolicy, decide
-from ftrain.supervisor.process import JobProcess
+from ftrain.supervisor.job import JobProcess
 from ftrain.supervisor.report import Failure, format_report, root_cause
-from ftrain.worker import STACK_DUMP_SIGNAL
+from ftrain.signals import STACK_DUMP_SIGNAL
 
 log = logging.getLogger("ftrain.launch")
 
@@ -74,7 +74,7 @@ class Supervisor:
         self.sup = cfg.supervisor
         self.policy = RestartPolicy.from_config(self.sup)
         self.store = CheckpointStore(cfg.checkpoint.dir)
-        self.log_dir = Path(self.sup.log_dir) if self.sup.log_dir else Path(cfg.checkpoint.dir) / "logs"
+        self.log_dir = Path(cfg.log_dir)
         self.limits = HangLimits(hang_timeout=self.sup.hang_timeout_seconds,
                                  startup_timeout=self.sup.startup_timeout_seconds,
                                  save_timeout=self.sup.hang_timeout_seconds + cfg.checkpoint.commit_timeout_seconds,
@@ -168,7 +168,7 @@ class Supervisor:
 
     def _handle_hang(self, job: JobProcess, files: AttemptFiles, hang: str) -> None:
         self._say(f"hang detected: {hang}; dumping Python stacks of every rank to {files.root / 'stacks'}")
-        job.signal_workers(STACK_DUMP_SIGNAL)
+        job.signal_workers(int(getattr(signal, STACK_DUMP_SIGNAL)))
         time.sleep(2.0)  # faulthandler writes from a signal handler; give it a moment before the kill
         job.kill_tree()
 
@@ -258,8 +258,8 @@ class Supervisor:
         return code
 
     def _newest_step(self) -> int | None:
-        dirs = self.store.step_dirs()
-        return dirs[-1][0] if dirs else None
+        steps = self.store.steps()
+        return steps[-1] if steps else None
 
     def _set(self, state: State) -> None:
         self.state = state

@@ -1,19 +1,24 @@
-"""What a training process does for fault tolerance besides checkpoints.
+"""Worker side: what a training process does for fault tolerance besides checkpoints.
 
 * **Preemption flag.** The configured signals (``supervisor.preemption_signals``)
   only set a flag: saving inside a signal handler is unsafe (Lightning learned
   this). ``Session.step`` reads the flag at the next step boundary, all ranks
   agree, save once and exit with ``exitcodes.PREEMPTED``. Repeated signals are
   harmless (the flag is already set); "stop now" is the supervisor's job.
+* **Crash flag.** An uncaught exception marks the process as crashing, so the
+  session's exit hook does not wait for a commit that dead peers will never join.
 * Under ``ftrain launch`` (``$FTRAIN_ATTEMPT_DIR`` set), also:
   heartbeats for the hang detector, an error file on an uncaught exception,
-  Python stack dumps on SIGUSR2, and a watch on the parent process: if torchrun
+  Python stack dumps on the stack-dump signal, and a watch on the parent process: if torchrun
   disappears, the worker treats it as a preemption and, failing that, exits
-  after the grace period, so no worker outlives its job.
+  after the grace period, so no worker outlives its job. The files are the
+  attempt-directory contract (docs/FORMAT.md, "Attempt directory").
 
-One per process, created by :class:`ftrain.Session`. The flag is set from
-signal handlers and a watcher thread and read by the training thread; a bool
-assignment is atomic under the GIL, which is all this needs.
+Every process-global hook (signal handlers, ``sys.excepthook``, faulthandler,
+the watcher thread) is undone by :meth:`Liveness.close`, so a second session in
+the same process starts clean. The flags are set from signal handlers and a
+watcher thread and read by the training thread; a bool or str assignment is
+atomic under the GIL, which is all this needs.
 """
 from __future__ import annotations
 
@@ -26,14 +31,13 @@ import sys
 import threading
 import time
 from types import FrameType, TracebackType
+from typing import IO, Any
 
 from ftrain import envvars, exitcodes
 from ftrain.attempt import EXITING, AttemptFiles, HeartbeatWriter, write_error_file
+from ftrain.signals import STACK_DUMP_SIGNAL
 
 log = logging.getLogger("ftrain")
-
-#: The hang detector sends this to ask a worker for its Python stacks.
-STACK_DUMP_SIGNAL = signal.SIGUSR2
 
 
 class Preempted(SystemExit):
@@ -44,21 +48,29 @@ class Preempted(SystemExit):
         self.step = step
 
 
-class Worker:
+class Liveness:
+    """The process-level side of one session: signals, heartbeats, crash reporting, the parent watch."""
+
     def __init__(self, rank: int, signals: list[str], grace_seconds: float) -> None:
         self.rank = rank
         self.grace_seconds = grace_seconds
         self.preempt_reason: str | None = None
+        self.crashing = False
+        self._closed = threading.Event()
+        self._previous_handlers: dict[int, Any] = {}
         self._install_signal_handlers(signals)
         attempt_dir = os.environ.get(envvars.ATTEMPT_DIR)
         self.attempt = AttemptFiles(attempt_dir) if attempt_dir else None
         self._heartbeat: HeartbeatWriter | None = None
+        self._stack_file: IO[str] | None = None
         if self.attempt is not None:
             self._heartbeat = HeartbeatWriter(self.attempt.heartbeat(rank))
             self._stack_file = open(self.attempt.stacks(rank), "a")  # kept open: faulthandler writes to its fd
-            faulthandler.register(STACK_DUMP_SIGNAL, file=self._stack_file, all_threads=True, chain=False)
-            self._chain_excepthook()
+            faulthandler.register(getattr(signal, STACK_DUMP_SIGNAL), file=self._stack_file, all_threads=True,
+                                  chain=False)
             threading.Thread(target=self._watch_parent, name="ftrain-parent-watch", daemon=True).start()
+        self._previous_hook = sys.excepthook
+        sys.excepthook = self._excepthook
 
     # ------------------------------------------------------------ preemption
     @property
@@ -78,7 +90,8 @@ class Worker:
             self.request_preemption(f"received {signal.Signals(signum).name}")
 
         for name in names:
-            signal.signal(getattr(signal, name), handler)
+            sig = getattr(signal, name)
+            self._previous_handlers[sig] = signal.signal(sig, handler)
 
     def write_preempted_marker(self, step: int) -> None:
         """Tell the supervisor the preemption checkpoint committed (one per node: local rank 0 writes it)."""
@@ -97,33 +110,58 @@ class Worker:
     def _watch_parent(self) -> None:
         parent = os.getppid()
         while os.getppid() == parent:
-            time.sleep(1.0)
+            if self._closed.wait(1.0):
+                return
         # torchrun is gone (killed with its supervisor, or crashed): save if the other ranks can, then leave.
         self.request_preemption("parent process (torchrun) died")
-        time.sleep(self.grace_seconds)
+        if self._closed.wait(self.grace_seconds):
+            return
         self.beat(EXITING, -1)
         os._exit(exitcodes.PREEMPTED)
 
-    def _chain_excepthook(self) -> None:
-        previous = sys.excepthook
-        attempt = self.attempt
-        assert attempt is not None
-
-        def hook(etype: type[BaseException], value: BaseException, tb: TracebackType | None) -> None:
+    # --------------------------------------------------------------- crashes
+    def _excepthook(self, etype: type[BaseException], value: BaseException, tb: TracebackType | None) -> None:
+        if self._closed.is_set():  # closed, but another hook was chained over ours: only pass it on
+            self._previous_hook(etype, value, tb)
+            return
+        self.crashing = True
+        if self.attempt is not None:
             try:
-                write_error_file(attempt.error(self.rank), self.rank, value)
+                write_error_file(self.attempt.error(self.rank), self.rank, value)
             except OSError:
                 pass  # reporting must never mask the original error
-            previous(etype, value, tb)
+        self._previous_hook(etype, value, tb)
+        if self.attempt is not None:
             # Leave now. Interpreter shutdown after a crash can take seconds (DataLoader worker joins,
             # process-group teardown against dead peers), and every second delays the restart; the
             # supervisor tears down whatever is left.
-            for stream in (sys.stdout, sys.stderr):
-                try:
-                    stream.flush()
-                except (OSError, ValueError):
-                    pass
+            _flush_std()
             os._exit(exitcodes.FAILURE)
 
-        sys.excepthook = hook
+    # ----------------------------------------------------------------- close
+    def close(self) -> None:
+        """Undo every process-global hook; idempotent."""
+        if self._closed.is_set():
+            return
+        self._closed.set()
+        if threading.current_thread() is threading.main_thread():
+            for sig, previous in self._previous_handlers.items():
+                signal.signal(sig, previous if previous is not None else signal.SIG_DFL)
+        self._previous_handlers.clear()
+        if sys.excepthook == self._excepthook:
+            sys.excepthook = self._previous_hook
+        if self._stack_file is not None:
+            faulthandler.unregister(getattr(signal, STACK_DUMP_SIGNAL))
+            self._stack_file.close()
+            self._stack_file = None
+        if self._heartbeat is not None:
+            self._heartbeat.close()
+            self._heartbeat = None
 
+
+def _flush_std() -> None:
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):
+            pass

@@ -1,4 +1,4 @@
-"""The objects a session checkpoints, and how their state goes into a checkpoint and back.
+"""Worker side: the objects a session checkpoints, and how their state goes into a checkpoint and back.
 
 Each registered object is *replicated* (the same on every rank: written once in
 total) or *per-rank* (loaders, samplers: written by each rank). Modules get two
@@ -16,9 +16,9 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from ftrain import rng, trainable
 from ftrain.checkpoint.manifest import Manifest
 from ftrain.errors import FtrainError, StateMismatch
+from ftrain.session import rng, trainable
 from ftrain.stateful import Stateful
 
 log = logging.getLogger("ftrain")
@@ -57,15 +57,15 @@ class Registry:
         for key, (obj, per_rank) in self.objects.items():
             state = obj.state_dict()
             if trainable.is_module(obj):
-                frozen = trainable.frozen_names(obj)  # type: ignore[arg-type]
+                frozen = trainable.frozen_names(obj)
                 frozen_by[key] = frozen
                 if trainable_only and frozen:
                     base = self._base(key, obj)
-                    digests = base.unchanged(obj, frozen)  # type: ignore[arg-type]
+                    digests = base.unchanged(obj, frozen)
                     state, omitted = trainable.split_state(state, digests)
                     if omitted:
                         omitted_by[key] = omitted
-                        fingerprints[key] = trainable.combine(obj, {n: digests[n] for n in omitted})  # type: ignore
+                        fingerprints[key] = trainable.combine(obj, {n: digests[n] for n in omitted})
             (mine if per_rank else replicated)[key] = state
         meta: dict[str, Any] = {
             "replicated": sorted(replicated), "per_rank": sorted(set(mine) - RESERVED), "frozen": frozen_by,
@@ -93,10 +93,10 @@ class Registry:
                     continue
                 base = self._bases[key] = trainable.FrozenBase()
                 if manifest is None:
-                    base.adopt(obj, names=trainable.frozen_names(obj))  # type: ignore[arg-type]
+                    base.adopt(obj, names=trainable.frozen_names(obj))
                     continue
-                base.adopt(obj, digests=self._verified.get(key))  # type: ignore[arg-type]
-                base.adopt_if_unchanged(obj, self._preload.get(key, {}))  # type: ignore[arg-type]
+                base.adopt(obj, digests=self._verified.get(key))
+                base.adopt_if_unchanged(obj, self._preload.get(key, {}))
         self._verified.clear()
         self._preload.clear()
 
@@ -139,15 +139,15 @@ class Registry:
                 recorded = fingerprints.get(key) if isinstance(fingerprints, dict) else None
                 if not isinstance(recorded, str):
                     raise StateMismatch(f"{what}: trainable-only checkpoint without a base fingerprint")
-                self._verified[key] = trainable.check_base(obj, omitted_by[key], recorded, what)  # type: ignore
+                self._verified[key] = trainable.check_base(obj, omitted_by[key], recorded, what)
         for key, (obj, _) in self.objects.items():
             if not trainable.is_module(obj) or key not in frozen_by:
                 continue
             what = f"registered module {key!r} (checkpoint step {manifest.step})"
-            changed = trainable.apply_frozen(obj, frozen_by[key], what)  # type: ignore[arg-type]
+            changed = trainable.apply_frozen(obj, frozen_by[key], what)
             if collect_base:
                 stored = set(frozen_by[key]) - set(omitted_by.get(key, ()))
-                self._preload[key] = trainable.digests(obj, stored)  # type: ignore[arg-type]
+                self._preload[key] = trainable.digests(obj, stored)
             if changed:
                 log.warning("%s: restored requires_grad as saved for %d parameter(s), e.g. %s (the checkpoint "
                             "records which parameters were frozen)", what, len(changed), changed[:3])
@@ -158,7 +158,7 @@ class Registry:
         for key, (obj, per_rank) in self.objects.items():
             state = (mine if per_rank else replicated)[key]
             if key in omitted_by and trainable.is_module(obj):
-                trainable.load_partial(obj, state, omitted_by[key],  # type: ignore[arg-type]
+                trainable.load_partial(obj, state, omitted_by[key],
                                        f"registered module {key!r} (checkpoint step {manifest.step})")
             else:
                 obj.load_state_dict(state)

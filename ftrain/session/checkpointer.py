@@ -1,4 +1,6 @@
-"""Save and restore state trees as sharded, verified checkpoints, synchronously or in the background.
+"""Worker side of the checkpoint protocol: every rank saves its share and restores with the others.
+
+Save and restore state trees as sharded, verified checkpoints, synchronously or in the background.
 
 Save = snapshot (training thread: encode, copy tensors into a reused host
 buffer) + persist (write, fsync, checksum) + commit (rank 0: manifest, rename,
@@ -20,32 +22,26 @@ from __future__ import annotations
 import logging
 import os
 import secrets
-import shutil
 import time
-from collections.abc import Callable, Iterator
-from pathlib import Path
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import torch
 
 from ftrain import envvars, faults
-from ftrain.checkpoint import codec, layout
+from ftrain.checkpoint import codec, format
+from ftrain.checkpoint.format import REPLICATED, rank_key
 from ftrain.checkpoint.manifest import Manifest
 from ftrain.checkpoint.shard import read_shard_record, read_shard_tensors
 from ftrain.checkpoint.snapshot import Snapshot, StagingArena, owners, persist, take_snapshot
+from ftrain.checkpoint.storage import LocalStorage
 from ftrain.checkpoint.store import CheckpointStore
 from ftrain.checkpoint.writer import BackgroundWriter
-from ftrain.collectives import Collectives
 from ftrain.config import CheckpointConfig
 from ftrain.errors import CheckpointDirError, CheckpointError, CorruptCheckpoint, FtrainError
+from ftrain.session.collectives import Collectives
 
 log = logging.getLogger("ftrain")
-
-REPLICATED = "replicated"
-
-
-def rank_key(rank: int) -> str:
-    return f"rank-{rank:05d}"
 
 
 class Checkpointer:
@@ -53,7 +49,9 @@ class Checkpointer:
         self.cfg = cfg
         self.coll = coll
         self.rank, self.world_size = coll.rank, coll.world_size
-        self.store = CheckpointStore(cfg.dir)
+        # Shards are written to the local filesystem (a remote tier, later, receives committed checkpoints).
+        self.local = LocalStorage(cfg.dir)
+        self.store = CheckpointStore(cfg.dir, self.local)
         self.arena = StagingArena()
         self.writer = BackgroundWriter()
         self.nonce: str | None = None
@@ -73,11 +71,11 @@ class Checkpointer:
             self.store.ensure_writable()
             if self.rank == 0:
                 self.store.cleanup_temps()
-                existing = self.store.step_dirs()
+                existing = self.store.steps()
                 if self.cfg.resume == "never" and existing:
                     raise CheckpointDirError(
                         f"checkpoint.resume is 'never' but {self.store.root} already holds checkpoints (up to step "
-                        f"{existing[-1][0]}); point checkpoint.dir at an empty directory, delete them, or resume")
+                        f"{existing[-1]}); point checkpoint.dir at an empty directory, delete them, or resume")
         except FtrainError as e:
             err = e
         except OSError as e:
@@ -124,20 +122,21 @@ class Checkpointer:
         return manifest, decoded
 
     def _read(self, manifest: Manifest) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
-        ckpt_dir = self.store.path(manifest.step)
-        record0 = read_shard_record(ckpt_dir, manifest, 0)
-        mine = record0 if self.rank == 0 else read_shard_record(ckpt_dir, manifest, self.rank)
-        tensors = read_shard_tensors(ckpt_dir, manifest, self.rank)
+        storage, ckpt = self.store.storage, format.step_dirname(manifest.step)
+        record0 = read_shard_record(storage, ckpt, manifest, 0)
+        mine = record0 if self.rank == 0 else read_shard_record(storage, ckpt, manifest, self.rank)
+        tensors = read_shard_tensors(storage, ckpt, manifest, self.rank)
         if self._single_node():
             # All ranks share one page cache: reading the other shards costs one disk read per node and
             # is faster than broadcasting (measured: docs/PERFORMANCE.md). Every file is verified as read.
             for rank in range(self.world_size):
                 if rank != self.rank:
-                    tensors.update(read_shard_tensors(ckpt_dir, manifest, rank,
+                    tensors.update(read_shard_tensors(storage, ckpt, manifest, rank,
                                                       keep=lambda n: n.startswith(f"{REPLICATED}/")))
         trees = {REPLICATED: record0.trees.get(REPLICATED), rank_key(self.rank): mine.trees.get(rank_key(self.rank))}
         if any(t is None for t in trees.values()):
-            raise CorruptCheckpoint(str(ckpt_dir / layout.shard_names(self.rank)[0]), "state tree missing")
+            raise CorruptCheckpoint(storage.describe(f"{ckpt}/{format.shard_names(self.rank)[0]}"),
+                                    "state tree missing")
         return trees, tensors
 
     def _share_replicated(self, manifest: Manifest, tensors: dict[str, torch.Tensor]) -> None:
@@ -157,23 +156,26 @@ class Checkpointer:
 
     # ------------------------------------------------------------------- save
     def save(self, step: int, replicated: dict[str, Any], per_rank: dict[str, Any], meta: dict[str, Any], *,
-             blocking: bool) -> None:
+             blocking: bool, best: Sequence[int] = ()) -> None:
         """Checkpoint ``step``. Collective in the sense that every rank must call it for the same step.
 
-        Asynchronous unless ``blocking`` or ``checkpoint.async_save`` is false:
-        returns after the snapshot; errors surface later via :meth:`take_error`.
-        Synchronous: returns when the checkpoint is committed, or raises on every rank.
+        ``best`` lists the steps retention must keep besides the ``keep_last``
+        newest, best first; ``best`` on disk points at the first. Asynchronous
+        unless ``blocking`` or ``checkpoint.async_save`` is false: returns after
+        the snapshot; errors surface later via :meth:`take_error`. Synchronous:
+        returns when the checkpoint is committed, or raises on every rank.
         """
         assert self.nonce is not None, "setup() first"
         self.writer.wait()  # one save in flight; the session has already settled the previous one
         t0 = time.monotonic()
-        tmp = self.store.root / layout.tmp_dirname(step, self.nonce)
+        tmp = format.tmp_dirname(step, self.nonce)
+        best = list(best)
         err: FtrainError | None = None
         snap: Snapshot | None = None
         try:
             faults.point("save.begin", step=step, rank=self.rank)
             snap = self._snapshot(step, replicated, per_rank)
-            tmp.mkdir(exist_ok=True)
+            self.local.makedir(tmp)
         except (FtrainError, OSError, TypeError, ValueError) as e:
             err = _as_error(e, step, tmp, self.store.root)
         self.last_blocking_seconds = time.monotonic() - t0
@@ -182,18 +184,19 @@ class Checkpointer:
                 self._report_failure(tmp, err)  # other ranks' writers are running: let rank 0 stop waiting
                 raise err  # nothing was submitted; this rank fails now, with the reason
             assert snap is not None
-            self.writer.submit(lambda: self._persist_and_commit(snap, tmp, meta, t0), name=f"ftrain-save-{step}")
+            self.writer.submit(lambda: self._persist_and_commit(snap, tmp, meta, best, t0),
+                               name=f"ftrain-save-{step}")
             return
         try:
             self.coll.check_all(err)
             assert snap is not None
-            self.coll.check_all(_failure(lambda: persist(snap, tmp), step, tmp, self.store.root))
+            self.coll.check_all(_failure(lambda: persist(snap, self.local, tmp), step, tmp, self.store.root))
             # Every shard is durable here. Rank 0 commits; the others learn whether it worked.
-            self.coll.check_all(_failure(lambda: self._commit(tmp, step, meta, t0), step, tmp, self.store.root)
-                                if self.rank == 0 else None)
+            self.coll.check_all(_failure(lambda: self._commit(tmp, step, meta, best, t0), step, tmp,
+                                         self.store.root) if self.rank == 0 else None)
         except FtrainError:
             if self.rank == 0:  # every rank has stopped writing by now (they agreed above)
-                shutil.rmtree(tmp, ignore_errors=True)
+                self.local.delete(tmp)
             raise
         self.last_blocking_seconds = time.monotonic() - t0
 
@@ -208,35 +211,30 @@ class Checkpointer:
             trees[REPLICATED] = rep_tree
         return take_snapshot(trees, tensors, rank=self.rank, step=step, nonce=self.nonce or "", arena=self.arena)
 
-    def _persist_and_commit(self, snap: Snapshot, tmp: Path, meta: dict[str, Any], t0: float) -> None:
+    def _persist_and_commit(self, snap: Snapshot, tmp: str, meta: dict[str, Any], best: list[int],
+                            t0: float) -> None:
         try:
-            persist(snap, tmp)
+            persist(snap, self.local, tmp)
             if self.rank == 0:
-                self._commit(tmp, snap.step, meta, t0)
+                self._commit(tmp, snap.step, meta, best, t0)
         except BaseException as e:
             self._report_failure(tmp, e)
             raise _as_error(e, snap.step, tmp, self.store.root) from e
 
-    def _report_failure(self, tmp: Path, err: BaseException) -> None:
+    def _report_failure(self, tmp: str, err: BaseException) -> None:
         if self.rank == 0:
-            shutil.rmtree(tmp, ignore_errors=True)  # never leave a half-written save behind
+            self.local.delete(tmp)  # never leave a half-written save behind
             return
         try:  # tell the committing rank at once instead of letting it wait for the timeout
-            tmp.mkdir(exist_ok=True)
-            (tmp / layout.shard_error_name(self.rank)).write_text(str(err))
+            self.local.makedir(tmp)
+            self.local.full(f"{tmp}/{format.shard_error_name(self.rank)}").write_text(str(err))
         except OSError:
             pass
 
-    def _commit(self, tmp: Path, step: int, meta: dict[str, Any], t0: float) -> Manifest:
+    def _commit(self, tmp: str, step: int, meta: dict[str, Any], best: list[int], t0: float) -> Manifest:
         manifest = self.store.commit(tmp, step=step, world_size=self.world_size, nonce=self.nonce or "",
                                      timeout=self.cfg.commit_timeout_seconds, meta=meta)
-        # A best step whose save failed has no directory: it must neither be protected nor named by `best`.
-        best = [s for s in meta.get("best_steps") or ()
-                if isinstance(s, int) and (s == step or self.store.path(s).is_dir())]
-        self.store.update_best_hint(best[0] if best else None)  # before pruning, like the commit's other pointers
-        pruned = self.store.prune(self.cfg.keep_last, protect={step, *best})
-        if pruned and not best:  # a pointer left from an earlier ranking may name a step just pruned
-            self.store.update_best_hint(None)
+        pruned = self.store.retain(step, self.cfg.keep_last, best)
         log.info("saved step %d (%.1f MB, %d file(s)) in %.3fs, training blocked %.3fs%s", step,
                  manifest.total_bytes / 1e6, len(manifest.files), time.monotonic() - t0, self.last_blocking_seconds,
                  f"; pruned {', '.join(map(str, pruned))}" if pruned else "")
@@ -262,7 +260,7 @@ class Checkpointer:
             raise err if isinstance(err, FtrainError) else CheckpointError(f"background checkpoint write failed: {err}")
 
 
-def _failure(fn: Callable[[], object], step: int, tmp: Path, root: Path) -> FtrainError | None:
+def _failure(fn: Callable[[], object], step: int, tmp: str, root: os.PathLike[str]) -> FtrainError | None:
     """Run ``fn``; return its failure as an error value, not raised, so the ranks can agree first."""
     try:
         fn()
@@ -271,7 +269,7 @@ def _failure(fn: Callable[[], object], step: int, tmp: Path, root: Path) -> Ftra
     return None
 
 
-def _as_error(e: BaseException, step: int, tmp: Path, root: Path) -> FtrainError:
+def _as_error(e: BaseException, step: int, tmp: str, root: os.PathLike[str]) -> FtrainError:
     if isinstance(e, FtrainError):
         return e
     if isinstance(e, OSError):

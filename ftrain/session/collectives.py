@@ -1,4 +1,4 @@
-"""The few collectives ftrain needs, on a gloo group (CPU tensors) whatever the training backend.
+"""Worker side: the few collectives ftrain needs, on a gloo group (CPU tensors) whatever the training backend.
 
 Used only from the training thread, at points every rank reaches together
 (restore, step boundaries, synchronous saves). The background writer never

@@ -1,4 +1,4 @@
-"""The training-script API: register state, restore, and save on a schedule.
+"""The training-script API: register state, restore, and save on a schedule (a façade over the session package).
 
 A script becomes fault tolerant with a few lines::
 
@@ -8,17 +8,14 @@ A script becomes fault tolerant with a few lines::
     for step in range(start, total_steps):
         train_one_step()
         session.step(step + 1)                      # saves when the schedule says so
+    session.close()
 
 ``step`` counts *completed* optimizer steps: a checkpoint at step N holds the
 state after N steps, and ``restore()`` returning N means "run step N+1 next".
+Metrics reported with ``report()`` before ``step(n)``/``save(n)`` belong to step n.
 
-Model selection: ``session.report(val_loss=...)`` before ``step(n)`` attaches
-metrics to step n; with ``checkpoint.monitor`` set, ``step()`` keeps the best
-checkpoints (a report that ranks among them triggers a save) and runs early
-stopping (``session.should_stop``). Their state is saved in every checkpoint
-taken at or after the report, so report before ``step()``/``save()`` of that step.
-
-Process model: one Session per process. All ranks of a job must call
+Process model: one live Session per process (``close()`` undoes its process
+hooks, after which another may be created). All ranks of a job must call
 ``restore``, ``step`` and ``save`` at the same points (they use collectives).
 Not thread-safe.
 """
@@ -35,15 +32,19 @@ import torch.distributed as dist
 
 from ftrain import envvars, exitcodes, faults
 from ftrain.attempt import EXITING, RESTORING, SAVING, STARTING, STEPPING
-from ftrain.checkpoint.checkpointer import REPLICATED, Checkpointer, rank_key
+from ftrain.checkpoint.format import REPLICATED, rank_key
 from ftrain.checkpoint.manifest import Manifest
-from ftrain.collectives import Collectives
 from ftrain.config import FtrainConfig, config_to_dict, load_config
-from ftrain.errors import CheckpointError, FtrainError, NoValidCheckpoint, StateMismatch
-from ftrain.registry import Registry
-from ftrain.selection import Selection, SelectionSpec, json_metrics, resolve_mode
+from ftrain.errors import CheckpointError, NoValidCheckpoint, StateMismatch
+from ftrain.session import decision
+from ftrain.session.checkpointer import Checkpointer
+from ftrain.session.collectives import Collectives
+from ftrain.session.decision import StepAction, StepInputs
+from ftrain.session.liveness import Liveness, Preempted
+from ftrain.session.ranking import rank_manifests
+from ftrain.session.registry import Registry
+from ftrain.session.selection import ModelSelection
 from ftrain.stateful import Stateful
-from ftrain.worker import Preempted, Worker
 
 log = logging.getLogger("ftrain")
 
@@ -62,34 +63,21 @@ class Session:
             self.world_size = int(os.environ.get(envvars.WORLD_SIZE, "1"))
         _setup_logging(self.rank)
         sup = self.config.supervisor
-        self.worker = Worker(self.rank, list(sup.preemption_signals), sup.grace_seconds)
-        self.worker.beat(STARTING, 0)
+        self.liveness = Liveness(self.rank, list(sup.preemption_signals), sup.grace_seconds)
+        self.liveness.beat(STARTING, 0)
         self.coll = Collectives(self.rank, self.world_size)
         self.checkpointer = Checkpointer(self.ckpt, self.coll)
         self.store = self.checkpointer.store
         self.registry = Registry()
-        ck, es = self.ckpt, self.config.early_stopping
-        self.selection = Selection(SelectionSpec(ck.monitor, resolve_mode(ck.monitor, ck.mode), ck.keep_best,
-                                                 es.patience, es.min_delta))
-        #: Metrics reported since the last step() (this rank's), and those of the last step() that had any.
-        self._pending: dict[str, float] = {}
-        self._metrics: tuple[int, dict[str, float]] = (-1, {})
-        #: Rank 0's value of the monitored metric at a step, as every rank agreed on it in step().
-        self._monitored: tuple[int, float] | None = None
-        self._warned_unmonitored = False
-        #: The keep-best ranking before the last save ranked itself among the best: put back if that save fails.
-        self._best_before: tuple[int, list[tuple[float, int]]] | None = None
+        self.selection = ModelSelection(self.config)
         #: Step of the checkpoint load_best() loaded, if any.
         self.best_step: int | None = None
         self.last_saved_step: int | None = None
         self.skipped_saves = 0
         self._last_save_time = time.monotonic()
         self._config_meta = config_to_dict(self.config)  # recorded in every manifest; the config is frozen
-        self._crashing = False
-        self._note_crash()
         atexit.register(self._flush_at_exit)
 
-    # ---------------------------------------------------------------- registry
     def register(self, name: str | None = None, obj: Stateful | None = None, *, per_rank: bool | None = None,
                  **named: Stateful) -> None:
         """Register stateful objects, by keyword (``model=m``) or as ``register("model", m)``.
@@ -98,9 +86,8 @@ class Session:
         its optimizer: written once) unless ``per_rank=True`` or they are an
         ftrain loader/sampler, whose position differs per rank.
         """
-        if name is not None:
-            named = {name: obj, **named}  # type: ignore[dict-item]
-        for key, o in named.items():
+        objects: dict[str, object] = {name: obj, **named} if name is not None else dict(named)
+        for key, o in objects.items():
             self.registry.add(key, o, per_rank)
 
     # ----------------------------------------------------------------- restore
@@ -113,27 +100,28 @@ class Session:
         makes "none valid" an error; ``never`` refuses a directory that has checkpoints.
         """
         t0 = time.monotonic()
-        self.worker.beat(RESTORING, 0)
+        self.liveness.beat(RESTORING, 0)
         self.checkpointer.setup()
         found = self.checkpointer.restore(self._check_layout) if self.ckpt.resume != "never" else None
+        step = 0
         if found is None:
             if self.ckpt.resume == "required":
                 raise NoValidCheckpoint(f"checkpoint.resume is 'required' but no valid checkpoint is in "
                                         f"{self.store.root}; run `ftrain ckpt ls {self.store.root}` to see why")
             log.info("no valid checkpoint in %s: starting fresh at step 0", self.store.root)
-            step = 0
             self.registry.establish(None, trainable_only=self.ckpt.trainable_only)
         else:
             manifest, trees = found
             self._load(manifest, trees, include_rng=True)
             self.registry.establish(manifest, trainable_only=self.ckpt.trainable_only)
-            self._restore_selection(manifest)
-            step = manifest.step
+            # Rank 0 looks (every rank must drop the same best steps, whatever its view of a shared filesystem).
+            self.selection.restore(manifest, lambda steps: [bool(v) for v in self.coll.broadcast(
+                [int(self.store.has(s)) for s in steps])])
+            step = self.last_saved_step = manifest.step
             faults.point("restore.end", step=step, rank=self.rank)
-            self.last_saved_step = step
             log.info("restored step %d from %s in %.3fs", step, self.store.path(step), time.monotonic() - t0)
         self._last_save_time = time.monotonic()
-        self.worker.beat(STEPPING, step)
+        self.liveness.beat(STEPPING, step)
         return step
 
     def _check_layout(self, manifest: Manifest) -> None:
@@ -150,23 +138,6 @@ class Session:
         self.coll.check_all(err)
         self.registry.load(manifest, trees[REPLICATED], trees[rank_key(self.rank)], include_rng=include_rng)
 
-    def _restore_selection(self, manifest: Manifest) -> None:
-        saved = manifest.meta.get("selection")
-        if not (self.selection.spec.enabled and saved is not None):
-            return
-        self.selection.load_state_dict(saved)
-        if self.selection.should_stop:
-            log.info("restored: %s", self.selection.describe_stop())
-        # A best checkpoint whose save failed, or that was deleted by hand, must not hold a keep-best slot.
-        # Rank 0 looks (every rank must drop the same entries, whatever its view of a shared filesystem).
-        steps = self.selection.best_steps
-        if steps:
-            present = self.coll.broadcast([int(self.store.path(s).is_dir()) for s in steps])
-            for s, ok in zip(steps, present):
-                if not ok:
-                    log.warning("best checkpoint step %d is gone; it no longer counts among the best", s)
-                    self.selection.discard(s)
-
     def load_best(self) -> int | None:
         """Load the best checkpoint by ``checkpoint.monitor`` into the registered objects; return its step.
 
@@ -178,10 +149,8 @@ class Session:
             self._raise_failed_save()
         ranked: list[Manifest] = []
         if self.rank == 0:
-            from ftrain.checkpoint import reader
-
             try:
-                ranked = reader.best_ranking(self.store)[2]
+                ranked = rank_manifests(self.store.manifests())
             except (CheckpointError, OSError) as e:  # rank 0 must still join the collective below
                 log.warning("load_best: %s", e)
         found = self.checkpointer.restore(self._check_layout, candidates=iter(ranked))
@@ -201,80 +170,53 @@ class Session:
         """True once early stopping fired (``early_stopping.patience``); stays true after a restore."""
         return self.selection.should_stop
 
-    # ----------------------------------------------------------------- metrics
     def report(self, **metrics: Any) -> None:
         """Report metrics (numbers or one-element tensors) for the step about to be passed to :meth:`step`.
 
-        Call after an evaluation, before ``step(n)``. Rank 0's values are what
-        counts: they are recorded in the manifest of a checkpoint taken at that
-        step, and ``checkpoint.monitor`` is agreed on by all ranks in ``step()``
-        (ranks that do not evaluate need not report).
+        Rank 0's values are what counts: they are recorded in the manifest of a
+        checkpoint taken at that step, and ``checkpoint.monitor`` is agreed on by
+        all ranks in ``step()`` (ranks that do not evaluate need not report).
         """
-        for name, value in metrics.items():
-            try:
-                self._pending[name] = float(value)
-            except (TypeError, ValueError, RuntimeError):
-                raise FtrainError(f"session.report({name}=...): expected a number or a one-element tensor, got "
-                                  f"{type(value).__name__}") from None
+        self.selection.report(metrics)
 
     # -------------------------------------------------------------------- save
     def step(self, step: int) -> bool:
         """Call once per completed step on every rank; saves when ``every_steps``/``every_seconds`` fall due.
 
         Also where the rest of the job's fault handling happens, at a point every
-        rank reaches together: a background save that failed on any rank raises
-        :class:`CheckpointError` on every rank; a preemption signal on any rank
-        makes every rank save at this step and raise :class:`Preempted` (exit 75).
-        Returns whether a save was started.
+        rank reaches together (rules: ``decision.py``): a background save that
+        failed on any rank raises :class:`CheckpointError` on every rank; a
+        preemption signal on any rank makes every rank save at this step and raise
+        :class:`Preempted` (exit 75). Returns whether a save was started.
         """
         if self.checkpointer.nonce is None:
             log.warning("Session.step() called before restore(): starting without resuming")
             self.checkpointer.setup()
-        self.worker.beat(STEPPING, step)
+        self.liveness.beat(STEPPING, step)
         faults.point("step", step=step, rank=self.rank)
-        due = self.ckpt.every_steps > 0 and step % self.ckpt.every_steps == 0
-        time_due = self.ckpt.every_seconds > 0 and time.monotonic() - self._last_save_time >= self.ckpt.every_seconds
-        monitor = self.ckpt.monitor
-        local = [self._pending.get(monitor)] if monitor else []
+        time_due = decision.time_due(time.monotonic(), self._last_save_time, self.ckpt.every_seconds)
         # One small collective per step makes every rank take the same decisions: clocks, signal delivery,
         # background writers and reported metrics differ per rank, and a rank that acted alone would deadlock
         # the others. It also carries rank 0's value of the monitored metric.
         (time_due, preempt, failed, busy), values = self.coll.agree(
-            (time_due, self.worker.preempt_requested, self.checkpointer.has_error(), self.checkpointer.busy()), local)
+            (time_due, self.liveness.preempt_requested, self.checkpointer.has_error(), self.checkpointer.busy()),
+            self.selection.local_values())
         # Metrics first: any checkpoint of this step, the preemption one included, must hold their effect.
-        best_due, stop_now = self._take_metrics(step, values[0] if values else None)
-        if preempt:  # before a failed save: the preemption checkpoint does not depend on it
+        best_due, stop_now = self.selection.take(step, values[0] if values else None)
+        action = decision.decide(StepInputs(step, self.ckpt.every_steps, time_due, preempt, failed, busy, best_due,
+                                            stop_now, self.ckpt.save_best_only, self.ckpt.when_busy))
+        if action is StepAction.SAVE_AND_EXIT:
             self._save_and_exit(step)
-        if failed:
+        if action is StepAction.RAISE_FAILED:
             self._raise_failed_save()
-        scheduled = (due or time_due) and not self.ckpt.save_best_only
-        if not (scheduled or best_due or stop_now):
-            return False
-        if busy and self.ckpt.when_busy == "skip" and not (best_due or stop_now):
+        if action is StepAction.SKIP_BUSY:
             self.skipped_saves += 1
             log.warning("skipped the save of step %d: the previous one is still being written "
                         "(checkpoint.when_busy=skip; %d skipped so far)", step, self.skipped_saves)
+        if action is not StepAction.SAVE:
             return False
         self._save(step)
         return True
-
-    def _take_metrics(self, step: int, value: float | None) -> tuple[bool, bool]:
-        """Account this step's reported metrics; ``(ranks among the best, early stopping fired)``."""
-        if self._pending:
-            earlier = self._metrics[1] if self._metrics[0] == step else {}
-            self._metrics = (step, {**earlier, **self._pending})
-            if self.ckpt.monitor and self.ckpt.monitor not in self._pending and not self._warned_unmonitored:
-                self._warned_unmonitored = True
-                log.warning("reported %s but checkpoint.monitor is %r: keep-best and early stopping see nothing",
-                            sorted(self._pending), self.ckpt.monitor)
-            self._pending = {}
-        if value is None:
-            return False, False
-        self._monitored = (step, value)
-        stop_now = self.selection.observe(step, value)
-        if stop_now:
-            log.warning("%s", self.selection.describe_stop())
-        return self.selection.ranks_best(value), stop_now
 
     def save(self, step: int, *, blocking: bool = False) -> None:
         """Checkpoint the registered state at ``step`` (every rank must call it for the same step).
@@ -286,70 +228,47 @@ class Session:
         """
         if self.checkpointer.nonce is None:
             self.checkpointer.setup()
-        if self._settle_metrics(step) and step == self.last_saved_step:
-            self.last_saved_step = None  # the metrics (and early stopping) changed: save this step again
-        self._save(step, blocking=blocking)
-
-    def _settle_metrics(self, step: int) -> bool:
-        """Take reports made since the last ``step()``; True on every rank if any rank reported (collective).
-
-        Agreed, not local: often only rank 0 evaluates, and a rank that decided
-        alone to save the step again would wait in a collective the others skip.
-        """
-        local = [self._pending.get(self.ckpt.monitor)] if self.ckpt.monitor else []
-        (reported,), values = self.coll.agree((bool(self._pending),), local)
+        # Agreed, not local: often only rank 0 evaluates, and a rank that decided alone to save the step again
+        # would wait in a collective the others skip.
+        (reported,), values = self.coll.agree((self.selection.has_pending,), self.selection.local_values())
         value = values[0] if values else None
-        if not reported and value is None:
-            return False
-        self._take_metrics(step, value)
-        return True
+        if reported or value is not None:
+            self.selection.take(step, value)
+            if step == self.last_saved_step:
+                self.last_saved_step = None  # the metrics (and early stopping) changed: save this step again
+        self._save(step, blocking=blocking)
 
     def _save(self, step: int, *, blocking: bool = False) -> None:
         if step == self.last_saved_step:
             return  # e.g. a final save right after a scheduled one: the state is the same
-        self.worker.beat(SAVING, step)
+        self.liveness.beat(SAVING, step)
         if self._previous_save_failed():
             self._raise_failed_save()
         replicated, mine, meta = self.registry.capture(self.ckpt.trainable_only)
-        meta.update(self._selection_meta(step), config=self._config_meta)
-        self.checkpointer.save(step, replicated, mine, meta, blocking=blocking)
+        meta.update(self.selection.meta_for(step), config=self._config_meta)
+        self.checkpointer.save(step, replicated, mine, meta, blocking=blocking, best=self.selection.best_steps)
         if blocking or not self.ckpt.async_save:
             faults.point("save.end", step=step, rank=self.rank)
         self.last_saved_step = step
         self._last_save_time = time.monotonic()
-        self.worker.beat(STEPPING, step)
-
-    def _selection_meta(self, step: int) -> dict[str, Any]:
-        """What a checkpoint of ``step`` records about metrics; ranks it among the best if it is one."""
-        self._best_before = None  # only this save's own ranking may be undone if it fails
-        metrics = self._metrics[1] if self._metrics[0] == step else {}
-        meta: dict[str, Any] = {"metrics": json_metrics(metrics)}
-        if not self.selection.spec.enabled:
-            return meta
-        if self._monitored is not None and self._monitored[0] == step and self.selection.ranks_best(self._monitored[1]):
-            self._best_before = (step, list(self.selection.best))
-            self.selection.record_saved(step, self._monitored[1])
-        meta.update(monitor={"name": self.selection.spec.monitor, "mode": self.selection.spec.mode},
-                    selection=self.selection.state_dict(), best_steps=self.selection.best_steps)
-        return meta
+        self.liveness.beat(STEPPING, step)
 
     def close(self) -> None:
-        """Wait for the in-flight save to commit; raise if it failed. Call at the end of training.
+        """Wait for the in-flight save to commit; raise if it failed; undo this session's process hooks.
 
         With ``checkpoint.load_best_at_end`` the registered objects then hold the
         best checkpoint's state (collective).
         """
-        if self.ckpt.monitor and self.selection.last is None:
-            log.warning("checkpoint.monitor is %r but it was never reported with session.report(): no checkpoint "
-                        "was ranked", self.ckpt.monitor)
-        if self._pending:
-            log.warning("metrics %s were reported after the last step()/save() and are in no checkpoint",
-                        sorted(self._pending))
-        if self.ckpt.load_best_at_end:
-            self.load_best()
-            return
-        self.checkpointer.wait()
-        self.checkpointer.raise_pending()
+        try:
+            self.selection.warn_at_close()
+            if self.ckpt.load_best_at_end:
+                self.load_best()
+                return
+            self.checkpointer.wait()
+            self.checkpointer.raise_pending()
+        finally:
+            atexit.unregister(self._flush_at_exit)
+            self.liveness.close()
 
     def _raise_failed_save(self) -> None:
         """Every rank raises once the ranks agreed a background save failed: its own error, or a pointer."""
@@ -362,47 +281,37 @@ class Session:
         return self.coll.any(self.checkpointer.has_error())[0]
 
     def _save_and_exit(self, step: int) -> None:
-        self.worker.beat(SAVING, step)
+        self.liveness.beat(SAVING, step)
         if self._previous_save_failed():
             # The preemption checkpoint does not depend on the failed one: log it and save anyway.
             err = self.checkpointer.take_error()
             log.error("the previous background save failed (%s); taking the preemption checkpoint anyway",
                       err or "on another rank")
-            if self._best_before is not None and self._best_before[0] == self.last_saved_step:
-                # It never committed: it is not a best one, and the best it displaced must stay protected.
-                self.selection.best = self._best_before[1]
+            self.selection.save_failed(self.last_saved_step)
             self.last_saved_step = None
         self._save(step, blocking=True)
-        self.worker.write_preempted_marker(step)
+        self.liveness.write_preempted_marker(step)
         log.warning("preempted (%s): checkpoint of step %d committed; exiting with code %d",
-                    self.worker.preempt_reason or "another rank was signalled", step, exitcodes.PREEMPTED)
-        self.worker.beat(EXITING, step)
+                    self.liveness.preempt_reason or "another rank was signalled", step, exitcodes.PREEMPTED)
+        self.liveness.beat(EXITING, step)
         raise Preempted(step)
 
     def _flush_at_exit(self) -> None:
         # A script that ends without close() must not lose its last (background) save, nor exit 0 when it
         # failed. But a process exiting on an uncaught exception (its peers may be dead) must not wait for a
         # commit that may never happen: then the wait is bounded by the grace period.
-        limit = self.config.supervisor.grace_seconds if self._crashing else None
+        crashing = self.liveness.crashing
+        limit = self.config.supervisor.grace_seconds if crashing else None
         if not self.checkpointer.wait(timeout=limit):
             log.error("exiting with a checkpoint write still in flight after %.0fs; it will not commit", limit)
             return
         err = self.checkpointer.take_error()
         if err is not None:
             log.error("the last checkpoint did not commit: %s", err)
-            if not self._crashing:
+            if not crashing:
                 sys.stdout.flush()
                 sys.stderr.flush()
                 os._exit(exitcodes.FAILURE)
-
-    def _note_crash(self) -> None:
-        previous = sys.excepthook
-
-        def hook(etype: type[BaseException], value: BaseException, tb: Any) -> None:
-            self._crashing = True
-            previous(etype, value, tb)
-
-        sys.excepthook = hook
 
 
 def _setup_logging(rank: int) -> None:
@@ -415,4 +324,3 @@ def _setup_logging(rank: int) -> None:
     if logger.level == logging.NOTSET:
         logger.setLevel(logging.INFO)
     logger.propagate = False
-

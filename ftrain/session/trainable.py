@@ -1,4 +1,4 @@
-"""Which parameters of a module train, and trainable-only state: what a fine-tune checkpoint needs.
+"""Worker side: which parameters of a module train, and trainable-only state: what a fine-tune checkpoint needs.
 
 ``requires_grad`` is not part of ``state_dict()``, so without help a resumed run
 freezes whatever its script freezes at start: a run that unfroze its backbone at
@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterable, Mapping
-from typing import Any
+from typing import Any, TypeGuard
 
 import torch
 from torch import nn
@@ -179,7 +179,7 @@ def check_base(module: nn.Module, omitted: list[str], recorded: str, what: str) 
     return digests
 
 
-def is_module(obj: object) -> bool:
+def is_module(obj: object) -> TypeGuard[nn.Module]:
     return isinstance(obj, nn.Module)
 
 

@@ -17,204 +17,29 @@ copy); :class:`ResumableLoader`'s counters live only in the main process.
 """
 from __future__ import annotations
 
-import os
-import random
 import signal
-from typing import Any, Callable, Iterator
+from collections.abc import Callable, Iterator
+from typing import Any
 
 import torch
-from torch.utils.data import DataLoader, Dataset, Sampler, get_worker_info
+from torch.utils.data import DataLoader, Sampler
 
+from ftrain.data.sampler import ResumableSampler
+from ftrain.data.seeding import SeededDataset, derive_seed
 from ftrain.errors import StateMismatch
+from ftrain.signals import CATCHABLE_PREEMPTION_SIGNALS
 
-try:  # numpy is optional; its global RNG is only managed when it is present.
-    import numpy as _np
-except ImportError:  # pragma: no cover - numpy is installed in CI
-    _np = None  # type: ignore[assignment]
-
-__all__ = ["derive_seed", "ResumableSampler", "SeededDataset", "ResumableLoader"]
-
-_MASK64 = (1 << 64) - 1
-_GOLDEN = 0x9E3779B97F4A7C15
 _STATE_VERSION = 1
 # ``index`` for the DataLoader's own generator seed: -1 wraps to 2**64-1, which
 # is never a dataset index, so this stream is separate from every sample's.
 _LOADER_STREAM = -1
 _END = object()  # sentinel for next(iterator, default)
 
-
-def _splitmix64(x: int) -> int:
-    """One step of splitmix64 (Steele, Lea & Flood 2014) on a 64-bit int."""
-    x = (x + _GOLDEN) & _MASK64
-    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
-    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _MASK64
-    return x ^ (x >> 31)
-
-
-def derive_seed(seed: int, epoch: int, index: int) -> int:
-    """Deterministic 63-bit seed for sample ``index`` of ``epoch`` under ``seed``.
-
-    Formula, all arithmetic mod 2**64, ``m`` = one splitmix64 step::
-
-        m(z): z += 0x9E3779B97F4A7C15; z = (z ^ z >> 30) * 0xBF58476D1CE4E5B9
-              z = (z ^ z >> 27) * 0x94D049BB133111EB; return z ^ z >> 31
-        h = m(seed mod 2**64)
-        h = m(h XOR (epoch mod 2**64))
-        h = m(h XOR (index mod 2**64))
-        return h >> 1            # in [0, 2**63)
-
-    Pure integer arithmetic: the result is the same in every process, on every
-    platform and independent of ``PYTHONHASHSEED``. Negative inputs are taken
-    mod 2**64. 63 bits so the value fits a signed int64 (torch, numpy).
-    """
-    h = _splitmix64(int(seed) & _MASK64)
-    h = _splitmix64(h ^ (int(epoch) & _MASK64))
-    h = _splitmix64(h ^ (int(index) & _MASK64))
-    return h >> 1
-
-
-def _default_world() -> tuple[int, int]:
-    """(world_size, rank) from torch.distributed if initialised, else env, else (1, 0)."""
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_world_size(), dist.get_rank()
-    return int(os.environ.get("WORLD_SIZE", "1")), int(os.environ.get("RANK", "0"))
-
-
-class ResumableSampler(Sampler[int]):
-    """Per-rank epoch order, a pure function of the constructor arguments and ``epoch``.
-
-    Invariants (same arithmetic as ``torch.utils.data.DistributedSampler``):
-
-    * the global order of epoch ``e`` is ``randperm(dataset_len)`` from a
-      ``torch.Generator`` seeded with ``seed + e`` (``range`` when not shuffling);
-    * without ``drop_last`` it is padded by repeating from its start to a
-      multiple of ``num_replicas``; with ``drop_last`` it is truncated;
-    * rank ``r`` takes ``order[r::num_replicas]``; every rank gets exactly
-      ``num_samples`` indices.
-
-    ``epoch`` and ``start`` are plain fields set by the owner (the loader);
-    iteration yields ``indices(epoch)[start:]``. Nothing here counts
-    consumption. Uses only a private generator, never the global RNG.
-    """
-
-    def __init__(
-        self,
-        dataset_len: int,
-        *,
-        num_replicas: int | None = None,
-        rank: int | None = None,
-        shuffle: bool = True,
-        seed: int = 0,
-        drop_last: bool = False,
-    ) -> None:
-        if num_replicas is None or rank is None:
-            world, world_rank = _default_world()
-            num_replicas = world if num_replicas is None else num_replicas
-            rank = world_rank if rank is None else rank
-        if int(dataset_len) < 0 or int(num_replicas) < 1 or not 0 <= int(rank) < int(num_replicas):
-            raise ValueError(f"bad sampler: dataset_len={dataset_len}, num_replicas={num_replicas}, rank={rank}")
-        self.dataset_len = int(dataset_len)
-        self.num_replicas = int(num_replicas)
-        self.rank = int(rank)
-        self.shuffle = bool(shuffle)
-        self.seed = int(seed)
-        self.drop_last = bool(drop_last)
-        self.epoch = 0
-        self.start = 0
-        n, r = self.dataset_len, self.num_replicas
-        self.num_samples = n // r if self.drop_last else -(-n // r)  # -(-a // b) == ceil(a / b)
-        self.total_size = self.num_samples * self.num_replicas
-
-    def set_epoch(self, epoch: int) -> None:
-        """DistributedSampler-compatible setter; also resets ``start`` to 0."""
-        self.epoch = int(epoch)
-        self.start = 0
-
-    def indices(self, epoch: int) -> list[int]:
-        """This rank's complete index list for ``epoch`` (length ``num_samples``)."""
-        n = self.dataset_len
-        if self.shuffle:
-            g = torch.Generator()
-            # Masked so a negative seed+epoch is still accepted; identical to
-            # DistributedSampler for the usual non-negative seeds.
-            g.manual_seed((self.seed + int(epoch)) & _MASK64)
-            order = torch.randperm(n, generator=g).tolist()
-        else:
-            order = list(range(n))
-        pad = self.total_size - n
-        if pad > 0:
-            # Repeat from the start (several times when n < num_replicas).
-            order += (order * (-(-pad // n)))[:pad]
-        else:
-            order = order[: self.total_size]
-        return order[self.rank : self.total_size : self.num_replicas]
-
-    def __iter__(self) -> Iterator[int]:
-        return iter(self.indices(self.epoch)[self.start :])
-
-    def __len__(self) -> int:
-        return max(0, self.num_samples - self.start)
-
-
-def _seed_globals(s: int) -> None:
-    random.seed(s)
-    # Seed only the CPU generator: torch.manual_seed would also reseed (and
-    # lazily initialise) every CUDA generator.
-    torch.default_generator.manual_seed(s)
-    if _np is not None:
-        # Legacy global RandomState takes 32-bit words; pass all 63 bits.
-        _np.random.seed([s & 0xFFFFFFFF, s >> 32])
-
-
-class SeededDataset(Dataset):
-    """Map-style wrapper whose keys are ``(epoch, index)``.
-
-    ``self[(epoch, index)]`` returns ``dataset[index]`` computed with Python
-    ``random``, NumPy's global RNG (if NumPy is importable) and torch's CPU
-    generator all seeded from ``derive_seed(seed, epoch, index)``: a sample's
-    random augmentation depends only on (seed, epoch, index), not on the worker
-    that produced it nor on anything drawn before.
-
-    In the main process (``get_worker_info() is None``, i.e. ``num_workers=0``)
-    the three global RNG states are saved before and restored after the call,
-    so the training loop's RNG stream is untouched. In a worker process the
-    globals belong to the worker, so they are left seeded. The save/restore is
-    not thread-safe: another thread drawing from the global RNGs during a
-    main-process fetch would see the seeded state.
-    """
-
-    def __init__(self, dataset: Any, seed: int = 0) -> None:
-        self.dataset = dataset
-        self.seed = int(seed)
-
-    def __len__(self) -> int:
-        return len(self.dataset)
-
-    def __getitem__(self, key: tuple[int, int]) -> Any:
-        epoch, index = key
-        s = derive_seed(self.seed, epoch, index)
-        if get_worker_info() is not None:  # the worker's own globals: no restore
-            _seed_globals(s)
-            return self.dataset[index]
-        py_state, torch_state = random.getstate(), torch.default_generator.get_state()
-        np_state = _np.random.get_state() if _np is not None else None
-        try:
-            _seed_globals(s)
-            return self.dataset[index]
-        finally:
-            random.setstate(py_state)
-            torch.default_generator.set_state(torch_state)
-            if _np is not None:
-                _np.random.set_state(np_state)
-
-
 class _WorkerInit:
     """Picklable worker_init_fn: ignore preemption signals, then call the user's.
 
-    Why: SIGTERM/SIGINT/SIGUSR1 from a scheduler or a terminal are often sent to
-    the whole process group. A worker that dies (or, after fork, runs a copy of
+    Why: preemption signals (SIGTERM, SLURM's SIGUSR1, a terminal's SIGINT) are
+    often sent to the whole process group. A worker that dies (or, after fork, runs a copy of
     the main process's Python handler) makes the main process's next fetch fail
     while it is trying to save its final checkpoint. Ignoring them keeps
     workers alive; they still exit when the main process shuts the loader down
@@ -225,7 +50,7 @@ class _WorkerInit:
         self.user_fn = user_fn
 
     def __call__(self, worker_id: int) -> None:
-        for name in ("SIGTERM", "SIGINT", "SIGUSR1"):
+        for name in CATCHABLE_PREEMPTION_SIGNALS:
             sig = getattr(signal, name, None)
             if sig is not None:  # SIGUSR1 does not exist on Windows
                 signal.signal(sig, signal.SIG_IGN)

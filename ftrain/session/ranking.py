@@ -1,6 +1,7 @@
-"""Model selection: the monitored metric, keep-best ranking and early stopping.
+"""Model selection's pure part: the monitored metric, keep-best ranking and early stopping.
 
-Pure logic, no I/O and no collectives, so it is unit-tested directly. The
+Worker side, also used by the ``ftrain ckpt`` tools to rank checkpoints (no
+torch). Pure logic, no I/O and no collectives, so it is unit-tested directly. The
 session feeds it rank 0's value of the monitored metric (the same on every rank,
 broadcast in the per-step collective), so every rank takes the same decisions.
 
@@ -29,9 +30,12 @@ import math
 import re
 from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from ftrain.errors import StateMismatch
+from ftrain.errors import CheckpointError, StateMismatch
+
+if TYPE_CHECKING:
+    from ftrain.checkpoint.manifest import Manifest
 
 log = logging.getLogger("ftrain")
 
@@ -236,3 +240,29 @@ def metric_value(meta: dict[str, Any], monitor: str) -> float | None:
 
 def json_metrics(metrics: dict[str, float]) -> dict[str, float | str]:
     return {k: _json_float(v) for k, v in metrics.items()}
+
+
+def best_ranking(manifests: list[Manifest]) -> tuple[str, str, list[Manifest]]:
+    """``(monitor, mode, manifests best first)`` by the metric the newest checkpoint monitors.
+
+    Only checkpoints whose manifest records that metric for their own step are
+    ranked. Raises :class:`CheckpointError` if no checkpoint monitors a metric.
+    """
+    monitor = next((m.meta["monitor"] for m in reversed(manifests) if _valid_monitor(m.meta.get("monitor"))), None)
+    if monitor is None:
+        raise CheckpointError("no checkpoint records a monitored metric, so none is 'best'; "
+                              "set checkpoint.monitor and report it with session.report()")
+    name, mode = monitor["name"], monitor["mode"]
+    values = {m.step: metric_value(m.meta, name) for m in manifests}
+    order = rank_steps(((s, v) for s, v in values.items() if v is not None), mode)
+    by_step = {m.step: m for m in manifests}
+    return name, mode, [by_step[s] for s in order]
+
+
+def rank_manifests(manifests: list[Manifest]) -> list[Manifest]:
+    """The manifests best first (see :func:`best_ranking`); the ranking the checkpoint reader is given."""
+    return best_ranking(manifests)[2]
+
+
+def _valid_monitor(monitor: Any) -> bool:
+    return isinstance(monitor, dict) and isinstance(monitor.get("name"), str) and monitor.get("mode") in ("min", "max")

@@ -1,4 +1,4 @@
-"""Capture and restore every random-number stream a training step may draw from, per rank.
+"""Worker side: capture and restore every random-number stream a training step may draw from, per rank.
 
 Streams: Python ``random``, NumPy's global generator (when NumPy is installed),
 torch's CPU generator and every CUDA device's generator (when CUDA is

@@ -1,0 +1,66 @@
+"""Names on disk: every file and directory name of the checkpoint format, defined once.
+
+The format itself (what each file holds, the commit protocol, the restore
+rules) is specified in docs/FORMAT.md; this module only spells its names.
+Pure; no I/O.
+"""
+from __future__ import annotations
+
+import re
+
+STEP_DIGITS = 12
+STEP_PREFIX = "step-"
+#: Anything starting with this is garbage from an interrupted operation (deleted at the next start).
+TMP_PREFIX = ".tmp-"
+#: A file being atomically replaced (``name.partial`` is renamed over ``name``).
+PARTIAL_SUFFIX = ".partial"
+#: A committed checkpoint moved aside while the same step is saved again.
+REPLACED_PREFIX = f"{TMP_PREFIX}replaced-"
+#: A committed checkpoint renamed before it is deleted by retention.
+DELETING_PREFIX = f"{TMP_PREFIX}deleting-"
+MANIFEST = "manifest.json"
+LATEST = "latest"
+BEST = "best"
+#: Tensor bytes inside shard files start at multiples of this, so every dtype can be viewed in place.
+ALIGN = 64
+#: The tree key (and tensor-name prefix) of the objects stored once for all ranks.
+REPLICATED = "replicated"
+
+_STEP_RE = re.compile(rf"^{STEP_PREFIX}(\d{{{STEP_DIGITS}}})$")
+
+
+def step_dirname(step: int) -> str:
+    return f"{STEP_PREFIX}{step:0{STEP_DIGITS}d}"
+
+
+def parse_step_dirname(name: str) -> int | None:
+    m = _STEP_RE.match(name)
+    return int(m.group(1)) if m else None
+
+
+def tmp_dirname(step: int, nonce: str) -> str:
+    return f"{TMP_PREFIX}{step_dirname(step)}-{nonce}"
+
+
+def rank_key(rank: int) -> str:
+    """The tree key (and tensor-name prefix) of one rank's own state."""
+    return f"rank-{rank:05d}"
+
+
+def shard_names(rank: int) -> tuple[str, str]:
+    """(state tree + index JSON, tensor bytes) file names for ``rank``."""
+    return f"shard-{rank:05d}.json", f"shard-{rank:05d}.bin"
+
+
+def shard_error_name(rank: int) -> str:
+    """Written by a rank whose shard write failed, so the committing rank stops waiting at once."""
+    return f"shard-{rank:05d}.error"
+
+
+def is_garbage(name: str) -> bool:
+    """A leftover of an interrupted save, prune or atomic write."""
+    return name.startswith(TMP_PREFIX) or name.endswith(PARTIAL_SUFFIX)
+
+
+def align_up(n: int) -> int:
+    return (n + ALIGN - 1) // ALIGN * ALIGN
