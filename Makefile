@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 # The CPU wheel of this version lies on the machine's disk; a looser requirement would download a CUDA build.
 TORCH_PIN := torch==2.13.0
 
-.PHONY: venv test test-fast demo bench clean
+.PHONY: venv lint test test-fast demo bench clean
 
 venv: $(STAMP)
 
@@ -16,11 +16,22 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install -q -e ".[test]"
 	touch $(STAMP)
 
+# The linters live in their own extra: a user's `pip install ftrain` never pulls them.
+LINT_STAMP := $(VENV)/.lint-installed
+
+$(LINT_STAMP): $(STAMP) pyproject.toml
+	$(BIN)/pip install -q -e ".[lint]"
+	touch $(LINT_STAMP)
+
+lint: $(LINT_STAMP)
+	$(BIN)/ruff check ftrain
+	$(BIN)/mypy
+
 test: venv
 	$(BIN)/python -m pytest -q
 
 test-fast: venv
-	$(BIN)/python -m pytest -q -m "not slow"
+	$(BIN)/python -m pytest -q tests/unit
 
 demo: venv
 	$(BIN)/python examples/demo.py

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
-from ftrain.errors import (  # noqa: E402
+from ftrain.errors import (
     CheckpointError,
     ConfigError,
     CorruptCheckpoint,
@@ -19,7 +19,7 @@ from ftrain.errors import (  # noqa: E402
     NoValidCheckpoint,
     StateMismatch,
 )
-from ftrain.stateful import Counters, Stateful  # noqa: E402
+from ftrain.stateful import Counters, Stateful
 
 
 def __getattr__(name: str) -> object:
@@ -45,7 +45,20 @@ def __getattr__(name: str) -> object:
 
 
 __all__ = [
-    "CheckpointError", "ConfigError", "CorruptCheckpoint", "Counters", "FtrainError", "NoValidCheckpoint", "Preempted",
-    "ResumableLoader", "ResumableSampler", "SeededDataset", "Session", "StateMismatch", "Stateful", "derive_seed",
-    "state_sha256", "__version__",
+    "CheckpointError",
+    "ConfigError",
+    "CorruptCheckpoint",
+    "Counters",
+    "FtrainError",
+    "NoValidCheckpoint",
+    "Preempted",
+    "ResumableLoader",
+    "ResumableSampler",
+    "SeededDataset",
+    "Session",
+    "StateMismatch",
+    "Stateful",
+    "__version__",
+    "derive_seed",
+    "state_sha256",
 ]

@@ -1,17 +1,10 @@
-"""The files one attempt of a supervised job shares between its workers and the supervisor.
+"""Shared contract (supervisor <-> workers): the files one attempt of a supervised job shares.
 
-``<log_dir>/<run_id>/<host>/attempt-NNN/`` holds::
-
-    heartbeats/rank-RRRRR   one line "PHASE STEP UNIX_TIME", rewritten in place by the worker
-    errors/rank-RRRRR.json  written by a worker that dies of an uncaught exception
-    stacks/rank-RRRRR.txt   Python stacks, dumped by the worker on SIGUSR2 (sent by the hang detector)
-    ranks/                  torchrun's per-rank stdout/stderr logs
-    torchrun.log            torchrun's own output (and the workers', tee'd)
-    preempted.json          written after the final checkpoint of a preemption committed
-
-Workers find the directory in ``$FTRAIN_ATTEMPT_DIR``. Errors are data: the
-supervisor builds its root-cause report from these files, not from log scraping
-alone.
+The directory ``<log_dir>/<run_id>/<host>/attempt-NNN/`` (heartbeats, error
+files, stack dumps, per-rank logs, ``preempted.json``) is specified in
+docs/FORMAT.md, "Attempt directory"; this module reads and writes it. Workers
+find it in ``$FTRAIN_ATTEMPT_DIR``. Errors are data: the supervisor builds its
+root-cause report from these files, not from log scraping alone.
 """
 from __future__ import annotations
 

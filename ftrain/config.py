@@ -1,4 +1,4 @@
-"""ftrain configuration: validated dataclasses and the loader that fills them.
+"""Shared contract: the ftrain configuration, validated dataclasses and the loader that fills them.
 
 Precedence, lowest to highest (a later layer overrides an earlier one, key by key):
 
@@ -235,7 +235,7 @@ class SupervisorConfig(_Section):
         600.0, "Allowance before a rank's first step (imports, rendezvous, restore)"
         " before it counts as hung.", _POSITIVE)
     preemption_signals: list[str] = _option(
-        list(DEFAULT_PREEMPTION_SIGNALS), "Signals that mean preemption: save and exit"
+        [*DEFAULT_PREEMPTION_SIGNALS], "Signals that mean preemption: save and exit"
         " (SIGTERM for Kubernetes and cloud VMs, SIGUSR1 for SLURM's --signal).",
         _SIGNAL_NAMES)
     log_dir: str = _option(
@@ -307,11 +307,17 @@ def _sections() -> dict[str, type[_Section]]:
     return sections
 
 
-@functools.cache
+_KEYS: dict[type[_Section], dict[str, _Key]] = {}
+
+
 def _keys_of(cls: type[_Section]) -> dict[str, _Key]:
-    # Annotations are strings under `from __future__ import annotations`; resolve them.
-    hints = typing.get_type_hints(cls)
-    return {f.name: _Key(cls.section, f.name, hints[f.name], f) for f in dataclasses.fields(cls)}
+    """The keys of one section class (memoised: validation runs this for every section built)."""
+    keys = _KEYS.get(cls)
+    if keys is None:
+        # Annotations are strings under `from __future__ import annotations`; resolve them.
+        hints = typing.get_type_hints(cls)
+        keys = _KEYS[cls] = {f.name: _Key(cls.section, f.name, hints[f.name], f) for f in dataclasses.fields(cls)}
+    return keys
 
 
 def _schema() -> dict[str, dict[str, _Key]]:
@@ -343,7 +349,8 @@ def load_config(
         _apply_yaml(values, os.fspath(path))
     _apply_env(values, env)
     _apply_overrides(values, overrides or {})
-    return FtrainConfig(**{name: cls(**values[name]) for name, cls in _sections().items()})
+    sections: dict[str, Any] = {name: cls(**values[name]) for name, cls in _sections().items()}
+    return FtrainConfig(**sections)
 
 
 def _apply_yaml(values: dict[str, dict[str, Any]], path: str) -> None:

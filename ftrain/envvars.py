@@ -1,4 +1,4 @@
-"""Names of every environment variable ftrain reads or sets (the environment contract).
+"""Shared contract: the names of every environment variable ftrain reads or sets (the environment contract).
 
 Configuration keys are also read from ``FTRAIN_<SECTION>_<KEY>`` (see ``config.py``);
 ``ftrain launch`` hands its resolved configuration to workers that way. The names

@@ -1,4 +1,4 @@
-"""Exception types. Every error ftrain raises is an :class:`FtrainError`.
+"""Shared contract: exception types. Every error ftrain raises is an :class:`FtrainError`.
 
 Each carries the process exit code a command-line entry point should use, so
 that "report the error and exit" is one line everywhere (see ``exitcodes.py``).

@@ -1,4 +1,4 @@
-"""Process exit codes used by every ftrain command and by worker processes.
+"""Shared contract: process exit codes used by every ftrain command and by worker processes.
 
 Documented in README.md ("Exit codes"); keep the two in step.
 """

@@ -1,4 +1,4 @@
-"""A canonical SHA-256 of training state, to compare runs bit for bit.
+"""Shared contract: a canonical SHA-256 of training state, to compare runs bit for bit.
 
 Order (documented in README.md, "Comparing runs"): for each ``(name, state_dict)``
 pair in the order given, the tree is encoded as for a checkpoint

@@ -1,4 +1,4 @@
-"""Signal names shared by the supervisor, the workers and the config (one definition each).
+"""Shared contract: signal names shared by the supervisor, the workers and the config (one definition each).
 
 Shared contract: imported on both sides of the process boundary; no torch.
 """

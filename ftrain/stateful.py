@@ -1,4 +1,4 @@
-"""The ``Stateful`` protocol and a small stateful holder for plain counters."""
+"""Shared contract: the ``Stateful`` protocol, and a small stateful holder for plain counters."""
 from __future__ import annotations
 
 from typing import Any, Protocol, runtime_checkable

@@ -8,12 +8,14 @@ against an adversary who can rewrite both data and manifest.
 """
 from __future__ import annotations
 
+import io
 import os
-from typing import BinaryIO
 
 import xxhash
 
 ALGORITHM = "xxh3_128"
+#: What the hashers accept: any contiguous bytes-like object.
+Bytes = bytes | bytearray | memoryview
 _CHUNK = 16 << 20
 
 
@@ -25,18 +27,18 @@ class Hasher:
     def __init__(self) -> None:
         self._h = xxhash.xxh3_128()
 
-    def update(self, data: memoryview | bytes) -> None:
+    def update(self, data: Bytes) -> None:
         self._h.update(data)
 
     def hexdigest(self) -> str:
         return self._h.hexdigest()
 
 
-def digest(data: memoryview | bytes) -> str:
+def digest(data: Bytes) -> str:
     return xxhash.xxh3_128_hexdigest(data)
 
 
-def stream_digest(f: BinaryIO) -> tuple[int, str]:
+def stream_digest(f: io.RawIOBase) -> tuple[int, str]:
     """(size, checksum) of what is left to read in ``f``, read in chunks."""
     h = Hasher()
     size = 0
@@ -54,4 +56,4 @@ def stream_digest(f: BinaryIO) -> tuple[int, str]:
 def file_digest(path: str | os.PathLike[str]) -> tuple[int, str]:
     """(size, checksum) of a file, read in chunks."""
     with open(path, "rb", buffering=0) as f:
-        return stream_digest(f)
+        return stream_digest(f)  # buffering=0: a FileIO, i.e. a RawIOBase

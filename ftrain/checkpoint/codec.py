@@ -19,7 +19,8 @@ Pure functions; thread-safe.
 """
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
 
@@ -148,5 +149,5 @@ def tensor_bytes(tensor: torch.Tensor) -> memoryview:
     flat = tensor.contiguous().reshape(-1)
     if flat.numel() == 0:
         return memoryview(b"")
-    return memoryview(flat.view(torch.uint8).numpy())
+    return flat.view(torch.uint8).numpy().data
 

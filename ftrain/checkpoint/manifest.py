@@ -68,7 +68,8 @@ class Manifest:
             "ftrain_version": self.ftrain_version,
             "torch_version": self.torch_version,
             "checksum_algorithm": checksum.ALGORITHM,
-            "files": {n: {"size": f.size, "checksum": f.checksum, "rank": f.rank} for n, f in sorted(self.files.items())},
+            "files": {n: {"size": f.size, "checksum": f.checksum, "rank": f.rank}
+                      for n, f in sorted(self.files.items())},
             "tensors": {
                 n: {"file": t.file, "offset": t.offset, "nbytes": t.nbytes, "dtype": t.dtype, "shape": list(t.shape)}
                 for n, t in sorted(self.tensors.items())
@@ -116,7 +117,8 @@ def parse(data: bytes, where: str) -> Manifest:
     if not isinstance(body.get("meta", {}), dict):
         raise CorruptCheckpoint(where, "manifest field 'meta' is not an object")
     try:
-        files = {str(n): FileEntry(int(f["size"]), str(f["checksum"]), int(f["rank"])) for n, f in body["files"].items()}
+        files = {str(n): FileEntry(int(f["size"]), str(f["checksum"]), int(f["rank"]))
+                 for n, f in body["files"].items()}
         tensors = {
             str(n): TensorEntry(str(t["file"]), int(t["offset"]), int(t["nbytes"]), str(t["dtype"]),
                                 tuple(int(s) for s in t["shape"]))
@@ -149,8 +151,8 @@ def _check_consistent(m: Manifest, where: str) -> None:
         if f.size < 0 or format.shard_names(f.rank)[name.endswith(".bin")] != name:
             raise CorruptCheckpoint(where, f"bad entry for {name}")
     for name, t in m.tensors.items():
-        f = m.files.get(t.file)
-        if f is None or not t.file.endswith(".bin"):
+        holder = m.files.get(t.file)
+        if holder is None or not t.file.endswith(".bin"):
             raise CorruptCheckpoint(where, f"tensor {name!r} refers to {t.file!r}, not a listed .bin file")
         try:
             itemsize = codec.dtype_from_name(t.dtype).itemsize
@@ -158,5 +160,5 @@ def _check_consistent(m: Manifest, where: str) -> None:
             raise CorruptCheckpoint(where, f"tensor {name!r}: {e}") from None
         if any(d < 0 for d in t.shape) or math.prod(t.shape) * itemsize != t.nbytes:
             raise CorruptCheckpoint(where, f"tensor {name!r}: shape {list(t.shape)} x {t.dtype} != {t.nbytes} bytes")
-        if t.offset < 0 or t.offset % format.ALIGN or t.offset + t.nbytes > f.size:
+        if t.offset < 0 or t.offset % format.ALIGN or t.offset + t.nbytes > holder.size:
             raise CorruptCheckpoint(where, f"tensor {name!r} lies outside {t.file} or is misaligned")

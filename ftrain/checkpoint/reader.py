@@ -69,7 +69,10 @@ def candidates(store: CheckpointStore, which: int | str, rank: Ranking | None = 
     if which == "best":
         if rank is None:
             raise CheckpointError("selecting the 'best' checkpoint needs a ranking of the manifests")
-        return rank(store.manifests())
+        try:
+            return rank(store.manifests())
+        except CheckpointError as e:  # the ranking does not know where the manifests came from
+            raise CheckpointError(f"{store.root}: {e}") from None
     if not isinstance(which, int):
         raise CheckpointError(f"unknown checkpoint selector {which!r}: a step number, 'latest' or 'best'")
     if not store.path(which).is_dir():

@@ -8,10 +8,11 @@ Writing is in ``snapshot.py``; this module holds the record and the readers.
 """
 from __future__ import annotations
 
+import io
 import json
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, BinaryIO
+from typing import Any
 
 import torch
 
@@ -104,11 +105,12 @@ class _File:
         return self.storage.describe(self.rel)
 
 
-def _open(path: _File, entry: FileEntry) -> BinaryIO:
+def _open(path: _File, entry: FileEntry) -> io.RawIOBase:
     try:
         size = path.storage.size(path.rel)
         if size != entry.size:
-            raise CorruptCheckpoint(str(path), f"size {size} bytes, manifest says {entry.size} (truncated or overwritten)")
+            raise CorruptCheckpoint(str(path), f"size {size} bytes, manifest says {entry.size} "
+                                               "(truncated or overwritten)")
         return path.storage.open(path.rel)
     except FileNotFoundError:
         raise CorruptCheckpoint(str(path), "file listed in the manifest is missing") from None
@@ -116,7 +118,7 @@ def _open(path: _File, entry: FileEntry) -> BinaryIO:
         raise CorruptCheckpoint(str(path), f"cannot read ({e.strerror or e})") from None
 
 
-def _read_into(f: BinaryIO, view: memoryview, path: _File) -> None:
+def _read_into(f: io.RawIOBase, view: memoryview, path: _File) -> None:
     got = 0
     try:
         while got < len(view):
@@ -164,7 +166,7 @@ def _read_tensors(path: _File, entry: FileEntry, entries: list[tuple[str, Tensor
                 continue
             tensor = torch.empty(t.shape, dtype=codec.dtype_from_name(t.dtype))
             if t.nbytes:
-                view = memoryview(tensor.reshape(-1).view(torch.uint8).numpy())
+                view = tensor.reshape(-1).view(torch.uint8).numpy().data
                 _read_into(f, view, path)
                 hasher.update(view)
             out[name] = tensor

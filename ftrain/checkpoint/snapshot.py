@@ -101,7 +101,7 @@ def persist(snap: Snapshot, storage: LocalStorage, tmp: str) -> ShardRecord:
     if snap.ready is not None:
         snap.ready.synchronize()
     json_name, bin_name = shard_names(snap.rank)
-    view = memoryview(snap.data.numpy()) if snap.nbytes else memoryview(b"")
+    view = snap.data.numpy().data if snap.nbytes else memoryview(b"")
     hasher = checksum.Hasher()
     with storage.create(f"{tmp}/{bin_name}") as fd:
         half = len(view) // 2

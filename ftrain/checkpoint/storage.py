@@ -18,6 +18,7 @@ commit protocol (docs/FORMAT.md), not by this layer.
 """
 from __future__ import annotations
 
+import io
 import os
 import secrets
 import shutil
@@ -25,7 +26,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO, Protocol
+from typing import Protocol
 
 from ftrain.checkpoint.format import PARTIAL_SUFFIX, TMP_PREFIX
 
@@ -64,8 +65,8 @@ class Storage(Protocol):
         """The whole content of file ``path``."""
         ...
 
-    def open(self, path: str) -> BinaryIO:
-        """File ``path`` opened for unbuffered sequential reading."""
+    def open(self, path: str) -> io.RawIOBase:
+        """File ``path`` opened for unbuffered sequential reading (``readinto`` reads as much as it can)."""
         ...
 
     def write(self, path: str, data: bytes) -> None:
@@ -125,8 +126,8 @@ class LocalStorage:
     def read(self, path: str) -> bytes:
         return self.full(path).read_bytes()
 
-    def open(self, path: str) -> BinaryIO:
-        return open(self.full(path), "rb", buffering=0)
+    def open(self, path: str) -> io.RawIOBase:
+        return open(self.full(path), "rb", buffering=0)  # buffering=0: a FileIO
 
     def write(self, path: str, data: bytes) -> None:
         atomic_write(self.full(path), data)

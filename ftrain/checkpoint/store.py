@@ -2,7 +2,7 @@
 
 Every byte goes through a :class:`~ftrain.checkpoint.storage.Storage`; the
 local filesystem is the default. Concurrency contract: any number of processes
-may read (``list``, ``validate``). Exactly one process per job (rank 0) calls
+may read (``infos``, ``validate``). Exactly one process per job (rank 0) calls
 :meth:`commit`, :meth:`cleanup_temps` and :meth:`retain`; other ranks only write
 their shard into the temp directory of the save in progress. One job per root.
 """
@@ -149,7 +149,7 @@ class CheckpointStore:
             return CheckpointInfo(step, self.path(step), False, f"{Path(e.path).name}: {e.reason}", size)
         return CheckpointInfo(step, self.path(step), True, "", size, m.created_unix)
 
-    def list(self) -> list[CheckpointInfo]:
+    def infos(self) -> list[CheckpointInfo]:
         return [self.info(step) for step in self.steps()]
 
     def manifests(self) -> list[Manifest]:

@@ -1,4 +1,4 @@
-"""The ``ftrain`` command: ``ftrain launch ...`` and ``ftrain ckpt ...``.
+"""Supervisor side (outside the training processes): the ``ftrain`` command: ``ftrain launch ...`` and ``ftrain ckpt ...``.
 
 Every subcommand turns an :class:`FtrainError` into one line on stderr and the
 error's exit code (see ``exitcodes.py``).
@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from typing import NoReturn
 
 from ftrain import __version__, exitcodes
 from ftrain.cli import ckpt, launch
@@ -14,7 +15,7 @@ from ftrain.errors import FtrainError
 
 
 class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> None:  # one line, exit 2 (argparse's default prints usage too)
+    def error(self, message: str) -> NoReturn:  # one line, exit 2 (argparse's default prints usage too)
         self.exit(exitcodes.USAGE, f"ftrain: error: {message} (see {self.prog} --help)\n")
 
 

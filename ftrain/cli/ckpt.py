@@ -58,7 +58,7 @@ def _row(info: CheckpointInfo, latest: str | None) -> dict[str, Any]:
 def cmd_ls(args: argparse.Namespace) -> int:
     store = _store(args.dir)
     latest = store.latest_hint()
-    infos = store.list()
+    infos = store.infos()
     monitor, values, best = _selection(store, infos)
     rows = [_row(i, latest) for i in infos]
     for r in rows:
@@ -119,7 +119,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
             raise UsageError(f"no checkpoint for step {args.step} in {store.root}")
         infos = [store.info(args.step)]
     else:
-        infos = store.list()
+        infos = store.infos()
         if not infos:
             print(f"no checkpoints in {store.root}")
             return exitcodes.FAILURE

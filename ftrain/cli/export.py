@@ -184,7 +184,9 @@ def _flat_tensors(state: Any, obj: str) -> dict[str, torch.Tensor]:
 
 def _holds_state(value: Any) -> bool:
     scalar = (bool, int, float, str, type(None))
-    return isinstance(value, dict) or isinstance(value, (list, tuple)) and not all(isinstance(v, scalar) for v in value)
+    if isinstance(value, dict):
+        return True
+    return isinstance(value, (list, tuple)) and not all(isinstance(v, scalar) for v in value)
 
 
 def _st_metadata(store: CheckpointStore, m: Manifest, obj: str) -> dict[str, str]:

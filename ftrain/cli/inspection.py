@@ -16,7 +16,18 @@ from typing import TYPE_CHECKING, Any
 
 from ftrain import exitcodes
 from ftrain.cli.show import (
-    STEP_HELP, counts, counts_text, human, jsonable, names, num, open_checkpoint, raw, safe, utc, warnings_to_stderr,
+    STEP_HELP,
+    counts,
+    counts_text,
+    human,
+    jsonable,
+    names,
+    num,
+    open_checkpoint,
+    raw,
+    safe,
+    utc,
+    warnings_to_stderr,
 )
 from ftrain.errors import CheckpointError, CorruptCheckpoint
 

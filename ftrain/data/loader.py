@@ -186,7 +186,7 @@ class ResumableLoader:
         self._sampler.epoch, self._sampler.start = self._epoch, self._consumed
         rest = list(self._sampler)
         bs = self.batch_size
-        out = [rest[i : i + bs] for i in range(0, len(rest), bs)]
+        out: list[list[Any]] = [rest[i : i + bs] for i in range(0, len(rest), bs)]
         if self.drop_last and out and len(out[-1]) < bs:
             out.pop()
         if self.seed_samples:

@@ -27,7 +27,7 @@ from typing import Any
 from torch import nn
 
 from ftrain.errors import FtrainError
-from ftrain.session.trainable import frozen_names  # noqa: F401  (re-exported: the session records the same list)
+from ftrain.session.trainable import frozen_names
 
 __all__ = ["DEFAULT_GROUP", "freeze", "frozen_names", "param_groups", "unfreeze"]
 

@@ -289,7 +289,7 @@ def _remap(state: Mapping[str, Any], where: str, model_sd: Mapping[str, Any], st
     out: dict[str, Any] = {}
     origin: dict[str, str] = {}
     report = LoadReport(source=where, stripped_prefix=stripped)
-    for original, key in zip(state, keys):
+    for original, key in zip(state, keys, strict=True):
         new = mapper(key) if mapper is not None else key
         if new is None:
             report.dropped.append(original)

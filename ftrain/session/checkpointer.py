@@ -248,6 +248,16 @@ class Checkpointer:
         """Block until the in-flight save (if any) is persisted and, on rank 0, committed; False on timeout."""
         return self.writer.wait(timeout)
 
+    def flush(self, timeout: float | None) -> bool:
+        """At process exit: wait (up to ``timeout``) for the in-flight save; False if it failed (logged)."""
+        if not self.writer.wait(timeout):
+            log.error("exiting with a checkpoint write still in flight after %.0fs; it will not commit", timeout)
+            return True  # nothing known to have failed; the previous checkpoint stays valid
+        err = self.writer.take_error()
+        if err is not None:
+            log.error("the last checkpoint did not commit: %s", err)
+        return err is None
+
     def has_error(self) -> bool:
         return self.writer.failed()
 

@@ -72,7 +72,7 @@ class Collectives:
         dist.all_reduce(t, op=dist.ReduceOp.MAX, group=self._group)
         out = t.tolist()
         present, got = out[len(flags):len(flags) + n], out[len(flags) + n:]
-        agreed = [None if p == 0 else (math.nan if p == 2 else v) for p, v in zip(present, got)]
+        agreed = [None if p == 0 else (math.nan if p == 2 else v) for p, v in zip(present, got, strict=True)]
         return tuple(bool(v) for v in out[:len(flags)]), agreed
 
     def check_all(self, err: FtrainError | None) -> None:

@@ -65,7 +65,8 @@ class Liveness:
         self._stack_file: IO[str] | None = None
         if self.attempt is not None:
             self._heartbeat = HeartbeatWriter(self.attempt.heartbeat(rank))
-            self._stack_file = open(self.attempt.stacks(rank), "a")  # kept open: faulthandler writes to its fd
+            # Kept open until close(): faulthandler writes to its fd from a signal handler.
+            self._stack_file = open(self.attempt.stacks(rank), "a")  # noqa: SIM115
             faulthandler.register(getattr(signal, STACK_DUMP_SIGNAL), file=self._stack_file, all_threads=True,
                                   chain=False)
             threading.Thread(target=self._watch_parent, name="ftrain-parent-watch", daemon=True).start()
@@ -157,6 +158,19 @@ class Liveness:
         if self._heartbeat is not None:
             self._heartbeat.close()
             self._heartbeat = None
+
+
+def setup_logging(rank: int) -> None:
+    """``[ftrain rN] LEVEL message`` on stderr, unless the host program configured logging itself."""
+    logger = logging.getLogger("ftrain")
+    if logger.handlers or logging.getLogger().handlers:
+        return
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter(f"[ftrain r{rank}] %(levelname)s %(message)s"))
+    logger.addHandler(handler)
+    if logger.level == logging.NOTSET:
+        logger.setLevel(logging.INFO)
+    logger.propagate = False
 
 
 def _flush_std() -> None:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 import random
-from typing import Any
+from typing import Any, cast
 
 import torch
 
@@ -28,7 +28,7 @@ except ImportError:  # pragma: no cover - numpy is optional
 def capture() -> dict[str, Any]:
     state: dict[str, Any] = {"version": VERSION, "python": random.getstate(), "torch": torch.get_rng_state()}
     if np is not None:
-        kind, keys, pos, has_gauss, cached = np.random.get_state(legacy=True)
+        kind, keys, pos, has_gauss, cached = cast(tuple[str, Any, int, int, float], np.random.get_state(legacy=True))
         state["numpy"] = {"kind": kind, "keys": keys.tolist(), "pos": int(pos), "has_gauss": int(has_gauss),
                           "cached_gaussian": float(cached)}
     # Only once CUDA is in use: asking earlier would initialise CUDA in CPU-only processes (e.g. a CPU job on a

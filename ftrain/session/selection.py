@@ -16,9 +16,10 @@ from collections.abc import Callable
 from typing import Any
 
 from ftrain.checkpoint.manifest import Manifest
+from ftrain.checkpoint.store import CheckpointStore
 from ftrain.config import FtrainConfig
-from ftrain.errors import FtrainError
-from ftrain.session.ranking import Selection, SelectionSpec, json_metrics, resolve_mode
+from ftrain.errors import CheckpointError, FtrainError
+from ftrain.session.ranking import Selection, SelectionSpec, json_metrics, rank_manifests, resolve_mode
 
 log = logging.getLogger("ftrain")
 
@@ -124,10 +125,18 @@ class ModelSelection:
         # A best checkpoint whose save failed, or that was deleted by hand, must not hold a keep-best slot.
         steps = self.ranking.best_steps
         if steps:
-            for s, ok in zip(steps, present(steps)):
+            for s, ok in zip(steps, present(steps), strict=True):
                 if not ok:
                     log.warning("best checkpoint step %d is gone; it no longer counts among the best", s)
                     self.ranking.discard(s)
+
+    def ranked(self, store: CheckpointStore) -> list[Manifest]:
+        """The checkpoints in ``store``, best first by their recorded metric (none, with a warning, if unreadable)."""
+        try:
+            return rank_manifests(store.manifests())
+        except (CheckpointError, OSError) as e:  # the caller must still join the restore's collectives
+            log.warning("load_best: %s", e)
+            return []
 
     def warn_at_close(self) -> None:
         if self.monitor and self.ranking.last is None:

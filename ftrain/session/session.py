@@ -17,7 +17,7 @@ Metrics reported with ``report()`` before ``step(n)``/``save(n)`` belong to step
 Process model: one live Session per process (``close()`` undoes its process
 hooks, after which another may be created). All ranks of a job must call
 ``restore``, ``step`` and ``save`` at the same points (they use collectives).
-Not thread-safe.
+Not thread-safe. The parts: see ``ftrain/session/__init__.py``.
 """
 from __future__ import annotations
 
@@ -40,8 +40,7 @@ from ftrain.session import decision
 from ftrain.session.checkpointer import Checkpointer
 from ftrain.session.collectives import Collectives
 from ftrain.session.decision import StepAction, StepInputs
-from ftrain.session.liveness import Liveness, Preempted
-from ftrain.session.ranking import rank_manifests
+from ftrain.session.liveness import Liveness, Preempted, setup_logging
 from ftrain.session.registry import Registry
 from ftrain.session.selection import ModelSelection
 from ftrain.stateful import Stateful
@@ -61,7 +60,7 @@ class Session:
         else:
             self.rank = int(os.environ.get(envvars.RANK, "0"))
             self.world_size = int(os.environ.get(envvars.WORLD_SIZE, "1"))
-        _setup_logging(self.rank)
+        setup_logging(self.rank)
         sup = self.config.supervisor
         self.liveness = Liveness(self.rank, list(sup.preemption_signals), sup.grace_seconds)
         self.liveness.beat(STARTING, 0)
@@ -147,12 +146,7 @@ class Session:
         """
         if self._previous_save_failed():  # the best one may be the save still in flight
             self._raise_failed_save()
-        ranked: list[Manifest] = []
-        if self.rank == 0:
-            try:
-                ranked = rank_manifests(self.store.manifests())
-            except (CheckpointError, OSError) as e:  # rank 0 must still join the collective below
-                log.warning("load_best: %s", e)
+        ranked = self.selection.ranked(self.store) if self.rank == 0 else []  # only rank 0 proposes
         found = self.checkpointer.restore(self._check_layout, candidates=iter(ranked))
         if found is None:
             log.warning("load_best: no valid checkpoint records %r; the registered objects keep their current state",
@@ -301,26 +295,8 @@ class Session:
         # failed. But a process exiting on an uncaught exception (its peers may be dead) must not wait for a
         # commit that may never happen: then the wait is bounded by the grace period.
         crashing = self.liveness.crashing
-        limit = self.config.supervisor.grace_seconds if crashing else None
-        if not self.checkpointer.wait(timeout=limit):
-            log.error("exiting with a checkpoint write still in flight after %.0fs; it will not commit", limit)
-            return
-        err = self.checkpointer.take_error()
-        if err is not None:
-            log.error("the last checkpoint did not commit: %s", err)
-            if not crashing:
-                sys.stdout.flush()
-                sys.stderr.flush()
-                os._exit(exitcodes.FAILURE)
+        if not self.checkpointer.flush(self.config.supervisor.grace_seconds if crashing else None) and not crashing:
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(exitcodes.FAILURE)
 
-
-def _setup_logging(rank: int) -> None:
-    logger = logging.getLogger("ftrain")
-    if logger.handlers or logging.getLogger().handlers:
-        return
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter(f"[ftrain r{rank}] %(levelname)s %(message)s"))
-    logger.addHandler(handler)
-    if logger.level == logging.NOTSET:
-        logger.setLevel(logging.INFO)
-    logger.propagate = False

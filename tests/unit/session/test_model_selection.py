@@ -6,6 +6,7 @@ import dataclasses
 import json
 import math
 import shutil
+from functools import partial
 from pathlib import Path
 
 import pytest
@@ -18,17 +19,18 @@ from ftrain.session import rng
 from ftrain.checkpoint import codec
 from ftrain.checkpoint import format as layout
 from ftrain.checkpoint.store import CheckpointStore
-from ftrain.config import CheckpointConfig, EarlyStoppingConfig, FtrainConfig
+from ftrain.config import CheckpointConfig, FtrainConfig
 from ftrain.errors import ConfigError, StateMismatch
+
+import helpers
+from helpers import SgdJob
 
 #: A scripted validation loss, reported every 5 steps (and once off the save schedule, at step 22).
 SCRIPT = {5: 1.0, 10: 0.5, 15: 0.7, 20: 0.4, 22: 0.3, 25: 0.9, 30: 0.45, 35: 0.8, 40: 0.6}
 
 
-def cfg(path: Path, patience: int = 0, min_delta: float = 0.0, **kw) -> FtrainConfig:
-    kw.setdefault("monitor", "val_loss")
-    return FtrainConfig(checkpoint=CheckpointConfig(dir=str(path), **kw),
-                        early_stopping=EarlyStoppingConfig(patience=patience, min_delta=min_delta))
+#: helpers.cfg, monitoring val_loss unless a test says otherwise.
+cfg = partial(helpers.cfg, monitor="val_loss")
 
 
 def open_session(config: FtrainConfig, **objects: object) -> ftrain.Session:
@@ -38,23 +40,10 @@ def open_session(config: FtrainConfig, **objects: object) -> ftrain.Session:
     return session
 
 
-class Job:
-    def __init__(self) -> None:
-        torch.manual_seed(0)
-        self.model = nn.Linear(4, 3)
-        self.opt = torch.optim.SGD(self.model.parameters(), lr=0.1)
-
-    def train(self) -> None:
-        loss = self.model(torch.randn(2, 4)).pow(2).sum()
-        self.opt.zero_grad()
-        loss.backward()
-        self.opt.step()
-
-
 def run(path: Path, until: int, config: FtrainConfig, script: dict[int, float] = SCRIPT,
-        weights: dict[int, dict[str, torch.Tensor]] | None = None) -> tuple[Job, ftrain.Session, int]:
+        weights: dict[int, dict[str, torch.Tensor]] | None = None) -> tuple[SgdJob, ftrain.Session, int]:
     """Train to ``until`` (or an early stop), reporting ``script``; returns the job, session and last step."""
-    job = Job()
+    job = SgdJob()
     session = open_session(config, model=job.model, optimizer=job.opt)
     step = session.restore()
     while step < until and not session.should_stop:
@@ -96,7 +85,7 @@ def test_a_restarted_run_keeps_the_same_checkpoints(tmp_path: Path) -> None:
 
 def test_best_pointer_and_max_mode(tmp_path: Path) -> None:
     script = {s: 1 - v for s, v in SCRIPT.items()}
-    job = Job()
+    job = SgdJob()
     session = open_session(cfg(tmp_path, monitor="val_acc", every_steps=5, keep_last=1, keep_best=1), model=job.model)
     session.restore()
     for step in range(1, 41):
@@ -130,7 +119,7 @@ def test_load_best_skips_a_corrupt_best_checkpoint(tmp_path: Path, caplog) -> No
     data = bytearray(shard.read_bytes())
     data[70] ^= 0xFF
     shard.write_bytes(data)
-    job = Job()
+    job = SgdJob()
     session = open_session(cfg(tmp_path, every_steps=5, keep_last=1, keep_best=2), model=job.model, optimizer=job.opt)
     session.restore()
     assert session.load_best() == 20
@@ -318,7 +307,7 @@ def test_a_failed_best_save_does_not_cost_the_real_best(tmp_path: Path, monkeypa
     """The save of a new best fails in the background, then a preemption arrives: the preemption checkpoint
     must keep protecting the previous best (the failed one displaced it in the ranking), and `best` names it."""
     config = cfg(tmp_path, every_steps=5, keep_last=1, keep_best=1)
-    job = Job()
+    job = SgdJob()
     session = open_session(config, model=job.model, optimizer=job.opt)
     session.restore()
     monkeypatch.setattr(faults, "_FAULTS", faults.parse("raise@save.mid_write:step=7"))

@@ -13,6 +13,8 @@ import ftrain
 from ftrain.errors import CheckpointError, CorruptCheckpoint, FtrainError, StateMismatch
 from ftrain.finetune import LoadReport, freeze, frozen_names, load_pretrained, param_groups, unfreeze
 
+from helpers import assert_same_tensors
+
 
 class Net(nn.Module):
     """A backbone and a classification head, the usual fine-tuning shape."""
@@ -38,12 +40,6 @@ class Wrapper(nn.Module):
 
 def state(model: nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().clone() for k, v in model.state_dict().items()}
-
-
-def assert_state_equal(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
-    assert a.keys() == b.keys()
-    for k in a:
-        assert torch.equal(a[k], b[k]), k
 
 
 def outputs(model: nn.Module) -> torch.Tensor:
@@ -77,7 +73,7 @@ def test_ddp_prefixed_file_loads_into_plain_model(tmp_path: Path, fmt: str) -> N
     assert report.ok and report.stripped_prefix == "module."
     assert report.renamed == len(ddp_sd) and len(report.loaded) == len(ddp_sd)
     assert torch.equal(outputs(dst), outputs(src))
-    assert_state_equal(state(dst), state(src))
+    assert_same_tensors(state(dst), state(src))
 
 
 def test_compiled_and_ddp_prefixes_both_stripped() -> None:
@@ -86,7 +82,7 @@ def test_compiled_and_ddp_prefixes_both_stripped() -> None:
     dst = Net()
     report = load_pretrained(dst, sd, strict=True)
     assert report.stripped_prefix == "_orig_mod.module."
-    assert_state_equal(state(dst), state(src))
+    assert_same_tensors(state(dst), state(src))
 
 
 def test_model_whose_own_keys_start_with_module_is_not_stripped() -> None:
@@ -94,7 +90,7 @@ def test_model_whose_own_keys_start_with_module_is_not_stripped() -> None:
     dst = Wrapper(Net())
     report = load_pretrained(dst, src.state_dict(), strict=True)
     assert report.stripped_prefix == "" and report.renamed == 0
-    assert_state_equal(state(dst), state(src))
+    assert_same_tensors(state(dst), state(src))
 
 
 def test_plain_mapping_source_named_in_report() -> None:
@@ -118,7 +114,7 @@ def test_pt_with_custom_class_is_refused_and_never_runs(tmp_path: Path) -> None:
     assert str(path) in msg and "code execution" in msg and "safetensors" in msg and "\n" not in msg
     assert not isinstance(err.value, StateMismatch)
     assert not marker.exists()
-    assert_state_equal(state(dst), before)
+    assert_same_tensors(state(dst), before)
 
 
 def test_corrupt_and_unknown_files(tmp_path: Path) -> None:
@@ -161,13 +157,13 @@ def test_key_map_prefix_mapping_longest_wins_and_callable() -> None:
                                                "encoder.extra.": None}, strict=True)
     assert report.dropped == ["encoder.extra.bias"]
     assert report.renamed == 6  # backbone 4 + head 2; norm.* kept its name
-    assert_state_equal(state(dst), state(src))
+    assert_same_tensors(state(dst), state(src))
 
     dst2 = Net()
     report = load_pretrained(dst2, sd, key_map=lambda k: None if ".extra." in k else
                              k.replace("encoder.", "backbone.").replace("classifier.", "head."), strict=True)
     assert report.ok
-    assert_state_equal(state(dst2), state(src))
+    assert_same_tensors(state(dst2), state(src))
 
 
 def test_add_prefix_and_collision() -> None:
@@ -190,10 +186,10 @@ def test_new_head_strict_raises_and_changes_nothing() -> None:
         load_pretrained(dst, src.state_dict(), strict=True)
     msg = str(err.value)
     assert "head.weight" in msg and "[3, 8]" in msg and "[5, 8]" in msg and "skip_mismatched" in msg
-    assert_state_equal(state(dst), before)
+    assert_same_tensors(state(dst), before)
     with pytest.raises(StateMismatch, match="head.bias"):  # non-strict still refuses shape changes by default
         load_pretrained(dst, src.state_dict())
-    assert_state_equal(state(dst), before)
+    assert_same_tensors(state(dst), before)
 
 
 def test_new_head_skip_mismatched_keeps_head_loads_backbone() -> None:
@@ -314,7 +310,7 @@ def test_load_from_ftrain_checkpoint_root_and_step_dir(tmp_path: Path) -> None:
         dst = Net(seed=4)
         report = load_pretrained(dst, source, step=step, strict=True)
         assert report.ok and str(step_dir) in report.source
-        assert_state_equal(state(dst), state(src))
+        assert_same_tensors(state(dst), state(src))
     with pytest.raises(CheckpointError, match="no checkpoint of step 6"):
         load_pretrained(Net(), tmp_path / "ck", step=6)
     with pytest.raises(CheckpointError, match="per-rank|no object"):

@@ -7,7 +7,7 @@ import torch
 import ftrain
 from ftrain.config import CheckpointConfig, FtrainConfig
 
-pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+pytestmark = [pytest.mark.slow, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
 
 
 def make():

@@ -19,14 +19,16 @@ from pathlib import Path
 import psutil
 import pytest
 
-from conftest import (
+from helpers import (
     EXAMPLE,
     assert_same_tensors,
     checkpoint_tensors,
     child_env,
     final_hash,
+    processes_mentioning,
     read_index_log,
     run_example,
+    torchrun,
 )
 
 pytestmark = pytest.mark.slow
@@ -107,26 +109,9 @@ def test_sigkill_at_random_steps_and_during_saves_resumes_bit_exact(tmp_path):
     assert steps == ref_steps, f"seed {seed}: consumed samples differ (skip or duplicate)"
 
 
-def torchrun(args: list[str], env: dict[str, str], nproc: int = 2) -> subprocess.CompletedProcess[str]:
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc), "--rdzv-backend", "c10d",
-           "--rdzv-endpoint", "127.0.0.1:0", "--max-restarts", "0", str(EXAMPLE), *args]
-    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=180)
-
-
-def job_processes(marker: str) -> list[psutil.Process]:
-    found = []
-    for p in psutil.process_iter(["cmdline"]):
-        try:
-            if any(marker in part for part in p.info["cmdline"] or []):
-                found.append(p)
-        except psutil.Error:
-            pass
-    return found
-
-
 def test_two_ranks_killed_inside_sharded_saves_resume_bit_exact(tmp_path):
     args = ["--steps", "40", "--save-every", "10", "--print-every", "0"]
-    ref = torchrun([*args, "--ckpt-dir", str(tmp_path / "ref"), "--index-log", str(tmp_path / "ref-logs")],
+    ref = torchrun(EXAMPLE, [*args, "--ckpt-dir", str(tmp_path / "ref"), "--index-log", str(tmp_path / "ref-logs")],
                    child_env())
     assert ref.returncode == 0, ref.stderr[-3000:]
 
@@ -139,9 +124,9 @@ def test_two_ranks_killed_inside_sharded_saves_resume_bit_exact(tmp_path):
                     FTRAIN_FAULTS_ONCE_DIR=str(once))
     restored = []
     for attempt in range(3):
-        proc = torchrun(run_args, env)
+        proc = torchrun(EXAMPLE, run_args, env)
         restored += [int(m) for m in re.findall(r"\[ftrain r0\] INFO restored step (\d+)", proc.stderr)]
-        assert not job_processes(str(ckpt)), "processes of the job survived torchrun's exit"
+        assert not processes_mentioning(str(ckpt)), "processes of the job survived torchrun's exit"
         if attempt < 2:
             assert proc.returncode != 0, f"attempt {attempt} should have been killed:\n{proc.stderr[-3000:]}"
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -157,11 +142,12 @@ def test_a_save_failing_on_one_rank_fails_on_all_ranks_quickly(tmp_path):
     ckpt = tmp_path / "ckpt"
     env = child_env(FTRAIN_FAULTS="raise@save.mid_write:step=20:rank=1")
     t0 = time.monotonic()
-    proc = torchrun(["--steps", "40", "--save-every", "10", "--print-every", "0", "--ckpt-dir", str(ckpt)], env)
+    proc = torchrun(EXAMPLE, ["--steps", "40", "--save-every", "10", "--print-every", "0", "--ckpt-dir", str(ckpt)],
+                    env)
     assert proc.returncode != 0
     assert time.monotonic() - t0 < 120, "a failed save must not wait for checkpoint.commit_timeout_seconds"
     # Rank 1's writer reports to rank 0 through an error marker; each rank names the failure.
     assert "ftrain: error: injected fault" in proc.stderr, proc.stderr[-3000:]
     assert "ftrain: error: rank 1 failed to write its shard of step 20" in proc.stderr, proc.stderr[-3000:]
     assert sorted(p.name for p in ckpt.iterdir()) == ["latest", "step-000000000010"]
-    assert not job_processes(str(ckpt))
+    assert not processes_mentioning(str(ckpt))

@@ -10,6 +10,7 @@ import yaml
 
 from ftrain.config import (
     CheckpointConfig,
+    EarlyStoppingConfig,
     FtrainConfig,
     SupervisorConfig,
     _parse_text,
@@ -21,7 +22,9 @@ from ftrain.config import (
 )
 from ftrain.errors import ConfigError
 
-CONFIGS = Path(__file__).resolve().parent.parent / "configs"
+from helpers import ROOT
+
+CONFIGS = ROOT / "configs"
 
 
 def write(tmp_path: Path, text: str, name: str = "run.yaml") -> Path:
@@ -370,9 +373,51 @@ def test_config_to_dict() -> None:
     assert FtrainConfig(checkpoint=CheckpointConfig(**as_dict["checkpoint"])) == cfg
 
 
+def assert_frozen(obj: object) -> None:
+    """``obj`` is an instance of a frozen dataclass (every dataclass it inherits from too): no field assignable."""
+    cls = type(obj)
+    assert dataclasses.is_dataclass(cls), f"{cls.__name__} is not a dataclass"
+    for f in dataclasses.fields(cls):
+        with pytest.raises(dataclasses.FrozenInstanceError):
+            setattr(obj, f.name, getattr(obj, f.name))
+    owners = [c for c in cls.__mro__ if "__dataclass_params__" in vars(c)]
+    assert all(c.__dataclass_params__.frozen for c in owners), f"{cls.__name__}: not frozen: {owners}"
+
+
 def test_configs_are_immutable() -> None:
-    with pytest.raises(dataclasses.FrozenInstanceError):
-        FtrainConfig().checkpoint.keep_last = 1  # type: ignore[misc]
+    config = FtrainConfig()
+    sections = {f.name: getattr(config, f.name) for f in dataclasses.fields(config)}
+    assert {name: type(s) for name, s in sections.items()} == {
+        "checkpoint": CheckpointConfig, "early_stopping": EarlyStoppingConfig, "supervisor": SupervisorConfig}
+    for section in (config, *sections.values()):
+        assert_frozen(section)
+
+
+def test_assert_frozen_rejects_what_is_not_a_frozen_dataclass() -> None:
+    @dataclasses.dataclass
+    class Mutable:
+        keep_last: int = 3
+
+    @dataclasses.dataclass
+    class ReadOnlyByHand:  # refuses assignment, but is no frozen dataclass
+        keep_last: int = 3
+
+        def __setattr__(self, name: str, value: object) -> None:
+            raise dataclasses.FrozenInstanceError(name)
+
+    @dataclasses.dataclass(frozen=True)
+    class Frozen:
+        keep_last: int = 3
+
+    assert_frozen(Frozen())
+    with pytest.raises(pytest.fail.Exception, match="DID NOT RAISE"):
+        assert_frozen(Mutable())
+    by_hand = object.__new__(ReadOnlyByHand)
+    object.__setattr__(by_hand, "keep_last", 3)
+    with pytest.raises(AssertionError, match="not frozen"):
+        assert_frozen(by_hand)
+    with pytest.raises(AssertionError, match="not a dataclass"):
+        assert_frozen(object())
 
 
 def test_finetune_yaml() -> None:

@@ -11,6 +11,8 @@ import torch.multiprocessing as mp
 
 from ftrain.session.collectives import Collectives
 
+pytestmark = pytest.mark.slow
+
 #: Per rank: what it reports. Rank 1 disagrees everywhere (and alone raises a flag); rank 0's word must win,
 #: including "not reported", NaN (which MAX cannot carry) and -inf (which the others send as filler).
 REPORTS = {0: [0.5, None, math.nan, -math.inf, math.inf], 1: [9.0, 3.0, 1.0, 2.0, None]}

@@ -1,52 +1,18 @@
-"""Tests for ftrain.data: sampler arithmetic, seeding, exact mid-epoch resume."""
+"""Tests for ftrain.data in one process: sampler arithmetic, seeding, exact mid-epoch resume."""
 from __future__ import annotations
 
 import json
 import random
-import signal
 
 import numpy as np
 import pytest
 import torch
-from torch.utils.data import Dataset
 
 from ftrain.data import seeding as fdata
 from ftrain.data import ResumableLoader, ResumableSampler, SeededDataset, derive_seed
 from ftrain.errors import StateMismatch
 
-
-class AugDataset(Dataset):
-    """Item = [index, 3 x torch.rand, random.random, numpy.random.rand] as float64."""
-
-    def __init__(self, n: int) -> None:
-        self.n = n
-
-    def __len__(self) -> int:
-        return self.n
-
-    def __getitem__(self, i: int) -> torch.Tensor:
-        t = torch.rand(3).tolist()
-        return torch.tensor([float(i), *t, random.random(), float(np.random.rand())], dtype=torch.float64)
-
-
-_USER_INIT_RAN = False
-
-
-def _user_init(worker_id: int) -> None:
-    global _USER_INIT_RAN
-    _USER_INIT_RAN = True
-
-
-class WorkerProbe(Dataset):
-    """Reports, from inside the worker, the SIGTERM/SIGINT disposition and the user init flag."""
-
-    def __len__(self) -> int:
-        return 8
-
-    def __getitem__(self, i: int) -> torch.Tensor:
-        ign = [signal.getsignal(s) == signal.SIG_IGN for s in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)]
-        in_worker = torch.utils.data.get_worker_info() is not None
-        return torch.tensor([i, in_worker, *ign, _USER_INIT_RAN], dtype=torch.int64)
+from helpers import AugDataset, check_resume
 
 
 # ---------------------------------------------------------------- derive_seed
@@ -147,32 +113,6 @@ def test_seeded_dataset_reproducible_and_restores_globals():
 # ---------------------------------------------------------------- resume equivalence
 
 
-def _run(loader: ResumableLoader, total: int):
-    """Collect ``total`` batches across epochs, with the (JSON round-tripped) state after each."""
-    batches, states = [], []
-    while len(batches) < total:
-        for b in loader:
-            batches.append(b)
-            states.append(json.loads(json.dumps(loader.state_dict())))
-            if len(batches) == total:
-                break
-    return batches, states
-
-
-def _check_resume(make, total, cuts):
-    ref, ref_states = _run(make(), total)
-    for k in cuts:
-        loader = make()
-        if k:
-            loader.load_state_dict(ref_states[k - 1])
-        got, states = _run(loader, total - k)
-        assert len(got) == len(ref[k:])
-        for j, (a, b) in enumerate(zip(got, ref[k:])):
-            assert torch.equal(a, b), f"cut {k}: batch {k + j} differs"
-        assert states == ref_states[k:]
-    return ref
-
-
 @pytest.mark.parametrize("drop_last", [False, True])
 def test_resume_single_process(drop_last):
     n, bs = 37, 5
@@ -180,7 +120,7 @@ def test_resume_single_process(drop_last):
     per_epoch = len(make())
     assert per_epoch == (7 if drop_last else 8)
     total = per_epoch * 2 + per_epoch // 2
-    ref = _check_resume(make, total, [0, 1, 3, per_epoch - 1, per_epoch, per_epoch + 1, 2 * per_epoch, total - 1])
+    ref = check_resume(make, total, [0, 1, 3, per_epoch - 1, per_epoch, per_epoch + 1, 2 * per_epoch, total - 1])
     # Sanity on the reference itself: epoch 0 covers the dataset once, epochs differ.
     ep0 = torch.cat(ref[:per_epoch])[:, 0].long().tolist()
     ep1 = torch.cat(ref[per_epoch : 2 * per_epoch])[:, 0].long().tolist()
@@ -190,22 +130,6 @@ def test_resume_single_process(drop_last):
         assert all(b.shape[0] == bs for b in ref)
 
 
-def test_resume_with_workers():
-    n, bs = 37, 5
-    make = lambda: ResumableLoader(AugDataset(n), batch_size=bs, seed=2, num_workers=2)  # noqa: E731
-    ref = _check_resume(make, 20, [8, 11])
-    # Workers reproduce exactly what the main process computes.
-    single, _ = _run(ResumableLoader(AugDataset(n), batch_size=bs, seed=2), 20)
-    assert all(torch.equal(a, b) for a, b in zip(ref, single))
-
-
-def test_resume_persistent_workers():
-    make = lambda: ResumableLoader(  # noqa: E731
-        AugDataset(23), batch_size=4, seed=9, num_workers=2, persistent_workers=True
-    )
-    _check_resume(make, 15, [7])
-
-
 def test_resume_two_ranks():
     n, bs = 37, 4
     first_epoch = []
@@ -213,7 +137,7 @@ def test_resume_two_ranks():
         make = lambda: ResumableLoader(AugDataset(n), batch_size=bs, seed=4, num_replicas=2, rank=rank)  # noqa: E731
         per_epoch = len(make())
         assert per_epoch == 5  # 19 samples per rank
-        ref = _check_resume(make, 12, [0, 2, 4, 5, 6, 11])
+        ref = check_resume(make, 12, [0, 2, 4, 5, 6, 11])
         first_epoch += torch.cat(ref[:per_epoch])[:, 0].long().tolist()
     assert set(first_epoch) == set(range(n)) and len(first_epoch) == 38
 
@@ -263,27 +187,6 @@ def test_global_rng_untouched_single_process():
     assert torch.equal(torch.get_rng_state(), t)
     assert random.getstate() == p
     assert np.array_equal(np.random.get_state()[1], n)
-
-
-def test_global_rng_untouched_with_workers_and_raw_dataset():
-    torch.manual_seed(0)
-    t = torch.get_rng_state()
-    for _ in ResumableLoader(AugDataset(20), batch_size=3, seed=5, num_workers=2):
-        pass
-    assert torch.equal(torch.get_rng_state(), t)
-    # Raw dataset in workers: the base seed comes from the private generator.
-    for _ in ResumableLoader(AugDataset(20), batch_size=3, seed=5, seed_samples=False, num_workers=2):
-        pass
-    assert torch.equal(torch.get_rng_state(), t)
-
-
-def test_worker_signals_ignored_and_user_init_chained():
-    loader = ResumableLoader(WorkerProbe(), batch_size=4, num_workers=2, worker_init_fn=_user_init, shuffle=False)
-    rows = torch.cat(list(loader))
-    assert rows[:, 0].tolist() == list(range(8))
-    assert rows[:, 1:].eq(1).all(), rows
-    # The main process's handlers are not changed.
-    assert signal.getsignal(signal.SIGTERM) != signal.SIG_IGN
 
 
 # ---------------------------------------------------------------- state dict

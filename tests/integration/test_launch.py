@@ -7,85 +7,27 @@ import re
 import signal
 import subprocess
 import sys
-import threading
 import time
 
 import psutil
 import pytest
 
-from conftest import EXAMPLE, ROOT, assert_same_tensors, checkpoint_tensors, child_env, final_hash
-
 from ftrain import exitcodes
 
+from helpers import (
+    EXAMPLE,
+    ROOT,
+    Launch,
+    assert_no_orphans,
+    assert_same_tensors,
+    checkpoint_tensors,
+    child_env,
+    final_hash,
+    job_processes,
+    launch_env,
+)
+
 pytestmark = pytest.mark.slow
-
-
-class Launch:
-    """A running `ftrain launch`, its output collected by a thread so the test can wait for lines."""
-
-    def __init__(self, args: list[str], env: dict[str, str]) -> None:
-        self.proc = subprocess.Popen([sys.executable, "-m", "ftrain", "launch", *args], env=env, cwd=ROOT,
-                                     stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-        self.lines: list[str] = []
-        self._reader = threading.Thread(target=self._read, daemon=True)
-        self._reader.start()
-
-    def _read(self) -> None:
-        assert self.proc.stdout is not None
-        for line in self.proc.stdout:
-            self.lines.append(line)
-
-    @property
-    def output(self) -> str:
-        return "".join(self.lines)
-
-    def wait_for(self, pattern: str, timeout: float = 120) -> re.Match[str]:
-        deadline = time.monotonic() + timeout
-        rx = re.compile(pattern, re.M)
-        while time.monotonic() < deadline:
-            m = rx.search(self.output)
-            if m:
-                return m
-            if self.proc.poll() is not None:
-                self._reader.join(5)
-                m = rx.search(self.output)
-                if m:
-                    return m
-                break
-            time.sleep(0.05)
-        raise AssertionError(f"no line matching {pattern!r}; output:\n{self.output[-4000:]}")
-
-    def wait(self, timeout: float = 300) -> int:
-        rc = self.proc.wait(timeout=timeout)
-        self._reader.join(10)
-        return rc
-
-
-def job_processes(run_id: str) -> list[psutil.Process]:
-    """Every live process whose environment carries this run id (supervisor excluded: it sets it for children)."""
-    found = []
-    for p in psutil.process_iter():
-        try:
-            if p.environ().get("FTRAIN_RUN_ID") == run_id and p.status() != psutil.STATUS_ZOMBIE:
-                found.append(p)
-        except psutil.Error:
-            pass
-    return found
-
-
-def assert_no_orphans(run_id: str, timeout: float = 20) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if not job_processes(run_id):
-            return
-        time.sleep(0.2)
-    left = job_processes(run_id)
-    assert not left, f"orphans of run {run_id}: {[(p.pid, p.cmdline()) for p in left]}"
-
-
-def launch_env(**extra: str) -> dict[str, str]:
-    return child_env(FTRAIN_SUPERVISOR_BACKOFF_SECONDS="0.2", FTRAIN_SUPERVISOR_BACKOFF_MAX_SECONDS="1", **extra)
-
 
 STEPS = 60
 

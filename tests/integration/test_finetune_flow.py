@@ -21,23 +21,14 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import ROOT, child_env, final_hash
-from test_launch import Launch, assert_no_orphans, launch_env
-
 from ftrain.checkpoint.store import CheckpointStore
+
+from helpers import ROOT, Launch, assert_no_orphans, child_env, final_hash, launch_env, torchrun
 
 pytestmark = pytest.mark.slow
 
 FINETUNE = ROOT / "examples" / "finetune.py"
 MAX_STEPS = 150
-
-
-def torchrun(args: list[str], env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--rdzv-backend", "c10d",
-           "--rdzv-endpoint", "127.0.0.1:0", "--max-restarts", "0", str(FINETUNE), *args]
-    proc = subprocess.run(cmd, env=env or child_env(), capture_output=True, text=True, timeout=240)
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
-    return proc
 
 
 def run_script(args: list[str], env: dict[str, str]) -> subprocess.CompletedProcess[str]:
@@ -57,8 +48,8 @@ def seed() -> int:
 @pytest.fixture(scope="module")
 def pretrained(tmp_path_factory: pytest.TempPathFactory) -> Path:
     d = tmp_path_factory.mktemp("pretrain")
-    torchrun(["--phase", "pretrain", "--steps", "30", "--ckpt-dir", str(d / "ckpt"), "--export", str(d / "ddp.pt"),
-              "--print-every", "0"])
+    torchrun(FINETUNE, ["--phase", "pretrain", "--steps", "30", "--ckpt-dir", str(d / "ckpt"), "--export",
+                        str(d / "ddp.pt"), "--print-every", "0"], timeout=240, check=True)
     return d
 
 
@@ -80,7 +71,7 @@ def test_ddp_finetune_with_early_stopping_killed_and_resumed_is_bit_identical(pr
                                                                                tmp_path: Path) -> None:
     args = ["--phase", "finetune", "--pretrained", str(pretrained / "ddp.pt"), "--steps", str(MAX_STEPS),
             "--print-every", "1"]
-    ref = torchrun([*args, "--ckpt-dir", str(tmp_path / "ref")])
+    ref = torchrun(FINETUNE, [*args, "--ckpt-dir", str(tmp_path / "ref")], timeout=240, check=True)
     # The DDP prefix was stripped, the backbone loaded and the new head skipped, with a report.
     assert "stripped prefix 'module.'" in ref.stdout and "4 loaded" in ref.stdout, ref.stdout[:2000]
     assert "head.weight: source [4, 64] vs model [3, 64]" in ref.stdout

@@ -1,11 +1,7 @@
 """In-process tests of the Session API, the corruption matrix, fallback and retention."""
 from __future__ import annotations
 
-import dataclasses
 import logging
-import subprocess
-import sys
-import textwrap
 import time
 from pathlib import Path
 
@@ -15,40 +11,9 @@ import torch
 import ftrain
 from ftrain.checkpoint import format as layout
 from ftrain.cli import main as cli
-from ftrain.config import CheckpointConfig, FtrainConfig
 from ftrain.errors import CheckpointDirError, CheckpointError, NoValidCheckpoint, StateMismatch
 
-from conftest import ROOT, child_env
-
-
-def cfg(path: Path, **kw) -> FtrainConfig:
-    return FtrainConfig(checkpoint=CheckpointConfig(dir=str(path), **kw))
-
-
-class Job:
-    """A tiny model/optimizer/scheduler/counter set, trained with the global RNG (dropout-like draws)."""
-
-    def __init__(self) -> None:
-        torch.manual_seed(0)
-        self.model = torch.nn.Linear(4, 3)
-        self.opt = torch.optim.AdamW(self.model.parameters(), lr=1e-2)
-        self.sched = torch.optim.lr_scheduler.StepLR(self.opt, step_size=3, gamma=0.5)
-        self.counters = ftrain.Counters(seen=0)
-
-    def register(self, session: ftrain.Session) -> None:
-        session.register(model=self.model, optimizer=self.opt, scheduler=self.sched, counters=self.counters)
-
-    def train(self, n: int) -> None:
-        for _ in range(n):
-            loss = self.model(torch.randn(2, 4)).pow(2).sum()
-            self.opt.zero_grad()
-            loss.backward()
-            self.opt.step()
-            self.sched.step()
-            self.counters.seen += 2
-
-    def snapshot(self) -> dict[str, torch.Tensor]:
-        return {k: v.clone() for k, v in self.model.state_dict().items()}
+from helpers import Job, cfg
 
 
 def run_to(path: Path, steps: int, every: int = 10, **kw) -> tuple[Job, ftrain.Session, dict[int, dict]]:
@@ -266,41 +231,6 @@ def test_unstorable_state_fails_the_save_and_leaves_no_checkpoint(tmp_path):
     assert cli(["ckpt", "verify", str(root)]) == 0
 
 
-def test_file_size_limit_fails_cleanly_and_keeps_the_previous_checkpoint(tmp_path):
-    """RLIMIT_FSIZE makes writes fail like a full disk; the save must fail loudly and leave step 10 valid."""
-    root = tmp_path / "ckpt"
-    script = textwrap.dedent(f"""
-        import resource, signal, sys, time, torch, ftrain
-        from ftrain.config import CheckpointConfig, FtrainConfig
-        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # get EFBIG instead of being killed
-        model = torch.nn.Linear(64, 64)
-        s = ftrain.Session(FtrainConfig(checkpoint=CheckpointConfig(dir={str(root)!r})))
-        s.register(model=model)
-        s.restore()
-        s.save(10, blocking=True)
-        resource.setrlimit(resource.RLIMIT_FSIZE, (4096, 4096))
-        try:
-            s.save(20)
-            for step in range(21, 1000):  # a background write's failure surfaces at the next step after it
-                s.step(step)
-                time.sleep(0.01)
-        except ftrain.FtrainError as e:
-            print("ERROR:", e)
-            sys.exit(e.exit_code)
-    """)
-    proc = subprocess.run([sys.executable, "-c", script], env=child_env(), capture_output=True, text=True,
-                          timeout=60, cwd=ROOT)
-    assert proc.returncode == 1, proc.stderr
-    assert "saving step 20 failed" in proc.stdout and "File too large" in proc.stdout, proc.stdout
-    assert sorted(p.name for p in root.iterdir()) == [layout.LATEST, layout.step_dirname(10)]
-    assert cli(["ckpt", "verify", str(root)]) == 0
-
-
-def test_config_is_frozen_dataclass():
-    c = cfg(Path("x"))
-    assert dataclasses.replace(c.checkpoint, keep_last=1).keep_last == 1
-
-
 def test_per_rank_choice_must_match(tmp_path):
     root = tmp_path / "ckpt"
     run_to(root, 10)
@@ -321,43 +251,3 @@ def test_checkpoint_moved_aside_by_an_interrupted_replace_is_recovered(tmp_path)
     s = ftrain.Session(cfg(root))
     job.register(s)
     assert s.restore() == 20
-
-
-def _script(body: str, root: Path, **env: str) -> subprocess.CompletedProcess[str]:
-    head = textwrap.dedent(f"""
-        import os, signal, sys, time, torch, ftrain
-        from ftrain.config import CheckpointConfig, FtrainConfig
-        model = torch.nn.Linear(8, 8)
-        s = ftrain.Session(FtrainConfig(checkpoint=CheckpointConfig(dir={str(root)!r}, every_steps=2)))
-        s.register(model=model)
-        s.restore()
-    """)
-    return subprocess.run([sys.executable, "-c", head + textwrap.dedent(body)], env=child_env(**env),
-                          capture_output=True, text=True, timeout=60, cwd=ROOT)
-
-
-def test_exit_without_close_fails_loudly_if_the_last_save_did_not_commit(tmp_path):
-    root = tmp_path / "ckpt"
-    proc = _script("""
-        for step in range(1, 5):
-            s.step(step)
-        s.save(5)  # the background write of step 5 fails; the script never calls close()
-    """, root, FTRAIN_FAULTS="raise@save.mid_write:step=5")
-    assert proc.returncode == 1, proc.stderr
-    assert "the last checkpoint did not commit" in proc.stderr
-    assert sorted(p.name for p in root.glob("step-*")) == [layout.step_dirname(2), layout.step_dirname(4)]
-
-
-def test_preemption_checkpoint_is_taken_even_if_the_previous_background_save_failed(tmp_path):
-    root = tmp_path / "ckpt"
-    proc = _script("""
-        s.step(1)
-        s.step(2)  # its background write fails (injected)
-        time.sleep(0.5)  # whether or not the failure is already known at the next step
-        os.kill(os.getpid(), signal.SIGTERM)  # a preemption notice: only sets a flag
-        s.step(3)
-    """, root, FTRAIN_FAULTS="raise@save.mid_write:step=2")
-    assert proc.returncode == 75, proc.stderr
-    assert "previous background save failed" in proc.stderr
-    assert [p.name for p in root.glob("step-*")] == [layout.step_dirname(3)]
-    assert cli(["ckpt", "verify", str(root)]) == 0
