@@ -1,4 +1,4 @@
-"""Shared contract: fault injection for tests and drills (both sides fire named points): make a process die at a named point.
+"""Shared contract: fault injection for tests and drills; make a process die at a named point (either side).
 
 ``FTRAIN_FAULTS`` holds comma-separated specs ``ACTION@POINT[:step=N][:rank=R]``:
 

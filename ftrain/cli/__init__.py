@@ -1,4 +1,4 @@
-"""Supervisor side (outside the training processes): the ``ftrain`` command: ``ftrain launch ...`` and ``ftrain ckpt ...``.
+"""Supervisor side (outside the training processes): the ``ftrain`` command, ``launch`` and ``ckpt``.
 
 Every subcommand turns an :class:`FtrainError` into one line on stderr and the
 error's exit code (see ``exitcodes.py``).

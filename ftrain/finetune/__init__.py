@@ -1,4 +1,4 @@
-"""Worker side: fine-tuning helpers (called by the training script): start a run from pretrained weights and train only part of the model.
+"""Worker side: fine-tuning helpers: start a run from pretrained weights and train only part of the model.
 
 * :func:`load_pretrained` copies weights from a ``.safetensors`` file, a
   ``.pt``/``.pth``/``.bin`` state dict (``weights_only=True``, never arbitrary

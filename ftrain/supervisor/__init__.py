@@ -1,1 +1,7 @@
-"""The supervisor behind ``ftrain launch``: restarts failed or hung jobs and handles preemption."""
+"""Supervisor side (beside torchrun, outside the training processes): the supervisor behind ``ftrain launch``.
+
+It restarts failed or hung jobs and handles preemption. Modules: ``supervisor``
+(the loop), ``job`` (the job interface and the real torchrun process tree),
+``policy`` (the restart decision, pure), ``hang`` (hang detection, pure),
+``report`` (root cause).
+"""

@@ -1,9 +1,15 @@
-"""The job's process tree: one torchrun child, its worker processes, and their children.
+"""One attempt's job: the :class:`Job` interface the supervisor drives, and :class:`JobProcess`, the real one.
 
-Responsibilities: start torchrun so that it cannot outlive the supervisor,
-pump its output to the console and the attempt log, find the worker processes,
-deliver signals to them, and tear the whole tree down (signal, wait, SIGKILL,
-ignoring processes already gone), as torchelastic does.
+:class:`JobProcess` is the job's process tree: one torchrun child, its worker
+processes, and their children. Responsibilities: start torchrun so that it
+cannot outlive the supervisor, pump its output to the console and the attempt
+log, find the worker processes, deliver signals to them, and tear the whole
+tree down (signal, wait, SIGKILL, ignoring processes already gone), as
+torchelastic does.
+
+The supervisor sees only :class:`Job` and gets jobs from a :class:`JobFactory`
+(``JobProcess`` itself by default), so its loop can be driven by a scripted job
+in tests, without processes.
 """
 from __future__ import annotations
 
@@ -15,8 +21,9 @@ import signal
 import subprocess
 import sys
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Protocol
 
 import psutil
 
@@ -36,13 +43,66 @@ def _die_with_parent() -> None:
         libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
 
 
+class Job(Protocol):
+    """What the supervisor's loop needs of one attempt's job.
+
+    Contract: ``poll()`` is None while the job runs and its exit code (negative: killed by that
+    signal) once it has ended, and stays that code. ``kill_tree()`` returns only when the job has
+    ended (so ``poll()`` is then not None) and is harmless on a job that already ended; the
+    supervisor calls it after every attempt, because workers may outlive torchrun. ``close()`` is
+    called once, last.
+    """
+
+    @property
+    def pid(self) -> int:
+        """The job's top process (torchrun), for messages."""
+        ...
+
+    @property
+    def tail(self) -> Sequence[str]:
+        """The job's most recent output lines, oldest first, without newlines (for the root cause)."""
+        ...
+
+    def poll(self) -> int | None:
+        """None while running, else the exit code."""
+        ...
+
+    def signal_workers(self, sig: int) -> int:
+        """Send ``sig`` to every worker (rank) process; how many were signalled."""
+        ...
+
+    def kill_tree(self, *, graceful: float = 0.0) -> None:
+        """End the whole job: SIGTERM and up to ``graceful`` seconds' wait first if > 0, then SIGKILL."""
+        ...
+
+    def tree(self) -> object:
+        """Note every live descendant now, so they can be killed even after their parent dies."""
+        ...
+
+    def close(self) -> None:
+        """Release the job's resources (output pump, log file)."""
+        ...
+
+
+class JobFactory(Protocol):
+    """Starts one attempt's job: runs ``cmd`` with ``env``, its output appended to ``log_path``.
+
+    ``echo`` (if given) maps each output line to what is shown on the supervisor's stdout.
+    :class:`JobProcess` (the class itself) is one.
+    """
+
+    def __call__(self, cmd: list[str], env: dict[str, str], log_path: Path, *,
+                 echo: Callable[[str], str] | None) -> Job: ...
+
+
 class JobProcess:
-    """One attempt's torchrun process and everything under it."""
+    """One attempt's torchrun process and everything under it: the real :class:`Job`."""
 
     def __init__(self, cmd: list[str], env: dict[str, str], log_path: Path, *,
                  echo: Callable[[str], str] | None = None) -> None:
         """``echo`` (if given) maps each output line to what is shown on our stdout."""
-        self._log = open(log_path, "ab", buffering=0)
+        # Open for the job's whole life: the output pump writes to it until close().
+        self._log = open(log_path, "ab", buffering=0)  # noqa: SIM115
         self.tail: collections.deque[str] = collections.deque(maxlen=400)
         self.proc = subprocess.Popen(cmd, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                                      stderr=subprocess.STDOUT, start_new_session=True,

@@ -103,6 +103,7 @@ def format_report(reason: str, failures: list[Failure], attempts: list[str], log
             out.extend(f"    {ln}" for ln in tb[-12:])
     out.append("attempts:")
     out.extend(f"  {a}" for a in attempts[-8:])
-    out.append(f"newest valid checkpoint: {'step ' + str(newest_checkpoint) if newest_checkpoint is not None else 'none'}")
+    newest = f"step {newest_checkpoint}" if newest_checkpoint is not None else "none"
+    out.append(f"newest valid checkpoint: {newest}")
     out.append(f"logs, error files and stack dumps: {log_dir}")
     return "\n".join(out)

@@ -8,22 +8,28 @@
                     `--(preemption signal)--> STOPPING --(workers saved and exited,
                                                           or grace ran out: kill)--> DONE (75)
 
-Every restart decision is :func:`ftrain.supervisor.policy.decide`, a pure
-function. This module only observes processes and files and carries decisions
-out. Whatever happens (including an exception here), the ``finally`` tears the
+(The legal transitions are :data:`ftrain.supervisor.state.TRANSITIONS`; any
+other raises.) Every restart decision is :func:`ftrain.supervisor.policy.decide`,
+a pure function. This module only observes the job and its files and carries
+decisions out. It reaches the outside world only through three seams: the
+:class:`~ftrain.supervisor.job.Job` a factory starts (real torchrun by default),
+a :class:`~ftrain.supervisor.clock.Clock` (the real clocks by default), and
+:meth:`Supervisor.notify`, which its signal handlers call, so the loop can be
+unit-tested with a scripted job, fake time and injected signals.
+
+Whatever happens (including an exception here), the ``finally`` tears the
 job's process tree down; if this process is SIGKILLed, torchrun gets SIGTERM
 from the kernel (PR_SET_PDEATHSIG) and its workers save and exit.
 """
 from __future__ import annotations
 
-import enum
 import logging
 import os
 import random
 import re
 import signal
 import sys
-import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import FrameType
@@ -32,11 +38,13 @@ from ftrain import envvars, exitcodes
 from ftrain.attempt import AttemptFiles
 from ftrain.checkpoint.store import CheckpointStore
 from ftrain.config import FtrainConfig, config_to_env
-from ftrain.supervisor.hang import HangLimits, find_hung
-from ftrain.supervisor.policy import Action, AttemptResult, Outcome, RestartPolicy, decide
-from ftrain.supervisor.job import JobProcess
-from ftrain.supervisor.report import Failure, format_report, root_cause
 from ftrain.signals import STACK_DUMP_SIGNAL
+from ftrain.supervisor.clock import SYSTEM_CLOCK, Clock
+from ftrain.supervisor.hang import HangLimits, find_hung
+from ftrain.supervisor.job import Job, JobFactory, JobProcess
+from ftrain.supervisor.policy import Action, AttemptResult, Outcome, RestartPolicy, decide
+from ftrain.supervisor.report import Failure, format_report, root_cause
+from ftrain.supervisor.state import INITIAL, State, check_transition
 
 log = logging.getLogger("ftrain.launch")
 
@@ -44,14 +52,6 @@ _POLL = 0.1
 #: torchrun prefixes each tee'd worker line with this (we set the template), so we can strip it for rank 0.
 _PREFIX_TEMPLATE = "@@ftrain-rank${rank}@@"
 _PREFIX = re.compile(r"^@@ftrain-rank(\d+)@@")
-
-
-class State(enum.Enum):
-    STARTING = "starting"
-    RUNNING = "running"
-    STOPPING = "stopping"
-    BACKOFF = "backoff"
-    DONE = "done"
 
 
 @dataclass
@@ -68,7 +68,17 @@ class LaunchSpec:
 
 
 class Supervisor:
-    def __init__(self, spec: LaunchSpec, *, echo: bool = True, early_signals: list[str] | None = None) -> None:
+    """Runs one job to completion: restarts after crashes and hangs, stops cleanly on preemption.
+
+    ``start_job`` starts each attempt's job (default: real torchrun, :class:`JobProcess`);
+    ``clock`` supplies every reading of time and every wait (default: the real clocks);
+    ``jitter`` supplies the policy's backoff jitter in [0, 1] (default: :func:`random.random`).
+    Signals reach the loop only through :meth:`notify`. One supervisor runs :meth:`run` once.
+    """
+
+    def __init__(self, spec: LaunchSpec, *, echo: bool = True, early_signals: list[str] | None = None,
+                 start_job: JobFactory = JobProcess, clock: Clock = SYSTEM_CLOCK,
+                 jitter: Callable[[], float] = random.random) -> None:
         self.spec = spec
         cfg = spec.config
         self.sup = cfg.supervisor
@@ -79,14 +89,23 @@ class Supervisor:
                                  startup_timeout=self.sup.startup_timeout_seconds,
                                  save_timeout=self.sup.hang_timeout_seconds + cfg.checkpoint.commit_timeout_seconds,
                                  exit_timeout=self.sup.grace_seconds)
-        self.state = State.STARTING
+        self.state = INITIAL
         self.echo = echo
-        # Signals received before run() (see cli.launch) count as if they arrived now.
+        self._start_job = start_job
+        self.clock = clock
+        self._jitter = jitter
+        # Signals received before run() (see cli.launch) count as if they arrived now. Only ever appended to
+        # (by notify), never cleared: the first is what stopped us, the second means "stop now".
         self._signals: list[str] = early_signals if early_signals is not None else []
-        self._job: JobProcess | None = None
+        self._job: Job | None = None
 
     # ------------------------------------------------------------------ public
     def run(self) -> int:
+        """Supervise attempts until one succeeds, the policy gives up, or a signal stops us; the exit code.
+
+        On return (or an exception) no job of ours is left running, and ``state`` is DONE unless an
+        exception escaped.
+        """
         self._install_signal_handlers()
         history: list[AttemptResult] = []
         failures: list[Failure] = []
@@ -94,6 +113,7 @@ class Supervisor:
         try:
             while True:
                 if self._signals and self._job is None and not history:
+                    self._set(State.DONE)
                     return self._finish(exitcodes.PREEMPTED, f"stopped by {self._signals[0]} before the job started",
                                         failures, lines, self._newest_step())
                 attempt = len(history)
@@ -107,7 +127,7 @@ class Supervisor:
                     failures.append(failure)
                 lines.append(f"#{attempt} {result.outcome.value}: {result.detail}; newest checkpoint: "
                              f"{'step ' + str(after) if after is not None else 'none'}")
-                decision = decide(history, self.policy, random.random())
+                decision = decide(history, self.policy, self._jitter())
                 if decision.action is Action.STOP:
                     self._set(State.DONE)
                     return self._finish(decision.exit_code, decision.reason, failures, lines, after)
@@ -118,24 +138,29 @@ class Supervisor:
                     self._set(State.DONE)
                     return self._finish(exitcodes.PREEMPTED, f"stopped by {self._signals[0]} while waiting to "
                                         "restart", failures, lines, after)
+                self._set(State.STARTING)
         finally:
             if self._job is not None and self._job.poll() is None:
                 self._job.kill_tree(graceful=2.0)
 
     # --------------------------------------------------------------- attempts
     def _run_attempt(self, attempt: int) -> tuple[AttemptResult, Failure | None]:
-        self._set(State.STARTING)
+        """Start one attempt's job and watch it until it ends; how it ended (its outcome's checkpoint flag unset).
+
+        Entered in STARTING; leaves RUNNING or STOPPING, and no job running (``self._job`` None).
+        """
+        clock = self.clock
         number, files = AttemptFiles.next_attempt(self.log_dir, self.spec.run_id)
         files.create()
-        job = self._job = JobProcess(self._command(files), self._env(files, number), files.torchrun_log,
-                                     echo=strip_prefix if self.echo else None)
+        job = self._job = self._start_job(self._command(files), self._env(files, number), files.torchrun_log,
+                                          echo=strip_prefix if self.echo else None)
         self._say(f"attempt {attempt}: started torchrun (pid {job.pid}) with {self.spec.nproc} worker(s) per node; "
                   f"logs in {files.root}")
         self._set(State.RUNNING)
-        started = time.time()
+        started = clock.time()
         grace_deadline: float | None = None
         hang: str | None = None
-        next_hang_check = time.monotonic() + 1.0
+        next_hang_check = clock.monotonic() + 1.0
         while job.poll() is None:
             if len(self._signals) >= 2:
                 self._say(f"second signal ({self._signals[-1]}): stopping now")
@@ -144,36 +169,43 @@ class Supervisor:
             if self._signals and grace_deadline is None:
                 self._set(State.STOPPING)
                 n = job.signal_workers(self._forward_signal())
-                grace_deadline = time.monotonic() + self.sup.grace_seconds
+                grace_deadline = clock.monotonic() + self.sup.grace_seconds
                 self._say(f"{self._signals[0]}: asked {n} worker(s) to save and exit within "
                           f"{self.sup.grace_seconds:g}s")
-            if grace_deadline is not None and time.monotonic() > grace_deadline:
+            if grace_deadline is not None and clock.monotonic() > grace_deadline:
                 self._say(f"grace period of {self.sup.grace_seconds:g}s ran out: killing the job "
                           "(the previous checkpoint stays valid)")
                 job.kill_tree()
                 break
-            if grace_deadline is None and time.monotonic() >= next_hang_check:
-                next_hang_check = time.monotonic() + 1.0
+            if grace_deadline is None and clock.monotonic() >= next_hang_check:
+                next_hang_check = clock.monotonic() + 1.0
                 job.tree()  # remember every descendant, so they can be killed even if torchrun dies first
-                hang = find_hung(files.read_heartbeats(), self.spec.nproc, started, time.time(), self.limits)
+                hang = find_hung(files.read_heartbeats(), self.spec.nproc, started, clock.time(), self.limits)
                 if hang:
                     self._handle_hang(job, files, hang)
                     break
-            time.sleep(_POLL)
+            clock.sleep(_POLL)
         rc = job.poll()
         job.kill_tree()  # workers or their DataLoader children may linger after torchrun exits
         job.close()
         self._job = None
         return self._classify(attempt, files, job, rc, hang)
 
-    def _handle_hang(self, job: JobProcess, files: AttemptFiles, hang: str) -> None:
+    def _handle_hang(self, job: Job, files: AttemptFiles, hang: str) -> None:
         self._say(f"hang detected: {hang}; dumping Python stacks of every rank to {files.root / 'stacks'}")
         job.signal_workers(int(getattr(signal, STACK_DUMP_SIGNAL)))
-        time.sleep(2.0)  # faulthandler writes from a signal handler; give it a moment before the kill
+        self.clock.sleep(2.0)  # faulthandler writes from a signal handler; give it a moment before the kill
         job.kill_tree()
 
-    def _classify(self, attempt: int, files: AttemptFiles, job: JobProcess, rc: int | None,
+    def _classify(self, attempt: int, files: AttemptFiles, job: Job, rc: int | None,
                   hang: str | None) -> tuple[AttemptResult, Failure | None]:
+        """How an ended attempt ended, from its files, its output, its exit code and the hang verdict.
+
+        Precedence, first match wins: a preempted.json marker (the final save committed); any signal
+        received (preempted without a final save); a hang; exit code 0; else a failure whose root cause
+        comes from the error files and torchrun's output. ``new_checkpoint`` is left False: the caller
+        knows the checkpoints from before the attempt.
+        """
         marker = files.read_preempted()
         if marker is not None:
             return AttemptResult(attempt, Outcome.PREEMPTED, False, rc,
@@ -226,10 +258,18 @@ class Supervisor:
     # ---------------------------------------------------------------- signals
     def _install_signal_handlers(self) -> None:
         def handler(signum: int, frame: FrameType | None) -> None:
-            self._signals.append(signal.Signals(signum).name)
+            self.notify(signal.Signals(signum).name)
 
         for name in {*self.sup.preemption_signals, "SIGINT"}:
             signal.signal(getattr(signal, name), handler)
+
+    def notify(self, signame: str) -> None:
+        """Record that signal ``signame`` (e.g. "SIGTERM") arrived; the loop acts on it at its next poll.
+
+        Called from the signal handlers (so it only appends: safe in a handler, and list.append is atomic)
+        and by tests to inject signals without sending real ones.
+        """
+        self._signals.append(signame)
 
     def _forward_signal(self) -> int:
         first = self._signals[0]
@@ -238,11 +278,12 @@ class Supervisor:
 
     def _sleep(self, seconds: float) -> bool:
         """Back off; True if a signal arrived meanwhile (then do not restart)."""
-        deadline = time.monotonic() + seconds
-        while time.monotonic() < deadline:
+        clock = self.clock
+        deadline = clock.monotonic() + seconds
+        while clock.monotonic() < deadline:
             if self._signals:
                 return True
-            time.sleep(min(_POLL, max(0.0, deadline - time.monotonic())))
+            clock.sleep(min(_POLL, max(0.0, deadline - clock.monotonic())))
         return bool(self._signals)
 
     # ---------------------------------------------------------------- output
@@ -262,6 +303,8 @@ class Supervisor:
         return steps[-1] if steps else None
 
     def _set(self, state: State) -> None:
+        """Enter ``state``; an illegal transition (see ftrain.supervisor.state) raises IllegalTransition."""
+        check_transition(self.state, state)
         self.state = state
         log.debug("supervisor state: %s", state.value)
 

@@ -1,0 +1,528 @@
+"""The supervisor's loop (``Supervisor.run`` and ``_classify``) driven by a scripted job on fake time.
+
+No processes and no real signals: each attempt's job is a :class:`FakeJob` replaying a
+:class:`Script`, writing the files real workers write (heartbeats, error files, stacks,
+preempted.json, committed checkpoint directories); time is a :class:`FakeClock` whose ``sleep``
+advances it; signals are injected through ``Supervisor.notify``. The real-process behaviour is
+covered by tests/test_launch.py; these pin the loop's decisions exactly and run in milliseconds.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import random
+import re
+import signal
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from ftrain import envvars, exitcodes
+from ftrain.attempt import STEPPING, AttemptFiles, write_error_file
+from ftrain.checkpoint.format import step_dirname
+from ftrain.config import CheckpointConfig, FtrainConfig, SupervisorConfig
+from ftrain.supervisor.policy import Outcome
+from ftrain.supervisor.state import INITIAL, TRANSITIONS, IllegalTransition, State, check_transition
+from ftrain.supervisor.supervisor import LaunchSpec, Supervisor
+
+#: The fake wall clock at fake time 0. Far from the real time on purpose: a heartbeat compared
+#: with the real ``time.time()`` instead of the injected clock would look decades stale (a hang).
+WALL0 = 1_000_000_000.0
+NPROC = 2
+SIGTERM, SIGUSR1, SIGUSR2 = int(signal.SIGTERM), int(signal.SIGUSR1), int(signal.SIGUSR2)
+EPS = 1e-6
+
+
+# ----------------------------------------------------------------------------- fakes
+class FakeClock:
+    """Fake time: both clocks stand still until ``sleep`` advances them; callbacks run when they fall due."""
+
+    def __init__(self, limit: float = 10_000.0) -> None:
+        self.now = 0.0
+        self.sleeps: list[float] = []
+        self._due: list[tuple[float, Callable[[], None]]] = []
+        self._limit = limit  # a loop that never ends fails fast instead of spinning
+
+    def monotonic(self) -> float:
+        return self.now
+
+    def time(self) -> float:
+        return WALL0 + self.now
+
+    def sleep(self, seconds: float) -> None:
+        assert seconds >= 0, f"negative sleep {seconds}"
+        self.sleeps.append(seconds)
+        self.now += seconds
+        assert self.now < self._limit, "supervisor loop did not finish in fake time"
+        for due in [d for d in self._due if d[0] <= self.now]:
+            self._due.remove(due)
+            due[1]()
+
+    def at(self, when: float, fn: Callable[[], None]) -> None:
+        """Run ``fn`` once fake time reaches ``when`` (checked after every sleep)."""
+        self._due.append((when, fn))
+
+
+@dataclass(frozen=True)
+class Script:
+    """What one attempt's job does; times are seconds after the job started."""
+
+    exit_at: float | None = 1.0                 # exits by itself then (None: runs until signalled or killed)
+    rc: int = 0                                 # its exit code then
+    stalls: dict[int, float] = field(default_factory=dict)  # rank -> when it stops heartbeating
+    commits: tuple[tuple[float, int], ...] = ()  # (when, step): a checkpoint committed
+    errors: tuple[tuple[int, float], ...] = ()   # (rank, error time) error files written at exit
+    signals: tuple[tuple[float, str], ...] = ()  # (when, name) signals delivered to the supervisor
+    signal_on_start: str | None = None           # a signal that arrives while the job is being started
+    on_preempt: str = "save"                     # "save": final save, preempted.json, exit 0; "ignore"
+    save_step: int = 0
+    save_takes: float = 1.0
+    tail: tuple[str, ...] = ()                   # torchrun's last output lines
+    raise_in_tree: bool = False                  # tree() raises: an exception inside the loop
+
+
+class FakeJob:
+    """A job that replays a :class:`Script` when polled, and records what the supervisor asked of it."""
+
+    def __init__(self, rig: Rig, script: Script, env: dict[str, str], log_path: Path) -> None:
+        self.rig, self.script, self.clock = rig, script, rig.clock
+        self.files = AttemptFiles(env[envvars.ATTEMPT_DIR])
+        self.env, self.log_path = env, log_path
+        self.started = self.clock.now
+        self.pid = 4000 + len(rig.jobs)
+        self.tail = list(script.tail)
+        self.rc: int | None = None
+        self.ended_at: float | None = None
+        self.signals_sent: list[tuple[float, int]] = []    # (fake time, signal number)
+        self.kills: list[tuple[float, float]] = []         # (fake time, graceful)
+        self.tree_calls = 0
+        self.closed = False
+        self._preempted_at: float | None = None
+        self._pending = sorted(script.signals)
+        self._committed: set[int] = set()
+
+    def _t(self) -> float:
+        return self.clock.now - self.started
+
+    def poll(self) -> int | None:
+        if self.rc is None:
+            self._act(self._t())
+        return self.rc
+
+    def _act(self, t: float) -> None:
+        s = self.script
+        for when, step in s.commits:
+            if when <= t:
+                self._commit(step)
+        for rank in range(NPROC):
+            if t < s.stalls.get(rank, math.inf):
+                line = f"{STEPPING} {int(t)} {self.clock.time():.3f}".ljust(79) + "\n"
+                self.files.heartbeat(rank).write_text(line)
+        while self._pending and self._pending[0][0] <= t:
+            self.rig.sup.notify(self._pending.pop(0)[1])
+        if self._preempted_at is not None and t >= self._preempted_at + s.save_takes:
+            self._commit(s.save_step)
+            self.files.preempted.write_text(json.dumps({"step": s.save_step}))
+            self._exit(0)
+        elif s.exit_at is not None and t >= s.exit_at:
+            for rank, when in s.errors:
+                path = self.files.error(rank)
+                write_error_file(path, rank, _raised(ValueError(f"rank {rank} diverged")))
+                record = json.loads(path.read_text())
+                path.write_text(json.dumps({**record, "time": when}))  # scripted order, not real time
+            self._exit(s.rc)
+
+    def _commit(self, step: int) -> None:
+        if step not in self._committed:
+            (self.rig.ckpt_dir / step_dirname(step)).mkdir(exist_ok=True)
+            self._committed.add(step)
+
+    def _exit(self, rc: int) -> None:
+        self.rc, self.ended_at = rc, self.clock.now
+
+    def signal_workers(self, sig: int) -> int:
+        self.signals_sent.append((self.clock.now, sig))
+        if self.rc is not None:
+            return 0
+        if sig == SIGUSR2:
+            for rank in range(NPROC):
+                self.files.stacks(rank).write_text(f"stacks of rank {rank}\n")
+        elif self.script.on_preempt == "save" and self._preempted_at is None:
+            self._preempted_at = self._t()
+        return NPROC
+
+    def kill_tree(self, *, graceful: float = 0.0) -> None:
+        self.kills.append((self.clock.now, graceful))
+        if self.rc is None:
+            self._exit(-int(signal.SIGKILL))
+
+    def tree(self) -> list[int]:
+        self.tree_calls += 1
+        if self.script.raise_in_tree:
+            raise RuntimeError("psutil exploded")
+        return [self.pid]
+
+    def close(self) -> None:
+        assert not self.closed, "closed twice"
+        self.closed = True
+        self.log_path.write_text("".join(f"{ln}\n" for ln in self.tail))
+
+
+def _raised(exc: BaseException) -> BaseException:
+    """``exc`` with a traceback, as a worker's uncaught exception has."""
+    try:
+        raise exc
+    except BaseException as e:
+        return e
+
+
+class Rig:
+    """A supervisor wired to fakes: scripted jobs (one per attempt, in order), a fake clock, fixed jitter."""
+
+    def __init__(self, tmp_path: Path, *scripts: Script, jitter: Callable[[], float] | None = lambda: 0.5,
+                 early_signals: list[str] | None = None, **supervisor: Any) -> None:
+        self.clock = FakeClock()
+        self.scripts = list(scripts)
+        self.jobs: list[FakeJob] = []
+        self.ckpt_dir = tmp_path / "ckpt"
+        self.ckpt_dir.mkdir()
+        knobs: dict[str, Any] = dict(grace_seconds=5.0, hang_timeout_seconds=5.0, startup_timeout_seconds=10.0,
+                                     backoff_seconds=1.0, backoff_max_seconds=30.0, max_restarts=3,
+                                     max_attempts_without_progress=3)
+        cfg = FtrainConfig(checkpoint=CheckpointConfig(dir=str(self.ckpt_dir)),
+                           supervisor=SupervisorConfig(**{**knobs, "log_dir": str(tmp_path / "logs"), **supervisor}))
+        spec = LaunchSpec(script="train.py", script_args=["--lr", "1"], nproc=NPROC, torchrun_args=[],
+                          run_id="run", config=cfg)
+        extra = {} if jitter is None else {"jitter": jitter}
+        self.sup = Supervisor(spec, echo=False, early_signals=early_signals, start_job=self.start_job,
+                              clock=self.clock, **extra)
+
+    def start_job(self, cmd: list[str], env: dict[str, str], log_path: Path, *,
+                  echo: Callable[[str], str] | None) -> FakeJob:
+        assert self.scripts, f"attempt {len(self.jobs)} started, but only {len(self.jobs)} were scripted"
+        assert cmd[-3:] == ["train.py", "--lr", "1"] and "--max-restarts" in cmd
+        job = FakeJob(self, self.scripts.pop(0), env, log_path)
+        self.jobs.append(job)
+        if job.script.signal_on_start:
+            self.sup.notify(job.script.signal_on_start)
+        return job
+
+    def run(self) -> int:
+        return self.sup.run()
+
+    def gaps(self) -> list[float]:
+        """Fake seconds between each attempt's end and the next one's start: the backoff slept."""
+        out = []
+        for a, b in zip(self.jobs, self.jobs[1:], strict=False):
+            assert a.ended_at is not None, "a later attempt started while an earlier one still ran"
+            out.append(b.started - a.ended_at)
+        return out
+
+
+def states(caplog: pytest.LogCaptureFixture) -> list[str]:
+    return [r.getMessage().removeprefix("supervisor state: ") for r in caplog.records
+            if r.getMessage().startswith("supervisor state: ")]
+
+
+@pytest.fixture(autouse=True)
+def _no_real_time_or_signals(monkeypatch: pytest.MonkeyPatch) -> Iterator[dict[int, Any]]:
+    """Fail on any real sleep; record (instead of installing) the supervisor's signal handlers."""
+    def no_sleep(seconds: float) -> None:
+        raise AssertionError(f"real time.sleep({seconds}) called: the supervisor must sleep on its clock")
+
+    handlers: dict[int, Any] = {}
+    real_signal = signal.signal
+    ours = {int(getattr(signal, n)) for n in ("SIGTERM", "SIGUSR1", "SIGINT", "SIGHUP", "SIGQUIT")}
+
+    def fake_signal(signum: int, handler: Any) -> Any:
+        if int(signum) not in ours:
+            return real_signal(signum, handler)  # e.g. pytest-timeout's SIGALRM
+        handlers[int(signum)] = handler
+        return signal.SIG_DFL
+
+    monkeypatch.setattr(time, "sleep", no_sleep)
+    monkeypatch.setattr(signal, "signal", fake_signal)
+    yield handlers
+
+
+@pytest.fixture(autouse=True)
+def _debug_states(caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.DEBUG, logger="ftrain.launch")
+
+
+# ------------------------------------------------------------------ state machine
+EXPECTED_EDGES = {
+    (State.STARTING, State.RUNNING), (State.STARTING, State.DONE),
+    (State.RUNNING, State.STOPPING), (State.RUNNING, State.BACKOFF), (State.RUNNING, State.DONE),
+    (State.STOPPING, State.DONE),
+    (State.BACKOFF, State.STARTING), (State.BACKOFF, State.DONE),
+}
+
+
+def test_transition_table_is_exactly_the_documented_edges() -> None:
+    assert {(a, b) for a, targets in TRANSITIONS.items() for b in targets} == EXPECTED_EDGES
+    assert set(TRANSITIONS) == set(State) and INITIAL is State.STARTING
+
+
+@pytest.mark.parametrize("old", list(State))
+@pytest.mark.parametrize("new", list(State))
+def test_every_legal_edge_is_accepted_and_every_other_refused(old: State, new: State) -> None:
+    if (old, new) in EXPECTED_EDGES:
+        check_transition(old, new)
+    else:
+        with pytest.raises(IllegalTransition, match=f"{old.name} -> {new.name}"):
+            check_transition(old, new)
+
+
+def test_supervisor_refuses_an_illegal_transition(tmp_path: Path) -> None:
+    sup = Rig(tmp_path).sup
+    assert sup.state is State.STARTING
+    sup._set(State.DONE)
+    with pytest.raises(RuntimeError, match="DONE -> RUNNING"):
+        sup._set(State.RUNNING)
+    assert sup.state is State.DONE  # a refused transition changes nothing
+
+
+# ------------------------------------------------------------------ restarts
+def test_crash_then_success_restarts_after_backoff(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                                   caplog: pytest.LogCaptureFixture) -> None:
+    rig = Rig(tmp_path, Script(exit_at=2.0, rc=1, commits=((1.0, 10),), errors=((0, 5.0),)),
+              Script(exit_at=1.0, commits=((0.5, 20),)))
+    assert rig.run() == exitcodes.OK
+    first, second = rig.jobs
+    assert (first.env[envvars.ATTEMPT], second.env[envvars.ATTEMPT]) == ("0", "1")
+    assert first.files.root != second.files.root  # each attempt gets fresh files
+    # Attempt 0 committed step 10, so the no-progress run is 0 -> k=1: d=1, delay = d/2 + 0.5*d/2.
+    assert rig.gaps() == [pytest.approx(0.75)]
+    for job in rig.jobs:  # each torn down once after its exit (stragglers), never signalled
+        assert job.kills == [(job.ended_at, 0.0)] and job.closed and job.signals_sent == []
+    err = capsys.readouterr().err
+    assert "attempt 0 failed (rank 0 (ValueError: rank 0 diverged)); restarting in 0.8s" in err
+    assert "finished: attempt 1 succeeded" in err
+    assert states(caplog) == ["running", "backoff", "starting", "running", "done"]
+    assert rig.sup.state is State.DONE
+
+
+def test_backoff_with_random_jitter_stays_within_policy_bounds(tmp_path: Path,
+                                                               capsys: pytest.CaptureFixture[str]) -> None:
+    random.seed(1234)
+    rig = Rig(tmp_path, *[Script(exit_at=0.5, rc=3)] * 4, jitter=None, max_attempts_without_progress=0)
+    assert rig.run() == exitcodes.FAILURE
+    assert len(rig.jobs) == 4  # exactly max_restarts=3 restarts
+    for gap, d in zip(rig.gaps(), [1.0, 2.0, 4.0], strict=True):  # doubling: no attempt made progress
+        assert d / 2 - EPS <= gap <= d + EPS
+    err = capsys.readouterr().err
+    assert "ftrain launch: gave up: 4 attempts failed (supervisor.max_restarts=3)" in err
+    assert "root cause (attempt 3): the job exited with code 3" in err
+
+
+def test_hang_dumps_stacks_then_kills_and_restarts(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                                  caplog: pytest.LogCaptureFixture) -> None:
+    rig = Rig(tmp_path, Script(exit_at=None, stalls={1: 3.0}), Script(exit_at=1.0))
+    assert rig.run() == exitcodes.OK
+    hung = rig.jobs[0]
+    [(asked_at, sig)] = hung.signals_sent
+    assert sig == SIGUSR2  # the stack-dump signal, never a preemption signal
+    last_beat = 2.9  # rank 1's last poll before it stalled at 3.0
+    assert last_beat + 5.0 < asked_at <= last_beat + 5.0 + 1.2  # hang_timeout after it, at a ~1 s check
+    assert hung.tree_calls >= 5  # descendants remembered at every check before the kill
+    # Killed 2 s (faulthandler's moment) after the stack request, then the usual teardown.
+    assert hung.kills == [(pytest.approx(asked_at + 2.0), 0.0), (pytest.approx(asked_at + 2.0), 0.0)]
+    assert 2.0 in rig.clock.sleeps
+    assert all(hung.files.stacks(r).exists() for r in range(NPROC))
+    assert rig.gaps() == [pytest.approx(0.75)]
+    err = capsys.readouterr().err
+    assert re.search(r"hang detected: rank 1 made no progress for \d+s \(last: step at step 2; "
+                     r"supervisor.hang_timeout_seconds=5\); dumping Python stacks", err)
+    assert "attempt 0 hung (hang: rank 1 made no progress" in err
+    assert states(caplog) == ["running", "backoff", "starting", "running", "done"]
+
+
+def test_ranks_that_never_report_are_hung_after_the_startup_allowance(tmp_path: Path,
+                                                                    capsys: pytest.CaptureFixture[str]) -> None:
+    # Judged from the attempt's start on the injected wall clock (a real-clock start would never time out).
+    rig = Rig(tmp_path, Script(exit_at=None, stalls={0: 0.0, 1: 0.0}), Script(), startup_timeout_seconds=10.0)
+    assert rig.run() == exitcodes.OK
+    [(asked_at, sig)] = rig.jobs[0].signals_sent
+    assert sig == SIGUSR2 and 10.0 < asked_at <= 11.2
+    assert ("hang detected: 2 rank(s) never reported progress within supervisor.startup_timeout_seconds=10"
+            in capsys.readouterr().err)
+
+
+def test_crash_loop_gives_up_with_a_root_cause_report(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    crash = Script(exit_at=1.0, rc=1, errors=((1, 10.0), (0, 11.0)))  # rank 1 failed first; rank 0 stranded
+    rig = Rig(tmp_path, crash, crash, crash, crash, max_restarts=10, max_attempts_without_progress=3)
+    (rig.ckpt_dir / step_dirname(5)).mkdir()  # from an earlier launch: not progress
+    assert rig.run() == exitcodes.FAILURE
+    assert len(rig.jobs) == 3 and len(rig.scripts) == 1
+    assert rig.gaps() == [pytest.approx(0.75), pytest.approx(1.5)]
+    err = capsys.readouterr().err
+    assert ("ftrain launch: crash loop: 3 attempts in a row committed no new checkpoint "
+            "(supervisor.max_attempts_without_progress=3)") in err
+    assert "root cause (attempt 2): rank 1 (ValueError: rank 1 diverged)" in err
+    assert "    ValueError: rank 1 diverged" in err  # the traceback's last line
+    assert "  #0 failed: rank 1 (ValueError: rank 1 diverged); newest checkpoint: step 5" in err
+    assert "newest valid checkpoint: step 5" in err
+    assert f"logs, error files and stack dumps: {tmp_path / 'logs' / 'run'}" in err
+
+
+# ------------------------------------------------------------------ signals
+def test_signal_before_the_job_starts_exits_75_without_starting_one(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str], caplog: pytest.LogCaptureFixture) -> None:
+    rig = Rig(tmp_path, Script(), early_signals=["SIGUSR1"])
+    (rig.ckpt_dir / step_dirname(5)).mkdir()
+    assert rig.run() == exitcodes.PREEMPTED
+    assert rig.jobs == []
+    assert ("preempted (stopped by SIGUSR1 before the job started); exiting with code 75. "
+            "Relaunch the same command to resume from step 5") in capsys.readouterr().err
+    assert states(caplog) == ["done"]
+
+
+def test_signal_while_the_job_starts_is_forwarded_at_once(tmp_path: Path,
+                                                         capsys: pytest.CaptureFixture[str]) -> None:
+    rig = Rig(tmp_path, Script(exit_at=None, signal_on_start="SIGTERM", save_step=7), Script())
+    assert rig.run() == exitcodes.PREEMPTED
+    [job] = rig.jobs
+    assert job.signals_sent == [(0.0, SIGTERM)]
+    err = capsys.readouterr().err
+    assert ("preempted (attempt 0 was preempted: final checkpoint at step 7; resumable from the newest valid "
+            "checkpoint); exiting with code 75. Relaunch the same command to resume from step 7") in err
+
+
+@pytest.mark.parametrize(("received", "forwarded"), [("SIGTERM", SIGTERM), ("SIGUSR1", SIGUSR1),
+                                                     ("SIGINT", SIGTERM)])  # not a preemption signal: the first one
+def test_preemption_while_running_forwards_the_signal_and_never_restarts(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str], caplog: pytest.LogCaptureFixture,
+        received: str, forwarded: int) -> None:
+    rig = Rig(tmp_path, Script(exit_at=None, signals=((2.0, received),), save_step=20, save_takes=1.5), Script())
+    assert rig.run() == exitcodes.PREEMPTED
+    [job] = rig.jobs
+    [(at, sig)] = job.signals_sent
+    assert sig == forwarded and 2.0 <= at <= 2.1 + EPS
+    assert job.kills == [(job.ended_at, 0.0)] and job.ended_at == pytest.approx(at + 1.5, abs=0.11)
+    assert (rig.ckpt_dir / step_dirname(20)).is_dir()
+    err = capsys.readouterr().err
+    assert f"{received}: asked 2 worker(s) to save and exit within 5s" in err
+    assert "attempt 0 was preempted: final checkpoint at step 20" in err and "resume from step 20" in err
+    assert states(caplog) == ["running", "stopping", "done"]
+
+
+def test_second_signal_kills_at_once(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    rig = Rig(tmp_path, Script(exit_at=None, on_preempt="ignore", signals=((1.0, "SIGTERM"), (2.0, "SIGINT"))))
+    assert rig.run() == exitcodes.PREEMPTED
+    [job] = rig.jobs
+    assert [sig for _, sig in job.signals_sent] == [SIGTERM]  # the second is not forwarded: we kill
+    assert job.kills[0] == (pytest.approx(2.0, abs=0.11), 0.0)  # long before the 5 s grace ran out
+    err = capsys.readouterr().err
+    assert "second signal (SIGINT): stopping now" in err
+    assert ("preempted (attempt 0 was preempted: stopped by SIGTERM before a final checkpoint committed; "
+            "resumable from the newest valid checkpoint)") in err
+
+
+def test_grace_expiry_kills_a_job_that_ignores_the_signal(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                                          caplog: pytest.LogCaptureFixture) -> None:
+    # Every rank goes silent at 1 s with a 2 s hang timeout: were hang detection on during the grace
+    # period, it would fire (SIGUSR2) before the grace ran out.
+    rig = Rig(tmp_path, Script(exit_at=None, on_preempt="ignore", signals=((1.0, "SIGTERM"),),
+                               stalls={0: 1.0, 1: 1.0}), hang_timeout_seconds=2.0)
+    assert rig.run() == exitcodes.PREEMPTED
+    [job] = rig.jobs
+    assert [sig for _, sig in job.signals_sent] == [SIGTERM]
+    killed_at = job.kills[0][0]
+    assert 1.0 + 5.0 < killed_at <= 1.0 + 5.0 + 0.21
+    err = capsys.readouterr().err
+    assert "grace period of 5s ran out: killing the job (the previous checkpoint stays valid)" in err
+    assert ("preempted (attempt 0 was preempted: stopped by SIGTERM before a final checkpoint committed; "
+            "resumable from the newest valid checkpoint)") in err
+    assert states(caplog) == ["running", "stopping", "done"]
+
+
+def test_signal_during_backoff_stops_without_restarting(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                                        caplog: pytest.LogCaptureFixture) -> None:
+    rig = Rig(tmp_path, Script(exit_at=1.0, rc=1), Script())
+    rig.clock.at(1.3, lambda: rig.sup.notify("SIGTERM"))  # attempt 0 ends at 1.0; the backoff is 0.75 s
+    assert rig.run() == exitcodes.PREEMPTED
+    assert len(rig.jobs) == 1 and rig.jobs[0].signals_sent == []
+    assert "preempted (stopped by SIGTERM while waiting to restart)" in capsys.readouterr().err
+    assert states(caplog) == ["running", "backoff", "done"]
+
+
+def test_signal_handler_feeds_notify(tmp_path: Path, _no_real_time_or_signals: dict[int, Any]) -> None:
+    sup = Rig(tmp_path).sup
+    sup._install_signal_handlers()
+    assert set(_no_real_time_or_signals) == {SIGTERM, SIGUSR1, int(signal.SIGINT)}
+    _no_real_time_or_signals[SIGUSR1](SIGUSR1, None)
+    assert sup._signals == ["SIGUSR1"]
+
+
+def test_an_exception_in_the_loop_still_tears_the_job_down(tmp_path: Path) -> None:
+    rig = Rig(tmp_path, Script(exit_at=None, raise_in_tree=True))
+    with pytest.raises(RuntimeError, match="psutil exploded"):
+        rig.run()
+    [job] = rig.jobs
+    assert job.kills == [(pytest.approx(1.0, abs=0.11), 2.0)]  # the finally's graceful teardown, at the 1 s check
+
+
+# ------------------------------------------------------------------ _classify
+@dataclass
+class Tail:
+    tail: list[str]
+
+
+@pytest.fixture
+def files(tmp_path: Path) -> AttemptFiles:
+    f = AttemptFiles(tmp_path / "attempt-000")
+    f.create()
+    return f
+
+
+TORCHRUN_SIGKILL = ["Root Cause (first observed failure):", "[0]:", "  rank      : 3 (local_rank: 1)",
+                    "  exitcode  : -9 (pid: 9083)  (SIGKILL)"]
+
+
+def test_classify_preempted_marker_wins(tmp_path: Path, files: AttemptFiles) -> None:
+    sup = Rig(tmp_path).sup
+    files.preempted.write_text(json.dumps({"step": 40}))
+    sup.notify("SIGTERM")
+    result, failure = sup._classify(2, files, Tail(TORCHRUN_SIGKILL), -9, "rank 0 made no progress")
+    assert (result.attempt, result.outcome, result.exit_code) == (2, Outcome.PREEMPTED, -9)
+    assert result.detail == "final checkpoint at step 40" and failure is None
+
+
+def test_classify_signal_without_marker_is_preempted_not_failed(tmp_path: Path, files: AttemptFiles) -> None:
+    sup = Rig(tmp_path).sup
+    sup.notify("SIGUSR1")
+    result, failure = sup._classify(0, files, Tail(TORCHRUN_SIGKILL), -9, None)
+    assert result.outcome is Outcome.PREEMPTED and failure is None
+    assert result.detail == "stopped by SIGUSR1 before a final checkpoint committed"
+
+
+def test_classify_hang_success_and_failures(tmp_path: Path, files: AttemptFiles) -> None:
+    sup = Rig(tmp_path).sup
+    result, failure = sup._classify(1, files, Tail([]), None, "rank 0 made no progress for 9s")
+    assert result.outcome is Outcome.HUNG and failure is not None and failure.hang
+    assert result.detail == "hang: rank 0 made no progress for 9s"
+
+    result, failure = sup._classify(1, files, Tail([]), 0, None)
+    assert (result.outcome, result.detail, failure) == (Outcome.SUCCEEDED, "all ranks finished", None)
+
+    result, failure = sup._classify(1, files, Tail(["bye"]), 7, None)  # nothing names a rank: the job's code
+    assert result.outcome is Outcome.FAILED and failure is not None and failure.exit_code == 7
+    assert result.detail == "the job exited with code 7"
+
+    result, failure = sup._classify(1, files, Tail(TORCHRUN_SIGKILL), 1, None)  # torchrun names the rank
+    assert result.detail == "rank 3 exited with signal SIGKILL"
+
+    # An error file beats torchrun's summary when that names a plain non-zero exit (a bystander)...
+    write_error_file(files.error(2), 2, _raised(KeyError("lr")))
+    exit1 = [ln.replace("-9 (pid: 9083)  (SIGKILL)", "1 (pid: 9083)") for ln in TORCHRUN_SIGKILL]
+    result, failure = sup._classify(1, files, Tail(exit1), 1, None)
+    assert result.detail == "rank 2 (KeyError: 'lr')" and failure is not None and failure.traceback
+    # ...but not when it names a rank killed by a signal: the error files are then from stranded ranks.
+    result, failure = sup._classify(1, files, Tail(TORCHRUN_SIGKILL), 1, None)
+    assert result.detail == "rank 3 exited with signal SIGKILL"
