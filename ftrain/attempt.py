@@ -1,7 +1,7 @@
 """Shared contract (supervisor <-> workers): the files one attempt of a supervised job shares.
 
 The directory ``<log_dir>/<run_id>/<host>/attempt-NNN/`` (heartbeats, error
-files, stack dumps, per-rank logs, ``preempted.json``) is specified in
+files, stack dumps, per-rank logs, ``stop.json``, ``preempted.json``) is specified in
 docs/FORMAT.md, "Attempt directory"; this module reads and writes it. Workers
 find it in ``$FTRAIN_ATTEMPT_DIR``. Errors are data: the supervisor builds its
 root-cause report from these files, not from log scraping alone.
@@ -72,6 +72,10 @@ class AttemptFiles:
     def preempted(self) -> Path:
         return self.root / "preempted.json"
 
+    @property
+    def stop(self) -> Path:
+        return self.root / "stop.json"
+
     # ------------------------------------------------------------ heartbeats
     def read_heartbeats(self) -> dict[int, Heartbeat]:
         beats: dict[int, Heartbeat] = {}
@@ -105,6 +109,32 @@ class AttemptFiles:
             return json.loads(self.preempted.read_text())
         except (OSError, ValueError):
             return None
+
+    # ------------------------------------------------------------------ stop
+    def write_stop(self, signal_name: str, when: float) -> None:
+        """Supervisor side: record that the job must stop (a preemption signal arrived at ``when``).
+
+        Left for the whole attempt, so a worker that starts after the signal (torchrun still
+        spawning, a rank still in rendezvous) sees it and saves at its first step. Renamed into
+        place: a reader sees the whole file or none.
+        """
+        tmp = self.stop.with_name("stop.json.partial")
+        tmp.write_text(json.dumps({"signal": signal_name, "time": when}))
+        os.replace(tmp, self.stop)
+
+    def read_stop(self) -> dict[str, Any] | None:
+        """Worker side: the stop marker's content, or None if there is none (one failed open: cheap)."""
+        try:
+            text = self.stop.read_text()
+        except OSError:
+            return None
+        try:
+            record = json.loads(text)
+        except ValueError:
+            record = None
+        # The file only appears whole (renamed into place), so its presence is what counts: content we
+        # cannot parse (a newer writer?) still means stop.
+        return record if isinstance(record, dict) else {}
 
 
 class HeartbeatWriter:

@@ -194,6 +194,11 @@ class CheckpointConfig(_Section):
     trainable_only: bool = _option(
         False, "Save only the parameters with requires_grad of registered modules (plus buffers, optimizer,"
         " RNG and data state); frozen weights are referenced by a fingerprint checked on resume.")
+    lease_ttl_seconds: float = _option(
+        60.0, "The writing job renews its lease on the directory every third of this; another host's lease not"
+        " renewed for this long may be taken over (on one host a dead holder is seen at once).", _POSITIVE)
+    takeover: bool = _option(
+        False, "Take the directory over from another job holding its lease (launch --force); it stops committing.")
 
 
 @dataclass(frozen=True)
@@ -353,17 +358,38 @@ def load_config(
     return FtrainConfig(**sections)
 
 
+#: Config files larger than this are refused before parsing (README, "Configuration"). A real one is a few
+#: KB; the bound keeps PyYAML's pure-Python parser to a fraction of a second and caps what aliases can expand.
+MAX_CONFIG_BYTES = 1 << 20
+#: A single value spelled out longer than this is refused (README, "Configuration"): the longest real one is a
+#: path (at most 4096 bytes on Linux); the bound stops YAML aliases from multiplying a value (see below).
+MAX_CONFIG_VALUE_CHARS = 1 << 16
+
+
 def _apply_yaml(values: dict[str, dict[str, Any]], path: str) -> None:
     try:
-        with open(path, encoding="utf-8") as stream:
-            data = yaml.safe_load(stream)
+        with open(path, "rb") as stream:
+            raw = stream.read(MAX_CONFIG_BYTES + 1)  # bounded: a huge file (or /dev/zero) is never read whole
+        text = raw.decode("utf-8")
     except (OSError, UnicodeDecodeError) as err:
         reason = err.strerror if isinstance(err, OSError) and err.strerror else str(err)
         raise ConfigError(f"cannot read config file {path}: {reason}") from None
+    if len(raw) > MAX_CONFIG_BYTES:
+        raise ConfigError(f"config file {path} is larger than the {MAX_CONFIG_BYTES} byte (1 MiB) limit; "
+                          "a config file holds a few settings")
+    try:
+        data = yaml.safe_load(text)
     except yaml.YAMLError as err:
         # PyYAML messages span several lines; keep the one-line promise.
         detail = " ".join(str(err).split())
         raise ConfigError(f"invalid YAML in config file {path}: {detail}") from None
+    except RecursionError:  # PyYAML's parser and constructor recurse once per level: a few hundred `[` suffice
+        raise ConfigError(f"invalid YAML in config file {path}: nested too deeply") from None
+    except MemoryError:
+        raise ConfigError(f"invalid YAML in config file {path}: out of memory while parsing it") from None
+    except Exception as err:  # PyYAML's constructors let some errors out raw (a timestamp with month 13: ValueError)
+        detail = " ".join(str(err).split())[:200]
+        raise ConfigError(f"invalid YAML in config file {path}: {type(err).__name__}: {detail}") from None
     if data is None:  # an empty file sets nothing
         return
     schema = _schema()
@@ -384,7 +410,33 @@ def _apply_yaml(values: dict[str, dict[str, Any]], path: str) -> None:
             if key is None:
                 raise ConfigError(f"unknown key {section}.{name} in {path}; "
                                   f"valid keys of {section}: {', '.join(schema[section])}")
+            if _spelled_out_exceeds(value, MAX_CONFIG_VALUE_CHARS):
+                # Checked before key.check, whose error message would print the value in full.
+                raise ConfigError(f"{section}.{name}: invalid value in {path}: longer than {MAX_CONFIG_VALUE_CHARS} "
+                                  f"characters written out (YAML aliases?); expected {_TYPE_NAMES[key.type]}")
             values[section][name] = key.check(value, f" in {path}")
+
+
+def _spelled_out_exceeds(value: Any, limit: int) -> bool:
+    """Whether ``value`` written out in full (one per item plus each string's length) is longer than ``limit``.
+
+    YAML aliases let a small file load as a structure that shares its parts, or contains itself ("billion
+    laughs"): loading stays linear, but printing it would write out every copy. Iterative, and stops as soon
+    as the budget is spent, so the walk itself is bounded too.
+    """
+    budget = limit
+    stack = [value]
+    while stack:
+        v = stack.pop()
+        budget -= 1 + (len(v) if isinstance(v, (str, bytes)) else 0)
+        if budget < 0:
+            return True
+        if isinstance(v, dict):
+            stack += v.keys()
+            stack += v.values()
+        elif isinstance(v, (list, tuple, set)):
+            stack += v
+    return False
 
 
 def _apply_env(values: dict[str, dict[str, Any]], env: Mapping[str, str]) -> None:

@@ -22,6 +22,11 @@ ATTEMPT = "FTRAIN_ATTEMPT"
 ATTEMPT_DIR = "FTRAIN_ATTEMPT_DIR"
 #: PID of the supervising `ftrain launch` process (not FTRAIN_SUPERVISOR_*: that prefix is the config section).
 LAUNCHER_PID = "FTRAIN_LAUNCHER_PID"
+#: Generation of the checkpoint-root lease the launcher holds for this job (docs/FORMAT.md, "Lease"): rank 0
+#: checks the record still names this run at this generation instead of acquiring the lease itself.
+LEASE_GENERATION = "FTRAIN_LEASE_GENERATION"
+#: The checkpoint root that lease is for (absolute); a script writing elsewhere takes its own lease there.
+LEASE_DIR = "FTRAIN_LEASE_DIR"
 
 # Set by torchrun for each worker; read, never written, by ftrain.
 RANK = "RANK"

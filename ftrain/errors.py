@@ -2,10 +2,40 @@
 
 Each carries the process exit code a command-line entry point should use, so
 that "report the error and exit" is one line everywhere (see ``exitcodes.py``).
+
+Also :func:`printable`, the one sanitiser for text that came from files
+(checkpoint manifests, directory names) before it reaches a terminal: both the
+storage layer (:class:`CorruptCheckpoint`) and the CLI use it.
 """
 from __future__ import annotations
 
 from ftrain import exitcodes
+
+
+def printable(text: object) -> str:
+    """``str(text)`` safe to print on a terminal, one line, still readable.
+
+    Every character that ``str.isprintable`` rejects is replaced by its Python
+    escape: control characters (ESC, which starts ANSI/OSC escape sequences that
+    can clear the screen, retitle the window or forge output; BEL; CR, LF and the
+    other line breaks, which forge lines; C1 controls such as U+009B CSI) as
+    ``\\xNN``; format characters (bidirectional overrides such as U+202E, zero
+    width spaces), separators other than the space, unassigned code points and lone
+    surrogates (undecodable bytes in a file name) as ``\\uNNNN`` or ``\\UNNNNNNNN``.
+    Everything printable, non-ASCII letters included, is kept as is, so the user
+    still sees what a hostile field held. The result is all printable, so applying
+    it twice changes nothing. A backslash is kept: the escaped form can be told from
+    a control character, not from the same text typed literally (that is harmless).
+    """
+    s = str(text)
+    if s.isprintable():  # the common case: one scan, no copy
+        return s
+    return "".join(c if c.isprintable() else _escape(c) for c in s)
+
+
+def _escape(c: str) -> str:
+    o = ord(c)
+    return f"\\x{o:02x}" if o < 0x100 else f"\\u{o:04x}" if o < 0x10000 else f"\\U{o:08x}"
 
 
 class FtrainError(Exception):
@@ -36,13 +66,22 @@ class CheckpointDirError(CheckpointError):
     exit_code = exitcodes.USAGE
 
 
+class LeaseError(CheckpointDirError):
+    """The checkpoint directory is held by another job (its lease); the message names it and the fix."""
+
+
 class CorruptCheckpoint(CheckpointError):
-    """A checkpoint failed validation. ``path`` names the damaged file (or the directory)."""
+    """A checkpoint failed validation. ``path`` names the damaged file (or the directory).
+
+    ``path`` and ``reason`` are stored sanitised (:func:`printable`): reasons quote
+    file content (an unknown format version, a field's value) and paths may hold
+    any byte, and both end up in warnings and error lines on a terminal.
+    """
 
     def __init__(self, path: str, reason: str) -> None:
-        super().__init__(f"{path}: {reason}")
-        self.path = path
-        self.reason = reason
+        self.path = printable(path)
+        self.reason = printable(reason)
+        super().__init__(f"{self.path}: {self.reason}")
 
 
 class NoValidCheckpoint(CheckpointError):

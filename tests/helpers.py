@@ -103,6 +103,40 @@ class SgdJob:
         train_step(self.model, self.opt)
 
 
+def job_state(job: Job) -> str:
+    """One hash of everything a restore may touch: model, optimizer, scheduler, counters, RNG, requires_grad."""
+    from ftrain.session import rng
+
+    grads = {n: p.requires_grad for n, p in job.model.named_parameters()}
+    return ftrain.state_sha256([("model", job.model.state_dict()), ("optimizer", job.opt.state_dict()),
+                                ("scheduler", job.sched.state_dict()), ("counters", job.counters.state_dict()),
+                                ("rng", rng.capture()), ("requires_grad", grads)])
+
+
+def reseal(manifest_path: Path, edit: Callable[[dict[str, Any]], object]) -> None:
+    """Edit a manifest's body as an attacker who knows the format would, and reseal its checksum (XXH3-128 over
+    the canonical JSON of the body), so that it validates."""
+    from ftrain.checkpoint import checksum
+
+    doc = json.loads(manifest_path.read_bytes())
+    edit(doc["body"])
+    canonical = json.dumps(doc["body"], sort_keys=True, separators=(",", ":")).encode()
+    doc[f"body_{checksum.ALGORITHM}"] = checksum.digest(canonical)
+    manifest_path.write_bytes(json.dumps(doc).encode())
+
+
+def reseal_file(ckpt_dir: Path, name: str, data: bytes) -> None:
+    """Replace file ``name`` of a checkpoint and record its new size and checksum in the resealed manifest."""
+    from ftrain.checkpoint import checksum
+
+    (ckpt_dir / name).write_bytes(data)
+
+    def edit(body: dict[str, Any]) -> None:
+        body["files"][name].update(size=len(data), checksum=checksum.digest(data))
+
+    reseal(ckpt_dir / "manifest.json", edit)
+
+
 # ------------------------------------------------------------------ data
 class AugDataset(Dataset):
     """Item = [index, 3 x torch.rand, random.random, numpy.random.rand] as float64."""

@@ -6,7 +6,8 @@ plain values. The format is specified in docs/FORMAT.md. Modules: ``format``
 ``checksum``, ``codec`` (state trees without pickle), ``manifest``, ``shard``
 (one rank's files), ``snapshot`` (copy to host, persist), ``writer`` (the
 background thread), ``store`` (discovery, validation, commit, retention),
-``reader`` (a whole checkpoint in one process, for tools).
+``reader`` (a whole checkpoint in one process, for tools), ``lease`` and
+``lease_rules`` (one writing job per root).
 """
 from __future__ import annotations
 

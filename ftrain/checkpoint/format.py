@@ -21,10 +21,25 @@ DELETING_PREFIX = f"{TMP_PREFIX}deleting-"
 MANIFEST = "manifest.json"
 LATEST = "latest"
 BEST = "best"
+#: The lease of the root (docs/FORMAT.md, "Lease"): the OS-lock file (created once, never replaced) and the
+#: owner record. Neither is garbage (no ``.tmp-`` prefix, no ``.partial`` suffix) nor looks like ``step-*``.
+LEASE_LOCK = "lease.lock"
+LEASE_RECORD = "lease.json"
 #: Tensor bytes inside shard files start at multiples of this, so every dtype can be viewed in place.
 ALIGN = 64
 #: The tree key (and tensor-name prefix) of the objects stored once for all ranks.
 REPLICATED = "replicated"
+
+# Size caps (docs/FORMAT.md, "Size caps"): a reader refuses a larger file before reading it, so a hostile or
+# damaged file cannot make it allocate without bound. Generous: a manifest indexes every tensor of every rank
+# (about 200 bytes each), so 64 MiB is some 300,000 tensors.
+MAX_MANIFEST_BYTES = 64 << 20
+#: One rank's shard JSON (its state trees and tensor index).
+MAX_SHARD_JSON_BYTES = 64 << 20
+#: ``latest`` and ``best`` hold one directory name.
+MAX_POINTER_BYTES = 4096
+#: A ``shard-R.error`` marker holds one error message.
+MAX_ERROR_MARKER_BYTES = 64 << 10
 
 _STEP_RE = re.compile(rf"^{STEP_PREFIX}(\d{{{STEP_DIGITS}}})$")
 

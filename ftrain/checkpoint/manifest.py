@@ -103,7 +103,7 @@ def parse(data: bytes, where: str) -> Manifest:
     if body.get("format") != FORMAT_NAME:
         raise CorruptCheckpoint(where, f"not an ftrain manifest (format={body.get('format')!r})")
     version = body.get("format_version")
-    if version not in KNOWN_VERSIONS:
+    if not isinstance(version, int) or isinstance(version, bool) or version not in KNOWN_VERSIONS:
         raise CorruptCheckpoint(
             where, f"format version {version!r} is not known to this ftrain (knows {sorted(KNOWN_VERSIONS)}); "
             "upgrade ftrain to read it")
@@ -143,6 +143,11 @@ def _check_consistent(m: Manifest, where: str) -> None:
     """
     if m.world_size < 1 or m.step < 0:
         raise CorruptCheckpoint(where, f"impossible step {m.step} or world_size {m.world_size}")
+    # Before building the expected names: the work must be bounded by what the manifest lists, not by a number
+    # in it (a 3 KB manifest claiming a billion ranks).
+    if len(m.files) != 2 * m.world_size:
+        raise CorruptCheckpoint(where, f"lists {len(m.files)} files, which does not match world_size "
+                                       f"{m.world_size} ({2 * m.world_size} shard files)")
     expected = {n for r in range(m.world_size) for n in format.shard_names(r)}
     if set(m.files) != expected:
         raise CorruptCheckpoint(where, f"file list {sorted(m.files)[:4]}... does not match world_size "

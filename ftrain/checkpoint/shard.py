@@ -14,10 +14,11 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+import psutil
 import torch
 
 from ftrain.checkpoint import checksum, codec
-from ftrain.checkpoint.format import shard_names
+from ftrain.checkpoint.format import MAX_SHARD_JSON_BYTES, shard_names
 from ftrain.checkpoint.manifest import FileEntry, Manifest, TensorEntry
 from ftrain.checkpoint.storage import Storage
 from ftrain.errors import CorruptCheckpoint
@@ -91,7 +92,21 @@ def read_shard_tensors(storage: Storage, ckpt: str, manifest: Manifest, rank: in
     """
     _, bin_name = shard_names(rank)
     entries = sorted(((n, t) for n, t in manifest.tensors.items() if t.file == bin_name), key=lambda x: x[1].offset)
-    return _read_tensors(_File(storage, f"{ckpt}/{bin_name}"), manifest.files[bin_name], entries, keep)
+    where = _File(storage, f"{ckpt}/{bin_name}")
+    ensure_memory(sum(t.nbytes for n, t in entries if keep is None or keep(n)), str(where))
+    return _read_tensors(where, manifest.files[bin_name], entries, keep)
+
+
+def ensure_memory(nbytes: int, where: str) -> None:
+    """Refuse, as damage, to allocate more tensor bytes than this host has memory available.
+
+    A resealed manifest over a sparse file can declare any size with a valid
+    checksum; this keeps such a file from making the reader allocate it.
+    """
+    available = psutil.virtual_memory().available
+    if nbytes > available:
+        raise CorruptCheckpoint(where, f"declares {nbytes / 1e9:.1f} GB of tensors to read, more than the "
+                                       f"{available / 1e9:.1f} GB of memory available")
 
 
 @dataclass(frozen=True)
@@ -131,6 +146,9 @@ def _read_into(f: io.RawIOBase, view: memoryview, path: _File) -> None:
 
 
 def _read_verified(path: _File, entry: FileEntry) -> bytes:
+    if entry.size > MAX_SHARD_JSON_BYTES:  # before allocating a buffer of the declared size
+        raise CorruptCheckpoint(str(path), f"declares {entry.size} bytes, over the {MAX_SHARD_JSON_BYTES}-byte "
+                                           "limit for a shard record")
     with _open(path, entry) as f:
         buf = bytearray(entry.size)
         _read_into(f, memoryview(buf), path)

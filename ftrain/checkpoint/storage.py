@@ -11,17 +11,25 @@ implementation; the contract an implementation must keep is:
 * ``commit`` renames a finished directory to its final name atomically; the
   rename is durable when it returns; the destination must not exist;
 * ``list`` shows only committed names, in no particular order;
-* ``delete`` removes a file or a whole directory; a missing path is not an error.
+* ``delete`` removes a file or a whole directory; a missing path is not an error;
+* reads stay inside the root and see only regular files and directories: a
+  symbolic link, FIFO, socket or device anywhere on the path is refused with
+  :class:`UnsafeEntry` (never followed, never opened for reading: a FIFO would
+  block and ``/dev/zero`` never ends); ``read`` refuses a file larger than its
+  ``limit`` before reading a byte (:class:`TooLarge`).
 
 Concurrency: any number of processes may read. Writers are coordinated by the
 commit protocol (docs/FORMAT.md), not by this layer.
 """
 from __future__ import annotations
 
+import contextlib
+import errno
 import io
 import os
 import secrets
 import shutil
+import stat
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -31,13 +39,29 @@ from typing import Protocol
 from ftrain.checkpoint.format import PARTIAL_SUFFIX, TMP_PREFIX
 
 
+class UnsafeEntry(OSError):
+    """A path inside the root that is not a plain file or directory (a link, FIFO, device...), or escapes it."""
+
+
+class TooLarge(OSError):
+    """A file larger than the reader's documented cap (docs/FORMAT.md, "Size caps")."""
+
+
 @dataclass(frozen=True)
 class Entry:
-    """One name in a directory listing."""
+    """One name in a directory listing; ``kind`` is ``dir``, ``file`` or ``other`` (links, FIFOs, devices)."""
 
     name: str
-    is_dir: bool
+    kind: str
     size: int = 0
+
+    @property
+    def is_dir(self) -> bool:
+        return self.kind == "dir"
+
+    @property
+    def is_file(self) -> bool:
+        return self.kind == "file"
 
 
 class Storage(Protocol):
@@ -61,8 +85,8 @@ class Storage(Protocol):
         """The size of file ``path``; FileNotFoundError if there is none."""
         ...
 
-    def read(self, path: str) -> bytes:
-        """The whole content of file ``path``."""
+    def read(self, path: str, limit: int) -> bytes:
+        """The whole content of file ``path``; :class:`TooLarge` if it holds more than ``limit`` bytes."""
         ...
 
     def open(self, path: str) -> io.RawIOBase:
@@ -104,30 +128,86 @@ class LocalStorage:
 
     def list(self, path: str = "") -> list[Entry]:
         try:
-            entries = list(os.scandir(self.full(path)))
-        except (FileNotFoundError, NotADirectoryError):
+            fd = self._open_dir(path)
+        except (FileNotFoundError, NotADirectoryError, UnsafeEntry):
             return []
         out = []
-        for e in entries:
-            try:
-                is_dir = e.is_dir(follow_symlinks=False)
-                size = 0 if is_dir else e.stat(follow_symlinks=False).st_size
-            except OSError:
-                continue  # deleted while listing
-            out.append(Entry(e.name, is_dir, size))
+        try:
+            for e in os.scandir(fd):
+                try:
+                    st = e.stat(follow_symlinks=False)
+                except OSError:
+                    continue  # deleted while listing
+                kind = "dir" if stat.S_ISDIR(st.st_mode) else "file" if stat.S_ISREG(st.st_mode) else "other"
+                out.append(Entry(e.name, kind, st.st_size if kind == "file" else 0))
+        finally:
+            os.close(fd)
         return out
 
     def is_dir(self, path: str) -> bool:
-        return self.full(path).is_dir()
+        try:
+            os.close(self._open_dir(path))
+        except (OSError, ValueError):
+            return False
+        return True
 
     def size(self, path: str) -> int:
-        return os.stat(self.full(path)).st_size
+        parent, name = self._walk(path)
+        try:
+            st = os.stat(name, dir_fd=parent, follow_symlinks=False)
+        finally:
+            os.close(parent)
+        _check_regular(st.st_mode, self.describe(path))
+        return st.st_size
 
-    def read(self, path: str) -> bytes:
-        return self.full(path).read_bytes()
+    def read(self, path: str, limit: int) -> bytes:
+        with self.open(path) as f:
+            size = os.fstat(f.fileno()).st_size
+            if size > limit:
+                raise TooLarge(errno.EFBIG, f"{size} bytes, over the {limit}-byte limit for this file",
+                               self.describe(path))
+            buf = bytearray()
+            while len(buf) <= limit:  # one byte past the limit: a file that grows while read is caught too
+                chunk = f.read(min(1 << 20, limit + 1 - len(buf)))
+                if not chunk:
+                    break
+                buf += chunk
+        if len(buf) > limit:
+            raise TooLarge(errno.EFBIG, f"over the {limit}-byte limit for this file", self.describe(path))
+        return bytes(buf)
 
     def open(self, path: str) -> io.RawIOBase:
-        return open(self.full(path), "rb", buffering=0)  # buffering=0: a FileIO
+        parent, name = self._walk(path)
+        # O_NONBLOCK: opening a FIFO for reading would otherwise wait for a writer forever.
+        fd = _open_below(parent, name, os.O_RDONLY | os.O_NONBLOCK, self.describe(path))
+        try:
+            _check_regular(os.fstat(fd).st_mode, self.describe(path))
+        except BaseException:
+            os.close(fd)
+            raise
+        return open(fd, "rb", buffering=0)  # buffering=0: a FileIO
+
+    def _walk(self, path: str) -> tuple[int, str]:
+        """An fd of ``path``'s parent directory (caller closes it), reached without following links, and the
+        last component."""
+        parts = path.split("/")
+        if any(p in ("", ".", "..") for p in parts):
+            raise UnsafeEntry(errno.EINVAL, "not a plain relative path inside the checkpoint root",
+                              self.describe(path))
+        return self._open_dir("/".join(parts[:-1])), parts[-1]
+
+    def _open_dir(self, path: str) -> int:
+        """An fd of directory ``path`` under the root, each component opened with O_NOFOLLOW.
+
+        The root itself may be a link (the user chose it); nothing below it may be.
+        """
+        fd = os.open(self.root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        for part in filter(None, path.split("/")):
+            if part in (".", ".."):
+                os.close(fd)
+                raise UnsafeEntry(errno.EINVAL, "not a plain relative path", self.describe(path))
+            fd = _open_below(fd, part, os.O_RDONLY | os.O_DIRECTORY, self.describe(path))
+        return fd
 
     def write(self, path: str, data: bytes) -> None:
         atomic_write(self.full(path), data)
@@ -142,23 +222,56 @@ class LocalStorage:
     def delete(self, path: str) -> None:
         target = self.full(path)
         if target.is_dir() and not target.is_symlink():
-            shutil.rmtree(target, ignore_errors=True)
+            shutil.rmtree(target, ignore_errors=True)  # fd-based on Linux: never follows a link out of the tree
         else:
             target.unlink(missing_ok=True)
 
     @contextmanager
     def create(self, path: str) -> Iterator[int]:
         """A new file ``path`` as a raw descriptor; fsynced when the block ends without an error."""
-        fd = os.open(self.full(path), os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        full = self.full(path)
+        fd = os.open(full, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
         try:
             yield fd
             os.fsync(fd)
+        except OSError as e:
+            if e.filename is None:  # os.write/fsync errors name no file: say which one failed
+                e.filename = str(full)
+            raise
         finally:
             os.close(fd)
 
     def fsync(self, path: str = "") -> None:
         """Make renames and creations inside directory ``path`` durable."""
         fsync_dir(self.full(path))
+
+
+def _open_below(dirfd: int, name: str, flags: int, where: str) -> int:
+    """Open ``name`` in directory ``dirfd`` (which this closes) without following a link: O_NOFOLLOW makes a
+    link fail with ELOOP rather than lead out of the root, or to /dev/zero."""
+    try:
+        return os.open(name, flags | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dirfd)
+    except OSError as e:
+        raise _unsafe_if_link(e, where) from None
+    finally:
+        os.close(dirfd)
+
+
+def _check_regular(mode: int, where: str) -> None:
+    if not stat.S_ISREG(mode):
+        kind = ("a directory" if stat.S_ISDIR(mode) else "a FIFO" if stat.S_ISFIFO(mode) else
+                "a socket" if stat.S_ISSOCK(mode) else "a device" if stat.S_ISCHR(mode) or stat.S_ISBLK(mode)
+                else "not a regular file")
+        raise UnsafeEntry(errno.EINVAL, f"{kind}, not a regular file (ftrain reads only regular files)", where)
+
+
+def _unsafe_if_link(e: OSError, where: str) -> OSError:
+    """ELOOP from O_NOFOLLOW (and ENOTDIR from O_DIRECTORY on a link) mean a symbolic link is in the way."""
+    if e.errno == errno.ELOOP:
+        return UnsafeEntry(e.errno, "a symbolic link (ftrain never follows links inside a checkpoint root)", where)
+    if e.errno == errno.ENOTDIR and os.path.islink(where):
+        return UnsafeEntry(e.errno, "a symbolic link (ftrain never follows links inside a checkpoint root)", where)
+    return e
 
 
 def fsync_dir(path: str | Path) -> None:
@@ -184,10 +297,17 @@ def atomic_write(path: Path, data: bytes, *, fsync_parent: bool = True) -> None:
     fsync the directory so the rename itself survives a power cut.
     """
     tmp = path.with_name(f"{path.name}{PARTIAL_SUFFIX}")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    # A planted `name.partial` link must not make us truncate its target: remove it, then create exclusively.
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(tmp)
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
     try:
         write_all(fd, data)
         os.fsync(fd)
+    except OSError as e:
+        if e.filename is None:
+            e.filename = str(path)
+        raise
     finally:
         os.close(fd)
     os.replace(tmp, path)

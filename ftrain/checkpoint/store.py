@@ -12,7 +12,7 @@ import json
 import logging
 import os
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,6 +24,7 @@ from ftrain.checkpoint.storage import LocalStorage, Storage
 from ftrain.errors import CheckpointDirError, CheckpointError, CorruptCheckpoint
 
 log = logging.getLogger("ftrain.checkpoint")
+_ODD = "not a plain directory (a symbolic link or special file); ftrain never follows links in a checkpoint root"
 
 
 @dataclass
@@ -62,6 +63,11 @@ class CheckpointStore:
                 out.append(step)
         return sorted(out)
 
+    def odd_steps(self) -> list[int]:
+        """Steps whose ``step-*`` name is not a plain directory (a link, a file, a FIFO): never read, reported."""
+        return sorted(s for e in self.storage.list() if not e.is_dir
+                      and (s := format.parse_step_dirname(e.name)) is not None)
+
     def step_dirs(self) -> list[tuple[int, Path]]:
         """Committed-looking checkpoint directories, oldest first."""
         return [(step, self.path(step)) for step in self.steps()]
@@ -82,7 +88,7 @@ class CheckpointStore:
 
     def _hint(self, name: str) -> str | None:
         try:
-            return self.storage.read(name).decode(errors="replace").strip() or None
+            return self.storage.read(name, format.MAX_POINTER_BYTES).decode(errors="replace").strip() or None
         except OSError:
             return None
 
@@ -100,7 +106,7 @@ class CheckpointStore:
         name = f"{format.step_dirname(step)}/{format.MANIFEST}"
         where = self.storage.describe(name)
         try:
-            data = self.storage.read(name)
+            data = self.storage.read(name, format.MAX_MANIFEST_BYTES)
         except FileNotFoundError:
             raise CorruptCheckpoint(where, "manifest missing (save was interrupted or the file was deleted)") from None
         except OSError as e:
@@ -150,7 +156,10 @@ class CheckpointStore:
         return CheckpointInfo(step, self.path(step), True, "", size, m.created_unix)
 
     def infos(self) -> list[CheckpointInfo]:
-        return [self.info(step) for step in self.steps()]
+        out = [self.info(step) for step in self.steps()]
+        out += [CheckpointInfo(step, self.path(step), False, f"{format.step_dirname(step)}: {_ODD}")
+                for step in self.odd_steps()]
+        return sorted(out, key=lambda i: i.step)
 
     def manifests(self) -> list[Manifest]:
         """Every manifest that parses, oldest first; unreadable ones are skipped with a warning."""
@@ -168,6 +177,8 @@ class CheckpointStore:
         Checksums are verified by whoever reads the files (the restore protocol),
         so each byte is read once. Damaged ones are skipped with a warning naming file and reason.
         """
+        for step in self.odd_steps():
+            log.warning("ignoring %s: %s", format.step_dirname(step), _ODD)
         for step in reversed(self.steps()):
             if step in skip:
                 continue
@@ -213,7 +224,7 @@ class CheckpointStore:
         while pending:
             for rank in sorted(pending):
                 try:
-                    reason = self.storage.read(f"{tmp}/{format.shard_error_name(rank)}")
+                    reason = self.storage.read(f"{tmp}/{format.shard_error_name(rank)}", format.MAX_ERROR_MARKER_BYTES)
                 except FileNotFoundError:
                     pass
                 else:
@@ -221,7 +232,7 @@ class CheckpointStore:
                                           f"{reason.decode(errors='replace').strip()}")
                 rel = f"{tmp}/{format.shard_names(rank)[0]}"
                 try:
-                    rec = ShardRecord.from_json(json.loads(self.storage.read(rel)))
+                    rec = ShardRecord.from_json(json.loads(self.storage.read(rel, format.MAX_SHARD_JSON_BYTES)))
                 except FileNotFoundError:
                     continue
                 except (ValueError, KeyError, TypeError, AttributeError) as e:
@@ -243,11 +254,13 @@ class CheckpointStore:
         return [records[r] for r in range(world_size)]
 
     def commit(self, tmp: str, *, step: int, world_size: int, nonce: str, timeout: float,
-               meta: dict[str, object]) -> Manifest:
+               meta: dict[str, object], guard: Callable[[], None] | None = None) -> Manifest:
         """Turn the finished temp directory ``tmp`` into checkpoint ``step``: manifest, rename, ``latest``.
 
         A kill at any instant leaves either no new checkpoint (the temp dir is
-        cleaned up on the next start) or a complete, valid one.
+        cleaned up on the next start) or a complete, valid one. ``guard`` runs
+        right before the rename that commits; if it raises, nothing is committed
+        (the writer's lease check: a writer that lost the root must not commit).
         """
         records = self.wait_for_shards(tmp, step, world_size, nonce, timeout)
         files: dict[str, FileEntry] = {}
@@ -266,6 +279,8 @@ class CheckpointStore:
         self._sync(tmp)
         self.storage.write(f"{tmp}/{format.MANIFEST}", manifest.to_bytes())
         faults.point("save.before_rename", step=step, rank=0)
+        if guard is not None:
+            guard()
         final = format.step_dirname(step)
         if self.storage.is_dir(final):
             # Same step saved again (e.g. an earlier copy was corrupt, or resume=never over an old run).
@@ -300,12 +315,30 @@ class CheckpointStore:
             self.update_best_hint(None)
         return pruned
 
+    def intact(self, step: int) -> bool:
+        """The cheap checks restore proposes a checkpoint after: its manifest parses and its files have their sizes."""
+        try:
+            self.check_files(self.read_manifest(step))
+        except CorruptCheckpoint:
+            return False
+        return True
+
     def prune(self, keep_last: int, protect: set[int]) -> list[int]:
-        """Delete committed checkpoints beyond the newest ``keep_last`` (0 keeps all), never those in ``protect``."""
+        """Delete committed checkpoints beyond the newest ``keep_last`` intact ones (0 keeps all), never those in
+        ``protect``.
+
+        Only intact checkpoints count: damaged ones at higher steps (a run that
+        resumed below them) must not push good ones out. A damaged checkpoint is
+        deleted only when it is older than every one kept; newer damaged ones are
+        left for the run to overwrite when it reaches their step.
+        """
         if keep_last <= 0:
             return []
         steps = self.steps()
-        doomed = [s for s in steps[:-keep_last] if s not in protect]
+        good = [s for s in steps if s in protect or self.intact(s)]
+        kept = set(good[-keep_last:]) | protect
+        oldest_kept = min(kept, default=0)
+        doomed = [s for s in steps if s not in kept and (s in good or s < oldest_kept)]
         for step in doomed:
             # Rename first so a kill mid-delete leaves a temp dir (cleaned later), not a half checkpoint.
             name = format.step_dirname(step)

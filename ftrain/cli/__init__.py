@@ -1,7 +1,8 @@
 """Supervisor side (outside the training processes): the ``ftrain`` command, ``launch`` and ``ckpt``.
 
 Every subcommand turns an :class:`FtrainError` into one line on stderr and the
-error's exit code (see ``exitcodes.py``).
+error's exit code (see ``exitcodes.py``). That line is sanitised
+(:func:`ftrain.errors.printable`): messages quote file content and paths.
 """
 from __future__ import annotations
 
@@ -11,12 +12,12 @@ from typing import NoReturn
 
 from ftrain import __version__, exitcodes
 from ftrain.cli import ckpt, launch
-from ftrain.errors import FtrainError
+from ftrain.errors import FtrainError, printable
 
 
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> NoReturn:  # one line, exit 2 (argparse's default prints usage too)
-        self.exit(exitcodes.USAGE, f"ftrain: error: {message} (see {self.prog} --help)\n")
+        self.exit(exitcodes.USAGE, f"ftrain: error: {printable(message)} (see {self.prog} --help)\n")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -33,7 +34,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return int(args.func(args))
     except FtrainError as e:
-        print(f"ftrain: error: {e}", file=sys.stderr)
+        # The message may quote a checkpoint's content (an unknown format version, a metric name) or a path
+        # holding any byte: escaped, so it stays one line and cannot drive the terminal.
+        print(f"ftrain: error: {printable(e)}", file=sys.stderr)
         return e.exit_code
     except KeyboardInterrupt:
         return 130

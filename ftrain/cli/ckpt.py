@@ -2,7 +2,9 @@
 
 ``ls`` and ``verify`` never load state; ``inspect`` (``inspection.py``) reads one
 manifest and ``export`` (``export.py``) one object's tensors. No command
-unpickles anything or writes to the checkpoint directory.
+unpickles anything or writes to the checkpoint directory. Text that comes from the
+directory (paths, reasons, names, values) is printed through ``show.safe``: a
+hostile checkpoint cannot send terminal escape sequences or forge lines.
 """
 from __future__ import annotations
 
@@ -56,6 +58,11 @@ def _row(info: CheckpointInfo, latest: str | None) -> dict[str, Any]:
 
 
 def cmd_ls(args: argparse.Namespace) -> int:
+    with show.warnings_to_stderr():  # any warning quoting the directory is sanitised too
+        return _ls(args)
+
+
+def _ls(args: argparse.Namespace) -> int:
     store = _store(args.dir)
     latest = store.latest_hint()
     infos = store.infos()
@@ -64,18 +71,18 @@ def cmd_ls(args: argparse.Namespace) -> int:
     for r in rows:
         r["metrics"] = values.get(r["step"])
         r["best"] = r["step"] == best
-    if args.json:
+    if args.json:  # ensure_ascii (the default) escapes every control character: safe on a terminal as is
         print(json.dumps({"dir": str(store.root), "latest": latest, "monitor": monitor, "best": best,
                           "checkpoints": rows}, indent=2))
         return exitcodes.OK
     if not rows:
-        print(f"no checkpoints in {store.root}")
+        print(f"no checkpoints in {show.safe(store.root)}")
         return exitcodes.OK
     name = show.safe(monitor["name"])[:12] if monitor else None
     metric_head = f"  {name:>12}" if name else ""
     print(f"{'STEP':>12}  {'CREATED (UTC)':<20}  {'SIZE':>10}{metric_head}  STATUS")
     for r in rows:
-        status = "valid" if r["status"] == "valid" else f"CORRUPT: {r['reason']}"
+        status = "valid" if r["status"] == "valid" else f"CORRUPT: {show.safe(r['reason'])}"
         marks = [m for m, on in (("latest", r["latest"]), ("best", r["best"])) if on]
         mark = f"  <- {', '.join(marks)}" if marks else ""
         metric = ""
@@ -113,6 +120,11 @@ def _selection(store: CheckpointStore, infos: list[CheckpointInfo]
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
+    with show.warnings_to_stderr():
+        return _verify(args)
+
+
+def _verify(args: argparse.Namespace) -> int:
     store = _store(args.dir)
     if args.step is not None:
         if not store.path(args.step).is_dir():
@@ -121,14 +133,14 @@ def cmd_verify(args: argparse.Namespace) -> int:
     else:
         infos = store.infos()
         if not infos:
-            print(f"no checkpoints in {store.root}")
+            print(f"no checkpoints in {show.safe(store.root)}")
             return exitcodes.FAILURE
     bad = 0
     for info in infos:
         if info.valid:
-            print(f"ok       step {info.step}  {info.path}")
+            print(f"ok       step {info.step}  {show.safe(info.path)}")
         else:
             bad += 1
-            print(f"CORRUPT  step {info.step}  {info.path}/{info.reason}")
+            print(f"CORRUPT  step {info.step}  {show.safe(info.path)}/{show.safe(info.reason)}")
     print(f"{len(infos) - bad} valid, {bad} corrupt")
     return exitcodes.FAILURE if bad else exitcodes.OK

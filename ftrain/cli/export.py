@@ -96,12 +96,12 @@ def cmd_export(args: argparse.Namespace) -> int:
     if meta.get("trainable_only") is True and n != 0:
         fp = get_dict(meta, "base_fingerprint").get(args.obj)
         print(f"ftrain: note: step {manifest.step} is a trainable-only checkpoint: the {n} frozen base tensor(s) of "
-              f"{args.obj!r} (meta.omitted) are not in {out}; load it over the base weights"
+              f"{args.obj!r} (meta.omitted) are not in {safe(out)}; load it over the base weights"
               f"{f' with fingerprint {safe(fp)}' if isinstance(fp, str) else ''} (load_state_dict(strict=False))",
               file=sys.stderr)
     size = out.stat().st_size
     print(f"exported step {manifest.step} object {args.obj!r}: {len(tensors)} tensors, {human(size)} "
-          f"({size} bytes) -> {out} ({fmt})")
+          f"({size} bytes) -> {safe(out)} ({fmt})")  # OUT may name a hostile directory (a shell glob)
     return exitcodes.OK
 
 

@@ -60,10 +60,12 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     if args.verify:
         doc["verify"] = "ok" if damage is None else "corrupt"
         doc["verify_error"] = None if damage is None else str(damage)
-    if args.json:
+    if args.json:  # ensure_ascii (the default) escapes every control character
         print(json.dumps(doc, indent=2))
     else:
-        print("\n".join(_text(doc)))
+        # Fields are escaped where they are formatted (so column widths are right); each line once more as a
+        # whole, so a field added later cannot send a terminal escape either.
+        print("\n".join(safe(line) for line in _text(doc)))
     return exitcodes.FAILURE if damage is not None else exitcodes.OK
 
 
@@ -137,7 +139,7 @@ def _text(doc: dict[str, Any]) -> list[str]:
     row("step", doc["step"])
     row("created", doc["created_utc"] or "-")
     row("world size", doc["world_size"])
-    row("versions", f"format {doc['format_version']}, ftrain {safe(doc['ftrain_version'])}, "
+    row("versions", f"format {safe(doc['format_version'])}, ftrain {safe(doc['ftrain_version'])}, "
                     f"torch {safe(doc['torch_version'])}")
     row("size", f"{human(doc['size_bytes'])} in {doc['files']} data files (manifest.json not counted)")
     objs = doc["objects"]
@@ -167,7 +169,7 @@ def _text(doc: dict[str, Any]) -> list[str]:
         row("trainable", f"trainable-only checkpoint; not saved: {counts_text(doc['omitted'], 'frozen tensor(s)')}; "
                          f"base fingerprint {fps}")
     if doc["verify"] is not None:
-        row("verify", "ok" if doc["verify"] == "ok" else f"CORRUPT: {doc['verify_error']}")
+        row("verify", "ok" if doc["verify"] == "ok" else f"CORRUPT: {safe(doc['verify_error'])}")
     if doc["config"] is not None:
         lines.append("config")
         lines += _config_lines(doc["config"])
@@ -178,7 +180,8 @@ def _text(doc: dict[str, Any]) -> list[str]:
         lines.append(f"  {'NAME':<{width}}  {'DTYPE':<9}  {'SHAPE':<16}  {'BYTES':>12}  FILE")
         for t in ts:
             shape = "[" + ", ".join(map(str, t["shape"])) + "]"
-            lines.append(f"  {safe(t['name']):<{width}}  {t['dtype']:<9}  {shape:<16}  {t['bytes']:>12}  {t['file']}")
+            lines.append(f"  {safe(t['name']):<{width}}  {safe(t['dtype']):<9}  {shape:<16}  {t['bytes']:>12}  "
+                         f"{safe(t['file'])}")
     return lines
 
 

@@ -13,10 +13,15 @@ import secrets
 import signal
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+from ftrain import envvars
 from ftrain.errors import UsageError
 from ftrain.signals import EARLY_SIGNALS
+
+if TYPE_CHECKING:
+    from ftrain.checkpoint.lease import Lease
+    from ftrain.config import FtrainConfig
 
 #: torchrun flags passed through unchanged: (flag, takes a value).
 TORCHRUN_FLAGS = [("--nnodes", True), ("--node-rank", True), ("--rdzv-backend", True), ("--rdzv-endpoint", True),
@@ -29,11 +34,14 @@ CONFIG_FLAGS = {
     "save_every_seconds": "checkpoint.every_seconds", "keep_last": "checkpoint.keep_last",
     "max_restarts": "supervisor.max_restarts", "grace_seconds": "supervisor.grace_seconds",
     "hang_timeout": "supervisor.hang_timeout_seconds", "log_dir": "supervisor.log_dir",
+    "force": "checkpoint.takeover",
 }
 
 
 def add_parser(sub: Any) -> None:
-    p = sub.add_parser("launch", help="run SCRIPT under torchrun, supervised",
+    # allow_abbrev=False: a script flag such as --save-every must reach the script, not be read as an
+    # abbreviation of one of ours.
+    p = sub.add_parser("launch", help="run SCRIPT under torchrun, supervised", allow_abbrev=False,
                        description="Run SCRIPT under torchrun; restart it after crashes and hangs from the newest "
                                    "valid checkpoint; save and exit cleanly on preemption signals.")
     p.add_argument("--nproc", "--nproc-per-node", "--nproc_per_node", dest="nproc", type=int, default=1,
@@ -54,6 +62,9 @@ def add_parser(sub: Any) -> None:
     f.add_argument("--grace-seconds", type=float, help="supervisor.grace_seconds")
     f.add_argument("--hang-timeout", type=float, help="supervisor.hang_timeout_seconds (0: off)")
     f.add_argument("--log-dir", help="supervisor.log_dir (default <checkpoint.dir>/logs)")
+    f.add_argument("--force", action="store_true", default=None,
+                   help="checkpoint.takeover: take the checkpoint dir over from another job holding it (that job "
+                        "then stops committing)")
     p.add_argument("script", help="training script")
     p.add_argument("script_args", nargs=argparse.REMAINDER, help="arguments for the script")
     p.set_defaults(func=cmd_launch)
@@ -98,6 +109,29 @@ def cmd_launch(args: argparse.Namespace) -> int:
             torchrun_args.append(flag)
     run_id = args.tr_rdzv_id or f"{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(3)}"
     logging.basicConfig(level=logging.INFO, format="[ftrain launch] %(message)s")
+    lease = _take_lease(cfg, run_id, args.tr_nnodes)  # before any attempt starts; held until we exit
+    extra_env = {} if lease is None else {envvars.LEASE_GENERATION: str(lease.generation),
+                                          envvars.LEASE_DIR: os.path.abspath(cfg.checkpoint.dir)}
     spec = LaunchSpec(script=str(script), script_args=list(args.script_args), nproc=args.nproc,
-                      torchrun_args=torchrun_args, run_id=run_id, config=cfg)
-    return Supervisor(spec, early_signals=early).run()
+                      torchrun_args=torchrun_args, run_id=run_id, config=cfg, extra_env=extra_env)
+    try:
+        return Supervisor(spec, early_signals=early, lease_lost=lease.lost if lease is not None else lambda: None
+                          ).run()
+    finally:
+        if lease is not None:
+            lease.release()
+
+
+def _take_lease(cfg: FtrainConfig, run_id: str, nnodes: str | None) -> Lease | None:
+    """One job per checkpoint root (docs/FORMAT.md, "Lease"): on one node the launcher holds the root's lease
+    for the job's whole life, and its workers check it before each commit; LeaseError (exit 2) if another job
+    holds it. Across nodes rank 0's worker, which may run on any node, takes it instead."""
+    from ftrain.checkpoint.lease import LAUNCH, Lease, Owner
+
+    if nnodes not in (None, "1", "1:1"):
+        return None
+    lease = Lease(cfg.checkpoint.dir, Owner.current(run_id, LAUNCH, supervised=True),
+                  ttl=cfg.checkpoint.lease_ttl_seconds)
+    lease.acquire(force=cfg.checkpoint.takeover)
+    lease.start_renewal()
+    return lease

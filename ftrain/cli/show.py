@@ -12,7 +12,7 @@ import time
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
-from ftrain.errors import CheckpointError, UsageError
+from ftrain.errors import CheckpointError, UsageError, printable
 
 if TYPE_CHECKING:
     from ftrain.checkpoint.store import CheckpointStore
@@ -42,13 +42,24 @@ def warnings_to_stderr() -> Iterator[None]:
     """
     handler = logging.StreamHandler(sys.stderr)
     handler.setLevel(logging.WARNING)
-    handler.setFormatter(logging.Formatter("ftrain: warning: %(message)s"))
+    handler.setFormatter(_SafeFormatter("ftrain: warning: %(message)s"))
     logger = logging.getLogger("ftrain")
     logger.addHandler(handler)
     try:
         yield
     finally:
         logger.removeHandler(handler)
+
+
+class _SafeFormatter(logging.Formatter):
+    """Warnings quote checkpoint contents (paths, reasons, names): sanitised as a whole, one line each.
+
+    CorruptCheckpoint already sanitises its path and reason; this also covers
+    any other warning logged while a command reads a hostile directory.
+    """
+
+    def format(self, record: logging.LogRecord) -> str:
+        return printable(super().format(record))
 
 
 def utc(ts: Any) -> str | None:
@@ -113,9 +124,11 @@ def raw(v: Any) -> str:
 
 
 def safe(s: Any) -> str:
-    """A name from a file, printable: no terminal escape sequences or line breaks reach the screen."""
-    s = str(s)
-    return s if s.isprintable() else json.dumps(s)
+    """A name or value from a file, printable: no terminal escape sequences or line breaks reach the screen.
+
+    Non-printable characters become their escapes (``\\x1b``), see :func:`ftrain.errors.printable`.
+    """
+    return printable(s)
 
 
 def human(n: int) -> str:

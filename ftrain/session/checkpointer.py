@@ -23,7 +23,7 @@ import logging
 import os
 import secrets
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -31,15 +31,17 @@ import torch
 from ftrain import envvars, faults
 from ftrain.checkpoint import codec, format
 from ftrain.checkpoint.format import REPLICATED, rank_key
+from ftrain.checkpoint.lease import Fence, Lease, for_writer
 from ftrain.checkpoint.manifest import Manifest
-from ftrain.checkpoint.shard import read_shard_record, read_shard_tensors
+from ftrain.checkpoint.shard import ensure_memory, read_shard_record, read_shard_tensors
 from ftrain.checkpoint.snapshot import Snapshot, StagingArena, owners, persist, take_snapshot
 from ftrain.checkpoint.storage import LocalStorage
 from ftrain.checkpoint.store import CheckpointStore
 from ftrain.checkpoint.writer import BackgroundWriter
 from ftrain.config import CheckpointConfig
-from ftrain.errors import CheckpointDirError, CheckpointError, CorruptCheckpoint, FtrainError
+from ftrain.errors import CheckpointDirError, CheckpointError, CorruptCheckpoint, FtrainError, StateMismatch
 from ftrain.session.collectives import Collectives
+from ftrain.session.validation import TensorSpec
 
 log = logging.getLogger("ftrain")
 
@@ -55,6 +57,8 @@ class Checkpointer:
         self.arena = StagingArena()
         self.writer = BackgroundWriter()
         self.nonce: str | None = None
+        #: Rank 0: the lease of the root it holds, or the launcher's it checks (docs/FORMAT.md, "Lease").
+        self.lease: Lease | Fence | None = None
         #: Blocking time of the last save on this rank (snapshot only, when asynchronous).
         self.last_blocking_seconds = 0.0
 
@@ -70,6 +74,8 @@ class Checkpointer:
         try:
             self.store.ensure_writable()
             if self.rank == 0:
+                if self.lease is None:  # before anything in the root is touched: it may be another job's
+                    self.lease = self._take_lease()
                 self.store.cleanup_temps()
                 existing = self.store.steps()
                 if self.cfg.resume == "never" and existing:
@@ -85,14 +91,24 @@ class Checkpointer:
         self.nonce = f"{nonce:014x}"
 
     # ---------------------------------------------------------------- restore
-    def restore(self, check: Callable[[Manifest], None], candidates: Iterator[Manifest] | None = None
-                ) -> tuple[Manifest, dict[str, Any]] | None:
-        """The newest checkpoint every rank could read and verify, decoded; None if there is none.
+    def restore(self, check: Callable[[Manifest, dict[str, Any] | None], None],
+                candidates: Iterator[Manifest] | None = None) -> tuple[Manifest, dict[str, Any]] | None:
+        """The newest checkpoint every rank could read, verify and fit, decoded; None if there is none.
 
         Rank 0 proposes candidates newest first (or in the order of ``candidates``,
-        which only rank 0's matters); each rank reads its own files, verifying
-        checksums; if any rank finds damage all fall back together. ``check`` may
-        refuse a manifest (raising on every rank alike).
+        which only rank 0's matters). Each rank then, touching nothing registered:
+
+        1. ``check(manifest, None)``: the manifest's layout fits this run;
+        2. reads and verifies its shard records (the state trees) and calls
+           ``check(manifest, trees)`` with every tensor still a
+           :class:`~ftrain.session.validation.TensorSpec`: the state fits the
+           registered objects, before any tensor byte is allocated;
+        3. reads its tensors, verifying checksums.
+
+        ``check`` raises :class:`CorruptCheckpoint` (damage) or
+        :class:`StateMismatch` (well-formed, but for another model). The ranks
+        agree: damage on any rank makes all fall back to the next candidate; a
+        mismatch (in a checkpoint whose files verify) raises on every rank.
         """
         if self.rank != 0:
             candidates = iter(())
@@ -103,41 +119,86 @@ class Checkpointer:
             (step,) = self.coll.broadcast([proposal.step if proposal else -1])
             if step < 0:
                 return None
-            err: CorruptCheckpoint | None = None
+            damage: CorruptCheckpoint | None = None
+            mismatch: StateMismatch | None = None
             try:
                 manifest = proposal or self.store.read_manifest(step)
-                check(manifest)  # the same manifest on every rank, so the same verdict
-                trees, tensors = self._read(manifest)
+                check(manifest, None)  # the same manifest on every rank, so the same verdict
+                records = self._read_records(manifest)
+                check(manifest, self._decode(manifest, records, _specs(manifest)))
+                self._check_memory(manifest)
+                tensors = self._read_tensors(manifest)
             except CorruptCheckpoint as e:
-                log.warning("skipping checkpoint step %d: %s: %s; falling back to an older one", step, e.path,
-                            e.reason)
-                err = e
-            if not self.coll.any(err is not None)[0]:
-                break
+                damage = e
+            except StateMismatch as e:
+                mismatch = e
+                try:  # a mismatch counts only in a checkpoint whose files verify; otherwise it is damage
+                    self._verify_files(manifest)
+                except CorruptCheckpoint as e2:
+                    damage, mismatch = e2, None
+            damaged, mismatched = self.coll.any(damage is not None, mismatch is not None)
+            if damage is not None:
+                log.warning("skipping checkpoint step %d: %s: %s; falling back to an older one", step, damage.path,
+                            damage.reason)
+            if damaged:
+                continue
+            if mismatched:
+                raise mismatch or StateMismatch(f"checkpoint step {step} does not fit the registered state on "
+                                                "another rank; see its log")
+            break
         self._share_replicated(manifest, tensors)
-        try:
-            decoded = {key: codec.decode(tree, tensors.__getitem__) for key, tree in trees.items()}
-        except (CheckpointError, KeyError, TypeError, ValueError, RecursionError) as e:
-            raise CorruptCheckpoint(str(self.store.path(step)), f"malformed state tree ({e})") from None
-        return manifest, decoded
+        return manifest, self._decode(manifest, records, tensors)
 
-    def _read(self, manifest: Manifest) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    def _read_records(self, manifest: Manifest) -> tuple[Any, Any]:
+        """(the replicated tree, this rank's tree) from the verified shard records."""
         storage, ckpt = self.store.storage, format.step_dirname(manifest.step)
         record0 = read_shard_record(storage, ckpt, manifest, 0)
         mine = record0 if self.rank == 0 else read_shard_record(storage, ckpt, manifest, self.rank)
-        tensors = read_shard_tensors(storage, ckpt, manifest, self.rank)
-        if self._single_node():
-            # All ranks share one page cache: reading the other shards costs one disk read per node and
-            # is faster than broadcasting (measured: docs/PERFORMANCE.md). Every file is verified as read.
-            for rank in range(self.world_size):
-                if rank != self.rank:
-                    tensors.update(read_shard_tensors(storage, ckpt, manifest, rank,
-                                                      keep=lambda n: n.startswith(f"{REPLICATED}/")))
-        trees = {REPLICATED: record0.trees.get(REPLICATED), rank_key(self.rank): mine.trees.get(rank_key(self.rank))}
-        if any(t is None for t in trees.values()):
+        trees = (record0.trees.get(REPLICATED), mine.trees.get(rank_key(self.rank)))
+        if any(t is None for t in trees):
             raise CorruptCheckpoint(storage.describe(f"{ckpt}/{format.shard_names(self.rank)[0]}"),
                                     "state tree missing")
-        return trees, tensors
+        return trees
+
+    def _decode(self, manifest: Manifest, records: tuple[Any, Any], tensors: Mapping[str, Any]) -> dict[str, Any]:
+        try:
+            return {REPLICATED: codec.decode(records[0], tensors.__getitem__),
+                    rank_key(self.rank): codec.decode(records[1], tensors.__getitem__)}
+        except (CheckpointError, KeyError, TypeError, ValueError, AttributeError, RecursionError) as e:
+            raise CorruptCheckpoint(str(self.store.path(manifest.step)),
+                                    f"malformed state tree ({type(e).__name__}: {e})") from None
+
+    def _my_files(self, manifest: Manifest) -> list[int]:
+        """The ranks whose .bin files this rank reads: its own, and on one node the others' (replicated tensors)."""
+        if self.rank >= manifest.world_size:
+            return []
+        others = [r for r in range(manifest.world_size) if r != self.rank] if self._single_node() else []
+        return [self.rank, *others]
+
+    def _check_memory(self, manifest: Manifest) -> None:
+        """Refuse (as damage) a checkpoint that declares more tensor bytes than this host could hold, in total
+        over the files this rank reads (each read checks its own file too)."""
+        own = format.shard_names(self.rank)[1]
+        ensure_memory(sum(t.nbytes for n, t in manifest.tensors.items()
+                          if t.file == own or (n.startswith(f"{REPLICATED}/") and self._single_node())),
+                      str(self.store.path(manifest.step)))
+
+    def _read_tensors(self, manifest: Manifest) -> dict[str, torch.Tensor]:
+        storage, ckpt = self.store.storage, format.step_dirname(manifest.step)
+        tensors = read_shard_tensors(storage, ckpt, manifest, self.rank)
+        # All ranks of one node share one page cache: reading the other shards costs one disk read per node and
+        # is faster than broadcasting (measured: docs/PERFORMANCE.md). Every file is verified as read.
+        for rank in self._my_files(manifest)[1:]:
+            tensors.update(read_shard_tensors(storage, ckpt, manifest, rank,
+                                              keep=lambda n: n.startswith(f"{REPLICATED}/")))
+        return tensors
+
+    def _verify_files(self, manifest: Manifest) -> None:
+        """Checksum this rank's shard files without keeping (or allocating) any tensor."""
+        storage, ckpt = self.store.storage, format.step_dirname(manifest.step)
+        for rank in self._my_files(manifest)[:1]:
+            read_shard_record(storage, ckpt, manifest, rank)
+            read_shard_tensors(storage, ckpt, manifest, rank, keep=lambda n: False)
 
     def _share_replicated(self, manifest: Manifest, tensors: dict[str, torch.Tensor]) -> None:
         """Multi-node: give every rank the replicated tensors that ranks elsewhere read (each file read once)."""
@@ -177,7 +238,7 @@ class Checkpointer:
             snap = self._snapshot(step, replicated, per_rank)
             self.local.makedir(tmp)
         except (FtrainError, OSError, TypeError, ValueError) as e:
-            err = _as_error(e, step, tmp, self.store.root)
+            err = _as_error(e, step, tmp, self.store)
         self.last_blocking_seconds = time.monotonic() - t0
         if self.cfg.async_save and not blocking:
             if err is not None:
@@ -190,10 +251,10 @@ class Checkpointer:
         try:
             self.coll.check_all(err)
             assert snap is not None
-            self.coll.check_all(_failure(lambda: persist(snap, self.local, tmp), step, tmp, self.store.root))
+            self.coll.check_all(_failure(lambda: persist(snap, self.local, tmp), step, tmp, self.store))
             # Every shard is durable here. Rank 0 commits; the others learn whether it worked.
             self.coll.check_all(_failure(lambda: self._commit(tmp, step, meta, best, t0), step, tmp,
-                                         self.store.root) if self.rank == 0 else None)
+                                         self.store) if self.rank == 0 else None)
         except FtrainError:
             if self.rank == 0:  # every rank has stopped writing by now (they agreed above)
                 self.local.delete(tmp)
@@ -219,7 +280,7 @@ class Checkpointer:
                 self._commit(tmp, snap.step, meta, best, t0)
         except BaseException as e:
             self._report_failure(tmp, e)
-            raise _as_error(e, snap.step, tmp, self.store.root) from e
+            raise _as_error(e, snap.step, tmp, self.store) from e
 
     def _report_failure(self, tmp: str, err: BaseException) -> None:
         if self.rank == 0:
@@ -232,13 +293,29 @@ class Checkpointer:
             pass
 
     def _commit(self, tmp: str, step: int, meta: dict[str, Any], best: list[int], t0: float) -> Manifest:
+        if self.lease is None:  # used again after close(): take the root again (errors fail this save)
+            self.lease = self._take_lease()
+        lease = self.lease  # checked right before the commit rename: a writer that lost the root never commits
+        guard = None if lease is None else lambda: lease.check(f"not committing step {step}")
         manifest = self.store.commit(tmp, step=step, world_size=self.world_size, nonce=self.nonce or "",
-                                     timeout=self.cfg.commit_timeout_seconds, meta=meta)
-        pruned = self.store.retain(step, self.cfg.keep_last, best)
+                                     timeout=self.cfg.commit_timeout_seconds, meta=meta, guard=guard)
+        # Displaced right after the rename: retention (deletions) is the new holder's business.
+        pruned = self.store.retain(step, self.cfg.keep_last, best) if lease is None or lease.holds() else []
         log.info("saved step %d (%.1f MB, %d file(s)) in %.3fs, training blocked %.3fs%s", step,
                  manifest.total_bytes / 1e6, len(manifest.files), time.monotonic() - t0, self.last_blocking_seconds,
                  f"; pruned {', '.join(map(str, pruned))}" if pruned else "")
         return manifest
+
+    def close(self) -> None:
+        """Release the lease this process holds (rank 0 outside ``ftrain launch``); idempotent; no commit after."""
+        if self.lease is not None:
+            self.lease.release()
+            self.lease = None
+
+    def _take_lease(self) -> Lease | Fence:
+        """Rank 0: this job's right to write the root (docs/FORMAT.md, "Lease"); LeaseError if another has it."""
+        return for_writer(self.cfg.dir, ttl=self.cfg.lease_ttl_seconds, force=self.cfg.takeover,
+                          run_id=os.environ.get(envvars.RUN_ID), launcher=_launcher_lease())
 
     # ---------------------------------------------------------- async status
     def busy(self) -> bool:
@@ -270,22 +347,45 @@ class Checkpointer:
             raise err if isinstance(err, FtrainError) else CheckpointError(f"background checkpoint write failed: {err}")
 
 
-def _failure(fn: Callable[[], object], step: int, tmp: str, root: os.PathLike[str]) -> FtrainError | None:
+def _launcher_lease() -> tuple[str, int, int | None] | None:
+    """(root, generation, pid) of the lease ``ftrain launch`` holds for this job, from its environment."""
+    gen, root, pid = (os.environ.get(v, "") for v in (envvars.LEASE_GENERATION, envvars.LEASE_DIR,
+                                                      envvars.LAUNCHER_PID))
+    return (root, int(gen), int(pid) if pid.isdigit() else None) if gen.isdigit() and root else None
+
+
+def _failure(fn: Callable[[], object], step: int, tmp: str, store: CheckpointStore) -> FtrainError | None:
     """Run ``fn``; return its failure as an error value, not raised, so the ranks can agree first."""
     try:
         fn()
     except (FtrainError, OSError, TypeError, ValueError) as e:
-        return _as_error(e, step, tmp, root)
+        return _as_error(e, step, tmp, store)
     return None
 
 
-def _as_error(e: BaseException, step: int, tmp: str, root: os.PathLike[str]) -> FtrainError:
+def _as_error(e: BaseException, step: int, tmp: str, store: CheckpointStore) -> FtrainError:
     if isinstance(e, FtrainError):
         return e
     if isinstance(e, OSError):
-        return CheckpointError(
-            f"saving step {step} failed writing {e.filename or tmp}: {e.strerror or e} (disk full, quota, file size "
-            f"limit or permissions?); the previous checkpoint in {root} is untouched")
+        where = e.filename or store.storage.describe(tmp)
+        return CheckpointError(f"saving step {step} failed writing {where}: {e.strerror or e} (disk full, quota, "
+                               f"file size limit or permissions?); {_what_is_left(store, step)}")
     return CheckpointError(f"saving step {step} failed: {type(e).__name__}: {e}")
 
 
+def _what_is_left(store: CheckpointStore, step: int) -> str:
+    """What a failed save left behind, as far as can be seen now (the root itself may be gone)."""
+    if not store.root.is_dir():
+        return f"the checkpoint dir {store.root} is gone (deleted or unmounted?): no checkpoint is left there"
+    try:
+        older = [s for s in store.steps() if s < step]
+    except OSError as e:
+        return f"the checkpoint dir {store.root} cannot be listed ({e.strerror or e})"
+    if not older:
+        return f"no earlier checkpoint is in {store.root}"
+    return f"the previous checkpoint (step {older[-1]}) in {store.root} is untouched"
+
+
+def _specs(manifest: Manifest) -> dict[str, TensorSpec]:
+    """Every tensor of the manifest as a description, to check the trees before any byte is read."""
+    return {n: TensorSpec(t.shape, codec.dtype_from_name(t.dtype)) for n, t in manifest.tensors.items()}

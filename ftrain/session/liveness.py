@@ -5,6 +5,14 @@
   this). ``Session.step`` reads the flag at the next step boundary, all ranks
   agree, save once and exit with ``exitcodes.PREEMPTED``. Repeated signals are
   harmless (the flag is already set); "stop now" is the supervisor's job.
+* **Stop marker.** Under ``ftrain launch`` the flag is also set once the
+  supervisor's ``stop.json`` exists in the attempt directory. A signal can only
+  reach a process that exists and handles it; the marker also reaches a worker
+  that started after the stop (torchrun still spawning it, a rank still in
+  rendezvous or importing torch). It is looked for at most every
+  ``STOP_CHECK_INTERVAL`` seconds when the flag is read (one failed ``open``),
+  and always when the worker enters the ``step`` phase (the end of ``restore``),
+  so it saves at its first step.
 * **Crash flag.** An uncaught exception marks the process as crashing, so the
   session's exit hook does not wait for a commit that dead peers will never join.
 * Under ``ftrain launch`` (``$FTRAIN_ATTEMPT_DIR`` set), also:
@@ -34,10 +42,14 @@ from types import FrameType, TracebackType
 from typing import IO, Any
 
 from ftrain import envvars, exitcodes
-from ftrain.attempt import EXITING, AttemptFiles, HeartbeatWriter, write_error_file
+from ftrain.attempt import EXITING, STEPPING, AttemptFiles, HeartbeatWriter, write_error_file
 from ftrain.signals import STACK_DUMP_SIGNAL
 
 log = logging.getLogger("ftrain")
+
+#: Seconds between looks for the stop marker while the flag is read (``Session.step``): a step
+#: then costs one clock read, and a stop is seen within this much of the step it falls in.
+STOP_CHECK_INTERVAL = 0.2
 
 
 class Preempted(SystemExit):
@@ -61,6 +73,8 @@ class Liveness:
         self._install_signal_handlers(signals)
         attempt_dir = os.environ.get(envvars.ATTEMPT_DIR)
         self.attempt = AttemptFiles(attempt_dir) if attempt_dir else None
+        self._next_stop_check = 0.0  # the first read of the flag looks at once
+        self._phase = ""
         self._heartbeat: HeartbeatWriter | None = None
         self._stack_file: IO[str] | None = None
         if self.attempt is not None:
@@ -76,7 +90,26 @@ class Liveness:
     # ------------------------------------------------------------ preemption
     @property
     def preempt_requested(self) -> bool:
+        """Whether this process must save and exit: a preemption signal, a dead parent, or the stop marker."""
+        if self.preempt_reason is None and self.attempt is not None:
+            now = time.monotonic()
+            if now >= self._next_stop_check:
+                self._next_stop_check = now + STOP_CHECK_INTERVAL
+                self.check_stop_marker()
         return self.preempt_reason is not None
+
+    def check_stop_marker(self) -> bool:
+        """Look for the supervisor's stop marker now (unthrottled); True if it is there (the flag is then set).
+
+        Never looks outside ``ftrain launch`` (no attempt directory).
+        """
+        if self.attempt is None:
+            return False
+        record = self.attempt.read_stop()
+        if record is None:
+            return False
+        self.request_preemption(f"ftrain launch was stopped by {record.get('signal') or 'a signal'} (stop marker)")
+        return True
 
     def request_preemption(self, reason: str) -> None:
         if self.preempt_reason is None:
@@ -107,6 +140,12 @@ class Liveness:
     def beat(self, phase: str, step: int) -> None:
         if self._heartbeat is not None:
             self._heartbeat.beat(phase, step)
+        if phase != self._phase:
+            self._phase = phase
+            if phase == STEPPING and self.preempt_reason is None:
+                # Entering the step loop (restore done, or a save done): a stop that arrived while this
+                # worker was starting or restoring takes effect at its very next step.
+                self.check_stop_marker()
 
     def _watch_parent(self) -> None:
         parent = os.getppid()

@@ -13,12 +13,18 @@ Not thread-safe: used by the training thread of one session.
 """
 from __future__ import annotations
 
+import copy
+import functools
 import logging
+from collections.abc import Callable
 from typing import Any
 
+import torch
+
+from ftrain.checkpoint.format import REPLICATED, rank_key
 from ftrain.checkpoint.manifest import Manifest
-from ftrain.errors import FtrainError, StateMismatch
-from ftrain.session import rng, trainable
+from ftrain.errors import CorruptCheckpoint, FtrainError, StateMismatch
+from ftrain.session import rng, trainable, validation
 from ftrain.stateful import Stateful
 
 log = logging.getLogger("ftrain")
@@ -101,14 +107,50 @@ class Registry:
         self._preload.clear()
 
     # ---------------------------------------------------------------- restore
-    def check_layout(self, manifest: Manifest, world_size: int) -> None:
-        """Refuse (on every rank alike: they all read the same manifest) state this run cannot take exactly."""
+    def check(self, manifest: Manifest, trees: dict[str, Any] | None, rank: int, world_size: int,
+              trainable_only: bool) -> None:
+        """Refuse a checkpoint this run cannot take, touching nothing (see ``validation.py`` for the verdicts).
+
+        ``trees`` None: the manifest's layout only (the same on every rank).
+        Otherwise the decoded trees, tensors as descriptions: every registered
+        object's state, the RNG state, the saved freezing and, for trainable-only
+        checkpoints, the base weights' fingerprint.
+        """
+        what = f"step {manifest.step}"
+        if trees is None:
+            self._check_layout(manifest, world_size)
+            return
+        frozen_by = _str_lists(manifest.meta.get("frozen"), "frozen", what)
+        omitted_by = _str_lists(manifest.meta.get("omitted"), "omitted", what)
+        self._verified = {}
+        fingerprints = manifest.meta.get("base_fingerprint") or {}
+        for key, (obj, _) in self.objects.items():
+            if not trainable.is_module(obj) or key not in frozen_by:
+                continue
+            about = f"registered module {key!r} (checkpoint step {manifest.step})"
+            trainable.check_frozen_names(obj, frozen_by[key], about)
+            if key in omitted_by:
+                if not set(omitted_by[key]) <= set(frozen_by[key]):
+                    raise CorruptCheckpoint(what, f"{key!r}: the checkpoint omits parameters it does not record as "
+                                                  "frozen")
+                recorded = fingerprints.get(key) if isinstance(fingerprints, dict) else None
+                if not isinstance(recorded, str):
+                    raise CorruptCheckpoint(what, f"{key!r}: trainable-only checkpoint without a base fingerprint")
+                self._verified[key] = trainable.check_base(obj, omitted_by[key], recorded, about)
+        # After the freezing and base checks: their messages say more about a trainable-only checkpoint.
+        validation.check_objects(self.objects, trees[REPLICATED], trees[rank_key(rank)], omitted_by, what)
+
+    def _check_layout(self, manifest: Manifest, world_size: int) -> None:
         if manifest.world_size != world_size:
             raise StateMismatch(f"checkpoint step {manifest.step} was written by {manifest.world_size} rank(s); this "
                                 f"run has {world_size}. Per-rank RNG and data positions cannot be mapped exactly: "
                                 "relaunch with the original number of processes")
-        saved_rep = set(manifest.meta.get("replicated") or ())
-        saved_all = saved_rep | set(manifest.meta.get("per_rank") or ())
+        names = {k: manifest.meta.get(k) or [] for k in ("replicated", "per_rank")}
+        for k, v in names.items():
+            if not (isinstance(v, list) and all(isinstance(x, str) for x in v)):
+                raise CorruptCheckpoint(f"step {manifest.step}", f"manifest meta.{k} is not a list of names")
+        saved_rep = set(names["replicated"])
+        saved_all = saved_rep | set(names["per_rank"])
         missing, new = sorted(saved_all - set(self.objects)), sorted(set(self.objects) - saved_all)
         moved = sorted(k for k, (_, p) in self.objects.items() if k in saved_all and (k in saved_rep) == p)
         if missing or new or moved:
@@ -116,48 +158,62 @@ class Registry:
                                 f"{missing}, new: {new}, per_rank changed: {moved}); register the same objects, "
                                 "with the same per_rank choices, as the run that saved it")
 
-    def prepare(self, manifest: Manifest, *, collect_base: bool = False) -> None:
-        """Before loading: re-apply the saved freezing, and check trainable-only bases against their fingerprint.
+    def load_cheap(self, manifest: Manifest, replicated: dict[str, Any], mine: dict[str, Any],
+                   *, collect_base: bool) -> Callable[[], None]:
+        """Load what can be undone cheaply; return the undo. Raises (after undoing its own work) on failure.
 
-        With ``collect_base`` (a restore for a trainable-only run) also digest the
-        frozen parameters the checkpoint stores, as the script loaded them, for
-        :meth:`establish`. Raises :class:`StateMismatch`; the caller makes the
-        ranks agree before anything is loaded.
+        Phase one of a load, after :meth:`check` passed on every rank: frozen
+        flags, optimizers (their ``load_state_dict`` replaces the state wholesale,
+        so the old state dict is a complete undo) and every other non-module
+        object (a deep copy of its state is the undo: schedulers, counters,
+        loaders are small). Modules and RNG streams come in :meth:`load_rest`,
+        once every rank got through this phase. With ``collect_base`` (a
+        trainable-only run) the frozen parameters the checkpoint stores are
+        digested as the script loaded them, for :meth:`establish`.
         """
-        meta = manifest.meta
-        frozen_by = _str_lists(meta.get("frozen"), "frozen")
-        omitted_by = _str_lists(meta.get("omitted"), "omitted")
-        fingerprints = meta.get("base_fingerprint") or {}
-        self._verified, self._preload = {}, {}
-        for key, (obj, _) in self.objects.items():
-            if not trainable.is_module(obj) or key not in frozen_by:
-                continue
-            what = f"registered module {key!r} (checkpoint step {manifest.step})"
-            if key in omitted_by:  # checked first: a refused checkpoint must leave the flags alone too
-                if not set(omitted_by[key]) <= set(frozen_by[key]):
-                    raise StateMismatch(f"{what}: the checkpoint omits parameters it does not record as frozen")
-                recorded = fingerprints.get(key) if isinstance(fingerprints, dict) else None
-                if not isinstance(recorded, str):
-                    raise StateMismatch(f"{what}: trainable-only checkpoint without a base fingerprint")
-                self._verified[key] = trainable.check_base(obj, omitted_by[key], recorded, what)
-        for key, (obj, _) in self.objects.items():
-            if not trainable.is_module(obj) or key not in frozen_by:
-                continue
-            what = f"registered module {key!r} (checkpoint step {manifest.step})"
-            changed = trainable.apply_frozen(obj, frozen_by[key], what)
-            if collect_base:
-                stored = set(frozen_by[key]) - set(omitted_by.get(key, ()))
-                self._preload[key] = trainable.digests(obj, stored)
-            if changed:
-                log.warning("%s: restored requires_grad as saved for %d parameter(s), e.g. %s (the checkpoint "
-                            "records which parameters were frozen)", what, len(changed), changed[:3])
+        undo: list[Callable[[], object]] = []
 
-    def load(self, manifest: Manifest, replicated: dict[str, Any], mine: dict[str, Any],
-             include_rng: bool = True) -> None:
-        omitted_by = _str_lists(manifest.meta.get("omitted"), "omitted")
+        def undo_all() -> None:
+            for fn in reversed(undo):
+                fn()
+
+        frozen_by = _str_lists(manifest.meta.get("frozen"), "frozen", f"step {manifest.step}")
+        omitted_by = _str_lists(manifest.meta.get("omitted"), "omitted", f"step {manifest.step}")
+        self._preload = {}
+        try:
+            for key, (obj, per_rank) in self.objects.items():
+                if trainable.is_module(obj):
+                    if key in frozen_by:
+                        flags = {n: p.requires_grad for n, p in obj.named_parameters(remove_duplicate=False)}
+                        undo.append(functools.partial(trainable.set_requires_grad, obj, flags))
+                        changed = trainable.apply_frozen(obj, frozen_by[key], f"registered module {key!r}")
+                        if collect_base:
+                            stored = set(frozen_by[key]) - set(omitted_by.get(key, ()))
+                            self._preload[key] = trainable.digests(obj, stored)
+                        if changed:
+                            log.warning("registered module %r (checkpoint step %d): restored requires_grad as saved "
+                                        "for %d parameter(s), e.g. %s (the checkpoint records which parameters "
+                                        "were frozen)", key, manifest.step, len(changed), changed[:3])
+                    continue
+                before = obj.state_dict()
+                if not isinstance(obj, torch.optim.Optimizer):
+                    before = copy.deepcopy(before)
+                obj.load_state_dict((mine if per_rank else replicated)[key])
+                undo.append(functools.partial(obj.load_state_dict, before))
+        except BaseException:
+            undo_all()
+            raise
+        return undo_all
+
+    def load_rest(self, manifest: Manifest, replicated: dict[str, Any], mine: dict[str, Any],
+                  include_rng: bool = True) -> None:
+        """Phase two: the modules (checked key by key, shape and dtype, before), then the RNG streams, last."""
+        omitted_by = _str_lists(manifest.meta.get("omitted"), "omitted", f"step {manifest.step}")
         for key, (obj, per_rank) in self.objects.items():
+            if not trainable.is_module(obj):
+                continue
             state = (mine if per_rank else replicated)[key]
-            if key in omitted_by and trainable.is_module(obj):
+            if key in omitted_by:
                 trainable.load_partial(obj, state, omitted_by[key],
                                        f"registered module {key!r} (checkpoint step {manifest.step})")
             else:
@@ -166,13 +222,13 @@ class Registry:
             rng.restore(mine["rng"])  # last: loading other state must not disturb the restored streams
 
 
-def _str_lists(value: Any, field: str) -> dict[str, list[str]]:
-    """A ``{name: [str]}`` meta field, checked (a hostile manifest must not crash the loader obscurely)."""
+def _str_lists(value: Any, field: str, where: str) -> dict[str, list[str]]:
+    """A ``{name: [str]}`` meta field, checked (ill-typed state is damage: restore falls back)."""
     if value is None:
         return {}
     if not isinstance(value, dict) or not all(
             isinstance(v, list) and all(isinstance(s, str) for s in v) for v in value.values()):
-        raise StateMismatch(f"checkpoint meta field {field!r} is malformed: expected {{object: [names]}}")
+        raise CorruptCheckpoint(where, f"manifest meta.{field} is malformed: expected {{object: [names]}}")
     return value
 
 

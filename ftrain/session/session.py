@@ -26,6 +26,7 @@ import logging
 import os
 import sys
 import time
+from collections.abc import Callable
 from typing import Any
 
 import torch.distributed as dist
@@ -35,7 +36,7 @@ from ftrain.attempt import EXITING, RESTORING, SAVING, STARTING, STEPPING
 from ftrain.checkpoint.format import REPLICATED, rank_key
 from ftrain.checkpoint.manifest import Manifest
 from ftrain.config import FtrainConfig, config_to_dict, load_config
-from ftrain.errors import CheckpointError, NoValidCheckpoint, StateMismatch
+from ftrain.errors import CheckpointError, FtrainError, NoValidCheckpoint, StateMismatch
 from ftrain.session import decision
 from ftrain.session.checkpointer import Checkpointer
 from ftrain.session.collectives import Collectives
@@ -101,7 +102,7 @@ class Session:
         t0 = time.monotonic()
         self.liveness.beat(RESTORING, 0)
         self.checkpointer.setup()
-        found = self.checkpointer.restore(self._check_layout) if self.ckpt.resume != "never" else None
+        found = self.checkpointer.restore(self._check) if self.ckpt.resume != "never" else None
         step = 0
         if found is None:
             if self.ckpt.resume == "required":
@@ -123,19 +124,28 @@ class Session:
         self.liveness.beat(STEPPING, step)
         return step
 
-    def _check_layout(self, manifest: Manifest) -> None:
-        self.registry.check_layout(manifest, self.world_size)
+    def _check(self, manifest: Manifest, trees: dict[str, Any] | None) -> None:
+        self.registry.check(manifest, trees, self.rank, self.world_size, self.ckpt.trainable_only)
 
     def _load(self, manifest: Manifest, trees: dict[str, Any], *, include_rng: bool) -> None:
-        # Freezing and trainable-only bases are checked on every rank before any state is touched, and the
-        # ranks agree on the verdict: a rank that raised alone would leave the others in the next collective.
-        err: StateMismatch | None = None
+        # Everything was checked on every rank before this point (Checkpointer.restore). Loading is in two
+        # phases the ranks agree on, so that a rank that failed does not leave the others holding new state:
+        # what can be undone cheaply first (undone on every rank if any failed), then modules and RNG.
+        replicated, mine = trees[REPLICATED], trees[rank_key(self.rank)]
+        err: BaseException | None = None
+        undo: Callable[[], None] | None = None
         try:
-            self.registry.prepare(manifest, collect_base=include_rng and self.ckpt.trainable_only)
-        except StateMismatch as e:
+            undo = self.registry.load_cheap(manifest, replicated, mine,
+                                            collect_base=include_rng and self.ckpt.trainable_only)
+        except Exception as e:  # any error from an object's load_state_dict: nothing of this phase stays loaded
             err = e
-        self.coll.check_all(err)
-        self.registry.load(manifest, trees[REPLICATED], trees[rank_key(self.rank)], include_rng=include_rng)
+        if self.coll.any(err is not None)[0]:
+            if undo is not None:
+                undo()
+            raise StateMismatch(f"restoring checkpoint step {manifest.step} failed "
+                                f"({_describe(err) if err else 'on another rank; see its log'}); the registered "
+                                "objects were left as they were") from err
+        self.registry.load_rest(manifest, replicated, mine, include_rng=include_rng)
 
     def load_best(self) -> int | None:
         """Load the best checkpoint by ``checkpoint.monitor`` into the registered objects; return its step.
@@ -147,7 +157,7 @@ class Session:
         if self._previous_save_failed():  # the best one may be the save still in flight
             self._raise_failed_save()
         ranked = self.selection.ranked(self.store) if self.rank == 0 else []  # only rank 0 proposes
-        found = self.checkpointer.restore(self._check_layout, candidates=iter(ranked))
+        found = self.checkpointer.restore(self._check, candidates=iter(ranked))
         if found is None:
             log.warning("load_best: no valid checkpoint records %r; the registered objects keep their current state",
                         self.ckpt.monitor)
@@ -262,6 +272,7 @@ class Session:
             self.checkpointer.raise_pending()
         finally:
             atexit.unregister(self._flush_at_exit)
+            self.checkpointer.close()  # after the last commit: give the root's lease back
             self.liveness.close()
 
     def _raise_failed_save(self) -> None:
@@ -295,8 +306,13 @@ class Session:
         # failed. But a process exiting on an uncaught exception (its peers may be dead) must not wait for a
         # commit that may never happen: then the wait is bounded by the grace period.
         crashing = self.liveness.crashing
-        if not self.checkpointer.flush(self.config.supervisor.grace_seconds if crashing else None) and not crashing:
+        flushed = self.checkpointer.flush(self.config.supervisor.grace_seconds if crashing else None)
+        self.checkpointer.close()  # after the last commit: give the root's lease back
+        if not flushed and not crashing:
             sys.stdout.flush()
             sys.stderr.flush()
             os._exit(exitcodes.FAILURE)
 
+
+def _describe(err: BaseException) -> str:
+    return str(err) if isinstance(err, FtrainError) else f"{type(err).__name__}: {err}"

@@ -37,6 +37,22 @@ def frozen_names(module: nn.Module) -> list[str]:
     return sorted(n for n, p in module.named_parameters(remove_duplicate=False) if not p.requires_grad)
 
 
+def check_frozen_names(module: nn.Module, frozen: Iterable[str], what: str) -> None:
+    """A frozen name the module does not have means the checkpoint is for another architecture."""
+    params = dict(module.named_parameters(remove_duplicate=False))
+    unknown = sorted(set(frozen) - params.keys())
+    if unknown:
+        raise StateMismatch(f"{what}: the checkpoint freezes parameter(s) the module does not have: {unknown[:5]}"
+                            f"{' ...' if len(unknown) > 5 else ''}; is this the same architecture?")
+
+
+def set_requires_grad(module: nn.Module, flags: Mapping[str, bool]) -> None:
+    """Put back ``requires_grad`` as recorded in ``flags`` (name -> flag), e.g. to undo a failed restore."""
+    for name, p in module.named_parameters(remove_duplicate=False):
+        if name in flags and p.requires_grad != flags[name]:
+            p.requires_grad_(flags[name])
+
+
 def apply_frozen(module: nn.Module, frozen: Iterable[str], what: str) -> list[str]:
     """Set ``requires_grad`` so that exactly ``frozen`` are frozen; return the names that changed.
 
@@ -44,11 +60,8 @@ def apply_frozen(module: nn.Module, frozen: Iterable[str], what: str) -> list[st
     the checkpoint is for another architecture: :class:`StateMismatch`.
     """
     want = set(frozen)
+    check_frozen_names(module, want, what)
     params = dict(module.named_parameters(remove_duplicate=False))
-    unknown = sorted(want - params.keys())
-    if unknown:
-        raise StateMismatch(f"{what}: the checkpoint freezes parameter(s) the module does not have: {unknown[:5]}"
-                            f"{' ...' if len(unknown) > 5 else ''}; is this the same architecture?")
     changed = []
     for name, p in params.items():
         trainable = name not in want
@@ -183,5 +196,5 @@ def is_module(obj: object) -> TypeGuard[nn.Module]:
     return isinstance(obj, nn.Module)
 
 
-__all__ = ["FrozenBase", "apply_frozen", "check_base", "combine", "digests", "frozen_names",
-           "is_module", "load_partial", "param_digest", "split_state"]
+__all__ = ["FrozenBase", "apply_frozen", "check_base", "check_frozen_names", "combine", "digests", "frozen_names",
+           "is_module", "load_partial", "param_digest", "set_requires_grad", "split_state"]

@@ -71,6 +71,15 @@ class Job(Protocol):
         """Send ``sig`` to every worker (rank) process; how many were signalled."""
         ...
 
+    def signal_new_workers(self, sig: int) -> int:
+        """Send the preemption signal ``sig`` to every worker not yet sent it this way; how many were signalled now.
+
+        The supervisor calls it at every poll while stopping, so workers that start after the stop get it
+        too. A worker that does not handle ``sig`` yet is left for a later call: the signal's default action
+        would kill it before it could save.
+        """
+        ...
+
     def kill_tree(self, *, graceful: float = 0.0) -> None:
         """End the whole job: SIGTERM and up to ``graceful`` seconds' wait first if > 0, then SIGKILL."""
         ...
@@ -109,6 +118,7 @@ class JobProcess:
                                      preexec_fn=_die_with_parent)
         self._ps = psutil.Process(self.proc.pid)
         self._known: dict[int, psutil.Process] = {}
+        self._stopped: set[int] = set()  # workers signal_new_workers already reached
         self._echo = echo
         self._pump = threading.Thread(target=self._pump_output, name="ftrain-output", daemon=True)
         self._pump.start()
@@ -163,6 +173,19 @@ class JobProcess:
                 pass
         return n
 
+    def signal_new_workers(self, sig: int) -> int:
+        n = 0
+        for p in self.workers():
+            if p.pid in self._stopped or not _handles(p.pid, sig):
+                continue
+            try:
+                p.send_signal(sig)
+            except psutil.Error:
+                continue
+            self._stopped.add(p.pid)
+            n += 1
+        return n
+
     def kill_tree(self, *, graceful: float = 0.0) -> None:
         """SIGTERM everything (if ``graceful``), wait up to that long, then SIGKILL what is left.
 
@@ -200,6 +223,27 @@ def _alive(p: psutil.Process) -> bool:
         return p.is_running() and p.status() != psutil.STATUS_ZOMBIE
     except psutil.Error:
         return False
+
+
+def _handles(pid: int, sig: int) -> bool:
+    """Whether process ``pid`` has a handler installed for ``sig`` (Linux: the SigCgt mask in /proc).
+
+    A worker is a fresh Python process that needs seconds (importing torch, rendezvous) before its
+    ftrain.Session installs the preemption handlers; until then SIGTERM would simply kill it, and the
+    job would lose its final checkpoint. Such a worker is signalled once it handles the signal (and
+    reads the stop marker anyway). Where the mask cannot be read (not Linux) every worker counts as ready,
+    as before.
+    """
+    if not sys.platform.startswith("linux"):
+        return True
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith("SigCgt:"):
+                    return bool(int(line.split()[1], 16) >> (sig - 1) & 1)
+    except (OSError, ValueError, IndexError):
+        pass  # gone already: nothing to signal
+    return False
 
 
 def _send(p: psutil.Process, sig: int) -> None:

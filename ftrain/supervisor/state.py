@@ -37,7 +37,8 @@ class State(enum.Enum):
 #: * RUNNING -> BACKOFF: the attempt crashed or hung and decide() said restart.
 #: * RUNNING -> DONE: success, or decide() said stop (gave up, or preempted: a signal that arrived
 #:   while the job was already exiting, or two signals at once, never passes through STOPPING).
-#: * STOPPING -> DONE: the job saved and exited, was killed at the second signal, or the grace ran out.
+#: * STOPPING -> DONE: the job saved and exited, finished anyway (exit 0: success), was killed at the
+#:   second signal, or the grace ran out.
 #:   There is no STOPPING -> BACKOFF: a job stopped by a signal is preempted, and a preempted job is
 #:   never restarted by us (the scheduler decides when it runs again).
 #: * BACKOFF -> STARTING: the delay is over; the next attempt starts.

@@ -7,6 +7,13 @@
                     |                                   `--> DONE (1, with a root-cause report)
                     `--(preemption signal)--> STOPPING --(workers saved and exited,
                                                           or grace ran out: kill)--> DONE (75)
+                                                       `--(job finished anyway: exit 0)--> DONE (0)
+
+A stop must reach workers that do not exist yet when the signal arrives (torchrun
+takes seconds to spawn them, a multi-node rendezvous much longer): on STOPPING the
+supervisor writes the attempt's ``stop.json`` first (workers read it: see
+ftrain/session/liveness.py), then signals every worker at every poll that it has
+not signalled yet. The grace period still counts from the signal.
 
 (The legal transitions are :data:`ftrain.supervisor.state.TRANSITIONS`; any
 other raises.) Every restart decision is :func:`ftrain.supervisor.policy.decide`,
@@ -78,7 +85,8 @@ class Supervisor:
 
     def __init__(self, spec: LaunchSpec, *, echo: bool = True, early_signals: list[str] | None = None,
                  start_job: JobFactory = JobProcess, clock: Clock = SYSTEM_CLOCK,
-                 jitter: Callable[[], float] = random.random) -> None:
+                 jitter: Callable[[], float] = random.random,
+                 lease_lost: Callable[[], str | None] = lambda: None) -> None:
         self.spec = spec
         cfg = spec.config
         self.sup = cfg.supervisor
@@ -94,6 +102,8 @@ class Supervisor:
         self._start_job = start_job
         self.clock = clock
         self._jitter = jitter
+        #: Why this job no longer owns the checkpoint root (another job took it over), or None.
+        self._lease_lost = lease_lost
         # Signals received before run() (see cli.launch) count as if they arrived now. Only ever appended to
         # (by notify), never cleared: the first is what stopped us, the second means "stop now".
         self._signals: list[str] = early_signals if early_signals is not None else []
@@ -128,6 +138,10 @@ class Supervisor:
                 lines.append(f"#{attempt} {result.outcome.value}: {result.detail}; newest checkpoint: "
                              f"{'step ' + str(after) if after is not None else 'none'}")
                 decision = decide(history, self.policy, self._jitter())
+                lost = self._lease_lost() if decision.action is Action.RESTART else None
+                if lost is not None:  # restarting would only be refused at the lease, attempt after attempt
+                    self._set(State.DONE)
+                    return self._finish(exitcodes.FAILURE, f"not restarting: {lost}", failures, lines, after)
                 if decision.action is Action.STOP:
                     self._set(State.DONE)
                     return self._finish(decision.exit_code, decision.reason, failures, lines, after)
@@ -168,10 +182,19 @@ class Supervisor:
                 break
             if self._signals and grace_deadline is None:
                 self._set(State.STOPPING)
-                n = job.signal_workers(self._forward_signal())
+                # The grace period is the outside world's deadline: it starts now, not when our workers exist.
                 grace_deadline = clock.monotonic() + self.sup.grace_seconds
+                # The marker first: a worker that starts from here on finds it, whatever the signal misses.
+                stop_note = self._write_stop(files)
+                n = job.signal_new_workers(self._forward_signal())
+                later = (f"; the {self.spec.nproc - n} not started (or not ready) yet are asked once they are"
+                         if n < self.spec.nproc else "")
                 self._say(f"{self._signals[0]}: asked {n} worker(s) to save and exit within "
-                          f"{self.sup.grace_seconds:g}s")
+                          f"{self.sup.grace_seconds:g}s{later}{stop_note}")
+            elif grace_deadline is not None:
+                n = job.signal_new_workers(self._forward_signal())
+                if n:
+                    self._say(f"asked {n} more worker(s), started after the stop, to save and exit")
             if grace_deadline is not None and clock.monotonic() > grace_deadline:
                 self._say(f"grace period of {self.sup.grace_seconds:g}s ran out: killing the job "
                           "(the previous checkpoint stays valid)")
@@ -191,6 +214,15 @@ class Supervisor:
         self._job = None
         return self._classify(attempt, files, job, rc, hang)
 
+    def _write_stop(self, files: AttemptFiles) -> str:
+        """Leave the stop marker for workers that start later; "" or, if it could not be written, a note why."""
+        try:
+            files.write_stop(self._signals[0], self.clock.time())
+        except OSError as e:
+            # Workers already running still get the signal; only late starters depend on the marker.
+            return f" (could not write the stop marker {files.stop}: {e.strerror or e})"
+        return ""
+
     def _handle_hang(self, job: Job, files: AttemptFiles, hang: str) -> None:
         self._say(f"hang detected: {hang}; dumping Python stacks of every rank to {files.root / 'stacks'}")
         job.signal_workers(int(getattr(signal, STACK_DUMP_SIGNAL)))
@@ -201,8 +233,9 @@ class Supervisor:
                   hang: str | None) -> tuple[AttemptResult, Failure | None]:
         """How an ended attempt ended, from its files, its output, its exit code and the hang verdict.
 
-        Precedence, first match wins: a preempted.json marker (the final save committed); any signal
-        received (preempted without a final save); a hang; exit code 0; else a failure whose root cause
+        Precedence, first match wins: a preempted.json marker (the final save committed); exit code 0
+        (every rank finished, even if a signal arrived first: there is nothing left to resume); any
+        signal received (preempted without a final save); a hang; else a failure whose root cause
         comes from the error files and torchrun's output. ``new_checkpoint`` is left False: the caller
         knows the checkpoints from before the attempt.
         """
@@ -210,14 +243,16 @@ class Supervisor:
         if marker is not None:
             return AttemptResult(attempt, Outcome.PREEMPTED, False, rc,
                                  f"final checkpoint at step {marker.get('step')}"), None
+        if rc == 0 and hang is None:
+            detail = (f"all ranks finished before the stop ({self._signals[0]}) took effect" if self._signals
+                      else "all ranks finished")
+            return AttemptResult(attempt, Outcome.SUCCEEDED, False, rc, detail), None
         if self._signals:
             return AttemptResult(attempt, Outcome.PREEMPTED, False, rc,
                                  f"stopped by {self._signals[0]} before a final checkpoint committed"), None
         if hang:
             failure = root_cause(attempt, list(job.tail), files.read_errors(), hang, files.ranks_dir)
             return AttemptResult(attempt, Outcome.HUNG, False, rc, failure.describe()), failure
-        if rc == 0:
-            return AttemptResult(attempt, Outcome.SUCCEEDED, False, rc, "all ranks finished"), None
         failure = root_cause(attempt, list(job.tail), files.read_errors(), None, files.ranks_dir)
         if failure.rank is None and failure.exit_code is None and rc is not None:
             failure.exit_code = rc
@@ -289,7 +324,9 @@ class Supervisor:
     # ---------------------------------------------------------------- output
     def _finish(self, code: int, reason: str, failures: list[Failure], lines: list[str], newest: int | None) -> int:
         if code == exitcodes.OK:
-            self._say(f"finished: {reason}")
+            late = (f" (the job finished before the stop ({self._signals[0]}) took effect: nothing to resume)"
+                    if self._signals else "")
+            self._say(f"finished: {reason}{late}")
         elif code == exitcodes.PREEMPTED:
             self._say(f"preempted ({reason}); exiting with code {code}. Relaunch the same command to resume from "
                       f"{'step ' + str(newest) if newest is not None else 'the start'}")

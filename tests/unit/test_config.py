@@ -3,12 +3,15 @@ from __future__ import annotations
 
 import dataclasses
 import re
+import signal
 from pathlib import Path
 
 import pytest
 import yaml
 
 from ftrain.config import (
+    MAX_CONFIG_BYTES,
+    MAX_CONFIG_VALUE_CHARS,
     CheckpointConfig,
     EarlyStoppingConfig,
     FtrainConfig,
@@ -22,7 +25,7 @@ from ftrain.config import (
 )
 from ftrain.errors import ConfigError
 
-from helpers import ROOT
+from helpers import EXAMPLE, ROOT
 
 CONFIGS = ROOT / "configs"
 
@@ -316,6 +319,86 @@ def test_missing_file_names_file(tmp_path: Path) -> None:
     path = tmp_path / "absent.yaml"
     config_error(str(path), path=path)
     config_error(str(path), env={"FTRAIN_CONFIG": str(path)})
+
+
+# --- hostile files: each is one ConfigError line, never a traceback (issue 10) -------------------
+
+def _bomb(levels: int = 9) -> str:
+    """A "billion laughs" value: level k holds 9 aliases of level k-1, so it spells out to 9**levels items.
+
+    The anchors are defined inside the value itself, so the loader reaches a real key with it.
+    """
+    items = ['&l0 ["lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol"]']
+    items += [f"&l{k} [{', '.join([f'*l{k - 1}'] * 9)}]" for k in range(1, levels)]
+    return "supervisor:\n  preemption_signals: [" + ", ".join(items) + "]\n"
+
+
+@pytest.mark.parametrize(("text", "match"), [
+    ("[" * 100_000, "nested too deeply"),  # PyYAML recurses per level: RecursionError, not a YAMLError
+    ("checkpoint:\n  dir: " + "{a: " * 100_000 + "\n", "nested too deeply"),
+    ("".join(" " * i + f"k{i}:\n" for i in range(1200)), "nested too deeply"),  # block mappings, < 1 MiB
+    ("checkpoint:\n  dir: 2001-13-01\n", "ValueError: month must be in 1..12"),  # escapes PyYAML raw
+    (_bomb(), "preemption_signals: invalid value"),
+    ("checkpoint:\n  dir: &me [*me]\n", "checkpoint.dir: invalid value"),  # contains itself
+    ("checkpoint:\n  dir: " + "x" * (MAX_CONFIG_VALUE_CHARS + 1) + "\n", f"longer than {MAX_CONFIG_VALUE_CHARS}"),
+], ids=["deep-flow-lists", "deep-flow-mappings", "deep-block-mappings", "bad-timestamp", "alias-bomb",
+        "self-containing", "long-value"])
+def test_hostile_yaml_is_one_config_error_naming_the_file(tmp_path: Path, text: str, match: str) -> None:
+    assert len(text.encode()) <= MAX_CONFIG_BYTES  # each is refused for what it holds, not for its size
+    path = write(tmp_path, text)
+    err = config_error(match, path=path)
+    assert str(path) in str(err) and len(str(err)) < 1000
+
+
+def test_alias_bomb_is_refused_without_spelling_it_out(tmp_path: Path) -> None:
+    # 9**9 = 387 million "lol"s if printed: the error must come from the size bound, not from repr().
+    path = write(tmp_path, _bomb())
+    err = config_error("supervisor.preemption_signals: invalid value", path=path)
+    assert f"longer than {MAX_CONFIG_VALUE_CHARS} characters" in str(err) and "lol" not in str(err)
+    assert "expected a list of strings" in str(err)
+
+
+def test_shared_values_that_stay_small_still_load(tmp_path: Path) -> None:
+    # Aliases themselves are fine: only a value that multiplies past the bound is refused.
+    path = write(tmp_path, "supervisor:\n  log_dir: &d logs\n  preemption_signals: &s [SIGTERM]\n"
+                           "checkpoint:\n  dir: *d\n")
+    cfg = load_config(path, env={})
+    assert cfg.checkpoint.dir == "logs" and cfg.supervisor.preemption_signals == ["SIGTERM"]
+
+
+def test_config_file_size_limit(tmp_path: Path) -> None:
+    head = "checkpoint:\n  keep_last: 4\n"
+    exact = write(tmp_path, head + "#" * (MAX_CONFIG_BYTES - len(head) - 1) + "\n", "exact.yaml")
+    assert exact.stat().st_size == MAX_CONFIG_BYTES
+    assert load_config(exact, env={}).checkpoint.keep_last == 4  # the limit itself is allowed
+    big = write(tmp_path, head + "#" * (MAX_CONFIG_BYTES - len(head)) + "\n", "big.yaml")
+    err = config_error(f"larger than the {MAX_CONFIG_BYTES} byte (1 MiB) limit", path=big)
+    assert str(big) in str(err)
+
+
+@pytest.mark.parametrize("kind", ["deep", "bomb", "big"])
+def test_launch_with_a_hostile_config_fails_before_starting_anything(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], kind: str) -> None:
+    import ftrain.supervisor.supervisor as supervisor
+    from ftrain.cli import main
+    from ftrain.signals import EARLY_SIGNALS
+
+    text = {"deep": "[" * 100_000, "bomb": _bomb(), "big": "#" * (MAX_CONFIG_BYTES + 1)}[kind]
+    path = write(tmp_path, text)
+    started: list[object] = []
+    monkeypatch.setattr(supervisor, "Supervisor", lambda *a, **k: started.append(a))
+    monkeypatch.chdir(tmp_path)  # the default checkpoint dir would appear here if launch went on
+    saved = {name: signal.getsignal(getattr(signal, name)) for name in EARLY_SIGNALS}
+    try:  # launch installs its early preemption handlers first; they must not outlive this test
+        code = main(["launch", "--config", str(path), str(EXAMPLE)])
+    finally:
+        for name, handler in saved.items():
+            signal.signal(getattr(signal, name), handler)
+    out, err = capsys.readouterr()
+    assert code == 2 and out == ""
+    assert err.startswith("ftrain: error: ") and str(path) in err and len(err.splitlines()) == 1
+    assert "Traceback" not in err
+    assert started == [] and sorted(p.name for p in tmp_path.iterdir()) == ["run.yaml"]
 
 
 @pytest.mark.parametrize(("env", "var"), [

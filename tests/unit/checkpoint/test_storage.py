@@ -12,7 +12,7 @@ import torch
 from ftrain.checkpoint import checksum, codec, format, reader
 from ftrain.checkpoint.manifest import TensorEntry
 from ftrain.checkpoint.shard import ShardRecord
-from ftrain.checkpoint.storage import Entry, LocalStorage, Storage
+from ftrain.checkpoint.storage import Entry, LocalStorage, Storage, TooLarge
 from ftrain.checkpoint.store import CheckpointStore
 from ftrain.errors import CorruptCheckpoint
 
@@ -35,10 +35,10 @@ class MemoryStorage:
         out: dict[str, Entry] = {}
         for d in self.dirs:
             if d.startswith(prefix) and "/" not in d[len(prefix):]:
-                out[d[len(prefix):]] = Entry(d[len(prefix):], True)
+                out[d[len(prefix):]] = Entry(d[len(prefix):], "dir")
         for f, data in self.files.items():
             if f.startswith(prefix) and "/" not in f[len(prefix):]:
-                out[f[len(prefix):]] = Entry(f[len(prefix):], False, len(data))
+                out[f[len(prefix):]] = Entry(f[len(prefix):], "file", len(data))
         return list(out.values())
 
     def is_dir(self, path: str) -> bool:
@@ -49,13 +49,15 @@ class MemoryStorage:
             raise FileNotFoundError(path)
         return len(self.files[path])
 
-    def read(self, path: str) -> bytes:
+    def read(self, path: str, limit: int) -> bytes:
         if path not in self.files:
             raise FileNotFoundError(path)
+        if len(self.files[path]) > limit:
+            raise TooLarge(path)
         return self.files[path]
 
     def open(self, path: str) -> io.RawIOBase:
-        return io.BytesIO(self.read(path))  # type: ignore[return-value]  # readinto is all that is used
+        return io.BytesIO(self.read(path, 1 << 40))  # type: ignore[return-value]  # readinto is all that is used
 
     def write(self, path: str, data: bytes) -> None:
         self.files[path] = bytes(data)
@@ -84,14 +86,16 @@ def test_storage_contract(storage: Storage) -> None:
     storage.makedir("d")
     storage.write("d/a", b"one")
     storage.write("d/a", b"two")  # replaced whole
-    assert storage.read("d/a") == b"two" and storage.size("d/a") == 3
+    assert storage.read("d/a", 3) == b"two" and storage.size("d/a") == 3
+    with pytest.raises(TooLarge):
+        storage.read("d/a", 2)
     with storage.open("d/a") as f:
         assert checksum.stream_digest(f) == (3, checksum.digest(b"two"))
     with pytest.raises(FileNotFoundError):
         storage.size("d/missing")
     storage.commit("d", "e")
-    assert {e.name for e in storage.list()} == {"e"} and storage.read("e/a") == b"two"
-    assert [(e.name, e.is_dir, e.size) for e in storage.list("e")] == [("a", False, 3)]
+    assert {e.name for e in storage.list()} == {"e"} and storage.read("e/a", 3) == b"two"
+    assert [(e.name, e.kind, e.size) for e in storage.list("e")] == [("a", "file", 3)]
     storage.delete("e")
     storage.delete("e")  # gone already: not an error
     assert storage.list() == []
@@ -136,7 +140,7 @@ def test_store_over_any_storage(storage: Storage, tmp_path: Path) -> None:
 
     # Damage is caught through the interface too, and `latest` falls back.
     bin_path = f"{format.step_dirname(40)}/{format.shard_names(0)[1]}"
-    data = bytearray(storage.read(bin_path))
+    data = bytearray(storage.read(bin_path, 1 << 20))
     data[0] ^= 0xFF
     storage.write(bin_path, bytes(data))
     with pytest.raises(CorruptCheckpoint, match="checksum mismatch"):

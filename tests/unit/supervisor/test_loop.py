@@ -11,9 +11,11 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import random
 import re
 import signal
+import sys
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -26,6 +28,7 @@ from ftrain import envvars, exitcodes
 from ftrain.attempt import STEPPING, AttemptFiles, write_error_file
 from ftrain.checkpoint.format import step_dirname
 from ftrain.config import CheckpointConfig, FtrainConfig, SupervisorConfig
+from ftrain.supervisor.job import _handles
 from ftrain.supervisor.policy import Outcome
 from ftrain.supervisor.state import INITIAL, TRANSITIONS, IllegalTransition, State, check_transition
 from ftrain.supervisor.supervisor import LaunchSpec, Supervisor
@@ -79,7 +82,10 @@ class Script:
     errors: tuple[tuple[int, float], ...] = ()   # (rank, error time) error files written at exit
     signals: tuple[tuple[float, str], ...] = ()  # (when, name) signals delivered to the supervisor
     signal_on_start: str | None = None           # a signal that arrives while the job is being started
-    on_preempt: str = "save"                     # "save": final save, preempted.json, exit 0; "ignore"
+    # "save": once every rank got the signal, final save, preempted.json, exit 0; "marker": the ranks never
+    # handle the signal (signal_new_workers skips them) but, once all started, see stop.json and save; "ignore"
+    on_preempt: str = "save"
+    workers_at: tuple[float, ...] = (0.0,) * NPROC  # when each rank's process appears (and handles signals)
     save_step: int = 0
     save_takes: float = 1.0
     tail: tuple[str, ...] = ()                   # torchrun's last output lines
@@ -98,7 +104,9 @@ class FakeJob:
         self.tail = list(script.tail)
         self.rc: int | None = None
         self.ended_at: float | None = None
-        self.signals_sent: list[tuple[float, int]] = []    # (fake time, signal number)
+        self.signals_sent: list[tuple[float, int]] = []    # (fake time, signal number), when it reached a worker
+        self.stopped_at: dict[int, float] = {}             # rank -> fake time signal_new_workers reached it
+        self.forward_calls = 0
         self.kills: list[tuple[float, float]] = []         # (fake time, graceful)
         self.tree_calls = 0
         self.closed = False
@@ -125,6 +133,9 @@ class FakeJob:
                 self.files.heartbeat(rank).write_text(line)
         while self._pending and self._pending[0][0] <= t:
             self.rig.sup.notify(self._pending.pop(0)[1])
+        if (s.on_preempt == "marker" and self._preempted_at is None and t >= max(s.workers_at)
+                and self.files.stop.exists()):
+            self._preempted_at = t  # every rank read the marker at its first step
         if self._preempted_at is not None and t >= self._preempted_at + s.save_takes:
             self._commit(s.save_step)
             self.files.preempted.write_text(json.dumps({"step": s.save_step}))
@@ -152,9 +163,22 @@ class FakeJob:
         if sig == SIGUSR2:
             for rank in range(NPROC):
                 self.files.stacks(rank).write_text(f"stacks of rank {rank}\n")
-        elif self.script.on_preempt == "save" and self._preempted_at is None:
-            self._preempted_at = self._t()
         return NPROC
+
+    def signal_new_workers(self, sig: int) -> int:
+        """Like the real job: only ranks whose process exists, handles ``sig`` and was not reached yet."""
+        self.forward_calls += 1
+        if self.rc is not None or self.script.on_preempt == "marker":
+            return 0
+        t = self._t()
+        new = [r for r, at in enumerate(self.script.workers_at) if at <= t and r not in self.stopped_at]
+        if not new:
+            return 0
+        self.signals_sent.append((self.clock.now, sig))
+        self.stopped_at.update({r: self.clock.now for r in new})
+        if self.script.on_preempt == "save" and len(self.stopped_at) == NPROC and self._preempted_at is None:
+            self._preempted_at = t  # every rank's flag is set: they agree at the next step and save
+        return len(new)
 
     def kill_tree(self, *, graceful: float = 0.0) -> None:
         self.kills.append((self.clock.now, graceful))
@@ -185,7 +209,8 @@ class Rig:
     """A supervisor wired to fakes: scripted jobs (one per attempt, in order), a fake clock, fixed jitter."""
 
     def __init__(self, tmp_path: Path, *scripts: Script, jitter: Callable[[], float] | None = lambda: 0.5,
-                 early_signals: list[str] | None = None, **supervisor: Any) -> None:
+                 early_signals: list[str] | None = None, lease_lost: Callable[[], str | None] = lambda: None,
+                 **supervisor: Any) -> None:
         self.clock = FakeClock()
         self.scripts = list(scripts)
         self.jobs: list[FakeJob] = []
@@ -200,7 +225,7 @@ class Rig:
                           run_id="run", config=cfg)
         extra = {} if jitter is None else {"jitter": jitter}
         self.sup = Supervisor(spec, echo=False, early_signals=early_signals, start_job=self.start_job,
-                              clock=self.clock, **extra)
+                              clock=self.clock, lease_lost=lease_lost, **extra)
 
     def start_job(self, cmd: list[str], env: dict[str, str], log_path: Path, *,
                   echo: Callable[[str], str] | None) -> FakeJob:
@@ -301,11 +326,22 @@ def test_crash_then_success_restarts_after_backoff(tmp_path: Path, capsys: pytes
     assert rig.gaps() == [pytest.approx(0.75)]
     for job in rig.jobs:  # each torn down once after its exit (stragglers), never signalled
         assert job.kills == [(job.ended_at, 0.0)] and job.closed and job.signals_sent == []
+        assert job.forward_calls == 0 and not job.files.stop.exists()  # no stop marker without a signal
     err = capsys.readouterr().err
     assert "attempt 0 failed (rank 0 (ValueError: rank 0 diverged)); restarting in 0.8s" in err
     assert "finished: attempt 1 succeeded" in err
     assert states(caplog) == ["running", "backoff", "starting", "running", "done"]
     assert rig.sup.state is State.DONE
+
+
+def test_a_job_whose_checkpoint_dir_was_taken_over_is_not_restarted(tmp_path: Path,
+                                                                    capsys: pytest.CaptureFixture[str]) -> None:
+    taken: list[str] = []
+    rig = Rig(tmp_path, Script(exit_at=2.0, rc=1), Script(exit_at=1.0), lease_lost=lambda: taken[0] if taken else None)
+    rig.clock.at(1.0, lambda: taken.append("run other took the lease over (--force)"))
+    assert rig.run() == exitcodes.FAILURE
+    assert len(rig.jobs) == 1  # restarted workers would only be refused at the lease
+    assert "not restarting: run other took the lease over (--force)" in capsys.readouterr().err
 
 
 def test_backoff_with_random_jitter_stays_within_policy_bounds(tmp_path: Path,
@@ -442,6 +478,80 @@ def test_grace_expiry_kills_a_job_that_ignores_the_signal(tmp_path: Path, capsys
     assert states(caplog) == ["running", "stopping", "done"]
 
 
+def test_workers_that_start_after_the_signal_are_signalled_when_they_appear(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str], caplog: pytest.LogCaptureFixture) -> None:
+    # The signal arrives while torchrun is still being started: no worker exists to forward it to.
+    rig = Rig(tmp_path, Script(exit_at=None, signal_on_start="SIGTERM", workers_at=(2.0, 3.0), save_step=1))
+    assert rig.run() == exitcodes.PREEMPTED
+    [job] = rig.jobs
+    # Each rank exactly once, at the first poll it exists; polled all along while stopping.
+    assert job.stopped_at == {0: pytest.approx(2.0, abs=0.11), 1: pytest.approx(3.0, abs=0.11)}
+    assert [sig for _, sig in job.signals_sent] == [SIGTERM, SIGTERM] and job.forward_calls >= 30
+    assert job.ended_at == pytest.approx(3.0 + 1.0, abs=0.21)  # saved and exited: never killed by the grace
+    assert job.kills == [(job.ended_at, 0.0)]
+    assert (rig.ckpt_dir / step_dirname(1)).is_dir()
+    err = capsys.readouterr().err
+    assert ("SIGTERM: asked 0 worker(s) to save and exit within 5s; the 2 not started (or not ready) yet are "
+            "asked once they are") in err
+    assert err.count("asked 1 more worker(s), started after the stop, to save and exit") == 2
+    assert "attempt 0 was preempted: final checkpoint at step 1" in err
+    assert states(caplog) == ["running", "stopping", "done"]
+
+
+def test_stop_marker_is_written_and_reaches_workers_the_signal_never_does(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    rig = Rig(tmp_path, Script(exit_at=None, on_preempt="marker", signals=((0.5, "SIGUSR1"),),
+                               workers_at=(2.0, 2.0), save_step=3))
+    assert rig.run() == exitcodes.PREEMPTED
+    [job] = rig.jobs
+    assert job.signals_sent == []  # the ranks never handled the signal: only the marker reached them
+    marker = json.loads(job.files.stop.read_text())
+    assert marker == {"signal": "SIGUSR1", "time": pytest.approx(WALL0 + 0.5, abs=0.11)}  # the injected clock
+    assert not job.files.stop.with_name("stop.json.partial").exists()  # renamed into place
+    assert job.ended_at == pytest.approx(2.0 + 1.0, abs=0.21)
+    assert "attempt 0 was preempted: final checkpoint at step 3" in capsys.readouterr().err
+
+
+def test_grace_counts_from_the_signal_not_from_when_the_workers_appear(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    rig = Rig(tmp_path, Script(exit_at=None, on_preempt="ignore", signals=((1.0, "SIGTERM"),),
+                               workers_at=(4.0, 4.0)))
+    assert rig.run() == exitcodes.PREEMPTED
+    [job] = rig.jobs
+    assert job.stopped_at == {0: pytest.approx(4.0, abs=0.11), 1: pytest.approx(4.0, abs=0.11)}
+    assert 1.0 + 5.0 < job.kills[0][0] <= 1.0 + 5.0 + 0.21  # the cloud's deadline does not wait for our workers
+    assert "grace period of 5s ran out" in capsys.readouterr().err
+
+
+def test_a_job_that_finishes_after_the_signal_exits_0(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                                      caplog: pytest.LogCaptureFixture) -> None:
+    # E.g. a relaunch of a run that had already finished: its workers restore the last step and exit 0
+    # without ever reaching a step boundary where the stop would take effect.
+    rig = Rig(tmp_path, Script(exit_at=2.0, rc=0, on_preempt="ignore", signals=((1.0, "SIGTERM"),)), Script())
+    assert rig.run() == exitcodes.OK
+    [job] = rig.jobs
+    assert [sig for _, sig in job.signals_sent] == [SIGTERM] and job.files.stop.exists()
+    err = capsys.readouterr().err
+    assert ("finished: attempt 0 succeeded (the job finished before the stop (SIGTERM) took effect: nothing to "
+            "resume)") in err
+    assert "preempted" not in err
+    assert states(caplog) == ["running", "stopping", "done"]
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/PID/status")
+def test_the_real_job_signals_a_worker_only_once_it_handles_the_signal() -> None:
+    # A fresh worker still importing torch has no handler yet: SIGTERM would kill it, not stop it cleanly.
+    sig = signal.SIGWINCH  # harmless if it ever arrived; not one of the signals the fixture fakes
+    previous = signal.signal(sig, signal.SIG_DFL)
+    try:
+        assert not _handles(os.getpid(), sig)
+        signal.signal(sig, lambda *_: None)
+        assert _handles(os.getpid(), sig)
+    finally:
+        signal.signal(sig, previous)
+    assert not _handles(2**22 + 12345, sig)  # no such process (above the kernel's pid limit): nothing to signal
+
+
 def test_signal_during_backoff_stops_without_restarting(tmp_path: Path, capsys: pytest.CaptureFixture[str],
                                                         caplog: pytest.LogCaptureFixture) -> None:
     rig = Rig(tmp_path, Script(exit_at=1.0, rc=1), Script())
@@ -500,6 +610,17 @@ def test_classify_signal_without_marker_is_preempted_not_failed(tmp_path: Path, 
     result, failure = sup._classify(0, files, Tail(TORCHRUN_SIGKILL), -9, None)
     assert result.outcome is Outcome.PREEMPTED and failure is None
     assert result.detail == "stopped by SIGUSR1 before a final checkpoint committed"
+
+
+def test_classify_exit_0_after_a_signal_is_success(tmp_path: Path, files: AttemptFiles) -> None:
+    sup = Rig(tmp_path).sup
+    sup.notify("SIGTERM")
+    result, failure = sup._classify(0, files, Tail([]), 0, None)
+    assert (result.outcome, failure) == (Outcome.SUCCEEDED, None)
+    assert result.detail == "all ranks finished before the stop (SIGTERM) took effect"
+    files.preempted.write_text(json.dumps({"step": 9}))  # ranks that saved on the stop exit 0 too: preempted
+    result, _ = sup._classify(0, files, Tail([]), 0, None)
+    assert result.outcome is Outcome.PREEMPTED and result.detail == "final checkpoint at step 9"
 
 
 def test_classify_hang_success_and_failures(tmp_path: Path, files: AttemptFiles) -> None:

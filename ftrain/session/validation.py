@@ -1,0 +1,174 @@
+"""Worker side: does a checkpoint's state fit the objects registered now? Checked before anything is loaded.
+
+Restore is a transaction (docs/FORMAT.md, "Restore"): every tree is checked
+here against the registered objects while its tensors are still only
+*descriptions* (:class:`TensorSpec`: shape and dtype from the manifest), so a
+checkpoint that does not fit is refused before a byte of tensor data is read or
+allocated, and before any object is touched. Two verdicts:
+
+* **damage** (:class:`CorruptCheckpoint`): state that is ill-typed for what it
+  claims to be (a tensor where a number belongs, a missing object, a malformed
+  RNG state). Restore falls back to the next older checkpoint.
+* **mismatch** (:class:`StateMismatch`): well-formed state for another model (a
+  different key set, a different shape or dtype). Restore stops with the key,
+  both shapes and the fix: an older checkpoint of the same run would not fit
+  either.
+
+Pure functions over the trees and the live objects (read, never modified).
+"""
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from ftrain.errors import CorruptCheckpoint, StateMismatch
+from ftrain.session import rng
+from ftrain.stateful import Stateful
+
+#: Optimizer state entries that are known to have the parameter's shape (torch.optim's optimizers).
+PARAM_SHAPED = frozenset({"exp_avg", "exp_avg_sq", "max_exp_avg_sq", "momentum_buffer", "square_avg", "grad_avg",
+                          "acc_delta", "sum", "ax", "prev", "exp_inf"})
+_MT19937_WORDS = 625  # Python's random.getstate(): 624 words of state and the position
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """A tensor as the manifest describes it, before its bytes are read."""
+
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+
+    def numpy(self) -> TensorSpec:  # a NumPy array is stored as a tensor: its description stands for it too
+        return self
+
+    def describe(self) -> str:
+        return f"{list(self.shape)} {str(self.dtype).removeprefix('torch.')}"
+
+
+def check_objects(objects: Mapping[str, tuple[Stateful, bool]], replicated: Any, mine: Any,
+                  omitted: Mapping[str, Sequence[str]], where: str) -> None:
+    """Check every registered object's saved state (and this rank's RNG state) against the object now.
+
+    ``replicated`` and ``mine`` are the decoded trees with :class:`TensorSpec`
+    leaves; ``omitted`` the state keys a trainable-only checkpoint left out;
+    ``where`` names the checkpoint in messages.
+    """
+    for tree, what in ((replicated, "replicated"), (mine, "per-rank")):
+        if not isinstance(tree, dict):
+            raise CorruptCheckpoint(where, f"the {what} state tree is a {type(tree).__name__}, not an object")
+    for key, (obj, per_rank) in objects.items():
+        tree = mine if per_rank else replicated
+        if key not in tree:
+            raise CorruptCheckpoint(where, f"the manifest lists {key!r} but its state tree is missing")
+        state = tree[key]
+        if isinstance(obj, nn.Module):
+            check_module(key, obj, state, omitted.get(key, ()), where)
+        elif isinstance(obj, torch.optim.Optimizer):
+            check_optimizer(key, obj, state, where)
+        elif not isinstance(state, dict):
+            raise CorruptCheckpoint(where, f"the state of {key!r} is a {type(state).__name__}, not an object")
+    check_rng(mine.get("rng"), where)
+
+
+def check_module(key: str, module: nn.Module, state: Any, omitted: Sequence[str], where: str) -> None:
+    if not isinstance(state, dict) or not all(isinstance(k, str) for k in state):
+        raise CorruptCheckpoint(where, f"the state of module {key!r} is not a mapping of names")
+    current = module.state_dict()
+    expected = set(current) - set(omitted)
+    missing, unexpected = sorted(expected - set(state)), sorted(set(state) - set(current))
+    if missing or unexpected:
+        raise StateMismatch(f"checkpoint {where} does not fit module {key!r}: keys missing from the checkpoint "
+                            f"{_few(missing)}, keys the module does not have {_few(unexpected)}; register the same "
+                            "architecture the checkpoint was saved from (or start in an empty checkpoint.dir)")
+    for name in sorted(state):
+        now, saved = current[name], state[name]
+        if not isinstance(now, torch.Tensor):
+            continue  # extra state (get_extra_state): the module's own business
+        if not isinstance(saved, TensorSpec):
+            raise CorruptCheckpoint(where, f"{key}.{name} is a {type(saved).__name__} in the checkpoint, not a tensor")
+        if saved.shape != tuple(now.shape) or saved.dtype != now.dtype:
+            raise StateMismatch(
+                f"checkpoint {where} does not fit module {key!r}: {name} is {saved.describe()} in the checkpoint "
+                f"but {TensorSpec(tuple(now.shape), now.dtype).describe()} in the registered model; build the "
+                "model with the configuration the checkpoint was saved with (or start in an empty checkpoint.dir)")
+
+
+def check_optimizer(key: str, opt: torch.optim.Optimizer, state: Any, where: str) -> None:
+    if not (isinstance(state, dict) and isinstance(state.get("state"), dict)
+            and isinstance(state.get("param_groups"), list)):
+        raise CorruptCheckpoint(where, f"the state of optimizer {key!r} lacks its 'state' and 'param_groups'")
+    groups = state["param_groups"]
+    for group in groups:
+        if not (isinstance(group, dict) and isinstance(group.get("params"), list)
+                and all(isinstance(i, int) and not isinstance(i, bool) for i in group["params"])):
+            raise CorruptCheckpoint(where, f"optimizer {key!r}: a parameter group is malformed")
+    sizes, now = [len(g["params"]) for g in groups], [len(g["params"]) for g in opt.param_groups]
+    if sizes != now:
+        raise StateMismatch(f"checkpoint {where} does not fit optimizer {key!r}: parameter groups of sizes {sizes} "
+                            f"in the checkpoint, {now} now; build the optimizer over the same parameters")
+    params = {i: p for g_saved, g_now in zip(groups, opt.param_groups, strict=True)
+              for i, p in zip(g_saved["params"], g_now["params"], strict=True)}
+    for pid, entry in state["state"].items():
+        if pid not in params or not isinstance(entry, dict):
+            raise CorruptCheckpoint(where, f"optimizer {key!r}: state for unknown parameter {pid!r}")
+        shape = tuple(params[pid].shape)
+        for name in PARAM_SHAPED & set(entry):
+            value = entry[name]
+            if not isinstance(value, TensorSpec):
+                raise CorruptCheckpoint(where, f"optimizer {key!r}: state[{pid}].{name} is not a tensor")
+            if value.shape != shape:
+                raise StateMismatch(f"checkpoint {where} does not fit optimizer {key!r}: state[{pid}].{name} has "
+                                    f"shape {list(value.shape)}, its parameter {list(shape)}")
+
+
+def check_rng(state: Any, where: str) -> None:
+    """The RNG state :func:`ftrain.session.rng.capture` writes; anything else is damage."""
+    def bad(what: str) -> CorruptCheckpoint:
+        return CorruptCheckpoint(where, f"RNG state: {what}")
+
+    if not isinstance(state, dict):
+        raise bad("missing or not an object")
+    if not _is_int(state.get("version")):
+        raise bad(f"version {state.get('version')!r} is not a number")
+    if state["version"] != rng.VERSION:
+        raise StateMismatch(f"checkpoint {where}: its RNG state has version {state['version']}, this ftrain reads "
+                            f"{rng.VERSION}; resume it with the ftrain version that wrote it")
+    py = state.get("python")
+    if not (isinstance(py, tuple) and len(py) == 3 and _is_int(py[0]) and isinstance(py[1], (tuple, list))
+            and len(py[1]) == _MT19937_WORDS and all(_is_int(w) and 0 <= w < 1 << 32 for w in py[1])
+            and (py[2] is None or isinstance(py[2], float))):
+        raise bad("Python 'random' state is malformed")
+    if not _byte_tensor(state.get("torch"), len(torch.get_rng_state())):
+        raise bad("torch generator state is not a uint8 tensor of the generator's size")
+    if "numpy" in state:
+        n = state["numpy"]
+        if not (isinstance(n, dict) and n.get("kind") == "MT19937" and isinstance(n.get("keys"), list)
+                and len(n["keys"]) == _MT19937_WORDS - 1
+                and all(_is_int(w) and 0 <= w < 1 << 32 for w in n["keys"])
+                and _is_int(n.get("pos")) and 0 <= n["pos"] <= _MT19937_WORDS - 1 and n.get("has_gauss") in (0, 1)
+                and isinstance(n.get("cached_gaussian"), (int, float))):
+            raise bad("NumPy state is malformed")
+    if "cuda" in state:
+        cuda = state["cuda"]
+        if not (isinstance(cuda, list) and all(_byte_tensor(t) for t in cuda)):
+            raise bad("CUDA generator states are not 1-D uint8 tensors")
+        if torch.cuda.is_available() and len(cuda) != torch.cuda.device_count():
+            raise StateMismatch(f"checkpoint {where}: CUDA RNG state saved for {len(cuda)} device(s), this process "
+                                f"sees {torch.cuda.device_count()}; set CUDA_VISIBLE_DEVICES as in the original run")
+
+
+def _byte_tensor(t: Any, size: int | None = None) -> bool:
+    return (isinstance(t, TensorSpec) and t.dtype == torch.uint8 and len(t.shape) == 1
+            and (size is None or t.shape[0] == size))
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _few(names: list[str]) -> str:
+    return f"{names[:5]}{' ...' if len(names) > 5 else ''}" if names else "none"
