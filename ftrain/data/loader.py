@@ -9,7 +9,11 @@ bit-identically (random augmentation included), and every later epoch too:
 * :class:`SeededDataset`: each sample is made with the global RNGs seeded from
   :func:`derive_seed`, independent of the worker and of earlier draws;
 * :class:`ResumableLoader`: counts batches as they are *handed to the training
-  loop* (not as workers prefetch) and never draws from torch's global RNG.
+  loop* (not as workers prefetch) and never draws from torch's global RNG. Its
+  position also tells "epoch e's last batch delivered, the ``for`` loop not yet
+  ended" from "epoch e+1 begun", so code after the loop (an epoch counter, a
+  per-epoch ``scheduler.step()``, an evaluation) runs on resume exactly as it
+  did in the uninterrupted run.
 
 Thread/process-safety: no object here is safe to share between threads.
 :class:`SeededDataset` also runs in DataLoader workers (each has its own
@@ -29,7 +33,10 @@ from ftrain.data.seeding import SeededDataset, derive_seed
 from ftrain.errors import StateMismatch
 from ftrain.signals import CATCHABLE_PREEMPTION_SIGNALS
 
-_STATE_VERSION = 1
+# Version 2 (this one) keeps a finished epoch's position until its loop ends; version 1 reported it as the
+# next epoch's start. Both are read (see ResumableLoader.load_state_dict).
+_STATE_VERSION = 2
+_READABLE_VERSIONS = (1, 2)
 # ``index`` for the DataLoader's own generator seed: -1 wraps to 2**64-1, which
 # is never a dataset index, so this stream is separate from every sample's.
 _LOADER_STREAM = -1
@@ -78,33 +85,55 @@ class _BatchSchedule(Sampler[list]):
 class ResumableLoader:
     """A DataLoader wrapper whose position survives a restart exactly.
 
-    Semantics (all per rank):
+    Semantics (all per rank). The position is ``(epoch, consumed)``, with
+    ``D`` the samples this rank delivers in a full epoch (the last partial
+    batch dropped or not, see ``drop_last``):
 
     * ``epoch``: the epoch the batches currently being delivered belong to.
     * ``consumed``: samples of this rank's epoch list that have been *handed to
       the training loop* in ``epoch``. It is incremented by the batch's size
       before the batch is yielded, so code in the loop body after receiving
       ``k`` batches sees the count of all ``k``. Prefetched batches not yet
-      handed over are not counted; they are recomputed on resume.
-    * An epoch is finished when no batch remains (``drop_last`` drops a final
-      batch smaller than ``batch_size``). When the generator finds its epoch
-      finished it sets ``epoch += 1, consumed = 0``; if ``__iter__`` is called
-      on a finished epoch it advances first. One ``for`` loop = one epoch
-      (an epoch with no batch at all yields nothing and is still counted).
-    * :meth:`state_dict` records the position of the *next* batch: for a
-      finished epoch it reports ``(epoch + 1, 0)``. Mid-epoch ``consumed`` is
-      always a multiple of ``batch_size``.
+      handed over are not counted; they are recomputed on resume. Always
+      ``0 <= consumed <= D`` and a multiple of ``batch_size`` unless ``== D``.
+    * ``consumed == D > 0`` means "epoch ``epoch``'s last batch was delivered,
+      and the loop that delivered it has not ended by exhaustion" (the caller
+      holds the batch, or ``break``-ed out after it). The position stays so
+      until an iterator *ends*: the next ``next()`` on the same iterator, or
+      the first ``next()`` of a new ``for`` loop, delivers nothing, sets
+      ``(epoch + 1, 0)`` and then raises StopIteration.
+    * Hence the only transition to a new epoch is a loop running out: code
+      after a ``for batch in loader:`` that ran out sees ``(epoch + 1, 0)``. A
+      ``for`` loop continues the current epoch from the next undelivered
+      batch; after a ``break`` (mid-epoch or after the last batch) the next
+      loop finishes that epoch. So work that must run once per epoch, in a
+      script that may ``break``, belongs in the loop's ``else:`` clause (run
+      only when the loop ran out). An epoch with no batch at all (``D == 0``)
+      yields nothing and is still counted.
+    * :meth:`state_dict` records the position as it is, never normalised. So a
+      save in the loop body at an epoch's last batch (``checkpoint.every_steps``
+      equal to the steps per epoch) restores to ``(e, D)``: the first resumed
+      ``for`` loop ends at once with no batch, the code after it runs as it did
+      uninterrupted, and the next loop is epoch ``e + 1``.
+    * ``len(loader)`` is the batch count of a full epoch whatever the position
+      (like ``len(DataLoader)``): a loop that resumes mid-epoch yields fewer,
+      one that ends an already delivered epoch yields none.
+    * There is no ``set_epoch``: the loader keeps its own epoch and sets the
+      fields of :attr:`sampler` before each epoch, so a DistributedSampler-style
+      ``loader.sampler.set_epoch(e)`` has no effect.
 
     Hence: state taken after the loop received ``k`` batches, loaded into a
     fresh loader built with the same arguments, yields batch ``k+1`` onward
     identically (augmentation included when ``seed_samples``), then identical
-    epochs. Without ``seed_samples`` the order is still exact but random
-    augmentation in workers is not reproduced mid-epoch.
+    epochs, and its loops end where the original's did. Without
+    ``seed_samples`` the order is still exact but random augmentation in
+    workers is not reproduced mid-epoch.
 
     Iterating never draws from torch's global RNG: the DataLoader gets its own
-    generator, reseeded from ``(seed, epoch)`` before each ``iter()``. Only
-    the newest iterator is valid; resuming an older one raises RuntimeError.
-    Not thread-safe.
+    generator, reseeded from ``(seed, epoch)`` before each epoch's DataLoader
+    iterator is made. Only the newest iterator is valid: an older one raises
+    RuntimeError at its next ``next()`` without touching the loader. Not
+    thread-safe.
     """
 
     def __init__(
@@ -168,7 +197,7 @@ class ResumableLoader:
         return self._sampler
 
     def __len__(self) -> int:
-        """Batches in a full epoch for this rank."""
+        """Batches in a full epoch for this rank, whatever the position (a resumed loop may yield fewer)."""
         n = self._sampler.num_samples
         return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
 
@@ -177,8 +206,8 @@ class ResumableLoader:
         """Samples this rank delivers in a full epoch (the last partial batch dropped or not)."""
         return len(self) * self.batch_size if self.drop_last else self._sampler.num_samples
 
-    def _finished(self) -> bool:
-        """True when batches of this epoch were delivered and none remain."""
+    def _delivered_all(self) -> bool:
+        """True from the handing-out of the epoch's last batch until its loop ends (``consumed == D > 0``)."""
         return self._consumed > 0 and self._consumed >= self._deliverable()
 
     def _batches(self) -> list[list]:
@@ -195,14 +224,20 @@ class ResumableLoader:
 
     # -- iteration -------------------------------------------------------
     def __iter__(self) -> Iterator[Any]:
-        # A plain method (not a generator) so the advance and the invalidation
-        # of older iterators happen at iter() time, not at the first next().
-        if self._finished():
-            self._epoch, self._consumed = self._epoch + 1, 0
+        # A plain method (not a generator) so older iterators are invalidated at iter() time, not at the first
+        # next(). It never moves the position: an epoch whose last batch was delivered is ended by this
+        # iterator running out (yielding nothing), so the caller's loop ends where the uninterrupted one did.
         self._generation += 1
         return self._iterate(self._generation)
 
     def _iterate(self, generation: int) -> Iterator[Any]:
+        # Before touching the shared schedule or DataLoader: a stale iterator started late must not clobber
+        # the newer one's (with persistent workers they share one DataLoader iterator).
+        self._check_current(generation)
+        if self._delivered_all() or not self._deliverable():
+            # Nothing left: end the epoch without starting an empty DataLoader iteration (and its workers).
+            self._epoch, self._consumed = self._epoch + 1, 0
+            return
         batches = self._batches()
         sizes = [len(b) for b in batches]
         self._schedule.batches = batches
@@ -219,13 +254,15 @@ class ResumableLoader:
             if batch is _END:
                 raise RuntimeError(f"DataLoader ended early; expected {len(sizes)} batches")
             # Count before yielding: once the caller holds batch k,
-            # state_dict() must already include it.
+            # state_dict() must already include it. After the last batch this
+            # is (epoch, D), "delivered, loop not ended", until the next next().
             self._consumed += size
             yield batch
         self._check_current(generation)
         # Drain to StopIteration so non-persistent workers shut down now.
         if next(it, _END) is not _END:
             raise RuntimeError("DataLoader yielded more batches than scheduled")
+        # The caller's loop ends with this StopIteration: only now is the next epoch begun.
         self._epoch, self._consumed = self._epoch + 1, 0
 
     def _check_current(self, generation: int) -> None:
@@ -246,14 +283,24 @@ class ResumableLoader:
         }
 
     def state_dict(self) -> dict[str, Any]:
-        """JSON-serialisable position of the next batch plus identity fields."""
-        epoch, consumed = self._epoch, self._consumed
-        if self._finished():
-            epoch, consumed = epoch + 1, 0
-        return {"version": _STATE_VERSION, "epoch": epoch, "consumed": consumed, **self._identity()}
+        """JSON-serialisable position ``(epoch, consumed)`` as it is (see the class docstring), plus identity fields.
+
+        ``consumed == D`` ("epoch's last batch delivered, loop not ended") is
+        kept, not reported as ``(epoch + 1, 0)``: a restore must end that loop
+        before it starts the next epoch.
+        """
+        return {"version": _STATE_VERSION, "epoch": self._epoch, "consumed": self._consumed, **self._identity()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore a position saved by :meth:`state_dict`; call before iterating.
+
+        Version 2 is loaded as saved. Version 1 (ftrain before epoch-end
+        positions) recorded the position of the next batch, reporting a
+        finished epoch as ``(epoch + 1, 0)``; it is read with that meaning: a
+        saved ``consumed == D`` (only ever hand-made) becomes ``(epoch + 1, 0)``,
+        and a version-1 checkpoint taken at an epoch's last batch resumes
+        straight into the next epoch, skipping the code after the loop once, as
+        that version did (the state cannot tell the two cases apart).
 
         Raises :class:`StateMismatch` (naming the field, saved and current
         value) for an unknown version, a missing field, a field that differs
@@ -261,10 +308,11 @@ class ResumableLoader:
         Invalidates any iterator created earlier.
         """
         version = state.get("version")
-        if version != _STATE_VERSION:
+        if type(version) is not int or version not in _READABLE_VERSIONS:
             raise StateMismatch(
                 f"loader state field 'version': saved {version!r}, current {_STATE_VERSION!r} "
-                "(state written by an incompatible ftrain version)"
+                f"(readable: {', '.join(map(str, _READABLE_VERSIONS))}; state written by an incompatible "
+                "ftrain version)"
             )
         for name, current in self._identity().items():
             if name not in state:
@@ -289,6 +337,6 @@ class ResumableLoader:
                 f"{deliverable} samples in batches of {self.batch_size}"
             )
         self._epoch, self._consumed = epoch, consumed
-        if self._finished():  # normalise a hand-made end-of-epoch position
-            self._epoch, self._consumed = epoch + 1, 0
+        if version == 1 and self._delivered_all():
+            self._epoch, self._consumed = epoch + 1, 0  # version 1's meaning: a finished epoch is the next one's start
         self._generation += 1

@@ -154,10 +154,11 @@ def test_counters_epoch_advance_and_break():
     next(it)
     next(it)
     assert (loader.epoch, loader.consumed) == (0, 10)
-    assert loader.state_dict()["epoch"] == 1 and loader.state_dict()["consumed"] == 0
+    # Last batch delivered, loop not ended: the state says so (version 2; version 1 said (1, 0)).
+    assert loader.state_dict()["epoch"] == 0 and loader.state_dict()["consumed"] == 10
     with pytest.raises(StopIteration):
         next(it)
-    assert (loader.epoch, loader.consumed) == (1, 0)
+    assert (loader.epoch, loader.consumed) == (1, 0)  # the loop's end begins the next epoch
     # Breaking mid-epoch and re-iterating continues at the next unreceived batch.
     ref = [b for b in ResumableLoader(AugDataset(10), batch_size=4, seed=1, shuffle=True)]
     loader2 = ResumableLoader(AugDataset(10), batch_size=4, seed=1)
@@ -167,14 +168,16 @@ def test_counters_epoch_advance_and_break():
     assert torch.equal(b, ref[0]) and len(rest) == 2
     assert all(torch.equal(x, y) for x, y in zip(rest, ref[1:]))
     assert loader2.epoch == 1
-    # Finished epoch + new iter() advances first: exactly one epoch per for loop.
+    # Last batch delivered but the loop never ended (a break after it): a new for loop ends that epoch with no
+    # batch, as a resumed loader's first loop does; the one after it is the next epoch.
     loader3 = ResumableLoader(AugDataset(10), batch_size=4, seed=1)
     it3 = iter(loader3)
     for _ in range(3):
         next(it3)
-    assert len(list(loader3)) == 3 and loader3.epoch == 2
+    assert list(loader3) == [] and (loader3.epoch, loader3.consumed) == (1, 0)
     with pytest.raises(RuntimeError):
         next(it3)  # superseded iterator
+    assert len(list(loader3)) == 3 and loader3.epoch == 2
 
 
 def test_global_rng_untouched_single_process():
@@ -197,7 +200,7 @@ def test_state_dict_json_and_fields():
     sd = loader.state_dict()
     assert json.loads(json.dumps(sd)) == sd
     assert sd == {
-        "version": 1, "epoch": 0, "consumed": 0, "seed": 3, "num_replicas": 2, "rank": 1,
+        "version": 2, "epoch": 0, "consumed": 0, "seed": 3, "num_replicas": 2, "rank": 1,
         "dataset_len": 37, "batch_size": 5, "shuffle": True, "drop_last": False,
     }
 
@@ -229,7 +232,8 @@ def test_load_state_mismatch_names_field(field, kwargs, saved, current):
 def test_load_state_rejects_version_and_bad_position():
     loader = ResumableLoader(AugDataset(37), batch_size=5)
     sd = loader.state_dict()
-    for bad in ({**sd, "version": 2}, {k: v for k, v in sd.items() if k != "version"}):
+    for bad in ({**sd, "version": 3}, {**sd, "version": 0}, {**sd, "version": True}, {**sd, "version": "2"},
+                {k: v for k, v in sd.items() if k != "version"}):
         with pytest.raises(StateMismatch, match="version"):
             loader.load_state_dict(bad)
     for consumed in (-5, 3, 40, "5"):
@@ -237,8 +241,12 @@ def test_load_state_rejects_version_and_bad_position():
             loader.load_state_dict({**sd, "consumed": consumed})
     with pytest.raises(StateMismatch, match="seed"):
         loader.load_state_dict({k: v for k, v in sd.items() if k != "seed"})
-    # A hand-made end-of-epoch position is normalised to the next epoch's start.
+    # An end-of-epoch position is kept (version 2): its loop ends with no batch, then epoch 3 begins.
     loader.load_state_dict({**sd, "epoch": 2, "consumed": 37})
+    assert (loader.epoch, loader.consumed) == (2, 37)
+    assert list(loader) == [] and (loader.epoch, loader.consumed) == (3, 0)
+    # Version 1 normalised it to the next epoch's start, and is still read that way.
+    loader.load_state_dict({**sd, "version": 1, "epoch": 2, "consumed": 37})
     assert (loader.epoch, loader.consumed) == (3, 0)
     loader.load_state_dict({**sd, "epoch": 1, "consumed": 10})
     assert len(list(loader)) == 6 and loader.epoch == 2
