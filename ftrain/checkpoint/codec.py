@@ -10,6 +10,10 @@ objects (key ``"$t"``):
   that uses the reserved key ``"$t"`` -> ``{"$t": "dict", "items": [[k, v], ...]}``
 * ``torch.dtype`` -> ``{"$t": "dtype", "name": "float32"}``
 * a tensor -> ``{"$t": "tensor", "ref": "<name in the tensor table>"}``
+* a tensor that is the very same view of the same storage as one encoded before
+  in the same scope (tied weights: ``lm_head.weight`` is ``wte.weight``) ->
+  ``{"$t": "alias", "ref": "<the first one's name>"}``: its bytes are stored once,
+  and decoding gives both places the same tensor object (see :func:`encode`)
 * a NumPy array -> ``{"$t": "ndarray", "ref": ...}``; NumPy scalars become Python scalars.
 
 Anything else is refused at save time with the path of the offending value, so a
@@ -57,9 +61,33 @@ def dtype_from_name(name: str) -> torch.dtype:
         raise CheckpointError(f"unknown tensor dtype {name!r} in checkpoint") from None
 
 
+#: What makes two tensors one: the same storage, offset, shape, strides, dtype and device.
+_ViewKey = tuple[int, int, tuple[int, ...], tuple[int, ...], torch.dtype, torch.device]
+
+
+def _view_key(t: torch.Tensor) -> _ViewKey | None:
+    """The identity of ``t`` as a view of its storage; None for a tensor that is never an alias.
+
+    Empty tensors are never aliases: they may all report storage pointer 0 without sharing anything,
+    and storing them twice costs nothing. A tensor without a real storage (a wrapper subclass) is
+    stored on its own as well.
+    """
+    if t.numel() == 0:
+        return None
+    try:
+        ptr = t.untyped_storage().data_ptr()
+    except (RuntimeError, NotImplementedError, TypeError):
+        return None
+    if ptr == 0:
+        return None
+    return (ptr, int(t.storage_offset()), tuple(t.shape), tuple(t.stride()), t.dtype, t.device)
+
+
 class _Encoder:
     def __init__(self) -> None:
         self.tensors: dict[str, torch.Tensor] = {}
+        #: Tensors encoded so far in the current alias scope, by view identity -> their table name.
+        self.seen: dict[_ViewKey, str] = {}
 
     def _add(self, path: str, tensor: torch.Tensor) -> str:
         name = path
@@ -77,7 +105,15 @@ class _Encoder:
             if obj.is_sparse or obj.is_quantized or obj.is_nested or obj.dtype not in DTYPES.values():
                 raise CheckpointError(f"cannot store a {obj.layout} {obj.dtype} tensor at {path!r}: only dense tensors "
                                       f"of dtypes {sorted(DTYPES)}")
-            return {TAG: "tensor", "ref": self._add(path, obj.detach())}
+            key = _view_key(obj)
+            if key is not None and key in self.seen:
+                # Exactly the same view (not merely overlapping memory: a slice of a weight is a separate
+                # tensor): store the bytes once, and say where they are.
+                return {TAG: "alias", "ref": self.seen[key]}
+            name = self._add(path, obj.detach())
+            if key is not None:
+                self.seen[key] = name
+            return {TAG: "tensor", "ref": name}
         if isinstance(obj, torch.dtype):
             return {TAG: "dtype", "name": dtype_name(obj)}
         if isinstance(obj, torch.Size):
@@ -106,36 +142,102 @@ def encode(tree: Any, prefix: str) -> tuple[Any, dict[str, torch.Tensor]]:
     """Split ``tree`` into a JSON-serializable tree and ``{name: tensor}``.
 
     Tensor names are the path of the tensor in the tree under ``prefix``
-    (e.g. ``model/fc.weight``), so they are stable and human-readable.
+    (e.g. ``model/fc.weight``), so they are stable and human-readable. The
+    whole of ``tree`` is one alias scope: a tensor that is the same view of the
+    same storage as one met earlier in it is written as an ``alias`` of that one
+    and is not added to the table (partial overlaps are separate tensors).
     """
     enc = _Encoder()
     return enc.encode(tree, prefix), enc.tensors
 
 
-def decode(tree: Any, lookup: Callable[[str], torch.Tensor]) -> Any:
-    """Inverse of :func:`encode`; ``lookup(name)`` returns the stored tensor."""
-    if isinstance(tree, list):
-        return [decode(v, lookup) for v in tree]
-    if not isinstance(tree, dict):
-        return tree
-    tag = tree.get(TAG)
-    if tag is None:
+def encode_objects(objects: dict[str, Any], prefix: str) -> tuple[Any, dict[str, torch.Tensor]]:
+    """:func:`encode` of a checkpoint tree ``{object name: state}``, one alias scope per object.
+
+    Per object, not per tree, because objects are read back one by one
+    (``ftrain ckpt export`` materialises only the model's tensors): an alias
+    must never point into another object's state. A dict that is not a plain
+    JSON object (a key that is not a string, or is ``$t``) is encoded whole.
+    """
+    if not (isinstance(objects, dict) and all(isinstance(k, str) for k in objects) and TAG not in objects):
+        return encode(objects, prefix)
+    enc = _Encoder()
+    out: dict[str, Any] = {}
+    for name, state in objects.items():
+        enc.seen = {}  # a new scope; the name table stays shared, so names stay unique
+        out[name] = enc.encode(state, f"{prefix}/{name}")
+    return out, enc.tensors
+
+
+class _Decoder:
+    """One decoding scope: every reference to a name gives one object, and aliases must name a tensor of it."""
+
+    def __init__(self, lookup: Callable[[str], Any]) -> None:
+        self.lookup = lookup
+        self.cache: dict[str, Any] = {}
+        self.tensor_refs: set[str] = set()
+        self.alias_refs: set[str] = set()
+
+    def get(self, ref: Any) -> Any:
+        if not isinstance(ref, str):
+            raise CheckpointError(f"tensor reference {ref!r} is not a name")
+        if ref not in self.cache:
+            self.cache[ref] = self.lookup(ref)
+        return self.cache[ref]
+
+    def decode(self, tree: Any) -> Any:
+        if isinstance(tree, list):
+            return [self.decode(v) for v in tree]
+        if not isinstance(tree, dict):
+            return tree
+        tag = tree.get(TAG)
+        if tag is None:
+            return {k: self.decode(v) for k, v in tree.items()}
+        if tag == "tensor":
+            value = self.get(tree["ref"])  # first: it checks that the name is a string
+            self.tensor_refs.add(tree["ref"])
+            return value
+        if tag == "alias":
+            # The same object as the tensor it names, so a decoded state dict keeps the tie.
+            value = self.get(tree["ref"])
+            self.alias_refs.add(tree["ref"])
+            return value
+        if tag == "ndarray":
+            if _np is None:
+                raise CheckpointError("checkpoint holds a NumPy array but NumPy is not installed")
+            return self.get(tree["ref"]).numpy()
+        if tag == "dtype":
+            return dtype_from_name(tree["name"])
+        if tag == "size":
+            return torch.Size(tree["items"])
+        if tag == "tuple":
+            return tuple(self.decode(v) for v in tree["items"])
+        if tag == "dict":
+            return {_hashable(self.decode(k)): self.decode(v) for k, v in tree["items"]}
+        raise CheckpointError(f"unknown tagged value {tag!r} in checkpoint state")
+
+    def finish(self, result: Any) -> Any:
+        stray = sorted(self.alias_refs - self.tensor_refs, key=str)
+        if stray:  # an encoder never writes these; a reader of one object must not need another's tensors
+            raise CheckpointError(f"alias of {stray[0]!r}, which no tensor of the same state stores")
+        return result
+
+
+def decode(tree: Any, lookup: Callable[[str], Any]) -> Any:
+    """Inverse of :func:`encode`; ``lookup(name)`` returns the stored tensor (or a placeholder for it).
+
+    ``lookup`` is called once per name: an alias and the tensor it names decode
+    to the same object. An alias must name a tensor stored in ``tree`` itself.
+    """
+    dec = _Decoder(lookup)
+    return dec.finish(dec.decode(tree))
+
+
+def decode_objects(tree: Any, lookup: Callable[[str], Any]) -> Any:
+    """Inverse of :func:`encode_objects`: each object's state decoded on its own (its own alias scope)."""
+    if isinstance(tree, dict) and TAG not in tree:
         return {k: decode(v, lookup) for k, v in tree.items()}
-    if tag == "tensor":
-        return lookup(tree["ref"])
-    if tag == "ndarray":
-        if _np is None:
-            raise CheckpointError("checkpoint holds a NumPy array but NumPy is not installed")
-        return lookup(tree["ref"]).numpy()
-    if tag == "dtype":
-        return dtype_from_name(tree["name"])
-    if tag == "size":
-        return torch.Size(tree["items"])
-    if tag == "tuple":
-        return tuple(decode(v, lookup) for v in tree["items"])
-    if tag == "dict":
-        return {_hashable(decode(k, lookup)): decode(v, lookup) for k, v in tree["items"]}
-    raise CheckpointError(f"unknown tagged value {tag!r} in checkpoint state")
+    return decode(tree, lookup)
 
 
 def _hashable(key: Any) -> Any:

@@ -19,9 +19,11 @@ from ftrain.checkpoint import checksum, codec, format
 from ftrain.errors import CheckpointError, CorruptCheckpoint
 
 FORMAT_NAME = "ftrain.checkpoint"
-FORMAT_VERSION = 1
+#: 2: state trees may hold ``{"$t": "alias"}`` values (a tensor stored once for every name it has). A
+#: version-1 checkpoint is a version-2 checkpoint without aliases, so both read with the same code.
+FORMAT_VERSION = 2
 #: Versions this reader understands.
-KNOWN_VERSIONS = frozenset({1})
+KNOWN_VERSIONS = frozenset({1, 2})
 
 
 @dataclass(frozen=True)

@@ -15,6 +15,7 @@ its one-save-in-flight rule.
 from __future__ import annotations
 
 import json
+from collections.abc import Collection
 from dataclasses import dataclass
 from typing import Any
 
@@ -121,15 +122,24 @@ def persist(snap: Snapshot, storage: LocalStorage, tmp: str) -> ShardRecord:
     return record
 
 
-def owners(sizes: dict[str, int], world_size: int) -> dict[str, int]:
-    """Which rank writes each replicated tensor: largest first, to the least-loaded rank.
+def owners(sizes: dict[str, int], world_size: int, pinned: Collection[str] = ()) -> dict[str, int]:
+    """Which rank writes each replicated tensor: ``pinned`` names to rank 0, the rest largest first to the
+    least-loaded rank.
 
-    Deterministic in (names, sizes, world_size), so every rank computes the
-    same split without communicating. Granularity is one tensor.
+    Pinned are the buffers of replicated modules (BatchNorm's running statistics): under DDP each rank updates
+    them from its own batch and they agree again only when DDP broadcasts rank 0's at the next forward, so the
+    only copy that is right on every rank after a resume is rank 0's (docs/FORMAT.md, "Where replicated tensors
+    live"). A pinned name that is not in ``sizes`` is ignored. Pure and deterministic in (names, sizes,
+    world_size, pinned), so every rank computes the same split without communicating. Granularity is one tensor.
     """
     load = [0] * world_size
     out: dict[str, int] = {}
+    for name in sorted(set(pinned) & sizes.keys()):
+        out[name] = 0
+        load[0] += sizes[name]  # rank 0's share counts them: the rest is balanced around them
     for name, size in sorted(sizes.items(), key=lambda kv: (-kv[1], kv[0])):
+        if name in out:
+            continue
         rank = min(range(world_size), key=lambda r: (load[r], r))
         out[name] = rank
         load[rank] += size

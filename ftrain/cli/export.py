@@ -5,6 +5,9 @@ Reads and checksums every byte of the chosen checkpoint
 and writes them as safetensors or a plain ``torch.save`` dict; OUT appears
 atomically (temp file beside it, fsync, rename). OUT's name may be a template
 filled from the chosen checkpoint (``{step}``, ``{object}``, its metrics).
+Tied weights (names the checkpoint stores as one tensor) are written once to
+safetensors, the other names listed in its metadata ``ftrain_aliases``
+(``{dropped: kept}``), and kept as names of one shared tensor in a torch file.
 
 Exit codes: 1 for anything about the checkpoint (none selected, damaged, no such
 object, not a flat state_dict) or a write failing part way; 2 for bad input,
@@ -79,8 +82,14 @@ def cmd_export(args: argparse.Namespace) -> int:
                 out = out.parent / _render(out.name, manifest, args.obj)
                 if out.exists() and not args.force:
                     raise UsageError(f"output {str(out)!r} already exists; pass --force to replace it")
-            tensors = _flat_tensors(objects[args.obj], args.obj)
-            _write(tmp, out, tensors, fmt, _st_metadata(store, manifest, args.obj))
+            tensors, aliases = _flat_tensors(objects[args.obj], args.obj)
+            metadata = _st_metadata(store, manifest, args.obj)
+            if fmt == "safetensors":
+                # safetensors refuses shared tensors; its save_model drops all names but one, and so do we:
+                # loaders re-tie (transformers: tie_word_embeddings; load_pretrained: the model's shared tensor).
+                tensors = {k: v for k, v in tensors.items() if k not in aliases}
+                metadata["ftrain_aliases"] = json.dumps(aliases, sort_keys=True)
+            _write(tmp, out, tensors, fmt, metadata)
             if out.exists() and not args.force:  # checked again: someone may have created it while we read
                 raise UsageError(f"{out} appeared while exporting; not replaced (use --force)")
             os.replace(tmp, out)
@@ -99,6 +108,17 @@ def cmd_export(args: argparse.Namespace) -> int:
               f"{args.obj!r} (meta.omitted) are not in {safe(out)}; load it over the base weights"
               f"{f' with fingerprint {safe(fp)}' if isinstance(fp, str) else ''} (load_state_dict(strict=False))",
               file=sys.stderr)
+    if aliases:
+        shown = ", ".join(f"{safe(a)} = {safe(k)}" for a, k in sorted(aliases.items())[:3])
+        more = f", ... ({len(aliases)} in all)" if len(aliases) > 3 else ""
+        if fmt == "safetensors":
+            print(f"ftrain: note: {len(aliases)} tied tensor name(s) of {args.obj!r} share a tensor with another and "
+                  f"are not written again ({shown}{more}); the dropped names are in the metadata 'ftrain_aliases' "
+                  "({dropped: kept}); a model that ties them gets them by load_state_dict(strict=False) or "
+                  "load_pretrained", file=sys.stderr)
+        else:
+            print(f"ftrain: note: {len(aliases)} tied tensor name(s) of {args.obj!r} share one tensor with another "
+                  f"({shown}{more}); torch.save stores it once and loading keeps them shared", file=sys.stderr)
     size = out.stat().st_size
     print(f"exported step {manifest.step} object {args.obj!r}: {len(tensors)} tensors, {human(size)} "
           f"({size} bytes) -> {safe(out)} ({fmt})")  # OUT may name a hostile directory (a shell glob)
@@ -152,21 +172,34 @@ def _create_temp(out: Path, force: bool, check_exists: bool = True) -> Path:
     return tmp
 
 
-def _flat_tensors(state: Any, obj: str) -> dict[str, torch.Tensor]:
-    """``state`` as {name: tensor}; non-tensor entries are skipped with a warning, nested state is refused."""
+def _flat_tensors(state: Any, obj: str) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """``(state as {name: tensor}, {alias: kept name})``; non-tensor entries are skipped with a warning, nested
+    state is refused.
+
+    Names that the checkpoint stores as one tensor (aliases: tied weights) map to one tensor object here; the
+    first name in state-dict order is the kept one (the one the checkpoint stores; for transformers models the
+    input embedding, which is also what their save_pretrained keeps).
+    """
     import torch
 
     hint = "export writes a module's flat {name: tensor} state_dict; pick one with --object (default: model)"
     if not isinstance(state, dict):
         raise CheckpointError(f"object {obj!r} is a {type(state).__name__}, not a module state_dict; {hint}")
     tensors: dict[str, torch.Tensor] = {}
+    aliases: dict[str, str] = {}
     skipped: list[str] = []
+    first: dict[int, str] = {}  # id of a decoded tensor -> the first name it has
     seen: set[int] = set()
     for key, value in state.items():
         if isinstance(key, str) and isinstance(value, torch.Tensor):
+            if id(value) in first:  # an alias: the reader decodes every name of a stored tensor to one object
+                aliases[key] = first[id(value)]
+                tensors[key] = tensors[first[id(value)]]
+                continue
+            first[id(value)] = key
             t = value.detach().contiguous()
             ptr = t.untyped_storage().data_ptr()
-            if t.numel() and ptr in seen:  # safetensors refuses shared storage; the reader never shares, but be sure
+            if t.numel() and ptr in seen:  # distinct tensors never share storage after reading; but be sure
                 t = t.clone()
             seen.add(ptr)
             tensors[key] = t
@@ -179,7 +212,7 @@ def _flat_tensors(state: Any, obj: str) -> dict[str, torch.Tensor]:
         log.warning("not exported (not tensors): %s", ", ".join(safe(k) for k in skipped))
     if not tensors:
         raise CheckpointError(f"object {obj!r} holds no tensors to export; {hint}")
-    return tensors
+    return tensors, aliases
 
 
 def _holds_state(value: Any) -> bool:

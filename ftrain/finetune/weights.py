@@ -21,6 +21,7 @@ from another thread meanwhile.
 """
 from __future__ import annotations
 
+import json
 import logging
 import os
 import pickle
@@ -180,14 +181,38 @@ def _read_source(source: str | os.PathLike[str] | Mapping[str, Any], *, step: in
 
 def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
     try:  # imported here: only fine-tuning from .safetensors needs the package
-        from safetensors import SafetensorError
+        from safetensors import SafetensorError, safe_open
         from safetensors.torch import load_file
     except ImportError:
         raise FtrainError(f"reading {path} needs the safetensors package: pip install safetensors") from None
     try:
-        return load_file(str(path), device="cpu")
+        state = load_file(str(path), device="cpu")
+        with safe_open(str(path), "pt") as f:
+            metadata = f.metadata() or {}
     except (SafetensorError, OSError, ValueError, RuntimeError) as e:
         raise CorruptCheckpoint(str(path), f"not a readable safetensors file ({e})") from None
+    return _with_aliases(state, metadata.get("ftrain_aliases"), path)
+
+
+def _with_aliases(state: dict[str, torch.Tensor], recorded: str | None, path: Path) -> dict[str, torch.Tensor]:
+    """Give back the names ``ftrain ckpt export`` dropped from a safetensors file (tied weights stored once).
+
+    Its metadata ``ftrain_aliases`` maps each dropped name to the kept one. A tied model would count them as
+    loaded anyway (through its shared tensor); an untied model of the same architecture gets the values too,
+    as a restore gives them. Metadata that does not fit (another writer's, or edited) is ignored with a warning.
+    """
+    if recorded is None:
+        return state
+    try:
+        aliases = json.loads(recorded)
+    except ValueError:
+        aliases = None
+    if not (isinstance(aliases, dict) and all(isinstance(k, str) and isinstance(v, str) and v in state
+                                              and k not in state for k, v in aliases.items())):
+        log.warning("%s: ignoring its metadata 'ftrain_aliases' (not a map of dropped names to names in the file)",
+                    path)
+        return state
+    return {**state, **{dropped: state[kept] for dropped, kept in aliases.items()}}
 
 
 #: torch.load(weights_only=True) could still run code before 2.6 (CVE-2025-32434): refuse .pt files there.

@@ -5,8 +5,11 @@ Save and restore state trees as sharded, verified checkpoints, synchronously or 
 Save = snapshot (training thread: encode, copy tensors into a reused host
 buffer) + persist (write, fsync, checksum) + commit (rank 0: manifest, rename,
 ``latest``, prune). Replicated state (identical on every rank) is written once
-in total: its tensors are split across ranks by :func:`snapshot.owners`; each
-rank also writes its per-rank state. With ``checkpoint.async_save`` the persist
+in total: its tensors are split across ranks by :func:`snapshot.owners` (the
+buffers of replicated modules all by rank 0: they differ per rank under DDP, and
+rank 0's are the ones DDP broadcasts next); each rank also writes its per-rank
+state. ``checkpoint.check_replicated`` compares the rest across ranks first
+(``replication.py``). With ``checkpoint.async_save`` the persist
 and commit run in a :class:`BackgroundWriter` thread and the ranks coordinate
 through the filesystem only; otherwise they run inline and the ranks agree on
 success with two small collectives.
@@ -23,7 +26,7 @@ import logging
 import os
 import secrets
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -40,6 +43,7 @@ from ftrain.checkpoint.store import CheckpointStore
 from ftrain.checkpoint.writer import BackgroundWriter
 from ftrain.config import CheckpointConfig
 from ftrain.errors import CheckpointDirError, CheckpointError, CorruptCheckpoint, FtrainError, StateMismatch
+from ftrain.session import replication
 from ftrain.session.collectives import Collectives
 from ftrain.session.validation import TensorSpec
 
@@ -162,8 +166,9 @@ class Checkpointer:
 
     def _decode(self, manifest: Manifest, records: tuple[Any, Any], tensors: Mapping[str, Any]) -> dict[str, Any]:
         try:
-            return {REPLICATED: codec.decode(records[0], tensors.__getitem__),
-                    rank_key(self.rank): codec.decode(records[1], tensors.__getitem__)}
+            # Per object, as encoded: an alias decodes to the very tensor (or TensorSpec) it names.
+            return {REPLICATED: codec.decode_objects(records[0], tensors.__getitem__),
+                    rank_key(self.rank): codec.decode_objects(records[1], tensors.__getitem__)}
         except (CheckpointError, KeyError, TypeError, ValueError, AttributeError, RecursionError) as e:
             raise CorruptCheckpoint(str(self.store.path(manifest.step)),
                                     f"malformed state tree ({type(e).__name__}: {e})") from None
@@ -217,8 +222,11 @@ class Checkpointer:
 
     # ------------------------------------------------------------------- save
     def save(self, step: int, replicated: dict[str, Any], per_rank: dict[str, Any], meta: dict[str, Any], *,
-             blocking: bool, best: Sequence[int] = ()) -> None:
+             blocking: bool, best: Sequence[int] = (), pinned: Collection[str] = ()) -> None:
         """Checkpoint ``step``. Collective in the sense that every rank must call it for the same step.
+
+        ``pinned``: replicated tensor names rank 0 writes (the buffers of replicated modules, see
+        ``Registry.capture``); with ``checkpoint.check_replicated`` the rest is compared across ranks first.
 
         ``best`` lists the steps retention must keep besides the ``keep_last``
         newest, best first; ``best`` on disk points at the first. Asynchronous
@@ -233,12 +241,20 @@ class Checkpointer:
         best = list(best)
         err: FtrainError | None = None
         snap: Snapshot | None = None
+        rep_tensors: dict[str, torch.Tensor] | None = None
         try:
             faults.point("save.begin", step=step, rank=self.rank)
-            snap = self._snapshot(step, replicated, per_rank)
+            # One alias scope per object (tied weights stored once, never across objects): docs/FORMAT.md.
+            rep_tree, rep_tensors = codec.encode_objects(replicated, REPLICATED)
+            snap = self._snapshot(step, rep_tree, rep_tensors, per_rank, pinned)
             self.local.makedir(tmp)
         except (FtrainError, OSError, TypeError, ValueError) as e:
             err = _as_error(e, step, tmp, self.store)
+        if self.cfg.check_replicated:  # every rank, even one that failed above: the check is collective
+            try:
+                replication.check(self.coll, rep_tensors if err is None else None, pinned, step)
+            except StateMismatch as e:
+                err = e  # the same verdict on every rank: all fail this save below, with this message
         self.last_blocking_seconds = time.monotonic() - t0
         if self.cfg.async_save and not blocking:
             if err is not None:
@@ -261,10 +277,12 @@ class Checkpointer:
             raise
         self.last_blocking_seconds = time.monotonic() - t0
 
-    def _snapshot(self, step: int, replicated: dict[str, Any], per_rank: dict[str, Any]) -> Snapshot:
-        rep_tree, rep_tensors = codec.encode(replicated, REPLICATED)
-        own_tree, own_tensors = codec.encode(per_rank, rank_key(self.rank))
-        split = owners({n: t.numel() * t.element_size() for n, t in rep_tensors.items()}, self.world_size)
+    def _snapshot(self, step: int, rep_tree: Any, rep_tensors: dict[str, torch.Tensor], per_rank: dict[str, Any],
+                  pinned: Collection[str]) -> Snapshot:
+        own_tree, own_tensors = codec.encode_objects(per_rank, rank_key(self.rank))
+        # Pinned tensors go to rank 0: the buffers of replicated modules, which only rank 0 holds right (its are
+        # what DDP broadcasts at the next forward), so a resume is exact and an export holds rank 0's buffers.
+        split = owners({n: t.numel() * t.element_size() for n, t in rep_tensors.items()}, self.world_size, pinned)
         tensors = {n: t for n, t in rep_tensors.items() if split[n] == self.rank}
         tensors.update(own_tensors)
         trees = {rank_key(self.rank): own_tree}

@@ -50,6 +50,17 @@ class Collectives:
         dist.all_reduce(t, op=dist.ReduceOp.MAX, group=self._group)
         return tuple(bool(v) for v in t.tolist())
 
+    def extremes(self, values: list[int]) -> tuple[list[int], list[int]]:
+        """Element-wise (max, min) over the ranks of ``values`` (ints with -v representable in int64), in one
+        collective: MIN is the MAX of the negated values. Every rank must pass as many values."""
+        if self.world_size == 1:
+            return list(values), list(values)
+        n = len(values)
+        t = torch.tensor([*values, *(-v for v in values)], dtype=torch.int64)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX, group=self._group)
+        out = t.tolist()
+        return out[:n], [-v for v in out[n:]]
+
     def agree(self, flags: tuple[bool, ...], values: list[float | None]) -> tuple[tuple[bool, ...], list[float | None]]:
         """``any`` of ``flags``, plus rank 0's ``values`` (None: not reported) on every rank, in one collective.
 

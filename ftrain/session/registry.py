@@ -53,16 +53,27 @@ class Registry:
         self.objects[key] = (obj, _default_per_rank(obj) if per_rank is None else per_rank)
 
     # ------------------------------------------------------------------- save
-    def capture(self, trainable_only: bool) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]]:
-        """``(replicated, per_rank, meta)``: every object's state now, this rank's RNG, and what meta records."""
+    def capture(self, trainable_only: bool) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any], list[str]]:
+        """``(replicated, per_rank, meta, buffers)``: every object's state now, this rank's RNG, what meta records,
+        and the tensor names (as the codec names them, ``replicated/model/bn.running_mean``) of the persistent
+        buffers of replicated modules.
+
+        Those buffers are the one part of a replicated module the ranks legitimately disagree on between steps:
+        DDP broadcasts rank 0's at the start of each forward, then each rank updates its own from its batch
+        (BatchNorm's running statistics). The checkpointer writes them from rank 0 (``snapshot.owners``).
+        """
         replicated: dict[str, Any] = {}
         mine: dict[str, Any] = {"rng": rng.capture()}
+        buffers: list[str] = []
         frozen_by: dict[str, list[str]] = {}
         omitted_by: dict[str, list[str]] = {}
         fingerprints: dict[str, str] = {}
         for key, (obj, per_rank) in self.objects.items():
             state = obj.state_dict()
             if trainable.is_module(obj):
+                if not per_rank:  # persistent buffers only: those are the ones in the state dict
+                    buffers += [f"{REPLICATED}/{key}/{n}" for n, _ in obj.named_buffers(remove_duplicate=False)
+                                if n in state]
                 frozen = trainable.frozen_names(obj)
                 frozen_by[key] = frozen
                 if trainable_only and frozen:
@@ -77,7 +88,7 @@ class Registry:
             "replicated": sorted(replicated), "per_rank": sorted(set(mine) - RESERVED), "frozen": frozen_by,
             "trainable_only": trainable_only, "omitted": omitted_by, "base_fingerprint": fingerprints,
         }
-        return replicated, mine, meta
+        return replicated, mine, meta, sorted(buffers)
 
     def _base(self, key: str, obj: Any) -> trainable.FrozenBase:
         if key not in self._bases:  # no restore() ran (or it found nothing): the base is what is frozen now

@@ -248,9 +248,10 @@ class Session:
         self.liveness.beat(SAVING, step)
         if self._previous_save_failed():
             self._raise_failed_save()
-        replicated, mine, meta = self.registry.capture(self.ckpt.trainable_only)
+        replicated, mine, meta, buffers = self.registry.capture(self.ckpt.trainable_only)
         meta.update(self.selection.meta_for(step), config=self._config_meta)
-        self.checkpointer.save(step, replicated, mine, meta, blocking=blocking, best=self.selection.best_steps)
+        self.checkpointer.save(step, replicated, mine, meta, blocking=blocking, best=self.selection.best_steps,
+                               pinned=buffers)
         if blocking or not self.ckpt.async_save:
             faults.point("save.end", step=step, rank=self.rank)
         self.last_saved_step = step

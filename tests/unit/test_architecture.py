@@ -70,3 +70,10 @@ def test_the_checks_above_can_fail(tmp_path: Path) -> None:
     probe.write_text("from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    from ftrain.config import X\n"
                      "def f():\n    import ftrain.session.session\n    from ftrain import errors\n")
     assert imports(probe) == {"ftrain.config", "ftrain.session.session", "ftrain.errors"}
+
+
+def test_test_modules_have_unique_basenames() -> None:
+    # pytest's default import mode imports test modules by basename: two test_x.py in different folders
+    # break collection of the whole suite (only visible when both tiers run).
+    names = [p.name for p in (PKG.parent / "tests").rglob("test_*.py")]
+    assert sorted({n for n in names if names.count(n) > 1}) == []

@@ -23,6 +23,7 @@ import torch
 import xxhash
 
 import ftrain
+from ftrain.checkpoint.manifest import FORMAT_VERSION
 from ftrain.checkpoint.store import CheckpointStore
 from ftrain.cli import main as cli
 from ftrain.errors import CorruptCheckpoint, printable
@@ -197,7 +198,7 @@ def test_inspect_text(hostile: Path, capsys: pytest.CaptureFixture[str]) -> None
     code, out, err = run(capsys, "inspect", str(hostile), "--step", "1", "--verify")
     assert code == 0, err
     rows = {line[:12].strip(): line[13:] for line in out.splitlines() if not line.startswith(" ")}
-    assert rows["versions"] == f"format 1, ftrain {SHOWN}, torch {SHOWN}"
+    assert rows["versions"] == f"format {FORMAT_VERSION}, ftrain {SHOWN}, torch {SHOWN}"
     assert rows["objects"].startswith(f"replicated: model, optimizer, {SHOWN};")
     assert rows["metrics"] == f"{NAME_SHOWN}=0.7  note={json.dumps(EVIL)}"
     assert rows["monitor"] == f"{NAME_SHOWN} (min)"

@@ -1,0 +1,107 @@
+"""Shared contract: how configuration values are checked, parsed from text and written back as text.
+
+Split out of ``config.py`` (which re-exports these names): the value rules every
+key's field carries, :func:`_check` (type and rule of one value, one-line error),
+and the text form used by environment variables and ``--set`` flags
+(:func:`_parse_text` / :func:`_format_text`, inverses of each other).
+"""
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from ftrain.errors import ConfigError
+from ftrain.signals import CATCHABLE_PREEMPTION_SIGNALS, STACK_DUMP_SIGNAL
+
+_TRUE = ("1", "true", "yes")
+_FALSE = ("0", "false", "no")
+_TYPE_NAMES: dict[Any, str] = {
+    int: "an integer",
+    float: "a number",
+    str: "a string",
+    bool: "true or false",
+    list[str]: "a list of strings",
+}
+
+#: A value rule: a predicate and the phrase saying what it allows. The phrase may be a
+#: function of the rejected value, so a list rule can name the offending item.
+Rule = tuple[Callable[[Any], bool], str | Callable[[Any], str]]
+_NON_NEGATIVE: Rule = (lambda v: v >= 0, "a value >= 0")
+_POSITIVE: Rule = (lambda v: v > 0, "a value > 0")
+_NON_EMPTY: Rule = (bool, "a non-empty string")
+
+
+def _one_of(*choices: str) -> Rule:
+    return (lambda v: v in choices, "one of " + ", ".join(map(repr, choices)))
+
+
+#: SIGKILL and SIGSTOP cannot be caught; SIGUSR2 is taken by ftrain's stack dumps, so a preemption on it
+#: would be misread (see ``signals.py``).
+PREEMPTION_SIGNALS = CATCHABLE_PREEMPTION_SIGNALS
+
+
+def _signal_problem(names: list[str]) -> str | None:
+    """Why ``names`` is not a valid ``preemption_signals`` list, or None if it is."""
+    if not names:
+        return "a non-empty list of signal names"
+    allowed = "signal names among " + ", ".join(PREEMPTION_SIGNALS)
+    for name in names:
+        if name == STACK_DUMP_SIGNAL:
+            return f"{allowed} ({name!r} is reserved: ftrain uses it to dump stacks)"
+        if name in ("SIGKILL", "SIGSTOP"):
+            return f"{allowed} ({name!r} cannot be caught, so no save could run)"
+        if name not in PREEMPTION_SIGNALS:
+            return f"{allowed} ({name!r} is not one of them)"
+    return None
+
+
+_SIGNAL_NAMES: Rule = (lambda v: _signal_problem(v) is None,
+                       lambda v: _signal_problem(v) or "")
+
+
+def _check(key: str, value: Any, tp: Any, rule: Rule | None, where: str = "") -> Any:
+    """Return ``value`` normalised to ``tp`` or raise ConfigError naming ``key``.
+
+    ``where`` (e.g. " in run.yaml") says which layer supplied the value.
+    """
+    def fail(allowed: str) -> ConfigError:
+        return ConfigError(f"{key}: invalid value {value!r}{where}; expected {allowed}")
+
+    # bool is an int subclass, but True for "every_steps" is always a mistake.
+    is_number = isinstance(value, (int, float)) and not isinstance(value, bool)
+    if tp is float and is_number:
+        value = float(value)
+    elif tp == list[str]:
+        if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) for v in value):
+            raise fail(_TYPE_NAMES[tp])
+        value = list(value)
+    elif not isinstance(value, tp) or (tp is int and not is_number):
+        raise fail(_TYPE_NAMES[tp])
+    if rule is not None and not rule[0](value):
+        raise fail(rule[1] if isinstance(rule[1], str) else rule[1](value))
+    return value
+
+
+def _parse_text(key: str, text: str, tp: Any, where: str) -> Any:
+    """Parse a string (env var or CLI text) into ``tp``; the inverse of :func:`_format_text`."""
+    word = text.strip().lower()
+    if tp is bool and word in _TRUE + _FALSE:
+        return word in _TRUE
+    if tp == list[str]:
+        return [item.strip() for item in text.split(",") if item.strip()]
+    if tp is str:
+        return text
+    if tp in (int, float):
+        try:
+            return tp(text)
+        except ValueError:
+            pass
+    raise ConfigError(f"{key}: invalid value {text!r}{where}; expected {_TYPE_NAMES[tp]}")
+
+
+def _format_text(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, list):
+        return ",".join(value)
+    return str(value)  # str(float) round-trips exactly
