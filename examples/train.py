@@ -15,13 +15,13 @@ The ftrain lines are marked ``# ftrain``.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import math
 import os
 import random
 import sys
 import time
 from dataclasses import replace
-from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -30,6 +30,7 @@ from torch.utils.data import Dataset
 
 import ftrain
 from ftrain.config import load_config
+from ftrain.data import samplelog
 
 
 class SyntheticDataset(Dataset):
@@ -66,7 +67,10 @@ def warmup_cosine(total: int, warmup: int = 10):
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--steps", type=int, default=200, help="total optimizer steps")
-    p.add_argument("--batch-size", type=int, default=16, help="per-rank batch size")
+    p.add_argument("--global-batch", type=int, default=64,
+                   help="samples per optimizer step over all ranks, kept at any world size (a resized run keeps it)")
+    p.add_argument("--batch-size", type=int, default=16,
+                   help="largest per-rank batch for one forward pass; more is taken by gradient accumulation")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--config", help="ftrain YAML config (else $FTRAIN_CONFIG, else defaults)")
     p.add_argument("--ckpt-dir", help="checkpoint directory (overrides checkpoint.dir)")
@@ -75,7 +79,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "schedule)")
     p.add_argument("--save-every-seconds", type=float, help="overrides checkpoint.every_seconds")
     p.add_argument("--workers", type=int, default=2, help="DataLoader worker processes")
-    p.add_argument("--index-log", help="directory for per-rank logs of the sample indices each step consumed")
+    p.add_argument("--index-log", help="directory for per-rank logs of the sample indices each optimizer step consumed "
+                                        "(ftrain.data.samplelog: one file per process group and rank)")
     p.add_argument("--step-sleep", type=float, default=0.0, help="seconds to sleep per step (to slow a demo down)")
     p.add_argument("--print-every", type=int, default=10, help="print progress every N steps (0: never)")
     return p.parse_args(argv)
@@ -98,8 +103,6 @@ def main(argv: list[str] | None = None) -> int:
     train_model = nn.parallel.DistributedDataParallel(model, find_unused_parameters=True) if distributed else model
     optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.01)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(args.steps))
-    loader = ftrain.ResumableLoader(SyntheticDataset(), batch_size=args.batch_size, shuffle=True, seed=args.seed,
-                                    num_workers=args.workers)
 
     overrides = {"checkpoint.dir": args.ckpt_dir, "checkpoint.every_steps": args.save_every,
                  "checkpoint.every_seconds": args.save_every_seconds}
@@ -108,27 +111,43 @@ def main(argv: list[str] | None = None) -> int:
         # Nothing configured a schedule (library default: off): this example saves every 10 steps.
         config = replace(config, checkpoint=replace(config.checkpoint, every_steps=10))
     session = ftrain.Session(config)                                                       # ftrain
+    # The same global batch at any world size: this rank's share, in micro-batches of at most --batch-size.
+    plan = session.batch_plan(args.global_batch, max_micro_batch=args.batch_size)          # ftrain
+    loader = ftrain.ResumableLoader(SyntheticDataset(), **plan.loader_args(), shuffle=True, seed=args.seed,
+                                    num_workers=args.workers)
     session.register(model=model, optimizer=optimizer, scheduler=scheduler, loader=loader)  # ftrain
     step = session.restore()                                                                # ftrain
 
-    index_log = None
-    if args.index_log:
-        Path(args.index_log).mkdir(parents=True, exist_ok=True)
-        index_log = open(Path(args.index_log) / f"rank{rank}.txt", "a", buffering=1)
+    index_log = (samplelog.SampleLog(args.index_log, samplelog.group_id(), session.world_size, rank)
+                 if args.index_log else None)
     loss_fn = nn.CrossEntropyLoss()
     train_model.train()
+    micro, consumed, step_loss = 0, [], torch.zeros(())
     while step < args.steps:
         for x, y, idx in loader:
-            loss = loss_fn(train_model(x), y)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
+            micro += 1
+            consumed += idx.tolist()
+            last = micro == plan.accumulation
+            # Gradients are summed over the accumulation batches; DDP all-reduces only with the last one.
+            with contextlib.nullcontext() if last or not distributed else train_model.no_sync():
+                loss = loss_fn(train_model(x), y)
+                (loss / plan.accumulation).backward()
+            step_loss += loss.detach() / plan.accumulation
+            if not last:
+                continue
             optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
             scheduler.step()
             step += 1
             if index_log:
-                index_log.write(f"{step} {' '.join(map(str, idx.tolist()))}\n")
-            if rank == 0 and args.print_every and step % args.print_every == 0:
-                print(f"step {step} loss {loss.item():.4f} lr {scheduler.get_last_lr()[0]:.2e}", flush=True)
+                index_log.write(step, consumed)
+            if args.print_every and step % args.print_every == 0:
+                if distributed:  # the mean over the whole global batch: comparable across world sizes
+                    dist.all_reduce(step_loss)
+                    step_loss /= session.world_size
+                if rank == 0:
+                    print(f"step {step} loss {step_loss.item():.4f} lr {scheduler.get_last_lr()[0]:.2e}", flush=True)
+            micro, consumed, step_loss = 0, [], torch.zeros(())
             if args.step_sleep:
                 time.sleep(args.step_sleep)
             session.step(step)                                                              # ftrain

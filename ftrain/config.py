@@ -46,6 +46,8 @@ ENV_PREFIX = "FTRAIN_"
 RESUME_MODES = ("auto", "required", "never")
 WHEN_BUSY = ("wait", "skip")
 SELECTION_MODES = ("auto", "min", "max")
+RESIZE_MODES = ("auto", "refuse", "resume")
+UNEVEN_BATCH = ("error", "nearest")
 
 
 def _option(default: Any, help: str, rule: Rule | None = None) -> Any:
@@ -122,6 +124,14 @@ class CheckpointConfig(_Section):
         " renewed for this long may be taken over (on one host a dead holder is seen at once).", _POSITIVE)
     takeover: bool = _option(
         False, "Take the directory over from another job holding its lease (launch --force); it stops committing.")
+    on_resize: str = _option(
+        "auto", "A checkpoint written by another number of ranks: resume (replicated state as is, the data"
+        " position re-striped over the new ranks, RNG streams derived anew; README \"Resizing\") or refuse;"
+        " auto: resume under ftrain launch --nnodes MIN:MAX, else refuse.", _one_of(*RESIZE_MODES))
+    on_uneven_batch: str = _option(
+        "error", "session.batch_plan() when the global batch cannot be split evenly over the ranks: error, or"
+        " nearest (warn, and use the nearest smaller global batch that splits; the samples of each step then"
+        " differ from the original run's, each sample is still seen once per epoch).", _one_of(*UNEVEN_BATCH))
 
 
 @dataclass(frozen=True)

@@ -27,9 +27,15 @@ LAUNCHER_PID = "FTRAIN_LAUNCHER_PID"
 LEASE_GENERATION = "FTRAIN_LEASE_GENERATION"
 #: The checkpoint root that lease is for (absolute); a script writing elsewhere takes its own lease there.
 LEASE_DIR = "FTRAIN_LEASE_DIR"
+#: Set by ftrain launch for elastic launches (--nnodes MIN:MAX with MIN<MAX); checkpoint.on_resize 'auto' then
+#: means resume.
+ELASTIC = "FTRAIN_ELASTIC"
 
 # Set by torchrun for each worker; read, never written, by ftrain.
 RANK = "RANK"
 WORLD_SIZE = "WORLD_SIZE"
 LOCAL_RANK = "LOCAL_RANK"
 LOCAL_WORLD_SIZE = "LOCAL_WORLD_SIZE"
+#: The worker group: how many times torchrun restarted its workers after a failure (a scale-up restart keeps it);
+#: recorded in heartbeats and error files (docs/FORMAT.md, "Attempt directory").
+RESTART_COUNT = "TORCHELASTIC_RESTART_COUNT"

@@ -197,14 +197,17 @@ def final_hash(output: str) -> str:
     return lines[0].split("=", 1)[1]
 
 
-def read_index_log(path: Path) -> dict[int, list[int]]:
-    """step -> sample indices, checking that a step replayed after a resume consumed the same samples."""
+def read_index_log(directory: Path, rank: int) -> dict[int, list[int]]:
+    """step -> the sample indices rank ``rank`` consumed (examples/train.py --index-log, at one world size),
+    checking that a step replayed after a resume consumed the same samples."""
+    from ftrain.data import samplelog
+
     steps: dict[int, list[int]] = {}
-    for line in path.read_text().splitlines():
-        step, *idx = map(int, line.split())
-        if step in steps:
-            assert steps[step] == idx, f"step {step} replayed with different samples: {steps[step]} vs {idx}"
-        steps[step] = idx
+    for group in samplelog.read(directory):
+        for step, idx in sorted(group.steps.get(rank, {}).items()):
+            if step in steps:
+                assert steps[step] == idx, f"step {step} replayed with different samples: {steps[step]} vs {idx}"
+            steps[step] = idx
     return steps
 
 

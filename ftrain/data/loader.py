@@ -13,7 +13,9 @@ bit-identically (random augmentation included), and every later epoch too:
   position also tells "epoch e's last batch delivered, the ``for`` loop not yet
   ended" from "epoch e+1 begun", so code after the loop (an epoch counter, a
   per-epoch ``scheduler.step()``, an evaluation) runs on resume exactly as it
-  did in the uninterrupted run.
+  did in the uninterrupted run. The position is one global cursor
+  (``position.py``), so a run resumed at another world size with the same
+  global batch consumes the same samples at every later global step.
 
 Thread/process-safety: no object here is safe to share between threads.
 :class:`SeededDataset` also runs in DataLoader workers (each has its own
@@ -22,21 +24,18 @@ copy); :class:`ResumableLoader`'s counters live only in the main process.
 from __future__ import annotations
 
 import signal
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import torch
 from torch.utils.data import DataLoader, Sampler
 
-from ftrain.data.sampler import ResumableSampler
+from ftrain.data import position
+from ftrain.data.position import Layout, Position
+from ftrain.data.sampler import ResumableSampler, default_world
 from ftrain.data.seeding import SeededDataset, derive_seed
-from ftrain.errors import StateMismatch
 from ftrain.signals import CATCHABLE_PREEMPTION_SIGNALS
 
-# Version 2 (this one) keeps a finished epoch's position until its loop ends; version 1 reported it as the
-# next epoch's start. Both are read (see ResumableLoader.load_state_dict).
-_STATE_VERSION = 2
-_READABLE_VERSIONS = (1, 2)
 # ``index`` for the DataLoader's own generator seed: -1 wraps to 2**64-1, which
 # is never a dataset index, so this stream is separate from every sample's.
 _LOADER_STREAM = -1
@@ -85,9 +84,19 @@ class _BatchSchedule(Sampler[list]):
 class ResumableLoader:
     """A DataLoader wrapper whose position survives a restart exactly.
 
+    Batching. An epoch's order is cut into *global batches* of
+    ``global_batch_size`` samples (default ``batch_size`` x world size): the
+    samples of one optimizer step over all ranks. Rank ``r`` of ``W`` takes
+    every ``W``-th sample of each, as ``accumulation`` batches of
+    ``batch_size``. The epoch's tail is padded by repeating from the start of
+    its order to a whole global batch, or with ``drop_last`` the incomplete
+    global batch is dropped; every batch is full. So the samples of global step
+    ``s`` do not depend on ``W`` (see ``position.py``; ``session.batch_plan``
+    picks ``batch_size`` and the accumulation for a constant global batch).
+
     Semantics (all per rank). The position is ``(epoch, consumed)``, with
-    ``D`` the samples this rank delivers in a full epoch (the last partial
-    batch dropped or not, see ``drop_last``):
+    ``D`` the samples this rank delivers in this epoch; saved as the global
+    cursor ``consumed x W`` (plus the ``base`` a resize re-striped from):
 
     * ``epoch``: the epoch the batches currently being delivered belong to.
     * ``consumed``: samples of this rank's epoch list that have been *handed to
@@ -153,21 +162,26 @@ class ResumableLoader:
         prefetch_factor: int | None = None,
         seed_samples: bool = True,
         worker_init_fn: Callable[[int], None] | None = None,
+        global_batch_size: int | None = None,
+        allow_global_batch_change: bool = False,
     ) -> None:
         if int(batch_size) < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        if num_replicas is None or rank is None:
+            world, world_rank = default_world()
+            num_replicas = world if num_replicas is None else num_replicas
+            rank = world_rank if rank is None else rank
         self.dataset = dataset
         self.batch_size = int(batch_size)
         self.seed = int(seed)
         self.drop_last = bool(drop_last)
         self.seed_samples = bool(seed_samples)
-        # The sampler pads (never drops) so every rank gets the same number of
-        # samples and hence the same number of batches; our drop_last is
-        # about the final incomplete batch only.
-        self._sampler = ResumableSampler(
-            len(dataset), num_replicas=num_replicas, rank=rank, shuffle=shuffle, seed=self.seed, drop_last=False
-        )
-        self._epoch, self._consumed = 0, 0
+        self._layout = Layout(seed=self.seed, dataset_len=len(dataset), shuffle=bool(shuffle), drop_last=self.drop_last,
+                              num_replicas=int(num_replicas), rank=int(rank), batch_size=self.batch_size,
+                              global_batch_size=int(global_batch_size or self.batch_size * int(num_replicas)))
+        self._allow_batch_change = bool(allow_global_batch_change)
+        self._epoch, self._base, self._consumed = 0, 0, 0
+        self._sampler = self._make_sampler()
         self._generation = 0  # bumped by __iter__/load_state_dict; stale iterators stop
         self._schedule = _BatchSchedule()
         self._generator = torch.Generator()
@@ -193,18 +207,43 @@ class ResumableLoader:
         return self._consumed
 
     @property
+    def cursor(self) -> int:
+        """Samples of this epoch consumed over all ranks (at an optimizer step: the first ``cursor`` of its order)."""
+        return self._base + self._consumed * self._layout.num_replicas
+
+    @property
+    def global_batch_size(self) -> int:
+        return self._layout.global_batch_size
+
+    @property
+    def accumulation(self) -> int:
+        """Batches per rank per global step: accumulate gradients over this many, then step the optimizer."""
+        return self._layout.accumulation
+
+    @property
     def sampler(self) -> ResumableSampler:
         return self._sampler
 
     def __len__(self) -> int:
         """Batches in a full epoch for this rank, whatever the position (a resumed loop may yield fewer)."""
-        n = self._sampler.num_samples
-        return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
+        return self._layout.rank_samples(0) // self.batch_size
 
     # -- position arithmetic ---------------------------------------------
+    def _make_sampler(self) -> ResumableSampler:
+        lay = self._layout
+        return ResumableSampler(lay.dataset_len, num_replicas=lay.num_replicas, rank=lay.rank, shuffle=lay.shuffle,
+                                seed=lay.seed, drop_last=lay.drop_last, granule=lay.global_batch_size, base=self._base)
+
+    def _set(self, epoch: int, base: int, consumed: int) -> None:
+        if base != self._base:
+            self._base = base
+            self._sampler = self._make_sampler()
+        self._epoch, self._consumed = epoch, consumed
+
     def _deliverable(self) -> int:
-        """Samples this rank delivers in a full epoch (the last partial batch dropped or not)."""
-        return len(self) * self.batch_size if self.drop_last else self._sampler.num_samples
+        """Samples this rank delivers in this epoch from ``base`` (whole batches: the tail is padded or dropped
+        at global-batch granularity)."""
+        return self._sampler.num_samples
 
     def _delivered_all(self) -> bool:
         """True from the handing-out of the epoch's last batch until its loop ends (``consumed == D > 0``)."""
@@ -216,8 +255,6 @@ class ResumableLoader:
         rest = list(self._sampler)
         bs = self.batch_size
         out: list[list[Any]] = [rest[i : i + bs] for i in range(0, len(rest), bs)]
-        if self.drop_last and out and len(out[-1]) < bs:
-            out.pop()
         if self.seed_samples:
             out = [[(self._epoch, i) for i in b] for b in out]
         return out
@@ -236,7 +273,7 @@ class ResumableLoader:
         self._check_current(generation)
         if self._delivered_all() or not self._deliverable():
             # Nothing left: end the epoch without starting an empty DataLoader iteration (and its workers).
-            self._epoch, self._consumed = self._epoch + 1, 0
+            self._set(self._epoch + 1, 0, 0)
             return
         batches = self._batches()
         sizes = [len(b) for b in batches]
@@ -263,80 +300,48 @@ class ResumableLoader:
         if next(it, _END) is not _END:
             raise RuntimeError("DataLoader yielded more batches than scheduled")
         # The caller's loop ends with this StopIteration: only now is the next epoch begun.
-        self._epoch, self._consumed = self._epoch + 1, 0
+        self._set(self._epoch + 1, 0, 0)
 
     def _check_current(self, generation: int) -> None:
         if generation != self._generation:
             raise RuntimeError("stale ResumableLoader iterator: a newer iter() or load_state_dict() replaced it")
 
     # -- state -----------------------------------------------------------
-    def _identity(self) -> dict[str, Any]:
-        s = self._sampler
-        return {
-            "seed": self.seed,
-            "num_replicas": s.num_replicas,
-            "rank": s.rank,
-            "dataset_len": s.dataset_len,
-            "batch_size": self.batch_size,
-            "shuffle": s.shuffle,
-            "drop_last": self.drop_last,
-        }
-
     def state_dict(self) -> dict[str, Any]:
-        """JSON-serialisable position ``(epoch, consumed)`` as it is (see the class docstring), plus identity fields.
+        """JSON-serialisable position as it is (see the class docstring): the epoch, the global ``cursor`` and
+        ``base``, plus the layout (fingerprint, world size, rank, batch sizes).
 
-        ``consumed == D`` ("epoch's last batch delivered, loop not ended") is
-        kept, not reported as ``(epoch + 1, 0)``: a restore must end that loop
-        before it starts the next epoch.
+        An epoch whose last batch was delivered is kept as such, not reported as
+        the next epoch's start: a restore must end that loop before it starts
+        the next epoch.
         """
-        return {"version": _STATE_VERSION, "epoch": self._epoch, "consumed": self._consumed, **self._identity()}
+        return position.to_state(self._layout, Position(self._epoch, self._base, self._consumed))
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Restore a position saved by :meth:`state_dict`; call before iterating.
+        """Restore a position saved by :meth:`state_dict` (possibly at another world size); call before iterating.
 
-        Version 2 is loaded as saved. Version 1 (ftrain before epoch-end
-        positions) recorded the position of the next batch, reporting a
-        finished epoch as ``(epoch + 1, 0)``; it is read with that meaning: a
-        saved ``consumed == D`` (only ever hand-made) becomes ``(epoch + 1, 0)``,
-        and a version-1 checkpoint taken at an epoch's last batch resumes
-        straight into the next epoch, skipping the code after the loop once, as
-        that version did (the state cannot tell the two cases apart).
+        At the saving run's world size and global batch the position is taken
+        as saved. At another one the saved cursor must lie on a global step
+        boundary, and the rest of the epoch is re-striped over this run's ranks
+        (see ``position.py``). Version 1 and 2 states (per-rank counts) load at
+        their original world size only; version 1's finished epoch resumes at
+        the next epoch's start, as that version did.
 
         Raises :class:`StateMismatch` (naming the field, saved and current
-        value) for an unknown version, a missing field, a field that differs
-        from this loader's configuration, or an impossible position.
-        Invalidates any iterator created earlier.
+        value) for an unknown version, a missing field, a fingerprint field that
+        differs, a changed global batch (unless built with
+        ``allow_global_batch_change``), or an impossible position. Invalidates
+        any iterator created earlier.
         """
-        version = state.get("version")
-        if type(version) is not int or version not in _READABLE_VERSIONS:
-            raise StateMismatch(
-                f"loader state field 'version': saved {version!r}, current {_STATE_VERSION!r} "
-                f"(readable: {', '.join(map(str, _READABLE_VERSIONS))}; state written by an incompatible "
-                "ftrain version)"
-            )
-        for name, current in self._identity().items():
-            if name not in state:
-                raise StateMismatch(f"loader state field {name!r}: missing from saved state, current {current!r}")
-            saved = state[name]
-            if type(saved) is not type(current) or saved != current:
-                raise StateMismatch(
-                    f"loader state field {name!r}: saved {saved!r}, current {current!r} "
-                    "(build the loader with the saved setting, or start without resuming)"
-                )
-        epoch, consumed = state.get("epoch"), state.get("consumed")
-        if type(epoch) is not int or epoch < 0:
-            raise StateMismatch(f"loader state field 'epoch': saved {epoch!r}, current must be an int >= 0")
-        deliverable = self._deliverable()
-        if (
-            type(consumed) is not int
-            or not 0 <= consumed <= deliverable
-            or (consumed % self.batch_size and consumed != deliverable)
-        ):
-            raise StateMismatch(
-                f"loader state field 'consumed': saved {consumed!r}, current epoch holds "
-                f"{deliverable} samples in batches of {self.batch_size}"
-            )
-        self._epoch, self._consumed = epoch, consumed
-        if version == 1 and self._delivered_all():
-            self._epoch, self._consumed = epoch + 1, 0  # version 1's meaning: a finished epoch is the next one's start
+        pos = position.from_state(state, self._layout, allow_global_batch_change=self._allow_batch_change)
+        self._set(pos.epoch, pos.base, pos.consumed)
         self._generation += 1
+
+    @staticmethod
+    def resize_state(states: Sequence[dict[str, Any]], world_size: int, rank: int) -> dict[str, Any]:
+        """The state each rank of a resized run loads, from every old rank's (``Session.restore`` calls it).
+
+        The old ranks saved one global cursor; they must agree on it. The
+        returned state is loaded by :meth:`load_state_dict`, which re-stripes.
+        """
+        return position.agree(states)

@@ -14,13 +14,20 @@ from ftrain import envvars
 from ftrain.data.seeding import MASK64
 
 
-def _default_world() -> tuple[int, int]:
+def default_world() -> tuple[int, int]:
     """(world_size, rank) from torch.distributed if initialised, else env, else (1, 0)."""
     import torch.distributed as dist
 
     if dist.is_available() and dist.is_initialized():
         return dist.get_world_size(), dist.get_rank()
     return int(os.environ.get(envvars.WORLD_SIZE, "1")), int(os.environ.get(envvars.RANK, "0"))
+
+
+def padded_length(dataset_len: int, base: int, granule: int, drop_last: bool) -> int:
+    """Samples of an epoch's order from ``base`` on, padded (or, with ``drop_last``, truncated) to a multiple
+    of ``granule``."""
+    rest = max(0, dataset_len - base)
+    return (rest // granule if drop_last else -(-rest // granule)) * granule  # -(-a // b) == ceil(a / b)
 
 
 class ResumableSampler(Sampler[int]):
@@ -30,14 +37,20 @@ class ResumableSampler(Sampler[int]):
 
     * the global order of epoch ``e`` is ``randperm(dataset_len)`` from a
       ``torch.Generator`` seeded with ``seed + e`` (``range`` when not shuffling);
-    * without ``drop_last`` it is padded by repeating from its start to a
-      multiple of ``num_replicas``; with ``drop_last`` it is truncated;
-    * rank ``r`` takes ``order[r::num_replicas]``; every rank gets exactly
+    * ``base`` (default 0) leading samples of it are left out: they were
+      consumed before a resize (see ``ResumableLoader``);
+    * what remains, without ``drop_last``, is padded by repeating from the
+      order's start to a multiple of ``granule`` (default ``num_replicas``);
+      with ``drop_last`` it is truncated to one;
+    * rank ``r`` takes ``rest[r::num_replicas]``; every rank gets exactly
       ``num_samples`` indices.
 
-    ``epoch`` and ``start`` are plain fields set by the owner (the loader);
-    iteration yields ``indices(epoch)[start:]``. Nothing here counts
-    consumption. Uses only a private generator, never the global RNG.
+    With ``granule`` a global batch (a multiple of ``num_replicas``), global
+    step ``s`` is ``rest[s*granule:(s+1)*granule]`` whatever ``num_replicas``
+    is: the loader relies on this to keep each step's samples when the world
+    size changes. ``epoch`` and ``start`` are plain fields set by the owner
+    (the loader); iteration yields ``indices(epoch)[start:]``. Nothing here
+    counts consumption. Uses only a private generator, never the global RNG.
     """
 
     def __init__(
@@ -49,24 +62,31 @@ class ResumableSampler(Sampler[int]):
         shuffle: bool = True,
         seed: int = 0,
         drop_last: bool = False,
+        granule: int | None = None,
+        base: int = 0,
     ) -> None:
         if num_replicas is None or rank is None:
-            world, world_rank = _default_world()
+            world, world_rank = default_world()
             num_replicas = world if num_replicas is None else num_replicas
             rank = world_rank if rank is None else rank
-        if int(dataset_len) < 0 or int(num_replicas) < 1 or not 0 <= int(rank) < int(num_replicas):
-            raise ValueError(f"bad sampler: dataset_len={dataset_len}, num_replicas={num_replicas}, rank={rank}")
+        granule = int(num_replicas) if granule is None else int(granule)
+        if (int(dataset_len) < 0 or int(num_replicas) < 1 or not 0 <= int(rank) < int(num_replicas)
+                or granule < 1 or granule % int(num_replicas) or int(base) < 0):
+            raise ValueError(f"bad sampler: dataset_len={dataset_len}, num_replicas={num_replicas}, rank={rank}, "
+                             f"granule={granule} (a multiple of num_replicas), base={base}")
         self.dataset_len = int(dataset_len)
         self.num_replicas = int(num_replicas)
         self.rank = int(rank)
         self.shuffle = bool(shuffle)
         self.seed = int(seed)
         self.drop_last = bool(drop_last)
+        self.granule = granule
+        self.base = int(base)
         self.epoch = 0
         self.start = 0
-        n, r = self.dataset_len, self.num_replicas
-        self.num_samples = n // r if self.drop_last else -(-n // r)  # -(-a // b) == ceil(a / b)
-        self.total_size = self.num_samples * self.num_replicas
+        #: Length of the remaining order after padding (or truncation): a multiple of ``granule``.
+        self.total_size = padded_length(self.dataset_len, self.base, self.granule, self.drop_last)
+        self.num_samples = self.total_size // self.num_replicas
 
     def set_epoch(self, epoch: int) -> None:
         """DistributedSampler-compatible setter; also resets ``start`` to 0."""
@@ -84,13 +104,14 @@ class ResumableSampler(Sampler[int]):
             order = torch.randperm(n, generator=g).tolist()
         else:
             order = list(range(n))
-        pad = self.total_size - n
+        rest = order[self.base :]
+        pad = self.total_size - len(rest)
         if pad > 0:
-            # Repeat from the start (several times when n < num_replicas).
-            order += (order * (-(-pad // n)))[:pad]
+            # Repeat from the order's start (several times when n < granule), as DistributedSampler pads.
+            rest += (order * (-(-pad // n)))[:pad]
         else:
-            order = order[: self.total_size]
-        return order[self.rank : self.total_size : self.num_replicas]
+            rest = rest[: self.total_size]
+        return rest[self.rank : self.total_size : self.num_replicas]
 
     def __iter__(self) -> Iterator[int]:
         return iter(self.indices(self.epoch)[self.start :])

@@ -153,55 +153,79 @@ class Checkpointer:
         self._share_replicated(manifest, tensors)
         return manifest, self._decode(manifest, records, tensors)
 
-    def _read_records(self, manifest: Manifest) -> tuple[Any, Any]:
-        """(the replicated tree, this rank's tree) from the verified shard records."""
+    def _sources(self, manifest: Manifest) -> list[int]:
+        """The saving ranks whose per-rank state this rank needs: its own, or after a resize every one's (each
+        per-rank object's ``resize_state`` hook maps them onto this rank)."""
+        if manifest.world_size != self.world_size:
+            return list(range(manifest.world_size))
+        return [self.rank]
+
+    def _reader_of(self, saver: int) -> int:
+        """The rank of this run that reads (and, across nodes, broadcasts) the replicated tensors in ``saver``'s
+        file: the saver itself at the same world size; after a resize they are dealt round-robin."""
+        return saver % self.world_size
+
+    def _read_records(self, manifest: Manifest) -> dict[str, Any]:
+        """The replicated tree and the per-rank trees of :meth:`_sources`, from the verified shard records."""
         storage, ckpt = self.store.storage, format.step_dirname(manifest.step)
         record0 = read_shard_record(storage, ckpt, manifest, 0)
-        mine = record0 if self.rank == 0 else read_shard_record(storage, ckpt, manifest, self.rank)
-        trees = (record0.trees.get(REPLICATED), mine.trees.get(rank_key(self.rank)))
-        if any(t is None for t in trees):
-            raise CorruptCheckpoint(storage.describe(f"{ckpt}/{format.shard_names(self.rank)[0]}"),
-                                    "state tree missing")
+        trees = {REPLICATED: record0.trees.get(REPLICATED)}
+        for r in self._sources(manifest):
+            record = record0 if r == 0 else read_shard_record(storage, ckpt, manifest, r)
+            trees[rank_key(r)] = record.trees.get(rank_key(r))
+        for key, tree in trees.items():
+            if tree is None:
+                owner = 0 if key == REPLICATED else int(key.rsplit("-", 1)[-1])
+                raise CorruptCheckpoint(storage.describe(f"{ckpt}/{format.shard_names(owner)[0]}"),
+                                        f"state tree {key!r} missing")
         return trees
 
-    def _decode(self, manifest: Manifest, records: tuple[Any, Any], tensors: Mapping[str, Any]) -> dict[str, Any]:
+    def _decode(self, manifest: Manifest, records: dict[str, Any], tensors: Mapping[str, Any]) -> dict[str, Any]:
         try:
             # Per object, as encoded: an alias decodes to the very tensor (or TensorSpec) it names.
-            return {REPLICATED: codec.decode_objects(records[0], tensors.__getitem__),
-                    rank_key(self.rank): codec.decode_objects(records[1], tensors.__getitem__)}
+            return {key: codec.decode_objects(tree, tensors.__getitem__) for key, tree in records.items()}
         except (CheckpointError, KeyError, TypeError, ValueError, AttributeError, RecursionError) as e:
             raise CorruptCheckpoint(str(self.store.path(manifest.step)),
                                     f"malformed state tree ({type(e).__name__}: {e})") from None
 
-    def _my_files(self, manifest: Manifest) -> list[int]:
-        """The ranks whose .bin files this rank reads: its own, and on one node the others' (replicated tensors)."""
-        if self.rank >= manifest.world_size:
-            return []
-        others = [r for r in range(manifest.world_size) if r != self.rank] if self._single_node() else []
-        return [self.rank, *others]
+    def _my_files(self, manifest: Manifest) -> list[tuple[int, Callable[[str], bool]]]:
+        """The saving ranks whose .bin files this rank reads, each with the tensors it keeps from it.
+
+        Its own file (at the same world size); the replicated tensors of the files it is the reader of; on one
+        node every file's replicated tensors (the page cache makes that one disk read per node, faster than
+        broadcasting: docs/PERFORMANCE.md); after a resize every saver's per-rank tensors.
+        """
+        single = self._single_node()
+        sources = set(self._sources(manifest))
+        out: list[tuple[int, Callable[[str], bool]]] = []
+        for r in range(manifest.world_size):
+            own = r in sources
+            rep = single or self._reader_of(r) == self.rank
+            if r == self.rank and manifest.world_size == self.world_size:
+                out.append((r, lambda n: True))
+            elif own or rep:
+                out.append((r, _keeper(rank_key(r) if own else None, rep)))
+        out.sort(key=lambda item: item[0] != self.rank)  # its own file first: that is what _verify_files checks
+        return out
 
     def _check_memory(self, manifest: Manifest) -> None:
         """Refuse (as damage) a checkpoint that declares more tensor bytes than this host could hold, in total
-        over the files this rank reads (each read checks its own file too)."""
-        own = format.shard_names(self.rank)[1]
-        ensure_memory(sum(t.nbytes for n, t in manifest.tensors.items()
-                          if t.file == own or (n.startswith(f"{REPLICATED}/") and self._single_node())),
+        over the tensors this rank keeps (each read checks its own file too)."""
+        keeps = {format.shard_names(r)[1]: keep for r, keep in self._my_files(manifest)}
+        ensure_memory(sum(t.nbytes for n, t in manifest.tensors.items() if t.file in keeps and keeps[t.file](n)),
                       str(self.store.path(manifest.step)))
 
     def _read_tensors(self, manifest: Manifest) -> dict[str, torch.Tensor]:
         storage, ckpt = self.store.storage, format.step_dirname(manifest.step)
-        tensors = read_shard_tensors(storage, ckpt, manifest, self.rank)
-        # All ranks of one node share one page cache: reading the other shards costs one disk read per node and
-        # is faster than broadcasting (measured: docs/PERFORMANCE.md). Every file is verified as read.
-        for rank in self._my_files(manifest)[1:]:
-            tensors.update(read_shard_tensors(storage, ckpt, manifest, rank,
-                                              keep=lambda n: n.startswith(f"{REPLICATED}/")))
+        tensors: dict[str, torch.Tensor] = {}
+        for rank, keep in self._my_files(manifest):  # every file is verified as read
+            tensors.update(read_shard_tensors(storage, ckpt, manifest, rank, keep=keep))
         return tensors
 
     def _verify_files(self, manifest: Manifest) -> None:
-        """Checksum this rank's shard files without keeping (or allocating) any tensor."""
+        """Checksum the first shard file this rank reads without keeping (or allocating) any tensor."""
         storage, ckpt = self.store.storage, format.step_dirname(manifest.step)
-        for rank in self._my_files(manifest)[:1]:
+        for rank, _ in self._my_files(manifest)[:1]:
             read_shard_record(storage, ckpt, manifest, rank)
             read_shard_tensors(storage, ckpt, manifest, rank, keep=lambda n: False)
 
@@ -212,10 +236,10 @@ class Checkpointer:
         for name, entry in sorted(manifest.tensors.items()):
             if not name.startswith(f"{REPLICATED}/"):
                 continue
-            owner = manifest.files[entry.file].rank
-            if owner != self.rank:
+            reader = self._reader_of(manifest.files[entry.file].rank)
+            if reader != self.rank:
                 tensors[name] = torch.empty(entry.shape, dtype=codec.dtype_from_name(entry.dtype))
-            self.coll.broadcast_tensor(tensors[name], src=owner)
+            self.coll.broadcast_tensor(tensors[name], src=reader)
 
     def _single_node(self) -> bool:
         return int(os.environ.get(envvars.LOCAL_WORLD_SIZE, "0")) == self.world_size
@@ -402,6 +426,12 @@ def _what_is_left(store: CheckpointStore, step: int) -> str:
     if not older:
         return f"no earlier checkpoint is in {store.root}"
     return f"the previous checkpoint (step {older[-1]}) in {store.root} is untouched"
+
+
+def _keeper(per_rank: str | None, replicated: bool) -> Callable[[str], bool]:
+    """Which tensors of one shard file to keep: its replicated ones, and/or the per-rank ones under ``per_rank``."""
+    prefixes = tuple(p + "/" for p in ((REPLICATED,) if replicated else ()) + ((per_rank,) if per_rank else ()))
+    return lambda name: name.startswith(prefixes)
 
 
 def _specs(manifest: Manifest) -> dict[str, TensorSpec]:

@@ -16,11 +16,13 @@ from __future__ import annotations
 import copy
 import functools
 import logging
+import os
 from collections.abc import Callable
 from typing import Any
 
 import torch
 
+from ftrain import envvars
 from ftrain.checkpoint.format import REPLICATED, rank_key
 from ftrain.checkpoint.manifest import Manifest
 from ftrain.errors import CorruptCheckpoint, FtrainError, StateMismatch
@@ -119,17 +121,19 @@ class Registry:
 
     # ---------------------------------------------------------------- restore
     def check(self, manifest: Manifest, trees: dict[str, Any] | None, rank: int, world_size: int,
-              trainable_only: bool) -> None:
+              trainable_only: bool, on_resize: str = "refuse") -> None:
         """Refuse a checkpoint this run cannot take, touching nothing (see ``validation.py`` for the verdicts).
 
-        ``trees`` None: the manifest's layout only (the same on every rank).
-        Otherwise the decoded trees, tensors as descriptions: every registered
-        object's state, the RNG state, the saved freezing and, for trainable-only
-        checkpoints, the base weights' fingerprint.
+        ``trees`` None: the manifest's layout only (the same on every rank),
+        including whether a checkpoint of another world size may load
+        (``on_resize`` "resume" or "refuse", already resolved). Otherwise the
+        decoded trees, tensors as descriptions: every registered object's
+        state, each source rank's RNG state, the saved freezing and, for
+        trainable-only checkpoints, the base weights' fingerprint.
         """
         what = f"step {manifest.step}"
         if trees is None:
-            self._check_layout(manifest, world_size)
+            self._check_layout(manifest, world_size, on_resize)
             return
         frozen_by = _str_lists(manifest.meta.get("frozen"), "frozen", what)
         omitted_by = _str_lists(manifest.meta.get("omitted"), "omitted", what)
@@ -149,13 +153,26 @@ class Registry:
                     raise CorruptCheckpoint(what, f"{key!r}: trainable-only checkpoint without a base fingerprint")
                 self._verified[key] = trainable.check_base(obj, omitted_by[key], recorded, about)
         # After the freezing and base checks: their messages say more about a trainable-only checkpoint.
-        validation.check_objects(self.objects, trees[REPLICATED], trees[rank_key(rank)], omitted_by, what)
+        sources = [rank] if manifest.world_size == world_size else range(manifest.world_size)
+        for r in sources:  # after a resize, every saving rank's per-rank state feeds the hooks
+            validation.check_objects(self.objects, trees[REPLICATED], trees[rank_key(r)], omitted_by, what)
 
-    def _check_layout(self, manifest: Manifest, world_size: int) -> None:
+    def _check_layout(self, manifest: Manifest, world_size: int, on_resize: str) -> None:
         if manifest.world_size != world_size:
-            raise StateMismatch(f"checkpoint step {manifest.step} was written by {manifest.world_size} rank(s); this "
-                                f"run has {world_size}. Per-rank RNG and data positions cannot be mapped exactly: "
-                                "relaunch with the original number of processes")
+            if on_resize != "resume":
+                raise StateMismatch(
+                    f"checkpoint step {manifest.step} was written by {manifest.world_size} rank(s); this run has "
+                    f"{world_size}. Relaunch with {manifest.world_size} processes, or set checkpoint.on_resize: "
+                    "resume to continue at this world size (README \"Resizing\": the data position and replicated "
+                    "state carry over exactly, per-rank RNG streams are derived anew)")
+            hookless = sorted(k for k, (o, per_rank) in self.objects.items()
+                              if per_rank and not callable(getattr(o, "resize_state", None)))
+            if hookless:
+                raise StateMismatch(
+                    f"checkpoint step {manifest.step} was written by {manifest.world_size} rank(s), this run has "
+                    f"{world_size}, and per-rank object(s) {hookless} have no resize_state(states, world_size, rank) "
+                    "hook to map the saved ranks' states onto this run's (README \"Resizing\"); add one, register "
+                    "them as replicated, or relaunch with the original number of processes")
         names = {k: manifest.meta.get(k) or [] for k in ("replicated", "per_rank")}
         for k, v in names.items():
             if not (isinstance(v, list) and all(isinstance(x, str) for x in v)):
@@ -168,6 +185,13 @@ class Registry:
             raise StateMismatch(f"checkpoint step {manifest.step} does not match the registered state (missing: "
                                 f"{missing}, new: {new}, per_rank changed: {moved}); register the same objects, "
                                 "with the same per_rank choices, as the run that saved it")
+
+    def resized(self, manifest: Manifest, trees: dict[str, Any], world_size: int, rank: int) -> dict[str, Any]:
+        """This rank's per-rank tree after a resize: each per-rank object's ``resize_state`` applied to every saving
+        rank's state (in saving-rank order); ``rng`` is left out (a resized run derives its streams anew)."""
+        old = [trees[rank_key(r)] for r in range(manifest.world_size)]
+        return {key: obj.resize_state([t[key] for t in old], world_size, rank)  # type: ignore[attr-defined]
+                for key, (obj, per_rank) in self.objects.items() if per_rank}
 
     def load_cheap(self, manifest: Manifest, replicated: dict[str, Any], mine: dict[str, Any],
                    *, collect_base: bool) -> Callable[[], None]:
@@ -241,6 +265,14 @@ def _str_lists(value: Any, field: str, where: str) -> dict[str, list[str]]:
             isinstance(v, list) and all(isinstance(s, str) for s in v) for v in value.values()):
         raise CorruptCheckpoint(where, f"manifest meta.{field} is malformed: expected {{object: [names]}}")
     return value
+
+
+def resize_mode(setting: str) -> str:
+    """``checkpoint.on_resize`` resolved: "auto" resumes under an elastic ``ftrain launch --nnodes MIN:MAX`` (it
+    sets FTRAIN_ELASTIC for its workers), else refuses."""
+    if setting != "auto":
+        return setting
+    return "resume" if os.environ.get(envvars.ELASTIC) == "1" else "refuse"
 
 
 def _default_per_rank(obj: object) -> bool:

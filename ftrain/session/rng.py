@@ -7,6 +7,7 @@ available). The state is a plain tree (tuples, ints, tensors) that
 """
 from __future__ import annotations
 
+import hashlib
 import logging
 import random
 from typing import Any, cast
@@ -36,6 +37,30 @@ def capture() -> dict[str, Any]:
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         state["cuda"] = [s.cpu() for s in torch.cuda.get_rng_state_all()]
     return state
+
+
+def resize_seed(saved: dict[str, Any], step: int, rank: int) -> int:
+    """The seed of rank ``rank``'s streams in a run resumed at another world size from checkpoint ``step``.
+
+    Per-rank streams cannot be mapped onto another number of ranks, so each new
+    rank gets streams derived from (seed, step, rank), never the same on two
+    ranks. The seed is a digest of the saving rank 0's torch generator state
+    (``saved``, as loaded): distinct per run and per checkpoint, and the same
+    checkpoint resumed twice at the same new world size draws the same numbers.
+    """
+    from ftrain.data.seeding import derive_seed
+
+    state = saved["torch"]
+    digest = hashlib.sha256(state.to(torch.uint8).contiguous().numpy().tobytes()).digest()
+    return derive_seed(int.from_bytes(digest[:8], "little"), step, rank)
+
+
+def reseed(seed: int) -> None:
+    """Seed every stream :func:`capture` covers from one 64-bit ``seed`` (Python, NumPy, torch CPU and CUDA)."""
+    random.seed(seed)
+    torch.manual_seed(seed)  # all CUDA devices too
+    if np is not None:
+        np.random.seed(seed % 2**32)
 
 
 def restore(state: dict[str, Any]) -> None:

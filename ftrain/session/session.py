@@ -36,13 +36,14 @@ from ftrain.attempt import EXITING, RESTORING, SAVING, STARTING, STEPPING
 from ftrain.checkpoint.format import REPLICATED, rank_key
 from ftrain.checkpoint.manifest import Manifest
 from ftrain.config import FtrainConfig, config_to_dict, load_config
+from ftrain.data.batching import BatchPlan, plan_batches
 from ftrain.errors import CheckpointError, FtrainError, NoValidCheckpoint, StateMismatch
-from ftrain.session import decision
+from ftrain.session import decision, rng
 from ftrain.session.checkpointer import Checkpointer
 from ftrain.session.collectives import Collectives
 from ftrain.session.decision import StepAction, StepInputs
 from ftrain.session.liveness import Liveness, Preempted, setup_logging
-from ftrain.session.registry import Registry
+from ftrain.session.registry import Registry, resize_mode
 from ftrain.session.selection import ModelSelection
 from ftrain.stateful import Stateful
 
@@ -125,16 +126,34 @@ class Session:
         return step
 
     def _check(self, manifest: Manifest, trees: dict[str, Any] | None) -> None:
-        self.registry.check(manifest, trees, self.rank, self.world_size, self.ckpt.trainable_only)
+        self.registry.check(manifest, trees, self.rank, self.world_size, self.ckpt.trainable_only,
+                            on_resize=resize_mode(self.ckpt.on_resize))
+
+    def batch_plan(self, global_batch: int, *, max_micro_batch: int | None = None) -> BatchPlan:
+        """How this rank takes its share of a constant ``global_batch`` at this run's world size.
+
+        ``plan.micro_batch`` samples per forward pass (at most ``max_micro_batch``),
+        ``plan.accumulation`` forward/backward passes per optimizer step. Build the
+        loader with ``ResumableLoader(dataset, **plan.loader_args(), ...)``. A
+        global batch that does not split over the ranks raises UsageError, or
+        under ``checkpoint.on_uneven_batch: nearest`` warns and uses the nearest
+        smaller one that does (README "Resizing").
+        """
+        return plan_batches(global_batch, self.world_size, max_micro_batch, self.ckpt.on_uneven_batch)
 
     def _load(self, manifest: Manifest, trees: dict[str, Any], *, include_rng: bool) -> None:
         # Everything was checked on every rank before this point (Checkpointer.restore). Loading is in two
         # phases the ranks agree on, so that a rank that failed does not leave the others holding new state:
         # what can be undone cheaply first (undone on every rank if any failed), then modules and RNG.
-        replicated, mine = trees[REPLICATED], trees[rank_key(self.rank)]
+        resized = manifest.world_size != self.world_size
+        replicated = trees[REPLICATED]
         err: BaseException | None = None
         undo: Callable[[], None] | None = None
         try:
+            # After a resize each per-rank object's hook maps every saving rank's state onto this rank; the
+            # hooks see the same trees on every rank, and a failing one fails the load like a failing load.
+            mine = (self.registry.resized(manifest, trees, self.world_size, self.rank) if resized
+                    else trees[rank_key(self.rank)])
             undo = self.registry.load_cheap(manifest, replicated, mine,
                                             collect_base=include_rng and self.ckpt.trainable_only)
         except Exception as e:  # any error from an object's load_state_dict: nothing of this phase stays loaded
@@ -145,7 +164,13 @@ class Session:
             raise StateMismatch(f"restoring checkpoint step {manifest.step} failed "
                                 f"({_describe(err) if err else 'on another rank; see its log'}); the registered "
                                 "objects were left as they were") from err
-        self.registry.load_rest(manifest, replicated, mine, include_rng=include_rng)
+        self.registry.load_rest(manifest, replicated, mine, include_rng=include_rng and not resized)
+        if include_rng and resized:
+            # Per-rank streams cannot be mapped onto other ranks: derived from (seed, step, rank) instead.
+            rng.reseed(rng.resize_seed(trees[rank_key(0)]["rng"], manifest.step, self.rank))
+            log.warning("resumed checkpoint step %d, written by %d rank(s), at %d rank(s): replicated state and the "
+                        "data position carry over; RNG streams are derived anew per rank (README \"Resizing\")",
+                        manifest.step, manifest.world_size, self.world_size)
 
     def load_best(self) -> int | None:
         """Load the best checkpoint by ``checkpoint.monitor`` into the registered objects; return its step.

@@ -72,7 +72,7 @@ def run_and_maybe_kill(args: list[str], env: dict[str, str], kill_at: int | None
 def test_sigkill_at_random_steps_and_during_saves_resumes_bit_exact(tmp_path):
     ref = run_example(common_args(tmp_path / "ref-ckpt", tmp_path / "ref-logs"))
     ref_hash = final_hash(ref.stdout)
-    ref_steps = read_index_log(tmp_path / "ref-logs" / "rank0.txt")
+    ref_steps = read_index_log(tmp_path / "ref-logs", 0)
     assert sorted(ref_steps) == list(range(1, STEPS + 1))
 
     seed = int(os.environ.get("FTRAIN_TEST_SEED", time.time_ns() % 10_000))
@@ -105,7 +105,7 @@ def test_sigkill_at_random_steps_and_during_saves_resumes_bit_exact(tmp_path):
     assert attempt >= 6, f"expected at least 7 attempts (3 random kills + 4 in-save kills), got {attempt + 1}"
     # Kills inside the save of step 21 / 42 fall back to the previous checkpoint; the kill before `latest` does not.
     assert 14 in restored and 35 in restored and 56 in restored, restored
-    steps = read_index_log(tmp_path / "logs" / "rank0.txt")  # also checks replayed steps saw the same samples
+    steps = read_index_log(tmp_path / "logs", 0)  # also checks replayed steps saw the same samples
     assert steps == ref_steps, f"seed {seed}: consumed samples differ (skip or duplicate)"
 
 
@@ -134,7 +134,7 @@ def test_two_ranks_killed_inside_sharded_saves_resume_bit_exact(tmp_path):
     assert final_hash(proc.stdout) == final_hash(ref.stdout)
     assert_same_tensors(checkpoint_tensors(ckpt), checkpoint_tensors(tmp_path / "ref"))
     for rank in (0, 1):
-        assert read_index_log(logs / f"rank{rank}.txt") == read_index_log(tmp_path / "ref-logs" / f"rank{rank}.txt")
+        assert read_index_log(logs, rank) == read_index_log(tmp_path / "ref-logs", rank)
 
 
 def test_a_save_failing_on_one_rank_fails_on_all_ranks_quickly(tmp_path):

@@ -29,7 +29,8 @@ from helpers import AugDataset, cfg
 # optimizer.step(): PyTorch's order heuristic warns, but the schedule is exact (the tests compare it).
 pytestmark = pytest.mark.filterwarnings("ignore:Detected call of `lr_scheduler.step\\(\\)` before:UserWarning")
 
-N, BS = 10, 4  # batches of 4, 4, 2: D = 10 samples, 3 steps per epoch
+N, BS = 10, 4  # the tail padded to a whole global batch (4): batches of 4, 4, 4, D = 12 samples, 3 steps
+D = 12
 PER_EPOCH = 3
 EPOCHS = 3
 
@@ -86,7 +87,7 @@ class EpochJob:
     def summary(self) -> tuple:
         """The readable part of :meth:`state`, for assertion messages."""
         sd = self.loader.state_dict()
-        return self.counters.epoch, self.sched.last_epoch, (sd["epoch"], sd["consumed"])
+        return self.counters.epoch, self.sched.last_epoch, (sd["epoch"], sd["cursor"])
 
 
 Script = Callable[[EpochJob, ftrain.Session, int, set[int]], None]
@@ -189,7 +190,7 @@ def test_quickstart_pattern_with_break_survives_every_kill(tmp_path, total):
     if total == 6:
         # Left by break after epoch 1's last batch: the loop did not end, so the loader says so and the
         # per-epoch work in `else:` did not run.
-        assert ref.summary() == (1, 1, (1, N))
+        assert ref.summary() == (1, 1, (1, D))
     for k in range(1, total + 1):
         assert_same_run(tmp_path / f"kill{k}", script, [k], ref, ref_log)
 
@@ -200,10 +201,10 @@ def test_extending_a_run_that_broke_after_an_epochs_last_batch(tmp_path):
     ref, ref_log = reference(tmp_path / "ref", quickstart_script(9))
     log: dict[int, tuple] = {}
     short = attempt(tmp_path / "ext", quickstart_script(6), log)
-    assert short is not None and short.summary() == (1, 1, (1, N))
+    assert short is not None and short.summary() == (1, 1, (1, D))
     longer = attempt(tmp_path / "ext", quickstart_script(9), log)
     assert longer is not None
-    assert longer.summary() == ref.summary() == (2, 2, (2, N))  # 9 also breaks after a last batch (epoch 2)
+    assert longer.summary() == ref.summary() == (2, 2, (2, D))  # 9 also breaks after a last batch (epoch 2)
     assert log == ref_log and longer.state() == ref.state()
 
 
@@ -216,8 +217,8 @@ def make(**kw) -> ResumableLoader:
 
 def position(loader: ResumableLoader) -> tuple[int, int]:
     sd = json.loads(json.dumps(loader.state_dict()))
-    assert (sd["epoch"], sd["consumed"]) == (loader.epoch, loader.consumed)
-    return sd["epoch"], sd["consumed"]
+    assert (sd["epoch"], sd["cursor"]) == (loader.epoch, loader.consumed)
+    return sd["epoch"], sd["cursor"]
 
 
 def test_last_batch_delivered_until_the_loop_ends():
@@ -225,7 +226,7 @@ def test_last_batch_delivered_until_the_loop_ends():
     seen = []
     for _batch in loader:
         seen.append(position(loader))
-    assert seen == [(0, 4), (0, 8), (0, 10)]  # the last batch in hand: still epoch 0, all delivered
+    assert seen == [(0, 4), (0, 8), (0, D)]  # the last batch in hand: still epoch 0, all delivered
     assert position(loader) == (1, 0)  # code after the loop: the next epoch is begun
     assert len(loader) == PER_EPOCH
 
@@ -234,8 +235,8 @@ def test_restored_at_an_epochs_end_the_first_loop_is_empty():
     ref = make()
     ref_batches = [list(ref) for _ in range(2)]
     loader = make()
-    loader.load_state_dict(json.loads(json.dumps({**ref.state_dict(), "epoch": 0, "consumed": N})))
-    assert position(loader) == (0, N) and len(loader) == PER_EPOCH  # len: a full epoch, whatever the position
+    loader.load_state_dict(json.loads(json.dumps({**ref.state_dict(), "epoch": 0, "cursor": D})))
+    assert position(loader) == (0, D) and len(loader) == PER_EPOCH  # len: a full epoch, whatever the position
     assert list(loader) == [] and position(loader) == (1, 0)
     got = list(loader)
     assert len(got) == PER_EPOCH and all(torch.equal(a, b) for a, b in zip(got, ref_batches[1], strict=True))
@@ -245,9 +246,9 @@ def test_restored_at_an_epochs_end_the_first_loop_is_empty():
 def test_break_after_the_last_batch_then_the_next_loop_ends_the_epoch():
     loader = make()
     for _ in loader:
-        if loader.consumed == N:
+        if loader.consumed == D:
             break
-    assert position(loader) == (0, N)
+    assert position(loader) == (0, D)
     ended = 0
     for _ in loader:
         raise AssertionError("an epoch whose last batch was delivered yields nothing more")
@@ -263,7 +264,7 @@ def test_holding_the_iterator_after_the_last_batch_ends_cleanly():
     for _ in range(PER_EPOCH):
         next(it)
     sd = loader.state_dict()
-    assert (sd["epoch"], sd["consumed"]) == (0, N)
+    assert (sd["epoch"], sd["cursor"]) == (0, D)
     with pytest.raises(StopIteration):  # the same iterator's next next(): the loop ends, nothing more
         next(it)
     assert position(loader) == (1, 0)
@@ -277,12 +278,12 @@ def test_iter_twice_at_an_epochs_end():
     list(ref)
     epoch1 = list(ref)
     loader = make()
-    loader.load_state_dict({**loader.state_dict(), "consumed": N})
+    loader.load_state_dict({**loader.state_dict(), "cursor": D})
     first, second = iter(loader), iter(loader)  # iter() alone moves nothing
-    assert position(loader) == (0, N)
+    assert position(loader) == (0, D)
     with pytest.raises(RuntimeError, match="stale"):
         next(first)  # superseded: it must neither end this epoch nor start one
-    assert position(loader) == (0, N)
+    assert position(loader) == (0, D)
     with pytest.raises(StopIteration):
         next(second)  # the newest one ends the epoch
     assert position(loader) == (1, 0)
@@ -301,7 +302,7 @@ def test_epoch_without_any_batch():
 @pytest.mark.parametrize("drop_last", [False, True])
 def test_end_position_with_drop_last(drop_last):
     loader = make(drop_last=drop_last)
-    d = 8 if drop_last else N  # drop_last: the final batch of 2 is dropped
+    d = 8 if drop_last else D  # drop_last: the incomplete final global batch (2) is dropped
     # range first: zip stops when it runs out, after the last batch, without asking the loader for more.
     list(zip(range(len(loader)), loader, strict=False))
     assert position(loader) == (0, d)
@@ -316,7 +317,7 @@ def test_end_position_with_drop_last(drop_last):
 def test_version_1_state_keeps_its_old_meaning():
     loader = make()
     v2 = loader.state_dict()
-    assert v2["version"] == 2
+    assert v2["version"] == 3
     # Version 1 reported an epoch's last batch as the next epoch's start: loaded as such, the first loop is
     # epoch 1 (the code after epoch 0's loop is skipped once, as that version did).
     ref = make()
@@ -330,11 +331,11 @@ def test_version_1_state_keeps_its_old_meaning():
     # A (hand-made) finished position in version 1 is normalised, as version 1 did; in version 2 it is kept.
     old.load_state_dict({**v2, "version": 1, "epoch": 4, "consumed": N})
     assert position(old) == (5, 0)
-    old.load_state_dict({**v2, "version": 2, "epoch": 4, "consumed": N})
-    assert position(old) == (4, N)
+    old.load_state_dict({**v2, "version": 2, "epoch": 4, "consumed": N})  # version 2's D: 10 (no padding)
+    assert position(old) == (4, D)
     # Mid-epoch positions mean the same in both versions.
     old.load_state_dict({**v2, "version": 1, "epoch": 2, "consumed": 4})
     assert position(old) == (2, 4) and len(list(old)) == 2
-    for bad in (0, 3, True, "1", None):
+    for bad in (0, 4, True, "1", None):
         with pytest.raises(StateMismatch, match="version"):
             old.load_state_dict({**v2, "version": bad})

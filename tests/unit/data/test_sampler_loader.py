@@ -124,7 +124,8 @@ def test_resume_single_process(drop_last):
     # Sanity on the reference itself: epoch 0 covers the dataset once, epochs differ.
     ep0 = torch.cat(ref[:per_epoch])[:, 0].long().tolist()
     ep1 = torch.cat(ref[per_epoch : 2 * per_epoch])[:, 0].long().tolist()
-    assert len(ep0) == (35 if drop_last else 37) and len(set(ep0)) == len(ep0)
+    # Without drop_last the tail is padded to a whole global batch (5) by repeating from the epoch's start.
+    assert len(ep0) == (35 if drop_last else 40) and len(set(ep0)) == (35 if drop_last else 37)
     assert ep0 != ep1
     if drop_last:
         assert all(b.shape[0] == bs for b in ref)
@@ -136,26 +137,26 @@ def test_resume_two_ranks():
     for rank in range(2):
         make = lambda: ResumableLoader(AugDataset(n), batch_size=bs, seed=4, num_replicas=2, rank=rank)  # noqa: E731
         per_epoch = len(make())
-        assert per_epoch == 5  # 19 samples per rank
+        assert per_epoch == 5  # 37 padded to 40 (a whole global batch of 8): 20 samples per rank
         ref = check_resume(make, 12, [0, 2, 4, 5, 6, 11])
         first_epoch += torch.cat(ref[:per_epoch])[:, 0].long().tolist()
-    assert set(first_epoch) == set(range(n)) and len(first_epoch) == 38
+    assert set(first_epoch) == set(range(n)) and len(first_epoch) == 40
 
 
 # ---------------------------------------------------------------- counters and epochs
 
 
 def test_counters_epoch_advance_and_break():
-    loader = ResumableLoader(AugDataset(10), batch_size=4, seed=1)  # 3 batches: 4, 4, 2
+    loader = ResumableLoader(AugDataset(10), batch_size=4, seed=1)  # 3 batches: 4, 4, 4 (padded)
     assert len(loader) == 3
     it = iter(loader)
     next(it)
     assert (loader.epoch, loader.consumed) == (0, 4)  # counted before the body runs
     next(it)
     next(it)
-    assert (loader.epoch, loader.consumed) == (0, 10)
-    # Last batch delivered, loop not ended: the state says so (version 2; version 1 said (1, 0)).
-    assert loader.state_dict()["epoch"] == 0 and loader.state_dict()["consumed"] == 10
+    assert (loader.epoch, loader.consumed) == (0, 12)
+    # Last batch delivered, loop not ended: the state says so (since version 2; version 1 said (1, 0)).
+    assert loader.state_dict()["epoch"] == 0 and loader.state_dict()["cursor"] == 12
     with pytest.raises(StopIteration):
         next(it)
     assert (loader.epoch, loader.consumed) == (1, 0)  # the loop's end begins the next epoch
@@ -200,8 +201,8 @@ def test_state_dict_json_and_fields():
     sd = loader.state_dict()
     assert json.loads(json.dumps(sd)) == sd
     assert sd == {
-        "version": 2, "epoch": 0, "consumed": 0, "seed": 3, "num_replicas": 2, "rank": 1,
-        "dataset_len": 37, "batch_size": 5, "shuffle": True, "drop_last": False,
+        "version": 3, "epoch": 0, "cursor": 0, "base": 0, "seed": 3, "num_replicas": 2, "rank": 1,
+        "dataset_len": 37, "batch_size": 5, "global_batch_size": 10, "shuffle": True, "drop_last": False,
     }
 
 
@@ -209,10 +210,10 @@ def test_state_dict_json_and_fields():
     "field, kwargs, saved, current",
     [
         ("seed", {"seed": 4}, "3", "4"),
-        ("batch_size", {"batch_size": 6}, "5", "6"),
+        ("global_batch_size", {"batch_size": 6}, "10", "12"),
         ("shuffle", {"shuffle": False}, "True", "False"),
         ("drop_last", {"drop_last": True}, "False", "True"),
-        ("num_replicas", {"num_replicas": 3, "rank": 1}, "2", "3"),
+        ("global_batch_size", {"num_replicas": 3, "rank": 1}, "10", "15"),
         ("rank", {"rank": 0}, "1", "0"),
         ("dataset_len", {"n": 40}, "37", "40"),
     ],
@@ -232,21 +233,21 @@ def test_load_state_mismatch_names_field(field, kwargs, saved, current):
 def test_load_state_rejects_version_and_bad_position():
     loader = ResumableLoader(AugDataset(37), batch_size=5)
     sd = loader.state_dict()
-    for bad in ({**sd, "version": 3}, {**sd, "version": 0}, {**sd, "version": True}, {**sd, "version": "2"},
+    for bad in ({**sd, "version": 4}, {**sd, "version": 0}, {**sd, "version": True}, {**sd, "version": "2"},
                 {k: v for k, v in sd.items() if k != "version"}):
         with pytest.raises(StateMismatch, match="version"):
             loader.load_state_dict(bad)
-    for consumed in (-5, 3, 40, "5"):
-        with pytest.raises(StateMismatch, match="consumed"):
-            loader.load_state_dict({**sd, "consumed": consumed})
+    for cursor in (-5, 3, 41, "5"):
+        with pytest.raises(StateMismatch, match="cursor"):
+            loader.load_state_dict({**sd, "cursor": cursor})
     with pytest.raises(StateMismatch, match="seed"):
         loader.load_state_dict({k: v for k, v in sd.items() if k != "seed"})
-    # An end-of-epoch position is kept (version 2): its loop ends with no batch, then epoch 3 begins.
-    loader.load_state_dict({**sd, "epoch": 2, "consumed": 37})
-    assert (loader.epoch, loader.consumed) == (2, 37)
+    # An end-of-epoch position is kept (since version 2): its loop ends with no batch, then epoch 3 begins.
+    loader.load_state_dict({**sd, "epoch": 2, "cursor": 40})
+    assert (loader.epoch, loader.consumed) == (2, 40)
     assert list(loader) == [] and (loader.epoch, loader.consumed) == (3, 0)
     # Version 1 normalised it to the next epoch's start, and is still read that way.
     loader.load_state_dict({**sd, "version": 1, "epoch": 2, "consumed": 37})
     assert (loader.epoch, loader.consumed) == (3, 0)
-    loader.load_state_dict({**sd, "epoch": 1, "consumed": 10})
+    loader.load_state_dict({**sd, "epoch": 1, "cursor": 10})
     assert len(list(loader)) == 6 and loader.epoch == 2
