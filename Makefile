@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 # The CPU wheel of this version lies on the machine's disk; a looser requirement would download a CUDA build.
 TORCH_PIN := torch==2.13.0
 
-.PHONY: venv lint test test-fast demo bench clean
+.PHONY: venv lint test test-fast demo demo-cluster bench clean
 
 venv: $(STAMP)
 
@@ -36,11 +36,16 @@ test-fast: venv
 demo: venv
 	$(BIN)/python examples/demo.py
 
+# Two simulated nodes on this host: one is SIGKILLed whole, the other goes on, the first rejoins; exactly-once audit.
+demo-cluster: venv
+	$(BIN)/python examples/demo_cluster.py
+
 bench: venv
 	$(BIN)/python benchmarks/checksum.py
 	$(BIN)/python benchmarks/checkpoint.py
 	$(BIN)/python benchmarks/trainable_only.py
 	$(BIN)/python benchmarks/recovery.py
+	$(BIN)/python benchmarks/elastic.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache

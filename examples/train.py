@@ -117,6 +117,9 @@ def main(argv: list[str] | None = None) -> int:
                                     num_workers=args.workers)
     session.register(model=model, optimizer=optimizer, scheduler=scheduler, loader=loader)  # ftrain
     step = session.restore()                                                                # ftrain
+    if rank == 0 and args.print_every:
+        print(f"world {session.world_size}: batches of {plan.micro_batch} x {plan.accumulation} per rank and step, "
+              f"global batch {plan.global_batch}; starting after step {step}", flush=True)
 
     index_log = (samplelog.SampleLog(args.index_log, samplelog.group_id(), session.world_size, rank)
                  if args.index_log else None)

@@ -27,6 +27,11 @@ class Heartbeat:
     phase: str
     step: int
     time: float  # wall clock of the last write (same host as the supervisor)
+    #: The writer's worker group (torchrun's TORCHELASTIC_RESTART_COUNT) and process id; None in lines
+    #: written before these fields existed. Ranks are renumbered across groups, so in a multi-node launch
+    #: the supervisor judges only heartbeats whose ``pid`` is a worker of the current group.
+    group: int | None = None
+    pid: int | None = None
 
 
 class AttemptFiles:
@@ -39,13 +44,20 @@ class AttemptFiles:
 
         Numbering continues across relaunches with the same run id (after a
         preemption), so an attempt never sees an earlier launch's heartbeats.
-        Per host: several nodes may share one log_dir on a shared filesystem.
+        Per host: several nodes may share one log_dir on a shared filesystem. The directory is
+        created here, so concurrent launches on one host never get the same number.
         """
         host_dir = log_dir / run_id / socket.gethostname()
         used = [int(p.name.removeprefix("attempt-")) for p in host_dir.glob("attempt-*")
                 if p.name.removeprefix("attempt-").isdigit()] if host_dir.is_dir() else []
         n = max(used, default=-1) + 1
-        return n, cls(host_dir / f"attempt-{n:03d}")
+        while True:  # claimed by creating it: several nodes of one job on one host may share the log dir
+            try:
+                (host_dir / f"attempt-{n:03d}").mkdir(parents=True)
+            except FileExistsError:
+                n += 1
+                continue
+            return n, cls(host_dir / f"attempt-{n:03d}")
 
     def create(self) -> None:
         for sub in ("heartbeats", "errors", "stacks", "ranks"):
@@ -85,8 +97,9 @@ class AttemptFiles:
         for entry in os.scandir(hb_dir):
             try:
                 rank = int(entry.name.removeprefix("rank-"))
-                phase, step, stamp = Path(entry.path).read_text().split()[:3]
-                beats[rank] = Heartbeat(phase, int(step), float(stamp))
+                phase, step, stamp, *more = Path(entry.path).read_text().split()
+                group, pid = (int(more[0]), int(more[1])) if len(more) >= 2 else (None, None)
+                beats[rank] = Heartbeat(phase, int(step), float(stamp), group, pid)
             except (ValueError, OSError):
                 continue  # being written for the first time, or not ours
         return beats
@@ -140,16 +153,18 @@ class AttemptFiles:
 class HeartbeatWriter:
     """Worker side: rewrites one fixed-width line in place (one pwrite, no fsync: only liveness matters)."""
 
-    def __init__(self, path: Path) -> None:
-        self._fd = os.open(path, os.O_WRONLY | os.O_CREAT, 0o644)
+    def __init__(self, path: Path, group: int = 0) -> None:
+        # O_TRUNC: a rank number is reused by every worker group; a new writer starts a fresh line.
+        self._fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
         self._last = 0.0
         self._phase = ""
+        self._tail = f"{group} {os.getpid()}"
 
     def beat(self, phase: str, step: int, *, min_interval: float = 0.5) -> None:
         now = time.time()
         if phase == self._phase and now - self._last < min_interval:
             return  # throttled: a step loop may call this thousands of times a second
-        line = f"{phase} {step} {now:.3f}".ljust(_HEARTBEAT_WIDTH - 1) + "\n"
+        line = f"{phase} {step} {now:.3f} {self._tail}".ljust(_HEARTBEAT_WIDTH - 1) + "\n"
         os.pwrite(self._fd, line.encode(), 0)
         self._last, self._phase = now, phase
 
@@ -157,10 +172,10 @@ class HeartbeatWriter:
         os.close(self._fd)
 
 
-def write_error_file(path: Path, rank: int, exc: BaseException) -> None:
-    """Record an uncaught exception as data for the supervisor's root-cause report."""
+def write_error_file(path: Path, rank: int, exc: BaseException, group: int = 0) -> None:
+    """Record an uncaught exception as data for the supervisor's root-cause report (``group``: the worker group)."""
     record = {
-        "rank": rank, "pid": os.getpid(), "host": socket.gethostname(), "time": time.time(),
+        "rank": rank, "pid": os.getpid(), "group": group, "host": socket.gethostname(), "time": time.time(),
         "exc_type": type(exc).__name__, "message": str(exc),
         "traceback": "".join(traceback.format_exception(type(exc), exc, exc.__traceback__)),
     }

@@ -3,7 +3,10 @@
 ``FTRAIN_FAULTS`` holds comma-separated specs ``ACTION@POINT[:step=N][:rank=R]``:
 
 * ACTION: ``kill`` (SIGKILL itself), ``term`` (SIGTERM itself), ``raise``
-  (raise :class:`InjectedFault`), ``hang`` (sleep forever, for hang detection).
+  (raise :class:`InjectedFault`), ``hang`` (sleep forever, for hang detection),
+  ``killnode`` (SIGKILL the whole node at once: the ``ftrain launch`` that
+  supervises this worker, named by ``FTRAIN_LAUNCHER_PID``, and every process
+  under it, as a reclaimed VM loses them; itself only without a launcher).
 * POINT: ``step`` (in ``Session.step``), ``save.begin``, ``save.mid_write``
   (half of the shard bytes written), ``save.shard_bin_written``,
   ``save.before_manifest``, ``save.before_rename``, ``save.before_latest``,
@@ -40,7 +43,7 @@ class Fault:
     spec: str
 
 
-ACTIONS = ("kill", "term", "raise", "hang")
+ACTIONS = ("kill", "term", "raise", "hang", "killnode")
 POINTS = ("step", "save.begin", "save.mid_write", "save.shard_bin_written", "save.before_manifest",
           "save.before_rename", "save.before_latest", "save.end", "restore.end")
 
@@ -88,8 +91,30 @@ def _claim(f: Fault) -> bool:
     return True
 
 
+def _kill_node() -> None:
+    """SIGKILL the supervising launcher and all its descendants, this process last (a node lost whole)."""
+    import psutil  # only here: the hot path never needs it
+
+    me = psutil.Process()
+    launcher = os.environ.get(envvars.LAUNCHER_PID, "")
+    try:
+        root = psutil.Process(int(launcher)) if launcher.isdigit() else me
+        procs = [root, *root.children(recursive=True)]
+    except psutil.Error:
+        procs = [me]
+    for p in procs:
+        if p.pid != me.pid:
+            try:
+                p.send_signal(signal.SIGKILL)
+            except psutil.Error:
+                pass
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
 def _fire(f: Fault) -> None:
-    if f.action == "kill":
+    if f.action == "killnode":
+        _kill_node()
+    elif f.action == "kill":
         os.kill(os.getpid(), signal.SIGKILL)
     elif f.action == "term":
         os.kill(os.getpid(), signal.SIGTERM)

@@ -1,4 +1,4 @@
-"""Supervisor side (outside the training processes): the ``ftrain`` command, ``launch`` and ``ckpt``.
+"""Supervisor side (outside the training processes): the ``ftrain`` command, ``launch``, ``rendezvous`` and ``ckpt``.
 
 Every subcommand turns an :class:`FtrainError` into one line on stderr and the
 error's exit code (see ``exitcodes.py``). That line is sanitised
@@ -11,7 +11,7 @@ import sys
 from typing import NoReturn
 
 from ftrain import __version__, exitcodes
-from ftrain.cli import ckpt, launch
+from ftrain.cli import ckpt, launch, rendezvous
 from ftrain.errors import FtrainError, printable
 
 
@@ -26,6 +26,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
     ckpt.add_parser(sub)
     launch.add_parser(sub)
+    rendezvous.add_parser(sub)
     return parser
 
 

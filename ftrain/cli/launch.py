@@ -11,6 +11,7 @@ import logging
 import os
 import secrets
 import signal
+import socket
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -27,6 +28,15 @@ if TYPE_CHECKING:
 TORCHRUN_FLAGS = [("--nnodes", True), ("--node-rank", True), ("--rdzv-backend", True), ("--rdzv-endpoint", True),
                   ("--rdzv-id", True), ("--rdzv-conf", True), ("--master-addr", True), ("--master-port", True),
                   ("--local-addr", True), ("--standalone", False)]
+
+#: What a multi-node launch passes to torchrun's c10d rendezvous (``--rdzv-conf``) unless the user's own
+#: ``--rdzv-conf`` sets the key. torchrun's defaults are last_call_timeout=30 (after MIN nodes joined, wait this
+#: long for more: every re-rendezvous after a node loss pays it) and keep-alive every 5 s, 3 misses before a
+#: silent node counts as dead. Ours: 5 s of last call (a node slower than that to arrive joins at the next
+#: rendezvous, as a scale-up), keep-alive every 2 s (a dead node is dropped from the rendezvous after ~6 s).
+RDZV_CONF_DEFAULTS = {"last_call_timeout": "5", "keep_alive_interval": "2", "keep_alive_max_attempt": "3"}
+#: torchrun's default c10d rendezvous port.
+RDZV_DEFAULT_PORT = 29400
 
 #: ftrain flags and the config keys they set.
 CONFIG_FLAGS = {
@@ -52,6 +62,11 @@ def add_parser(sub: Any) -> None:
             tr.add_argument(flag, dest=_dest(flag), metavar="VALUE")
         else:
             tr.add_argument(flag, dest=_dest(flag), action="store_true")
+    tr.add_argument("--rdzv-store", choices=("external", "agent"), default="external",
+                    help="multi-node: where the c10d rendezvous store lives. external (default): an `ftrain "
+                         "rendezvous` process at --rdzv-endpoint, which must be running (no node hosts it, so "
+                         "losing any node is survivable); agent: torchrun's own behaviour, the first node's agent "
+                         "hosts it, and losing that node stops every node (pytorch #67742)")
     f = p.add_argument_group("ftrain")
     f.add_argument("--config", help="YAML config file (else $FTRAIN_CONFIG)")
     f.add_argument("--ckpt-dir", help="checkpoint.dir")
@@ -100,9 +115,14 @@ def cmd_launch(args: argparse.Namespace) -> int:
         raise UsageError(f"log dir {str(log_dir)!r} is not writable ({e.strerror}); set supervisor.log_dir "
                      "(--log-dir) to a writable directory") from None
 
+    nnodes = _nnodes(args.tr_nnodes)
+    if nnodes[1] > 1:
+        _check_multinode(args, nnodes)
     torchrun_args: list[str] = []
     for flag, takes_value in TORCHRUN_FLAGS:
         value = getattr(args, _dest(flag))
+        if flag == "--rdzv-conf" and nnodes[1] > 1:
+            value = _rdzv_conf(value, external=args.rdzv_store == "external")
         if takes_value and value is not None:
             torchrun_args += [flag, value]
         elif not takes_value and value:
@@ -112,14 +132,79 @@ def cmd_launch(args: argparse.Namespace) -> int:
     lease = _take_lease(cfg, run_id, args.tr_nnodes)  # before any attempt starts; held until we exit
     extra_env = {} if lease is None else {envvars.LEASE_GENERATION: str(lease.generation),
                                           envvars.LEASE_DIR: os.path.abspath(cfg.checkpoint.dir)}
+    if nnodes[1] > 1 and args.tr_rdzv_backend is None:
+        torchrun_args += ["--rdzv-backend", "c10d"]
     spec = LaunchSpec(script=str(script), script_args=list(args.script_args), nproc=args.nproc,
-                      torchrun_args=torchrun_args, run_id=run_id, config=cfg, extra_env=extra_env)
+                      torchrun_args=torchrun_args, run_id=run_id, config=cfg, extra_env=extra_env, nnodes=nnodes)
     try:
         return Supervisor(spec, early_signals=early, lease_lost=lease.lost if lease is not None else lambda: None
                           ).run()
     finally:
         if lease is not None:
             lease.release()
+
+
+def _nnodes(value: str | None) -> tuple[int, int]:
+    """(MIN, MAX) from ``--nnodes N`` or ``--nnodes MIN:MAX`` (absent: one node)."""
+    if value is None:
+        return (1, 1)
+    try:
+        lo, sep, hi = value.partition(":")
+        nodes = (int(lo), int(hi if sep else lo))
+    except ValueError:
+        raise UsageError(f"--nnodes must be N or MIN:MAX, got {value!r}") from None
+    if not 1 <= nodes[0] <= nodes[1]:
+        raise UsageError(f"--nnodes {value}: need 1 <= MIN <= MAX")
+    return nodes
+
+
+def _check_multinode(args: argparse.Namespace, nnodes: tuple[int, int]) -> None:
+    """Refuse a multi-node launch the nodes cannot agree on; check the external store is reachable."""
+    if not args.tr_rdzv_id or not args.tr_rdzv_endpoint:
+        missing = " and ".join(f for f, v in (("--rdzv-id", args.tr_rdzv_id), ("--rdzv-endpoint",
+                                                                               args.tr_rdzv_endpoint)) if not v)
+        raise UsageError(f"--nnodes {args.tr_nnodes} needs {missing}: the same --rdzv-id on every node (it names the "
+                         "job), and --rdzv-endpoint HOST:PORT of the rendezvous store (`ftrain rendezvous`)")
+    if args.tr_standalone:
+        raise UsageError("--standalone is single-node; drop it for --nnodes " + args.tr_nnodes)
+    if args.tr_node_rank is not None and nnodes[0] < nnodes[1]:
+        logging.getLogger("ftrain.launch").warning(
+            "--node-rank %s is ignored with --nnodes %s: the c10d rendezvous assigns node ranks (pytorch #182223)",
+            args.tr_node_rank, args.tr_nnodes)
+    backend = args.tr_rdzv_backend or "c10d"
+    if args.rdzv_store == "external" and backend == "c10d":
+        host, port = _endpoint(args.tr_rdzv_endpoint)
+        try:
+            socket.create_connection((host, port), timeout=5.0).close()
+        except OSError as e:
+            raise UsageError(f"cannot reach the rendezvous store at {host}:{port} ({e.strerror or e}); start it "
+                             f"first, on a machine that outlives the nodes: `ftrain rendezvous --host {host} --port "
+                             f"{port}` (or pass --rdzv-store agent to let the first node host it, at the risk that "
+                             "losing that node stops them all)") from None
+
+
+def _endpoint(value: str) -> tuple[str, int]:
+    host, sep, port = value.rpartition(":")
+    if not sep:
+        return value, RDZV_DEFAULT_PORT
+    try:
+        return host.strip("[]"), int(port)
+    except ValueError:
+        raise UsageError(f"--rdzv-endpoint must be HOST:PORT, got {value!r}") from None
+
+
+def _rdzv_conf(user: str | None, *, external: bool) -> str:
+    """The ``--rdzv-conf`` of a multi-node launch: ours (:data:`RDZV_CONF_DEFAULTS`, ``is_host=false`` for an
+    external store) with the user's ``key=value,...`` winning per key."""
+    conf = dict(RDZV_CONF_DEFAULTS)
+    if external:
+        conf["is_host"] = "false"
+    for item in filter(None, (user or "").split(",")):
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise UsageError(f"--rdzv-conf must be key=value[,key=value...], got {user!r}")
+        conf[key.strip()] = value.strip()
+    return ",".join(f"{k}={v}" for k, v in conf.items())
 
 
 def _take_lease(cfg: FtrainConfig, run_id: str, nnodes: str | None) -> Lease | None:

@@ -73,12 +73,15 @@ class Liveness:
         self._install_signal_handlers(signals)
         attempt_dir = os.environ.get(envvars.ATTEMPT_DIR)
         self.attempt = AttemptFiles(attempt_dir) if attempt_dir else None
+        #: This process's worker group (docs/FORMAT.md, "Attempt directory"): torchrun restarts workers under new
+        #: ranks, so the supervisor tells their files apart by group and pid.
+        self.group = _int_env(envvars.RESTART_COUNT)
         self._next_stop_check = 0.0  # the first read of the flag looks at once
         self._phase = ""
         self._heartbeat: HeartbeatWriter | None = None
         self._stack_file: IO[str] | None = None
         if self.attempt is not None:
-            self._heartbeat = HeartbeatWriter(self.attempt.heartbeat(rank))
+            self._heartbeat = HeartbeatWriter(self.attempt.heartbeat(rank), self.group)
             # Kept open until close(): faulthandler writes to its fd from a signal handler.
             self._stack_file = open(self.attempt.stacks(rank), "a")  # noqa: SIM115
             faulthandler.register(getattr(signal, STACK_DUMP_SIGNAL), file=self._stack_file, all_threads=True,
@@ -133,7 +136,7 @@ class Liveness:
             return
         tmp = self.attempt.preempted.with_name("preempted.json.partial")
         tmp.write_text(json.dumps({"step": step, "rank": self.rank, "time": time.time(),
-                                   "reason": self.preempt_reason}))
+                                   "reason": self.preempt_reason, "pid": os.getpid(), "group": self.group}))
         os.replace(tmp, self.attempt.preempted)
 
     # ------------------------------------------------------------- liveness
@@ -167,7 +170,7 @@ class Liveness:
         self.crashing = True
         if self.attempt is not None:
             try:
-                write_error_file(self.attempt.error(self.rank), self.rank, value)
+                write_error_file(self.attempt.error(self.rank), self.rank, value, self.group)
             except OSError:
                 pass  # reporting must never mask the original error
         self._previous_hook(etype, value, tb)
@@ -210,6 +213,13 @@ def setup_logging(rank: int) -> None:
     if logger.level == logging.NOTSET:
         logger.setLevel(logging.INFO)
     logger.propagate = False
+
+
+def _int_env(name: str) -> int:
+    try:
+        return int(os.environ.get(name, "0"))
+    except ValueError:
+        return 0
 
 
 def _flush_std() -> None:

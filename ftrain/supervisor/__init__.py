@@ -3,5 +3,7 @@
 It restarts failed or hung jobs and handles preemption. Modules: ``supervisor``
 (the loop), ``job`` (the job interface and the real torchrun process tree),
 ``policy`` (the restart decision, pure), ``hang`` (hang detection, pure),
-``report`` (root cause).
+``report`` (root cause), ``nodes`` (the loop of a multi-node launch: one torchrun, many
+worker groups), ``membership`` (why a worker group ended: membership change or local
+failure, pure).
 """

@@ -21,6 +21,7 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Protocol
@@ -71,6 +72,10 @@ class Job(Protocol):
         """Send ``sig`` to every worker (rank) process; how many were signalled."""
         ...
 
+    def worker_pids(self) -> frozenset[int]:
+        """The pids of the worker (rank) processes running now: torchrun's current worker group."""
+        ...
+
     def signal_new_workers(self, sig: int) -> int:
         """Send the preemption signal ``sig`` to every worker not yet sent it this way; how many were signalled now.
 
@@ -110,16 +115,22 @@ class JobProcess:
     def __init__(self, cmd: list[str], env: dict[str, str], log_path: Path, *,
                  echo: Callable[[str], str] | None = None) -> None:
         """``echo`` (if given) maps each output line to what is shown on our stdout."""
-        # Open for the job's whole life: the output pump writes to it until close().
-        self._log = open(log_path, "ab", buffering=0)  # noqa: SIM115
+        # torchrun writes to the attempt log itself, a regular file, never to a pipe of ours: if this process dies
+        # (even by SIGKILL) torchrun's writes neither block nor fail with EPIPE. (With a pipe, torchrun sometimes
+        # hung in interpreter shutdown, joining a --tee TailLog thread, after its supervisor was SIGKILLed.)
+        # The output pump tails the file for the console and the root cause.
+        self._log = open(log_path, "ab")  # noqa: SIM115
+        self._log_path = log_path
+        self._offset = self._log.tell()
         self.tail: collections.deque[str] = collections.deque(maxlen=400)
-        self.proc = subprocess.Popen(cmd, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+        self.proc = subprocess.Popen(cmd, env=env, stdin=subprocess.DEVNULL, stdout=self._log,
                                      stderr=subprocess.STDOUT, start_new_session=True,
                                      preexec_fn=_die_with_parent)
         self._ps = psutil.Process(self.proc.pid)
         self._known: dict[int, psutil.Process] = {}
         self._stopped: set[int] = set()  # workers signal_new_workers already reached
         self._echo = echo
+        self._closing = threading.Event()
         self._pump = threading.Thread(target=self._pump_output, name="ftrain-output", daemon=True)
         self._pump.start()
 
@@ -128,14 +139,31 @@ class JobProcess:
         return self.proc.pid
 
     def _pump_output(self) -> None:
-        assert self.proc.stdout is not None
-        for raw in iter(self.proc.stdout.readline, b""):
-            self._log.write(raw)
-            line = raw.decode(errors="replace")
-            self.tail.append(line.rstrip("\n"))
-            if self._echo is not None:
-                sys.stdout.write(self._echo(line))
-                sys.stdout.flush()
+        """Follow the log file from where this job started: whole lines, until torchrun exited and all is read."""
+        with open(self._log_path, "rb") as f:
+            f.seek(self._offset)
+            partial = b""
+            while True:
+                chunk = f.readline()
+                if chunk:
+                    partial += chunk
+                    if partial.endswith(b"\n"):
+                        self._emit(partial)
+                        partial = b""
+                    continue
+                if self.proc.poll() is not None or self._closing.is_set():
+                    rest = f.read()  # whatever was written between the last read and the exit
+                    for raw in (partial + rest).splitlines(keepends=True):
+                        self._emit(raw)
+                    return
+                time.sleep(0.05)
+
+    def _emit(self, raw: bytes) -> None:
+        line = raw.decode(errors="replace")
+        self.tail.append(line.rstrip("\n"))
+        if self._echo is not None:
+            sys.stdout.write(self._echo(line if line.endswith("\n") else line + "\n"))
+            sys.stdout.flush()
 
     def poll(self) -> int | None:
         return self.proc.poll()
@@ -162,6 +190,9 @@ class JobProcess:
         for p in kids:
             self._known.setdefault(p.pid, p)
         return kids
+
+    def worker_pids(self) -> frozenset[int]:
+        return frozenset(p.pid for p in self.workers() if _alive(p))
 
     def signal_workers(self, sig: int) -> int:
         n = 0
@@ -215,6 +246,8 @@ class JobProcess:
 
     def close(self) -> None:
         self.wait_output()
+        self._closing.set()  # a descendant may still hold the file open; stop following it
+        self._pump.join(5.0)
         self._log.close()
 
 

@@ -49,6 +49,7 @@ from ftrain.signals import STACK_DUMP_SIGNAL
 from ftrain.supervisor.clock import SYSTEM_CLOCK, Clock
 from ftrain.supervisor.hang import HangLimits, find_hung
 from ftrain.supervisor.job import Job, JobFactory, JobProcess
+from ftrain.supervisor.nodes import TORCHRUN_RESTARTS, run_nodes
 from ftrain.supervisor.policy import Action, AttemptResult, Outcome, RestartPolicy, decide
 from ftrain.supervisor.report import Failure, format_report, root_cause
 from ftrain.supervisor.state import INITIAL, State, check_transition
@@ -72,6 +73,16 @@ class LaunchSpec:
     run_id: str
     config: FtrainConfig
     extra_env: dict[str, str] = field(default_factory=dict)
+    #: (MIN, MAX) of ``--nnodes``; MAX > 1 is a multi-node launch (see :mod:`ftrain.supervisor.nodes`).
+    nnodes: tuple[int, int] = (1, 1)
+
+    @property
+    def multinode(self) -> bool:
+        return self.nnodes[1] > 1
+
+    @property
+    def elastic(self) -> bool:
+        return self.nnodes[0] < self.nnodes[1]
 
 
 class Supervisor:
@@ -117,6 +128,12 @@ class Supervisor:
         exception escaped.
         """
         self._install_signal_handlers()
+        if self.spec.multinode:
+            try:
+                return run_nodes(self)
+            finally:
+                if self._job is not None and self._job.poll() is None:
+                    self._job.kill_tree()
         history: list[AttemptResult] = []
         failures: list[Failure] = []
         lines: list[str] = []
@@ -268,8 +285,10 @@ class Supervisor:
         if not any(a.startswith(("--rdzv-id", "--rdzv_id")) for a in args):
             args += ["--rdzv-id", self.spec.run_id]
         return [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(self.spec.nproc), *args,
-                # Restarts are ours (whole job, with backoff and a crash-loop guard), not torchrun's.
-                "--max-restarts", "0",
+                # Single node: restarts are ours (whole job, with backoff and a crash-loop guard), not torchrun's.
+                # Multi-node: torchrun's, so the rendezvous stays open (an agent that runs out of restarts closes
+                # it for every node); we count only the local failures among them (see _run_nodes).
+                "--max-restarts", str(TORCHRUN_RESTARTS if self.spec.multinode else 0),
                 "--log-dir", str(files.ranks_dir), "--redirects", "3", "--tee", "3",
                 self.spec.script, *self.spec.script_args]
 
@@ -287,6 +306,14 @@ class Supervisor:
                                                               *self.sup.preemption_signals})),
             "TORCH_ELASTIC_SHUTDOWN_TIMEOUT": str(int(self.sup.grace_seconds) + 5),
         })
+        if self.spec.multinode:
+            # Without this, workers share a store hosted in the group-rank-0 agent across worker groups, and a new
+            # group reads the dead group's gloo addresses from it (measured, torch 2.13: after a node loss the
+            # survivors fail "connectFullMesh ... Connection refused" over and over). With it, each group's rank 0
+            # hosts a fresh store.
+            env["TORCH_DISABLE_SHARE_RDZV_TCP_STORE"] = "1"
+        if self.spec.elastic:
+            env[envvars.ELASTIC] = "1"
         env.setdefault("OMP_NUM_THREADS", "1")
         return env
 

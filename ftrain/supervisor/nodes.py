@@ -1,0 +1,188 @@
+"""Multi-node launches (``ftrain launch --nnodes MIN:MAX``): the supervisor's loop around one long-lived torchrun.
+
+In a multi-node launch torchrun restarts its workers itself, at every re-rendezvous (a node
+left or joined, a local worker failed): an agent that exhausts ``--max-restarts`` closes the
+rendezvous for every node (torch/distributed/launcher/api.py), so ours is in effect unlimited
+(:data:`TORCHRUN_RESTARTS`). The supervisor watches torchrun's worker groups instead of its exit
+(:class:`~ftrain.supervisor.membership.GroupWatch`), classifies why each ended
+(:func:`~ftrain.supervisor.membership.classify_group`, pure) and counts only local failures and
+hangs, through the same pure :func:`~ftrain.supervisor.policy.decide` as single-node launches.
+States: RUNNING -> DONE, or RUNNING -> STOPPING -> DONE after a preemption signal (no BACKOFF:
+torchrun restarts the group at once, the rendezvous is the wait).
+"""
+from __future__ import annotations
+
+import signal
+from typing import TYPE_CHECKING
+
+from ftrain import exitcodes
+from ftrain.attempt import AttemptFiles
+from ftrain.signals import STACK_DUMP_SIGNAL
+from ftrain.supervisor.hang import find_hung
+from ftrain.supervisor.membership import Ending, Group, GroupWatch, classify_group, group_errors, parse_worker_exits
+from ftrain.supervisor.policy import Action, AttemptResult, Decision, Outcome, decide
+from ftrain.supervisor.report import Failure, exit_text, root_cause
+from ftrain.supervisor.state import State
+
+if TYPE_CHECKING:
+    from ftrain.supervisor.job import Job
+    from ftrain.supervisor.supervisor import Supervisor
+
+#: torchrun's --max-restarts in a multi-node launch: in effect unlimited; the supervisor's policy decides.
+TORCHRUN_RESTARTS = 10**6
+#: Seconds between looks at torchrun's workers (a psutil scan).
+_GROUP_CHECK = 0.5
+#: Seconds between polls of torchrun (signals, exit).
+_POLL = 0.1
+
+
+def run_nodes(sup: Supervisor) -> int:
+    """A multi-node launch: one torchrun for the whole launch, which re-rendezvouses and restarts its workers.
+
+    Each worker group's end is classified (:func:`ftrain.supervisor.membership.classify_group`): a
+    membership change is logged and not counted; a local failure or hang is one attempt in the policy's
+    history, and when :func:`decide` says stop, the torchrun tree is killed (SIGKILL: torchrun then does not
+    close the rendezvous, so the other nodes carry on without us) and we exit 1 with the root-cause report.
+    There is no backoff (torchrun restarts the group at once; the rendezvous is the wait). The crash-loop
+    guard counts local failures in a row with no checkpoint newer than at the previous local failure
+    (checkpoints committed by groups in between count as progress). A preemption signal to the
+    supervisor stops the current group (save, exit 75) and then torchrun; torchrun exiting 0 is success.
+    """
+    from ftrain.supervisor.supervisor import strip_prefix  # (supervisor.py imports this module)
+
+    clock = sup.clock
+    if sup._signals:
+        sup._set(State.DONE)
+        return sup._finish(exitcodes.PREEMPTED, f"stopped by {sup._signals[0]} before the job started", [],
+                           [], sup._newest_step())
+    number, files = AttemptFiles.next_attempt(sup.log_dir, sup.spec.run_id)
+    files.create()
+    job = sup._job = sup._start_job(sup._command(files), sup._env(files, number), files.torchrun_log,
+                                    echo=strip_prefix if sup.echo else None)
+    lo, hi = sup.spec.nnodes
+    sup._say(f"started torchrun (pid {job.pid}) for {lo}:{hi} node(s), {sup.spec.nproc} worker(s) on this "
+             f"node; worker groups are restarted by torchrun at each rendezvous; logs in {files.root}")
+    sup._set(State.RUNNING)
+    history: list[AttemptResult] = []
+    failures: list[Failure] = []
+    lines: list[str] = []
+    watch = GroupWatch()
+    hangs: dict[int, str] = {}  # group number -> the hang verdict that ended it
+    mark = sup._newest_step()  # the newest checkpoint at the previous local failure (the crash-loop guard)
+    grace_deadline: float | None = None
+    stopping: Group | None = None  # the group running when the preemption signal came
+    next_check = clock.monotonic()
+    while True:
+        rc = job.poll()
+        if len(sup._signals) >= 2:
+            sup._say(f"second signal ({sup._signals[-1]}): stopping now")
+            job.kill_tree()
+            break
+        if sup._signals and grace_deadline is None:
+            sup._set(State.STOPPING)
+            grace_deadline = clock.monotonic() + sup.sup.grace_seconds
+            stopping = watch.current
+            stop_note = sup._write_stop(files)
+            n = job.signal_new_workers(sup._forward_signal())
+            sup._say(f"{sup._signals[0]}: asked {n} worker(s) of this node to save and exit within "
+                     f"{sup.sup.grace_seconds:g}s{stop_note}")
+            if watch.current is None:
+                sup._say("no worker group is running (torchrun is in a rendezvous): stopping torchrun")
+                job.kill_tree()
+                break
+        elif grace_deadline is not None:
+            job.signal_new_workers(sup._forward_signal())
+            if clock.monotonic() > grace_deadline:
+                sup._say(f"grace period of {sup.sup.grace_seconds:g}s ran out: killing the job "
+                         "(the previous checkpoint stays valid)")
+                job.kill_tree()
+                break
+        if rc is not None or clock.monotonic() >= next_check:
+            next_check = clock.monotonic() + _GROUP_CHECK
+            job.tree()
+            ended, started = watch.observe(job.worker_pids() if rc is None else (), clock.time())
+            if ended is not None and rc is None:  # (a group that ended with torchrun: see below)
+                if grace_deadline is not None:  # our group saved (or failed) after the stop: torchrun goes too
+                    job.kill_tree()
+                    break
+                counted, stop = _group_ended(sup, ended, files, job, hangs.pop(ended.number, None), history,
+                                              failures, lines, mark)
+                if counted:
+                    mark = sup._newest_step()
+                if stop is not None:
+                    job.kill_tree()
+                    job.close()
+                    sup._job = None
+                    sup._set(State.DONE)
+                    return sup._finish(stop.exit_code, stop.reason, failures, lines, sup._newest_step())
+            if started is not None:
+                sup._say(f"worker group {started.number}: {len(started.pids)} worker(s) started")
+            current = watch.current
+            if current is not None and grace_deadline is None:
+                beats = {rank: b for rank, b in files.read_heartbeats().items() if b.pid in current.pids}
+                hang = find_hung(beats, sup.spec.nproc, current.started, clock.time(), sup.limits)
+                if hang:
+                    sup._say(f"hang detected in worker group {current.number}: {hang}; dumping Python stacks "
+                             f"to {files.root / 'stacks'}, then killing this node's workers")
+                    job.signal_workers(int(getattr(signal, STACK_DUMP_SIGNAL)))
+                    clock.sleep(2.0)
+                    job.signal_workers(int(signal.SIGKILL))  # torchrun sees the failure and re-rendezvouses
+                    hangs[current.number] = hang
+        if rc is not None:
+            break
+        clock.sleep(_POLL)
+    rc = job.poll()
+    job.kill_tree()
+    job.close()
+    sup._job = None
+    sup._set(State.DONE)
+    newest = sup._newest_step()
+    if sup._signals:
+        marker = files.read_preempted()
+        if marker is not None and (stopping is None or marker.get("pid") not in stopping.pids):
+            marker = None  # an earlier group's save for a scale-up, not the final one
+        saved = f"final checkpoint at step {marker.get('step')}" if marker is not None else \
+            "no final checkpoint committed"
+        if rc == 0 and marker is None:
+            return sup._finish(exitcodes.OK, "all ranks finished", failures, lines, newest)
+        return sup._finish(exitcodes.PREEMPTED, f"stopped by {sup._signals[0]}: {saved}", failures, lines,
+                           newest)
+    if rc == 0:
+        return sup._finish(exitcodes.OK, "all ranks finished", failures, lines, newest)
+    failure = root_cause(len(history), list(job.tail), {}, None, None)
+    failure.exit_code = rc
+    failures.append(failure)
+    return sup._finish(exitcodes.FAILURE, f"torchrun exited with {exit_text(rc) if rc is not None else '?'} "
+                       "outside a worker group (rendezvous closed or timed out, or the job already finished on "
+                       "the other nodes: see its output above)", failures, lines, newest)
+
+
+def _group_ended(sup: Supervisor, group: Group, files: AttemptFiles, job: Job, hang: str | None,
+                 history: list[AttemptResult], failures: list[Failure], lines: list[str],
+                 mark: int | None) -> tuple[bool, Decision | None]:
+    """Classify an ended group and record it: (was it a local failure, the policy's STOP decision or None)."""
+    verdict = classify_group(group.pids, files.read_errors(), parse_worker_exits(job.tail), files.read_preempted(),
+                             hang=hang)
+    newest = sup._newest_step()
+    lines.append(f"group {group.number} {verdict.ending.value}: {verdict.detail}; newest checkpoint: "
+                 f"{'step ' + str(newest) if newest is not None else 'none'}")
+    if not verdict.ending.counted:
+        sup._say(f"worker group {group.number} ended: {verdict.ending.value} ({verdict.detail}); not counted "
+                 "as a failure; torchrun re-rendezvouses")
+        return False, None
+    progressed = newest is not None and (mark is None or newest > mark)
+    outcome = Outcome.HUNG if verdict.ending is Ending.HUNG else Outcome.FAILED
+    history.append(AttemptResult(len(history), outcome, progressed, None, verdict.detail))
+    errors = group_errors(files.read_errors(), group.pids)
+    if verdict.rank in errors:  # the local exception, not the peers' communication errors it caused
+        errors = {verdict.rank: errors[verdict.rank]}
+    failure = root_cause(len(history) - 1, list(job.tail), {r: dict(e) for r, e in errors.items()}, hang,
+                         files.ranks_dir)
+    failures.append(failure)
+    decision = decide(history, sup.policy, sup._jitter())
+    if decision.action is Action.STOP:
+        return True, decision
+    sup._say(f"worker group {group.number} {verdict.ending.value} ({verdict.detail}): local failure "
+             f"{len(history)} (supervisor.max_restarts={sup.policy.max_restarts}); torchrun restarts the "
+             "workers at the next rendezvous")
+    return True, None

@@ -1,0 +1,92 @@
+"""The multi-node pure parts: which worker group a pid belongs to, and why a group ended (no processes)."""
+from __future__ import annotations
+
+from ftrain.supervisor.membership import (
+    Ending,
+    GroupWatch,
+    classify_group,
+    is_communication_failure,
+    parse_worker_exits,
+)
+
+GLOO_LOST = ("[/__w/pytorch/pytorch/third_party/gloo/gloo/transport/tcp/pair.cc:553] Connection closed by peer "
+             "[127.0.0.1]:16307. This is typically caused by a remote worker crashing.")
+MESH = ("Gloo connectFullMesh failed with [/__w/pytorch/pytorch/third_party/gloo/gloo/transport/tcp/pair.cc:152] "
+        "timed out connecting: SO_ERROR: Connection refused, remote=[127.0.0.1]:29520")
+
+
+def err(pid: int, exc_type: str, message: str, t: float = 1.0) -> dict[str, object]:
+    return {"pid": pid, "exc_type": exc_type, "message": message, "time": t, "group": 0}
+
+
+def test_communication_failures_are_recognised() -> None:
+    assert is_communication_failure(err(1, "RuntimeError", GLOO_LOST))
+    assert is_communication_failure(err(1, "RuntimeError", MESH))
+    assert is_communication_failure(err(1, "DistNetworkError", "anything"))
+    assert is_communication_failure(err(1, "DistBackendError", "NCCL watchdog"))
+    assert not is_communication_failure(err(1, "ValueError", "loss is nan"))
+    assert not is_communication_failure(err(1, "RuntimeError", "shape mismatch"))
+
+
+def test_no_error_at_all_is_a_membership_change() -> None:
+    end = classify_group(frozenset({10, 11}), {}, {}, None)
+    assert end.ending is Ending.MEMBERSHIP and not end.ending.counted
+
+
+def test_only_lost_peers_is_a_membership_change() -> None:
+    errors = {0: err(10, "RuntimeError", GLOO_LOST, 2.0), 1: err(11, "RuntimeError", GLOO_LOST, 1.0)}
+    end = classify_group(frozenset({10, 11}), errors, {10: 1}, None)
+    assert end.ending is Ending.MEMBERSHIP
+    assert "a peer was lost (rank 1: RuntimeError: [/__w" in end.detail
+
+
+def test_a_local_exception_is_a_counted_failure_even_among_lost_peers() -> None:
+    errors = {0: err(10, "RuntimeError", GLOO_LOST, 1.0), 1: err(11, "ValueError", "loss is nan\nmore", 2.0)}
+    end = classify_group(frozenset({10, 11}), errors, {}, None)
+    assert end.ending is Ending.FAILED and end.ending.counted and end.rank == 1
+    assert end.detail == "rank 1 (ValueError: loss is nan)"
+
+
+def test_errors_of_earlier_groups_do_not_count() -> None:
+    errors = {1: err(99, "ValueError", "old group's crash")}  # rank 1's file, written by a dead group's pid
+    assert classify_group(frozenset({10, 11}), errors, {}, None).ending is Ending.MEMBERSHIP
+
+
+def test_scale_up_stop_with_a_save_is_a_membership_change() -> None:
+    end = classify_group(frozenset({10, 11}), {}, {}, {"pid": 10, "step": 15})
+    assert end.ending is Ending.MEMBERSHIP and "saved step 15" in end.detail
+    stale = classify_group(frozenset({10, 11}), {}, {}, {"pid": 7, "step": 5})
+    assert "saved" not in stale.detail
+
+
+def test_a_worker_killed_without_an_error_file_is_a_counted_failure() -> None:
+    exits = parse_worker_exits(["E1201 ... api.py:1002] failed (exitcode: -9) local_rank: 1 (pid: 11) of binary: x"])
+    assert exits == {11: -9}
+    end = classify_group(frozenset({10, 11}), {}, exits, None)
+    assert end.ending is Ending.FAILED and "pid 11 exited with signal SIGKILL" in end.detail
+    # A worker that exited 75 saved (another rank's preemption): not a failure.
+    assert classify_group(frozenset({10, 11}), {}, {11: 75}, None).ending is Ending.MEMBERSHIP
+    # Another group's pid in torchrun's output is not ours.
+    assert classify_group(frozenset({10, 11}), {}, {5: -9}, None).ending is Ending.MEMBERSHIP
+
+
+def test_hang_and_signal_take_precedence() -> None:
+    errors = {0: err(10, "ValueError", "x")}
+    assert classify_group(frozenset({10}), errors, {}, None, hang="rank 0 made no progress").ending is Ending.HUNG
+    assert classify_group(frozenset({10}), errors, {}, None, signalled=True).ending is Ending.PREEMPTED
+
+
+def test_group_watch_tracks_starts_ends_and_late_workers() -> None:
+    w = GroupWatch()
+    assert w.observe([], 0.0) == (None, None)
+    ended, started = w.observe([10], 1.0)
+    assert ended is None and started is not None and started.number == 0 and started.started == 1.0
+    assert w.observe([10, 11], 1.5) == (None, None)  # torchrun's second worker: the same group
+    assert w.current is not None and w.current.pids == {10, 11}
+    assert w.observe([11], 2.0) == (None, None)  # one died, torchrun is stopping the other
+    ended, started = w.observe([], 3.0)
+    assert ended is not None and ended.pids == {10, 11} and started is None
+    ended, started = w.observe([20, 21], 9.0)
+    assert ended is None and started is not None and started.number == 1 and started.started == 9.0
+    ended, started = w.observe([30, 31], 20.0)  # replaced between two looks
+    assert ended is not None and ended.number == 1 and started is not None and started.number == 2
