@@ -48,6 +48,27 @@ WHEN_BUSY = ("wait", "skip")
 SELECTION_MODES = ("auto", "min", "max")
 RESIZE_MODES = ("auto", "refuse", "resume")
 UNEVEN_BATCH = ("error", "nearest")
+#: supervisor.notices: where preemption notices may come from (ftrain/supervisor/notices/).
+NOTICE_SOURCES = ("aws", "gcp", "azure", "drain")
+REBALANCE_MODES = ("log", "stop")
+#: The real metadata services (link-local / internal names); tests point these keys at fakes on 127.0.0.1.
+AWS_METADATA_URL = "http://169.254.169.254"
+GCP_METADATA_URL = "http://metadata.google.internal"
+AZURE_METADATA_URL = "http://169.254.169.254"
+
+
+def _notices_problem(names: list[str]) -> str | None:
+    for name in names:
+        if name not in NOTICE_SOURCES:
+            return f"a list of sources among {', '.join(NOTICE_SOURCES)} ({name!r} is not one of them)"
+    if len(set(names)) != len(names):
+        return f"a list of sources among {', '.join(NOTICE_SOURCES)}, each at most once"
+    return None
+
+
+_NOTICE_NAMES: Rule = (lambda v: _notices_problem(v) is None, lambda v: _notices_problem(v) or "")
+_HTTP_URL: Rule = (lambda v: v.startswith(("http://", "https://")) and len(v) > len("https://"),
+                   "an http:// or https:// URL")
 
 
 def _option(default: Any, help: str, rule: Rule | None = None) -> Any:
@@ -124,6 +145,21 @@ class CheckpointConfig(_Section):
         " renewed for this long may be taken over (on one host a dead holder is seen at once).", _POSITIVE)
     takeover: bool = _option(
         False, "Take the directory over from another job holding its lease (launch --force); it stops committing.")
+    remote: str = _option(
+        "", "Remote tier: s3://bucket/prefix or any fsspec URL (file:///shared/ckpt, gs://...). Each checkpoint"
+        " commits locally, then uploads in the background, manifest last; restore takes the newest valid one of"
+        " both tiers. Needs pip install ftrain[remote]; credentials from the library's standard chain. Empty:"
+        " none.")
+    remote_keep_last: int = _option(
+        3, "Newest checkpoints kept on the remote tier (besides the keep_best best ones); 0 keeps all.",
+        _NON_NEGATIVE)
+    remote_retries: int = _option(
+        5, "Attempts per file of an upload (5xx, timeouts, dropped connections, credentials) before that step's"
+        " upload counts as failed (logged, recorded in remote.json; training goes on); backoff 0.5 s doubling to"
+        " 8 s.", _POSITIVE)
+    remote_wait_seconds: float = _option(
+        600.0, "How long session.close() waits for the last upload; after a preemption save the wait is cut to"
+        " what is left of supervisor.grace_seconds.", _NON_NEGATIVE)
     on_resize: str = _option(
         "auto", "A checkpoint written by another number of ranks: resume (replicated state as is, the data"
         " position re-striped over the new ranks, RNG streams derived anew; README \"Resizing\") or refuse;"
@@ -179,6 +215,25 @@ class SupervisorConfig(_Section):
     log_dir: str = _option(
         "", "Where per-attempt, per-rank logs, error files and heartbeats go;"
         " empty means <checkpoint.dir>/logs.")
+    notices: list[str] = _option(
+        [], "Preemption notices to watch besides signals (aws, gcp, azure, drain): a notice stops the job"
+        " like a preemption signal (final save, exit 75) and its deadline is logged; empty: none.", _NOTICE_NAMES)
+    notice_poll_seconds: float = _option(
+        5.0, "Seconds between polls of each notice source (backing off to 30 s while one is unreachable).",
+        _POSITIVE)
+    aws_metadata_url: str = _option(
+        AWS_METADATA_URL, "Base URL of the AWS instance metadata service (IMDSv2) for notices: aws.", _HTTP_URL)
+    aws_rebalance: str = _option(
+        "log", "An AWS rebalance recommendation (it may come before the 2-minute spot notice): log it once,"
+        " or stop (treat it as a notice, with no deadline).", _one_of(*REBALANCE_MODES))
+    gcp_metadata_url: str = _option(
+        GCP_METADATA_URL, "Base URL of the GCP metadata server for notices: gcp.", _HTTP_URL)
+    azure_metadata_url: str = _option(
+        AZURE_METADATA_URL, "Base URL of the Azure instance metadata service (Scheduled Events) for notices:"
+        " azure.", _HTTP_URL)
+    drain_file: str = _option(
+        "", "For notices: drain, the file whose appearance stops the job (e.g. touched by a preStop hook);"
+        " if it exists at launch the job does not start (exit 75); empty means <checkpoint.dir>/DRAIN.")
 
 
 @dataclass(frozen=True)

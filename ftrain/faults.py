@@ -10,7 +10,8 @@
 * POINT: ``step`` (in ``Session.step``), ``save.begin``, ``save.mid_write``
   (half of the shard bytes written), ``save.shard_bin_written``,
   ``save.before_manifest``, ``save.before_rename``, ``save.before_latest``,
-  ``save.end``, ``restore.end``.
+  ``save.end``, ``restore.end``, ``upload.file`` (after each file of a remote
+  upload), ``upload.before_manifest`` (every file remote, the manifest not yet).
 
 When ``FTRAIN_FAULTS_ONCE_DIR`` is set, each spec fires at most once across
 process restarts (a marker file is created there before firing), so a relaunched
@@ -45,7 +46,8 @@ class Fault:
 
 ACTIONS = ("kill", "term", "raise", "hang", "killnode")
 POINTS = ("step", "save.begin", "save.mid_write", "save.shard_bin_written", "save.before_manifest",
-          "save.before_rename", "save.before_latest", "save.end", "restore.end")
+          "save.before_rename", "save.before_latest", "save.end", "restore.end", "upload.file",
+          "upload.before_manifest")
 
 
 def parse(text: str) -> tuple[Fault, ...]:

@@ -20,6 +20,8 @@ REPLACED_PREFIX = f"{TMP_PREFIX}replaced-"
 DELETING_PREFIX = f"{TMP_PREFIX}deleting-"
 MANIFEST = "manifest.json"
 LATEST = "latest"
+#: In a local root with a remote tier: the newest step durable remotely, and a persisting upload failure.
+REMOTE_STATUS = "remote.json"
 BEST = "best"
 #: The lease of the root (docs/FORMAT.md, "Lease"): the OS-lock file (created once, never replaced) and the
 #: owner record. Neither is garbage (no ``.tmp-`` prefix, no ``.partial`` suffix) nor looks like ``step-*``.

@@ -21,8 +21,9 @@ import torch
 from ftrain.checkpoint import codec, format
 from ftrain.checkpoint.format import REPLICATED
 from ftrain.checkpoint.manifest import Manifest
+from ftrain.checkpoint.remote import is_url
 from ftrain.checkpoint.shard import read_shard_record, read_shard_tensors
-from ftrain.checkpoint.store import CheckpointStore
+from ftrain.checkpoint.store import CheckpointStore, open_store
 from ftrain.errors import CheckpointError, CorruptCheckpoint
 
 #: Orders a root's manifests best first (``ftrain.session.ranking.rank_manifests``); the storage layer
@@ -35,7 +36,21 @@ SELECTORS = ("latest", "best")
 
 
 def open_path(path: str | Path, which: int | str | None = None) -> tuple[CheckpointStore, int | str]:
-    """The store and selector for ``path``: a checkpoint root, or one ``step-N`` directory inside it."""
+    """The store and selector for ``path``: a checkpoint root, or one ``step-N`` directory inside it; a local path
+    or a remote tier URL (``s3://bucket/run``, any fsspec URL)."""
+    if is_url(str(path)):
+        url = str(path).rstrip("/")
+        head, _, last = url.rpartition("/")
+        url_step = format.parse_step_dirname(last)
+        try:
+            store = open_store(head if url_step is not None else url)
+        except OSError as e:
+            raise CheckpointError(f"{url}: {e.strerror or e}") from None
+        if url_step is not None:
+            return store, url_step
+        if not store.steps():
+            raise CheckpointError(f"no checkpoints at {url} (or it cannot be listed)")
+        return store, "latest" if which is None else which
     p = Path(path)
     step = format.parse_step_dirname(p.name)
     if step is not None and (p / format.MANIFEST).exists():

@@ -19,6 +19,7 @@ from pathlib import Path
 from ftrain import __version__, faults
 from ftrain.checkpoint import checksum, format
 from ftrain.checkpoint.manifest import FileEntry, Manifest, parse
+from ftrain.checkpoint.remote import RemotePath, RemoteStorage, is_url, objects_for
 from ftrain.checkpoint.shard import ShardRecord
 from ftrain.checkpoint.storage import LocalStorage, Storage
 from ftrain.errors import CheckpointDirError, CheckpointError, CorruptCheckpoint
@@ -39,9 +40,19 @@ class CheckpointInfo:
     created_unix: float | None = None
 
 
+def open_store(location: str | os.PathLike[str]) -> CheckpointStore:
+    """The store at ``location``: a local directory, or a remote tier URL (``s3://...``, any fsspec URL; see
+    ``remote.py``). RemoteUnavailable (an OSError) if the URL's client library is missing."""
+    if is_url(str(location)):
+        storage = RemoteStorage(objects_for(str(location)))
+        return CheckpointStore(RemotePath(storage), storage)
+    return CheckpointStore(location)
+
+
 class CheckpointStore:
-    def __init__(self, root: str | os.PathLike[str], storage: Storage | None = None) -> None:
-        self.root = Path(root)
+    def __init__(self, root: str | os.PathLike[str] | RemotePath, storage: Storage | None = None) -> None:
+        #: Where the root is, for messages and ``is_dir``: a local path, or a remote URL's stand-in.
+        self.root: Path = root if isinstance(root, RemotePath) else Path(root)  # type: ignore[assignment]
         self.storage: Storage = storage if storage is not None else LocalStorage(self.root)
 
     # ----------------------------------------------------------------- discovery

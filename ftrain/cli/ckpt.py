@@ -37,11 +37,15 @@ def add_parser(sub: Any) -> None:
 
 
 def _store(path: str) -> CheckpointStore:
-    from ftrain.checkpoint.store import CheckpointStore
+    """A local checkpoint root, or a remote tier URL (``s3://bucket/run``, any fsspec URL)."""
+    from ftrain.checkpoint.store import open_store
 
-    store = CheckpointStore(path)
+    try:
+        store = open_store(path)
+    except OSError as e:
+        raise UsageError(f"checkpoint location {path!r}: {e.strerror or e}") from None
     if not store.root.is_dir():
-        raise UsageError(f"checkpoint dir {path!r} does not exist or is not a directory")
+        raise UsageError(f"checkpoint dir {path!r} does not exist or is not a directory (or holds nothing)")
     return store
 
 
@@ -77,6 +81,8 @@ def _ls(args: argparse.Namespace) -> int:
         return exitcodes.OK
     if not rows:
         print(f"no checkpoints in {show.safe(store.root)}")
+    _remote_status(store)
+    if not rows:
         return exitcodes.OK
     name = show.safe(monitor["name"])[:12] if monitor else None
     metric_head = f"  {name:>12}" if name else ""
@@ -92,6 +98,27 @@ def _ls(args: argparse.Namespace) -> int:
         size = show.human(r["size_bytes"])
         print(f"{r['step']:>12}  {r['created_utc'] or '-':<20}  {size:>10}{metric}  {status}{mark}")
     return exitcodes.OK
+
+
+def _remote_status(store: CheckpointStore) -> None:
+    """The remote tier's state as the local root records it (``remote.json``): the newest uploaded step, and a
+    failure that persists."""
+    from ftrain.checkpoint import format
+
+    try:
+        status = json.loads(store.storage.read(format.REMOTE_STATUS, format.MAX_POINTER_BYTES * 16))
+    except (OSError, ValueError):
+        return
+    if not isinstance(status, dict):
+        return
+    up = status.get("uploaded")
+    newest = show.safe(up if up is not None else "none")
+    line = f"remote tier {show.safe(status.get('remote'))}: newest uploaded step {newest}"
+    failing = status.get("failing")
+    if isinstance(failing, dict):
+        line += (f"; UPLOADS FAILING since {show.utc(failing.get('since')) or '?'} UTC: "
+                 f"{show.safe(failing.get('error'))}")
+    print(line)
 
 
 def _selection(store: CheckpointStore, infos: list[CheckpointInfo]

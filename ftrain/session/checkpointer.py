@@ -45,6 +45,7 @@ from ftrain.config import CheckpointConfig
 from ftrain.errors import CheckpointDirError, CheckpointError, CorruptCheckpoint, FtrainError, StateMismatch
 from ftrain.session import replication
 from ftrain.session.collectives import Collectives
+from ftrain.session.tiers import LOCAL, REMOTE, RemoteTier
 from ftrain.session.validation import TensorSpec
 
 log = logging.getLogger("ftrain")
@@ -65,6 +66,8 @@ class Checkpointer:
         self.lease: Lease | Fence | None = None
         #: Blocking time of the last save on this rank (snapshot only, when asynchronous).
         self.last_blocking_seconds = 0.0
+        #: The remote tier (``checkpoint.remote``), if configured: uploads after commits, fetches on restore.
+        self.tier = RemoteTier(cfg, coll, self.store) if cfg.remote else None
 
     # ------------------------------------------------------------------ setup
     def setup(self) -> None:
@@ -81,6 +84,8 @@ class Checkpointer:
                 if self.lease is None:  # before anything in the root is touched: it may be another job's
                     self.lease = self._take_lease()
                 self.store.cleanup_temps()
+                if self.tier is not None:
+                    self.tier.start()
                 existing = self.store.steps()
                 if self.cfg.resume == "never" and existing:
                     raise CheckpointDirError(
@@ -114,17 +119,29 @@ class Checkpointer:
         agree: damage on any rank makes all fall back to the next candidate; a
         mismatch (in a checkpoint whose files verify) raises on every rank.
         """
-        if self.rank != 0:
-            candidates = iter(())
-        elif candidates is None:
-            candidates = self.store.candidates()
+        both: Iterator[tuple[Manifest, int]] = iter(())
+        if self.rank == 0:
+            if candidates is not None:  # an explicit order (load_best): the local tier's
+                both = ((m, LOCAL) for m in candidates)
+            elif self.tier is not None:
+                both = self.tier.candidates(self.store.candidates())
+            else:
+                both = ((m, LOCAL) for m in self.store.candidates())
         while True:
-            proposal = next(candidates, None) if self.rank == 0 else None
-            (step,) = self.coll.broadcast([proposal.step if proposal else -1])
+            proposal, tier = next(both, (None, LOCAL)) if self.rank == 0 else (None, LOCAL)
+            step, tier = self.coll.broadcast([proposal.step if proposal else -1, tier])
             if step < 0:
                 return None
             damage: CorruptCheckpoint | None = None
             mismatch: StateMismatch | None = None
+            if tier == REMOTE:  # collective: every rank fetches its files, or all fall back together
+                assert self.tier is not None and self.nonce is not None
+                try:
+                    proposal = self.tier.fetch(step, proposal, self.nonce)
+                except CorruptCheckpoint as e:
+                    log.warning("skipping remote checkpoint step %d: %s: %s; falling back to an older one", step,
+                                e.path, e.reason)
+                    continue
             try:
                 manifest = proposal or self.store.read_manifest(step)
                 check(manifest, None)  # the same manifest on every rank, so the same verdict
@@ -341,15 +358,28 @@ class Checkpointer:
         guard = None if lease is None else lambda: lease.check(f"not committing step {step}")
         manifest = self.store.commit(tmp, step=step, world_size=self.world_size, nonce=self.nonce or "",
                                      timeout=self.cfg.commit_timeout_seconds, meta=meta, guard=guard)
-        # Displaced right after the rename: retention (deletions) is the new holder's business.
-        pruned = self.store.retain(step, self.cfg.keep_last, best) if lease is None or lease.holds() else []
+        # Displaced right after the rename: retention (deletions) is the new holder's business. Steps still
+        # waiting for their upload are kept: they may be the only copy the remote tier will ever get.
+        pending = self.tier.pending() if self.tier is not None else []
+        pruned = (self.store.retain(step, self.cfg.keep_last, [*best, *pending]) if lease is None or lease.holds()
+                  else [])
+        if self.tier is not None:
+            self.tier.committed(step, best)
         log.info("saved step %d (%.1f MB, %d file(s)) in %.3fs, training blocked %.3fs%s", step,
                  manifest.total_bytes / 1e6, len(manifest.files), time.monotonic() - t0, self.last_blocking_seconds,
                  f"; pruned {', '.join(map(str, pruned))}" if pruned else "")
         return manifest
 
+    def wait_remote(self, step: int, timeout: float) -> float | None:
+        """Rank 0 with a remote tier: when ``step`` became durable remotely (None: failed, or not in ``timeout``).
+        Other ranks, or no remote tier: None at once."""
+        return self.tier.wait(step, timeout) if self.tier is not None else None
+
     def close(self) -> None:
-        """Release the lease this process holds (rank 0 outside ``ftrain launch``); idempotent; no commit after."""
+        """Finish the uploads (up to ``checkpoint.remote_wait_seconds``), release the lease this process holds
+        (rank 0 outside ``ftrain launch``); idempotent; no commit after."""
+        if self.tier is not None:
+            self.tier.close(self.cfg.remote_wait_seconds)
         if self.lease is not None:
             self.lease.release()
             self.lease = None

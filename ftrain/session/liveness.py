@@ -67,6 +67,8 @@ class Liveness:
         self.rank = rank
         self.grace_seconds = grace_seconds
         self.preempt_reason: str | None = None
+        #: When the stop became known here (time.monotonic()), for the grace left to the final upload.
+        self.preempt_at: float | None = None
         self.crashing = False
         self._closed = threading.Event()
         self._previous_handlers: dict[int, Any] = {}
@@ -117,6 +119,13 @@ class Liveness:
     def request_preemption(self, reason: str) -> None:
         if self.preempt_reason is None:
             self.preempt_reason = reason
+            self.preempt_at = time.monotonic()
+
+    def grace_left(self) -> float:
+        """Seconds left of ``supervisor.grace_seconds`` since this process learned of the stop (the whole grace
+        period if it has not)."""
+        at = self.preempt_at
+        return self.grace_seconds if at is None else max(0.0, self.grace_seconds - (time.monotonic() - at))
 
     def _install_signal_handlers(self, names: list[str]) -> None:
         if threading.current_thread() is not threading.main_thread():
@@ -130,13 +139,17 @@ class Liveness:
             sig = getattr(signal, name)
             self._previous_handlers[sig] = signal.signal(sig, handler)
 
-    def write_preempted_marker(self, step: int) -> None:
-        """Tell the supervisor the preemption checkpoint committed (one per node: local rank 0 writes it)."""
+    def write_preempted_marker(self, step: int, remote_time: float | None = None) -> None:
+        """Tell the supervisor the preemption checkpoint committed (one per node: local rank 0 writes it);
+        ``remote_time``: when it became durable on the remote tier (rank 0 knows)."""
         if self.attempt is None or os.environ.get(envvars.LOCAL_RANK, "0") != "0":
             return
         tmp = self.attempt.preempted.with_name("preempted.json.partial")
-        tmp.write_text(json.dumps({"step": step, "rank": self.rank, "time": time.time(),
-                                   "reason": self.preempt_reason, "pid": os.getpid(), "group": self.group}))
+        record = {"step": step, "rank": self.rank, "time": time.time(), "reason": self.preempt_reason,
+                  "pid": os.getpid(), "group": self.group}
+        if remote_time is not None:
+            record["remote_time"] = remote_time
+        tmp.write_text(json.dumps(record))
         os.replace(tmp, self.attempt.preempted)
 
     # ------------------------------------------------------------- liveness

@@ -321,9 +321,14 @@ class Session:
             self.selection.save_failed(self.last_saved_step)
             self.last_saved_step = None
         self._save(step, blocking=True)
-        self.liveness.write_preempted_marker(step)
-        log.warning("preempted (%s): checkpoint of step %d committed; exiting with code %d",
-                    self.liveness.preempt_reason or "another rank was signalled", step, exitcodes.PREEMPTED)
+        # With a remote tier the machine may not come back: the final checkpoint is uploaded before we exit,
+        # within what is left of the grace period (rank 0 uploads; a failed or late upload is logged).
+        remote = self.checkpointer.wait_remote(step, max(0.0, self.liveness.grace_left() - 2.0))
+        self.liveness.write_preempted_marker(step, remote)
+        log.warning("preempted (%s): checkpoint of step %d committed%s; exiting with code %d",
+                    self.liveness.preempt_reason or "another rank was signalled", step,
+                    "" if not self.ckpt.remote or self.rank != 0 else " and uploaded" if remote is not None else
+                    " locally, NOT uploaded to the remote tier in time", exitcodes.PREEMPTED)
         self.liveness.beat(EXITING, step)
         raise Preempted(step)
 

@@ -8,12 +8,15 @@ rendezvous for every node (torch/distributed/launcher/api.py), so ours is in eff
 (:func:`~ftrain.supervisor.membership.classify_group`, pure) and counts only local failures and
 hangs, through the same pure :func:`~ftrain.supervisor.policy.decide` as single-node launches.
 States: RUNNING -> DONE, or RUNNING -> STOPPING -> DONE after a preemption signal (no BACKOFF:
-torchrun restarts the group at once, the rendezvous is the wait).
+torchrun restarts the group at once, the rendezvous is the wait). Preemption notices
+(:mod:`ftrain.supervisor.notices`) are watched by each node's supervisor for its own machine and stop
+this node as a signal does: the current group saves (its ranks agree on the step), this node leaves,
+and the other nodes re-rendezvous without it.
 """
 from __future__ import annotations
 
 import signal
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from ftrain import exitcodes
 from ftrain.attempt import AttemptFiles
@@ -74,7 +77,7 @@ def run_nodes(sup: Supervisor) -> int:
     next_check = clock.monotonic()
     while True:
         rc = job.poll()
-        if len(sup._signals) >= 2:
+        if sup._stop_now():
             sup._say(f"second signal ({sup._signals[-1]}): stopping now")
             job.kill_tree()
             break
@@ -92,6 +95,8 @@ def run_nodes(sup: Supervisor) -> int:
                 break
         elif grace_deadline is not None:
             job.signal_new_workers(sup._forward_signal())
+            if sup._notice is not None:
+                sup._see_final(_final_marker(files, stopping))
             if clock.monotonic() > grace_deadline:
                 sup._say(f"grace period of {sup.sup.grace_seconds:g}s ran out: killing the job "
                          "(the previous checkpoint stays valid)")
@@ -138,9 +143,8 @@ def run_nodes(sup: Supervisor) -> int:
     sup._set(State.DONE)
     newest = sup._newest_step()
     if sup._signals:
-        marker = files.read_preempted()
-        if marker is not None and (stopping is None or marker.get("pid") not in stopping.pids):
-            marker = None  # an earlier group's save for a scale-up, not the final one
+        marker = _final_marker(files, stopping)
+        sup._see_final(marker)
         saved = f"final checkpoint at step {marker.get('step')}" if marker is not None else \
             "no final checkpoint committed"
         if rc == 0 and marker is None:
@@ -186,3 +190,12 @@ def _group_ended(sup: Supervisor, group: Group, files: AttemptFiles, job: Job, h
              f"{len(history)} (supervisor.max_restarts={sup.policy.max_restarts}); torchrun restarts the "
              "workers at the next rendezvous")
     return True, None
+
+
+def _final_marker(files: AttemptFiles, stopping: Group | None) -> dict[str, Any] | None:
+    """The preempted.json of the group that was running when the stop came, else None: a marker from an
+    earlier group is that group's save for a scale-up, not the final one."""
+    marker = files.read_preempted()
+    if marker is not None and (stopping is None or marker.get("pid") not in stopping.pids):
+        return None
+    return marker

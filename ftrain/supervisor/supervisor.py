@@ -22,7 +22,12 @@ decisions out. It reaches the outside world only through three seams: the
 :class:`~ftrain.supervisor.job.Job` a factory starts (real torchrun by default),
 a :class:`~ftrain.supervisor.clock.Clock` (the real clocks by default), and
 :meth:`Supervisor.notify`, which its signal handlers call, so the loop can be
-unit-tested with a scripted job, fake time and injected signals.
+unit-tested with a scripted job, fake time and injected signals. Preemption
+notices (cloud metadata, the drain file: :mod:`ftrain.supervisor.notices`) come
+from watcher threads started by :meth:`Supervisor.run` and stopped on every exit
+path; a notice goes through ``notify`` like a signal (its name never starts with
+"SIG", so it never counts as the second, "stop now" signal: the platform's own
+SIGTERM usually follows a notice).
 
 Whatever happens (including an exception here), the ``finally`` tears the
 job's process tree down; if this process is SIGKILLed, torchrun gets SIGTERM
@@ -50,6 +55,7 @@ from ftrain.supervisor.clock import SYSTEM_CLOCK, Clock
 from ftrain.supervisor.hang import HangLimits, find_hung
 from ftrain.supervisor.job import Job, JobFactory, JobProcess
 from ftrain.supervisor.nodes import TORCHRUN_RESTARTS, run_nodes
+from ftrain.supervisor.notices import Notice, NoticeWatch, announce, build_watch, deadline_report
 from ftrain.supervisor.policy import Action, AttemptResult, Outcome, RestartPolicy, decide
 from ftrain.supervisor.report import Failure, format_report, root_cause
 from ftrain.supervisor.state import INITIAL, State, check_transition
@@ -90,14 +96,15 @@ class Supervisor:
 
     ``start_job`` starts each attempt's job (default: real torchrun, :class:`JobProcess`);
     ``clock`` supplies every reading of time and every wait (default: the real clocks);
-    ``jitter`` supplies the policy's backoff jitter in [0, 1] (default: :func:`random.random`).
+    ``jitter`` supplies the policy's backoff jitter in [0, 1] (default: :func:`random.random`);
+    ``notices`` watches for preemption notices (default: the sources of ``supervisor.notices``).
     Signals reach the loop only through :meth:`notify`. One supervisor runs :meth:`run` once.
     """
 
     def __init__(self, spec: LaunchSpec, *, echo: bool = True, early_signals: list[str] | None = None,
                  start_job: JobFactory = JobProcess, clock: Clock = SYSTEM_CLOCK,
                  jitter: Callable[[], float] = random.random,
-                 lease_lost: Callable[[], str | None] = lambda: None) -> None:
+                 lease_lost: Callable[[], str | None] = lambda: None, notices: NoticeWatch | None = None) -> None:
         self.spec = spec
         cfg = spec.config
         self.sup = cfg.supervisor
@@ -119,6 +126,14 @@ class Supervisor:
         # (by notify), never cleared: the first is what stopped us, the second means "stop now".
         self._signals: list[str] = early_signals if early_signals is not None else []
         self._job: Job | None = None
+        sup = self.sup
+        self._notices = notices if notices is not None else build_watch(
+            sup.notices, interval=sup.notice_poll_seconds, aws_url=sup.aws_metadata_url, gcp_url=sup.gcp_metadata_url,
+            azure_url=sup.azure_metadata_url, rebalance_stops=sup.aws_rebalance == "stop", clock=clock.time,
+            drain_file=Path(sup.drain_file or os.path.join(cfg.checkpoint.dir, "DRAIN")))
+        #: The first notice received (it carries the deadline), and the final save's preempted.json once seen.
+        self._notice: Notice | None = None
+        self._final: dict[str, object] | None = None
 
     # ------------------------------------------------------------------ public
     def run(self) -> int:
@@ -128,51 +143,60 @@ class Supervisor:
         exception escaped.
         """
         self._install_signal_handlers()
-        if self.spec.multinode:
+        drain = self._notices.drain_file()
+        if drain is not None:  # an operator (or a preStop hook) asked this job not to run: start nothing
+            self._set(State.DONE)
+            self._say(f"drain file {drain} exists: not starting the job; remove it and relaunch to resume from "
+                      f"{'step ' + str(n) if (n := self._newest_step()) is not None else 'the start'}; "
+                      f"exiting with code {exitcodes.PREEMPTED}")
+            return exitcodes.PREEMPTED
+        self._notices.start(self._on_notice)
+        try:
+            return run_nodes(self) if self.spec.multinode else self._run_single()
+        finally:
             try:
-                return run_nodes(self)
-            finally:
                 if self._job is not None and self._job.poll() is None:
-                    self._job.kill_tree()
+                    self._job.kill_tree(graceful=0.0 if self.spec.multinode else 2.0)
+            finally:
+                self._notices.stop()
+
+    def _run_single(self) -> int:
+        """The single-node loop: one torchrun per attempt, restarted by us (see the module docstring)."""
         history: list[AttemptResult] = []
         failures: list[Failure] = []
         lines: list[str] = []
-        try:
-            while True:
-                if self._signals and self._job is None and not history:
-                    self._set(State.DONE)
-                    return self._finish(exitcodes.PREEMPTED, f"stopped by {self._signals[0]} before the job started",
-                                        failures, lines, self._newest_step())
-                attempt = len(history)
-                before = self._newest_step()
-                result, failure = self._run_attempt(attempt)
-                after = self._newest_step()
-                progressed = after is not None and (before is None or after > before)
-                result = AttemptResult(attempt, result.outcome, progressed, result.exit_code, result.detail)
-                history.append(result)
-                if failure:
-                    failures.append(failure)
-                lines.append(f"#{attempt} {result.outcome.value}: {result.detail}; newest checkpoint: "
-                             f"{'step ' + str(after) if after is not None else 'none'}")
-                decision = decide(history, self.policy, self._jitter())
-                lost = self._lease_lost() if decision.action is Action.RESTART else None
-                if lost is not None:  # restarting would only be refused at the lease, attempt after attempt
-                    self._set(State.DONE)
-                    return self._finish(exitcodes.FAILURE, f"not restarting: {lost}", failures, lines, after)
-                if decision.action is Action.STOP:
-                    self._set(State.DONE)
-                    return self._finish(decision.exit_code, decision.reason, failures, lines, after)
-                self._say(f"attempt {attempt} {result.outcome.value} ({result.detail}); restarting in "
-                          f"{decision.delay:.1f}s from the newest valid checkpoint")
-                self._set(State.BACKOFF)
-                if self._sleep(decision.delay):
-                    self._set(State.DONE)
-                    return self._finish(exitcodes.PREEMPTED, f"stopped by {self._signals[0]} while waiting to "
-                                        "restart", failures, lines, after)
-                self._set(State.STARTING)
-        finally:
-            if self._job is not None and self._job.poll() is None:
-                self._job.kill_tree(graceful=2.0)
+        while True:
+            if self._signals and self._job is None and not history:
+                self._set(State.DONE)
+                return self._finish(exitcodes.PREEMPTED, f"stopped by {self._signals[0]} before the job started",
+                                    failures, lines, self._newest_step())
+            attempt = len(history)
+            before = self._newest_step()
+            result, failure = self._run_attempt(attempt)
+            after = self._newest_step()
+            progressed = after is not None and (before is None or after > before)
+            result = AttemptResult(attempt, result.outcome, progressed, result.exit_code, result.detail)
+            history.append(result)
+            if failure:
+                failures.append(failure)
+            lines.append(f"#{attempt} {result.outcome.value}: {result.detail}; newest checkpoint: "
+                         f"{'step ' + str(after) if after is not None else 'none'}")
+            decision = decide(history, self.policy, self._jitter())
+            lost = self._lease_lost() if decision.action is Action.RESTART else None
+            if lost is not None:  # restarting would only be refused at the lease, attempt after attempt
+                self._set(State.DONE)
+                return self._finish(exitcodes.FAILURE, f"not restarting: {lost}", failures, lines, after)
+            if decision.action is Action.STOP:
+                self._set(State.DONE)
+                return self._finish(decision.exit_code, decision.reason, failures, lines, after)
+            self._say(f"attempt {attempt} {result.outcome.value} ({result.detail}); restarting in "
+                      f"{decision.delay:.1f}s from the newest valid checkpoint")
+            self._set(State.BACKOFF)
+            if self._sleep(decision.delay):
+                self._set(State.DONE)
+                return self._finish(exitcodes.PREEMPTED, f"stopped by {self._signals[0]} while waiting to "
+                                    "restart", failures, lines, after)
+            self._set(State.STARTING)
 
     # --------------------------------------------------------------- attempts
     def _run_attempt(self, attempt: int) -> tuple[AttemptResult, Failure | None]:
@@ -193,7 +217,7 @@ class Supervisor:
         hang: str | None = None
         next_hang_check = clock.monotonic() + 1.0
         while job.poll() is None:
-            if len(self._signals) >= 2:
+            if self._stop_now():
                 self._say(f"second signal ({self._signals[-1]}): stopping now")
                 job.kill_tree()
                 break
@@ -212,6 +236,7 @@ class Supervisor:
                 n = job.signal_new_workers(self._forward_signal())
                 if n:
                     self._say(f"asked {n} more worker(s), started after the stop, to save and exit")
+                self._see_final(files.read_preempted() if self._notice is not None else None)
             if grace_deadline is not None and clock.monotonic() > grace_deadline:
                 self._say(f"grace period of {self.sup.grace_seconds:g}s ran out: killing the job "
                           "(the previous checkpoint stays valid)")
@@ -257,6 +282,7 @@ class Supervisor:
         knows the checkpoints from before the attempt.
         """
         marker = files.read_preempted()
+        self._see_final(marker)
         if marker is not None:
             return AttemptResult(attempt, Outcome.PREEMPTED, False, rc,
                                  f"final checkpoint at step {marker.get('step')}"), None
@@ -333,6 +359,24 @@ class Supervisor:
         """
         self._signals.append(signame)
 
+    def _on_notice(self, notice: Notice) -> None:
+        """A watcher thread's notice: log it with its deadline, then stop as for a signal (see :meth:`notify`)."""
+        if self._notice is None:
+            self._notice = notice
+        self._say(announce(notice, self.clock.time(), self.sup.grace_seconds))
+        self.notify(notice.name)
+
+    def _see_final(self, marker: dict[str, object] | None) -> None:
+        """The final save's preempted.json (None: not yet): once seen after a notice, acknowledge the notice."""
+        if marker is not None and self._final is None:
+            self._final = marker
+            if self._notice is not None:
+                self._notices.acknowledge()  # e.g. Azure's StartRequests: the machine may go now
+
+    def _stop_now(self) -> bool:
+        """A second preemption signal arrived ("stop now"); notices are not signals and never count."""
+        return sum(1 for s in self._signals if s.startswith("SIG")) >= 2
+
     def _forward_signal(self) -> int:
         first = self._signals[0]
         name = first if first in self.sup.preemption_signals else self.sup.preemption_signals[0]
@@ -355,6 +399,8 @@ class Supervisor:
                     if self._signals else "")
             self._say(f"finished: {reason}{late}")
         elif code == exitcodes.PREEMPTED:
+            if self._notice is not None:
+                self._say(deadline_report(self._notice, self._final, newest))
             self._say(f"preempted ({reason}); exiting with code {code}. Relaunch the same command to resume from "
                       f"{'step ' + str(newest) if newest is not None else 'the start'}")
         else:

@@ -1,0 +1,278 @@
+"""Storage leaf: copy committed local checkpoints to the remote tier, in the background, manifest last.
+
+Protocol for one step (docs/FORMAT.md, "Remote tier"), run by rank 0's uploader
+thread after the local commit:
+
+1. every file of ``step-N/`` but the manifest is streamed from the local disk
+   to ``<remote>/step-N/<file>``; its checksum is computed over the bytes sent
+   and must equal the manifest's (a local file damaged since its commit is
+   never published); then the remote object's size is checked;
+2. ``step-N/manifest.json`` is written: the remote commit point. A remote
+   step without a manifest is an unfinished upload, invisible to readers and
+   deleted by the next upload;
+3. ``latest`` (a hint, as locally) names it; then remote retention:
+   ``remote_keep_last`` newest committed steps plus the best ones are kept, the
+   rest deleted manifest first (so a half-deleted step is uncommitted, never
+   damaged).
+
+A failing file is retried with capped exponential backoff; a step whose upload
+still fails is recorded in ``<local root>/remote.json`` (``ftrain ckpt ls``
+shows it) and logged, and training goes on; the next committed step is tried
+afresh. One upload runs at a time: with ``when_busy: wait`` later steps queue
+(every one is uploaded, in order), with ``skip`` a step committed while another
+uploads is not uploaded (counted, logged). :meth:`Uploader.pending` lists the
+steps not yet remote, which local retention must keep.
+"""
+from __future__ import annotations
+
+import io
+import json
+import logging
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from ftrain import faults
+from ftrain.checkpoint import format
+from ftrain.checkpoint.checksum import Hasher
+from ftrain.checkpoint.manifest import Manifest
+from ftrain.checkpoint.remote import RemoteStorage
+from ftrain.checkpoint.storage import atomic_write
+from ftrain.checkpoint.store import CheckpointStore
+from ftrain.errors import CorruptCheckpoint
+
+log = logging.getLogger("ftrain")
+
+#: Files of one step uploaded at once.
+PARALLEL_FILES = 4
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    """Attempts per file, and the backoff between them: ``min(cap, first * 2**k)`` seconds."""
+
+    attempts: int = 5
+    first: float = 0.5
+    cap: float = 8.0
+
+    def delays(self) -> list[float]:
+        return [min(self.cap, self.first * 2**k) for k in range(self.attempts - 1)]
+
+
+class _Hashing(io.RawIOBase):
+    """Reads through ``raw`` while hashing and counting what was read (what the upload sends)."""
+
+    def __init__(self, raw: io.RawIOBase) -> None:
+        self.raw, self.hasher, self.size = raw, Hasher(), 0
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, b: Any) -> int:
+        n = self.raw.readinto(b) or 0
+        if n:
+            self.hasher.update(memoryview(b).cast("B")[:n])
+            self.size += n
+        return n
+
+    def close(self) -> None:
+        self.raw.close()
+        super().close()
+
+
+def upload_step(local: CheckpointStore, remote: RemoteStorage, step: int, *, retry: RetryPolicy = RetryPolicy(),
+                sleep: Callable[[float], None] = time.sleep) -> Manifest:
+    """Publish committed local checkpoint ``step`` on ``remote`` (the protocol above); its manifest.
+
+    Raises :class:`CorruptCheckpoint` if a local file no longer matches its manifest (nothing is published),
+    or the last OSError/client error of a file that failed every attempt.
+    """
+    manifest = local.read_manifest(step)
+    ckpt = format.step_dirname(step)
+    names = sorted(manifest.files)  # every shard file (records and tensor bytes); the manifest comes last
+
+    def one(name: str) -> None:
+        rel = f"{ckpt}/{name}"
+        expect = manifest.files[name]
+        for delay in [*retry.delays(), None]:
+            try:
+                with local.storage.open(rel) as raw:
+                    src = _Hashing(raw)
+                    remote.objects.put(rel, io.BufferedReader(src, 1 << 20))
+                if (src.size, src.hasher.hexdigest()) != (expect.size, expect.checksum):
+                    raise CorruptCheckpoint(local.storage.describe(rel), "changed since its commit (size or checksum "
+                                            "differs from the manifest): not uploaded")
+                faults.point("upload.file", step=step, rank=0)
+                size = remote.objects.size(rel)
+                if size != src.size:
+                    raise OSError(f"remote object {remote.describe(rel)} holds {size} bytes, {src.size} were sent")
+                return
+            except CorruptCheckpoint:
+                raise
+            except Exception as e:
+                if delay is None:
+                    raise
+                log.info("upload of %s failed (%s: %s); retrying in %.1fs", rel, type(e).__name__, e, delay)
+                sleep(delay)
+
+    with ThreadPoolExecutor(max_workers=PARALLEL_FILES, thread_name_prefix="ftrain-upload") as pool:
+        for f in [pool.submit(one, n) for n in names]:
+            f.result()
+    faults.point("upload.before_manifest", step=step, rank=0)
+    _retrying(lambda: remote.write(f"{ckpt}/{format.MANIFEST}",
+                                   local.storage.read(f"{ckpt}/{format.MANIFEST}", format.MAX_MANIFEST_BYTES)),
+              retry, sleep)
+    _retrying(lambda: remote.write(format.LATEST, f"{ckpt}\n".encode()), retry, sleep)
+    return manifest
+
+
+def _retrying(fn: Callable[[], object], retry: RetryPolicy, sleep: Callable[[float], None]) -> None:
+    for delay in [*retry.delays(), None]:
+        try:
+            fn()
+            return
+        except Exception as e:
+            if delay is None:
+                raise
+            log.info("remote write failed (%s: %s); retrying in %.1fs", type(e).__name__, e, delay)
+            sleep(delay)
+
+
+def remote_retain(remote: CheckpointStore, keep_last: int, best: Sequence[int], uploading: int | None) -> list[int]:
+    """Delete remote steps beyond the ``keep_last`` newest committed ones and ``best``; drop unfinished uploads
+    (a step directory without a manifest, other than ``uploading``). Returns the steps deleted."""
+    on_remote = remote.steps()
+    committed = [s for s in on_remote if _has_manifest(remote, s)]
+    unfinished = sorted(set(on_remote) - set(committed) - ({uploading} if uploading is not None else set()))
+    keep = set(committed[-keep_last:] if keep_last else committed) | set(best)
+    doomed = [s for s in committed if s not in keep]
+    for s in doomed:
+        d = format.step_dirname(s)
+        remote.storage.delete(f"{d}/{format.MANIFEST}")  # uncommitted first: never a damaged-looking step
+        remote.storage.delete(d)
+    for s in unfinished:
+        remote.storage.delete(format.step_dirname(s))
+    return doomed + unfinished
+
+
+def _has_manifest(store: CheckpointStore, step: int) -> bool:
+    try:
+        store.storage.size(f"{format.step_dirname(step)}/{format.MANIFEST}")
+    except FileNotFoundError:
+        return False
+    return True
+
+
+class Uploader:
+    """Rank 0's background uploader: one thread, one step at a time (see the module docstring)."""
+
+    def __init__(self, local: CheckpointStore, remote: CheckpointStore, *, keep_last: int, when_busy: str,
+                 retry: RetryPolicy = RetryPolicy()) -> None:
+        assert isinstance(remote.storage, RemoteStorage)
+        self.local, self.remote, self.keep_last, self.when_busy, self.retry = local, remote, keep_last, when_busy, retry
+        self._cv = threading.Condition()
+        self._queue: deque[tuple[int, tuple[int, ...]]] = deque()
+        self._busy: int | None = None
+        self._done: dict[int, float] = {}  # step -> when it became durable remotely
+        self.skipped = 0
+        self.last_error: str | None = None
+        self._closed = False
+        self._thread = threading.Thread(target=self._run, name="ftrain-uploader", daemon=True)
+        self._thread.start()
+
+    def submit(self, step: int, best: Sequence[int] = ()) -> None:
+        """Queue committed local ``step`` for upload (never blocks)."""
+        with self._cv:
+            if self.when_busy == "skip" and (self._busy is not None or self._queue):
+                self.skipped += 1
+                log.warning("checkpoint step %d is not uploaded: the upload of step %s is still running "
+                            "(checkpoint.when_busy: skip; %d skipped so far)", step, self._busy, self.skipped)
+                return
+            self._queue.append((step, tuple(best)))
+            self._cv.notify_all()
+
+    def pending(self) -> set[int]:
+        """Steps queued or being uploaded: local retention keeps them."""
+        with self._cv:
+            return {s for s, _ in self._queue} | ({self._busy} if self._busy is not None else set())
+
+    def remote_time(self, step: int) -> float | None:
+        with self._cv:
+            return self._done.get(step)
+
+    def wait(self, step: int, timeout: float | None) -> float | None:
+        """Block until ``step`` is durable remotely (its time), it failed or was dropped (None), or ``timeout``."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        with self._cv:
+            while step not in self._done and (step in {s for s, _ in self._queue} or self._busy == step):
+                left = None if deadline is None else deadline - time.monotonic()
+                if left is not None and left <= 0:
+                    return None
+                self._cv.wait(left)
+            return self._done.get(step)
+
+    def close(self, timeout: float | None = None) -> bool:
+        """Finish the queued uploads (up to ``timeout``) and stop; False if some are left undone."""
+        with self._cv:
+            self._closed = True
+            self._cv.notify_all()
+        self._thread.join(timeout)
+        return not self._thread.is_alive()
+
+    def _run(self) -> None:
+        while True:
+            with self._cv:
+                while not self._queue and not self._closed:
+                    self._cv.wait()
+                if not self._queue:
+                    return
+                step, best = self._queue.popleft()
+                self._busy = step
+            t0 = time.monotonic()
+            try:
+                upload_step(self.local, self.remote.storage, step, retry=self.retry)  # type: ignore[arg-type]
+                done = time.time()
+                deleted = remote_retain(self.remote, self.keep_last, best, None)
+                self.last_error = None
+                log.info("uploaded step %d to %s in %.2fs%s", step, self.remote.storage.describe(),
+                         time.monotonic() - t0, f"; pruned remote {deleted}" if deleted else "")
+                self._status(step, None, done)
+            except Exception as e:
+                done = None
+                self.last_error = f"step {step}: {type(e).__name__}: {e}"
+                log.error("uploading checkpoint step %d to %s failed after %d attempts: %s; training goes on, the "
+                          "local checkpoints stay", step, self.remote.storage.describe(), self.retry.attempts, e)
+                self._status(None, self.last_error, None)
+            with self._cv:
+                self._busy = None
+                if done is not None:
+                    self._done[step] = done
+                self._cv.notify_all()
+
+    def _status(self, step: int | None, error: str | None, when: float | None) -> None:
+        """``<local root>/remote.json``: the newest step durable remotely, and the failure if the last one failed."""
+        path = self.local.storage.describe(format.REMOTE_STATUS)
+        try:
+            try:
+                with open(path) as f:
+                    status = json.load(f)
+                if not isinstance(status, dict):
+                    status = {}
+            except (OSError, ValueError):
+                status = {}
+            status["remote"] = self.remote.storage.describe()
+            if step is not None:
+                status.update(uploaded=step, uploaded_time=when, failing=None)
+            else:
+                failing = status.get("failing") or {"since": time.time()}
+                status["failing"] = {"since": failing.get("since", time.time()), "error": error,
+                                     "time": time.time()}
+            atomic_write(Path(path), json.dumps(status).encode())
+        except OSError as e:
+            log.warning("could not record the remote tier's status in %s: %s", path, e)
+

@@ -1,0 +1,162 @@
+"""The remote tier against a real S3-compatible server on 127.0.0.1 (moto), through a fault-injecting proxy.
+
+In-process (one rank, no processes): a Session commits locally, its uploader publishes manifest last; restore on
+an empty local disk downloads and verifies; damage and outages fall back or retry; retention per tier.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+
+import ftrain
+from ftrain.checkpoint import format
+from ftrain.checkpoint.store import open_store
+from ftrain.checkpoint.upload import RetryPolicy, upload_step
+from ftrain.errors import CorruptCheckpoint
+
+from helpers import Job, cfg, job_state
+from remote_servers import s3_server
+
+pytest.importorskip("moto")
+pytest.importorskip("boto3")
+
+
+@pytest.fixture(scope="module")
+def s3():
+    with s3_server() as server:
+        yield server
+
+
+@pytest.fixture
+def remote(s3, monkeypatch):
+    """A fresh bucket URL, this process's AWS environment pointed at the proxy in front of the server."""
+    for k, v in s3.env().items():
+        monkeypatch.setenv(k, v)
+    s3.proxy.inject(errors=0, drops=0, seen=[])
+    return f"s3://{s3.make_bucket()}/runs/exp"
+
+
+def run(root: Path, url: str, steps: int, *, every: int = 2, job: Job | None = None, **ckpt) -> Job:
+    job = job or Job()
+    ckpt.setdefault("remote_retries", 2)  # one retry, 0.5 s later: enough to meet an injected fault, and fast
+    session = ftrain.Session(cfg(root, every_steps=every, remote=url, **ckpt))
+    job.register(session)
+    start = session.restore()
+    for step in range(start + 1, steps + 1):
+        job.train(1)
+        session.step(step)
+    session.close()  # waits for the uploads
+    return job
+
+
+def remote_steps(url: str) -> list[int]:
+    return [m.step for m in open_store(url).candidates()]
+
+
+def test_commits_upload_manifest_last_and_an_empty_disk_resumes_exactly(tmp_path, remote, s3):
+    ref = run(tmp_path / "ref", "", 10)
+    first = run(tmp_path / "a", remote, 6, remote_keep_last=2)
+    assert remote_steps(remote) == [6, 4]  # the newest two: remote retention is its own
+    puts = [r for r in s3.proxy.faults.seen if r.startswith("PUT") and "step-000000000006" in r]
+    assert puts[-1].endswith("step-000000000006/manifest.json"), puts  # the commit point, last of its step
+    shutil.rmtree(tmp_path / "a")  # the machine is gone, and its disk with it
+    resumed = Job()
+    run(tmp_path / "b", remote, 10, job=resumed)
+    assert job_state(resumed) == job_state(ref)
+    assert (tmp_path / "b" / "step-000000000010").is_dir() and first is not None
+    status = json.loads((tmp_path / "b" / format.REMOTE_STATUS).read_text())
+    assert status["uploaded"] == 10 and status["failing"] is None
+
+
+def test_a_corrupt_newest_remote_checkpoint_falls_back_to_the_previous(tmp_path, remote, s3):
+    import boto3
+
+    ref = run(tmp_path / "ref", "", 8)
+    run(tmp_path / "a", remote, 6)
+    shutil.rmtree(tmp_path / "a")
+    bucket, _, prefix = remote.removeprefix("s3://").partition("/")
+    client = boto3.client("s3", endpoint_url=s3.url)
+    key = f"{prefix}/step-000000000006/shard-00000.bin"
+    data = bytearray(client.get_object(Bucket=bucket, Key=key)["Body"].read())
+    data[len(data) // 2] ^= 0xFF  # one flipped bit in the tensor bytes: same size, other checksum
+    client.put_object(Bucket=bucket, Key=key, Body=bytes(data))
+    job = Job()
+    run(tmp_path / "b", remote, 8, job=job)  # restores step 4 (verified while streaming), trains 5..8
+    assert job_state(job) == job_state(ref)
+    assert not any(p.name.startswith(format.TMP_PREFIX) for p in (tmp_path / "b").iterdir())
+
+
+def test_uploads_retry_through_5xx_and_dropped_connections(tmp_path, remote, s3):
+    s3.proxy.inject(errors=3, drops=2)
+    run(tmp_path / "a", remote, 2, every=2, remote_retries=5)
+    assert remote_steps(remote) == [2]
+    assert s3.proxy.faults.errors == 0 and s3.proxy.faults.drops == 0  # every injected fault was met
+
+
+def test_a_persistent_outage_is_recorded_and_training_goes_on(tmp_path, remote, s3, caplog):
+    s3.proxy.inject(errors=10**6)  # every upload fails
+    run(tmp_path / "a", remote, 4, every=2, keep_last=1, remote_wait_seconds=60)
+    s3.proxy.inject(errors=0)
+    local = [s for s, _ in open_store(tmp_path / "a").step_dirs()]
+    assert local[-1] == 4  # local checkpoints committed as usual
+    status = json.loads((tmp_path / "a" / format.REMOTE_STATUS).read_text())
+    assert status["failing"] and "step" in status["failing"]["error"], status
+    assert any("uploading checkpoint step" in r.message and "failed" in r.message for r in caplog.records)
+    assert remote_steps(remote) == []
+
+
+def test_local_damage_since_the_commit_is_never_published(tmp_path, remote):
+    run(tmp_path / "a", "", 2, every=2)  # local only
+    local = open_store(tmp_path / "a")
+    shard = tmp_path / "a" / "step-000000000002" / "shard-00000.bin"
+    data = bytearray(shard.read_bytes())
+    data[-1] ^= 1
+    shard.write_bytes(bytes(data))
+    with pytest.raises(CorruptCheckpoint, match="changed since its commit"):
+        upload_step(local, open_store(remote).storage, 2, retry=RetryPolicy(attempts=1))  # type: ignore[arg-type]
+    assert remote_steps(remote) == []
+
+
+def test_a_pending_upload_keeps_its_local_checkpoint(tmp_path, remote, s3):
+    s3.proxy.inject(errors=10**6)
+    session = ftrain.Session(cfg(tmp_path / "a", every_steps=1, keep_last=1, remote=remote, remote_retries=1))
+    job = Job()
+    job.register(session)
+    session.restore()
+    for step in (1, 2, 3):
+        job.train(1)
+        session.step(step)
+    session.checkpointer.wait()
+    tier = session.checkpointer.tier
+    assert tier is not None
+    pending = tier.pending()
+    on_disk = {s for s, _ in open_store(tmp_path / "a").step_dirs()}
+    assert set(pending) <= on_disk, (pending, on_disk)
+    s3.proxy.inject(errors=0)
+    session.close()
+
+
+def test_ckpt_ls_and_verify_take_a_remote_url(tmp_path, remote, capsys):
+    from ftrain.cli import main
+
+    run(tmp_path / "a", remote, 4, every=2)
+    assert main(["ckpt", "ls", remote]) == 0
+    out = capsys.readouterr().out
+    assert [line.split()[0] for line in out.splitlines()[1:3]] == ["2", "4"] and "valid" in out, out
+    assert main(["ckpt", "verify", remote]) == 0
+    assert main(["ckpt", "ls", str(tmp_path / "a")]) == 0
+    assert "newest uploaded step 4" in capsys.readouterr().out
+
+
+def test_file_urls_work_like_a_shared_filesystem(tmp_path):
+    url = (tmp_path / "shared").as_uri()
+    first = run(tmp_path / "a", url, 4, every=2)
+    assert remote_steps(url) == [4, 2]
+    assert os.path.isfile(tmp_path / "shared" / "step-000000000004" / "manifest.json")
+    job = Job()
+    run(tmp_path / "b", url, 4, job=job)  # nothing left to train: step 4 restored from the shared tier
+    assert job_state(job) == job_state(first)
