@@ -6,7 +6,7 @@
   last, ``latest``) against a raw multipart PUT (boto3 ``upload_fileobj``, 8 MiB parts) of the same bytes;
 * restore on an empty disk: ``Session.restore()`` with only the remote tier holding the checkpoint (download
   verified while streaming, local commit, the local restore's own verification, load) against a raw GET of the
-  same bytes;
+  same bytes, and against a raw GET written to a local file and fsynced (the download caches durably);
 * notice -> local commit and notice -> remote commit: ``ftrain launch --nproc 1`` of the example job with the
   AWS notice watcher on a fake IMDSv2 server; from the moment the fake starts serving the notice to the final
   checkpoint's local commit (``preempted.json`` ``time``) and to its upload (``remote_time``).
@@ -74,6 +74,14 @@ def transfers(s3, mib: int) -> dict[str, float]:  # type: ignore[no-untyped-def]
     for _ in body.iter_chunks(8 << 20):
         pass
     out["raw GET"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    body = client.get_object(Bucket=bucket, Key="raw/shard.bin")["Body"]
+    with open(work / "raw-copy.bin", "wb") as f:
+        for chunk in body.iter_chunks(8 << 20):
+            f.write(chunk)
+        f.flush()
+        os.fsync(f.fileno())
+    out["raw GET + write + fsync"] = time.perf_counter() - t0
     warm = torch.nn.Linear(1024, mib * 256)
     t0 = time.perf_counter()
     w = session(work / "a", "", warm)
@@ -139,7 +147,8 @@ def main() -> int:
     print(f"{'measure':44s} {'seconds':>8s} {'MB/s':>8s} {'x floor':>8s}")
     for key, floor in (("raw multipart PUT", None), ("ftrain upload", "raw multipart PUT"), ("raw GET", None),
                        ("ftrain restore from the local disk", "raw GET"),
-                       ("ftrain restore from remote (empty disk)", "raw GET")):
+                       ("raw GET + write + fsync", "raw GET"),
+                       ("ftrain restore from remote (empty disk)", "raw GET + write + fsync")):
         ratio = f"{med[key] / med[floor]:8.2f}" if floor else f"{1.0:8.2f}"
         print(f"{key:44s} {med[key]:8.2f} {size / med[key] / 1e6:8.1f} {ratio}")
     for key in notices[0]:

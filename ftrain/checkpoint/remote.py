@@ -22,6 +22,7 @@ from __future__ import annotations
 import errno
 import io
 import posixpath
+import random
 from collections.abc import Iterator, Sequence
 from typing import Any, Protocol
 from urllib.parse import urlsplit
@@ -97,6 +98,27 @@ class _Stream(io.RawIOBase):
         super().close()
 
 
+def _isolate_rng() -> None:
+    """Give boto3's helpers their own random generator instead of Python's global one.
+
+    botocore draws from the global ``random`` module for retry jitter and for the
+    jittered refresh of instance-metadata credentials, s3transfer for temp-file
+    names; called from the uploader's thread, each draw would shift the training
+    process's own ``random`` stream (restored exactly on resume) at a moment no
+    rerun reproduces. A private ``random.Random`` has the same methods.
+    """
+    import importlib
+
+    for name in ("botocore.utils", "botocore.retries.standard", "botocore.retryhandler", "s3transfer",
+                 "s3transfer.utils"):
+        try:
+            mod = importlib.import_module(name)
+        except ImportError:
+            continue
+        if getattr(mod, "random", None) is random:
+            mod.random = random.Random()  # type: ignore[attr-defined]
+
+
 class S3Objects:
     """Objects under ``s3://bucket/prefix`` through boto3."""
 
@@ -113,9 +135,14 @@ class S3Objects:
         self.url = url.rstrip("/")
         self.bucket = parts.netloc
         self.prefix = parts.path.strip("/")
-        # Standard retry mode: throttling and 5xx are retried by botocore too; ours (upload.py) wraps whole files.
+        # No botocore retries: its backoff jitter draws from Python's global `random`, and this client runs in
+        # the uploader's thread beside a training loop whose per-sample seeding (SeededDataset in the main
+        # process) must see every draw it makes: a retry would shift the training stream (measured: a resumed
+        # run differing from step 6). Retries are ours (upload.py), per whole file, with fixed delays.
+        _isolate_rng()
         self.client = boto3.session.Session().client(
-            "s3", config=Config(retries={"max_attempts": 3, "mode": "standard"}, connect_timeout=10, read_timeout=60))
+            "s3", config=Config(retries={"total_max_attempts": 1, "mode": "standard"}, connect_timeout=10,
+                                read_timeout=60))
 
     def _key(self, key: str) -> str:
         return posixpath.join(self.prefix, key) if self.prefix else key

@@ -23,8 +23,10 @@ _MAX_DEPTH = 32  # meta nested deeper than this is shown as "..." (a hostile man
 
 def open_checkpoint(path: str, step: str) -> tuple[CheckpointStore, int | str]:
     from ftrain.checkpoint import reader
+    from ftrain.checkpoint.remote import is_url
 
-    if not os.path.isdir(path):  # exit 2 like `ckpt ls`: a mistyped path is bad input, not a damaged checkpoint
+    # exit 2 like `ckpt ls`: a mistyped path is bad input, not a damaged checkpoint (a URL: the remote tier)
+    if not is_url(path) and not os.path.isdir(path):
         raise UsageError(f"checkpoint dir {path!r} does not exist or is not a directory")
     try:
         which = reader.parse_selector(step)

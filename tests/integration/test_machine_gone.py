@@ -19,20 +19,20 @@ from remote_servers import s3_server
 pytestmark = pytest.mark.slow
 pytest.importorskip("moto")
 
-STEPS = 30
+STEPS = 24
 
 
 def test_preempted_machine_gone_resumes_from_the_remote_tier_bit_exact(tmp_path):
     script = [str(EXAMPLE), "--steps", str(STEPS), "--save-every", "4", "--print-every", "1", "--workers", "0"]
-    ref = Launch(["--nproc", "2", "--rdzv-id", "ref", "--ckpt-dir", str(tmp_path / "ref"), *script], launch_env())
+    ref = Launch(["--nproc", "1", "--rdzv-id", "ref", "--ckpt-dir", str(tmp_path / "ref"), *script], launch_env())
     assert ref.wait() == 0, ref.output[-3000:]
     with s3_server() as s3:
         url = f"s3://{s3.make_bucket()}/runs/exp"
         s3.proxy.inject(errors=2, drops=1)  # the first uploads meet a flaky network: retried
         env = launch_env(**s3.env(), FTRAIN_CHECKPOINT_REMOTE=url)
         ckpt = tmp_path / "vm1-disk"
-        first = Launch(["--nproc", "2", "--rdzv-id", "vm1", "--ckpt-dir", str(ckpt), *script], env)
-        first.wait_for(r"^step 14 ", timeout=240)
+        first = Launch(["--nproc", "1", "--rdzv-id", "vm1", "--ckpt-dir", str(ckpt), *script], env)
+        first.wait_for(r"^step 10 ", timeout=240)
         first.proc.send_signal(signal.SIGTERM)  # the cloud's notice, as the supervisor passes it on
         assert first.wait() == exitcodes.PREEMPTED, first.output[-3000:]
         final = re.search(r"preempted \(.*\): checkpoint of step (\d+) committed and uploaded", first.output)
@@ -40,7 +40,7 @@ def test_preempted_machine_gone_resumes_from_the_remote_tier_bit_exact(tmp_path)
         assert_no_orphans("vm1")
         shutil.rmtree(ckpt)  # the VM is reclaimed: its disk is gone
 
-        second = Launch(["--nproc", "2", "--rdzv-id", "vm2", "--ckpt-dir", str(tmp_path / "vm2-disk"), *script],
+        second = Launch(["--nproc", "1", "--rdzv-id", "vm2", "--ckpt-dir", str(tmp_path / "vm2-disk"), *script],
                         env)
         assert second.wait() == 0, second.output[-3000:]
         assert re.search(rf"downloaded .* of checkpoint step {final.group(1)} from {re.escape(url)}", second.output), \

@@ -11,6 +11,7 @@ import shutil
 from pathlib import Path
 
 import pytest
+import torch
 
 import ftrain
 from ftrain.checkpoint import format
@@ -148,6 +149,19 @@ def test_ckpt_ls_and_verify_take_a_remote_url(tmp_path, remote, capsys):
     out = capsys.readouterr().out
     assert [line.split()[0] for line in out.splitlines()[1:3]] == ["2", "4"] and "valid" in out, out
     assert main(["ckpt", "verify", remote]) == 0
+    capsys.readouterr()
+    assert main(["ckpt", "inspect", remote, "--json", "--verify"]) == 0
+    assert json.loads(capsys.readouterr().out)["step"] == 4
+    out_file = tmp_path / "model.safetensors"
+    assert main(["ckpt", "export", f"{remote}/step-000000000002", str(out_file)]) == 0
+    from safetensors.torch import load_file
+
+    exported = load_file(out_file)
+    local = open_store(tmp_path / "a")
+    from ftrain.checkpoint import reader
+
+    _, trees = reader.load(local, 2, name="model")
+    assert all(torch.equal(exported[k], v) for k, v in trees["model"].items())
     assert main(["ckpt", "ls", str(tmp_path / "a")]) == 0
     assert "newest uploaded step 4" in capsys.readouterr().out
 
@@ -160,3 +174,26 @@ def test_file_urls_work_like_a_shared_filesystem(tmp_path):
     job = Job()
     run(tmp_path / "b", url, 4, job=job)  # nothing left to train: step 4 restored from the shared tier
     assert job_state(job) == job_state(first)
+
+
+def test_uploads_and_downloads_never_draw_from_the_global_rng(tmp_path, remote, s3):
+    """The uploader runs beside the training loop: a draw from Python's global `random` (botocore's retry jitter
+    does, by default) would shift the training stream; a resumed run would then differ from the uninterrupted."""
+    import random
+
+    run(tmp_path / "a", "", 2, every=2)
+    local = open_store(tmp_path / "a")
+    target = open_store(remote)
+    random.seed(1234)
+    before = random.getstate()
+    s3.proxy.inject(errors=2, drops=1)  # retries, at every layer that retries
+    upload_step(local, target.storage, 2, retry=RetryPolicy(attempts=4, first=0.05))  # type: ignore[arg-type]
+    assert random.getstate() == before
+    session = ftrain.Session(cfg(tmp_path / "b", remote=remote))  # a download on an empty disk
+    Job().register(session)
+    state = random.getstate()  # (restore() itself sets the saved stream: compare around the download only)
+    assert session.checkpointer.tier is not None
+    session.checkpointer.setup()
+    session.checkpointer.tier.fetch(2, None, "00000000000001")
+    assert random.getstate() == state
+    session.close()
