@@ -375,11 +375,11 @@ class Checkpointer:
         Other ranks, or no remote tier: None at once."""
         return self.tier.wait(step, timeout) if self.tier is not None else None
 
-    def close(self) -> None:
-        """Finish the uploads (up to ``checkpoint.remote_wait_seconds``), release the lease this process holds
-        (rank 0 outside ``ftrain launch``); idempotent; no commit after."""
+    def close(self, upload_timeout: float | None = None) -> None:
+        """Finish the uploads (up to ``upload_timeout``, default ``checkpoint.remote_wait_seconds``), release the
+        lease this process holds (rank 0 outside ``ftrain launch``); idempotent; no commit after."""
         if self.tier is not None:
-            self.tier.close(self.cfg.remote_wait_seconds)
+            self.tier.close(self.cfg.remote_wait_seconds if upload_timeout is None else upload_timeout)
         if self.lease is not None:
             self.lease.release()
             self.lease = None

@@ -338,7 +338,9 @@ class Session:
         # commit that may never happen: then the wait is bounded by the grace period.
         crashing = self.liveness.crashing
         flushed = self.checkpointer.flush(self.config.supervisor.grace_seconds if crashing else None)
-        self.checkpointer.close()  # after the last commit: give the root's lease back
+        # After the last commit: give the root's lease back (and, crashing, wait for uploads no longer than the
+        # grace period: the process's peers may be gone, its supervisor waiting to restart).
+        self.checkpointer.close(self.config.supervisor.grace_seconds if crashing else None)
         if not flushed and not crashing:
             sys.stdout.flush()
             sys.stderr.flush()

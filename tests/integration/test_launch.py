@@ -79,9 +79,13 @@ def test_signal_to_every_process_gives_one_final_save_within_grace(tmp_path):
     run = Launch(["--nproc", "2", "--ckpt-dir", str(ckpt), "--save-every-steps", "1000", "--grace-seconds",
                   str(grace), "--rdzv-id", "preempt", str(EXAMPLE), "--steps", "100000", "--print-every", "1",
                   "--step-sleep", "0.01"], launch_env())
-    run.wait_for(r"^step 30 ")
+    # Mid-epoch (an epoch is 32 steps at 2 ranks): DataLoader workers are restarted at each epoch's end.
+    run.wait_for(r"^step 12 ")
     procs = [psutil.Process(run.proc.pid), *psutil.Process(run.proc.pid).children(recursive=True)]
-    assert len(procs) >= 1 + 1 + 2 + 4, procs  # supervisor, torchrun, 2 ranks, 2 DataLoader workers each
+    if len(procs) < 1 + 1 + 2 + 4:  # a failed check must not leave the job running for later tests to trip on
+        for p in procs:
+            p.kill()
+        raise AssertionError(f"expected the supervisor, torchrun, 2 ranks and 2 DataLoader workers each: {procs}")
     t0 = time.monotonic()
     for p in procs:  # like systemd's KillMode=control-group or a node shutdown: everyone at once
         try:
