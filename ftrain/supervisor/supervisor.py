@@ -31,7 +31,7 @@ SIGTERM usually follows a notice).
 
 Whatever happens (including an exception here), the ``finally`` tears the
 job's process tree down; if this process is SIGKILLed, torchrun gets SIGTERM
-from the kernel (PR_SET_PDEATHSIG) and its workers save and exit.
+from the kernel (PR_SET_PDEATHSIG, SIGKILL) and its workers, watching their parent, save and exit.
 """
 from __future__ import annotations
 
