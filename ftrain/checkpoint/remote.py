@@ -27,7 +27,7 @@ from collections.abc import Iterator, Sequence
 from typing import Any, Protocol
 from urllib.parse import urlsplit
 
-from ftrain.checkpoint.storage import Entry, TooLarge, UnsafeEntry
+from ftrain.checkpoint.storage import Entry, TooLarge, UnsafeEntry, read_bounded
 
 #: Bytes per part of a multipart upload, and per read from a remote object.
 CHUNK = 8 << 20
@@ -319,16 +319,8 @@ class RemoteStorage:
         if size > limit:
             raise TooLarge(errno.EFBIG, f"{size} bytes, over the {limit}-byte limit for this file",
                            self.describe(path))
-        buf = bytearray()
         with self.objects.open(path) as f:
-            while len(buf) <= limit:  # one byte past the limit: an object that grew since is caught too
-                chunk = f.read(min(CHUNK, limit + 1 - len(buf)))
-                if not chunk:
-                    break
-                buf += chunk
-        if len(buf) > limit:
-            raise TooLarge(errno.EFBIG, f"over the {limit}-byte limit for this file", self.describe(path))
-        return bytes(buf)
+            return read_bounded(f, limit, self.describe(path))
 
     def open(self, path: str) -> io.RawIOBase:
         _check(path, self)

@@ -166,15 +166,7 @@ class LocalStorage:
             if size > limit:
                 raise TooLarge(errno.EFBIG, f"{size} bytes, over the {limit}-byte limit for this file",
                                self.describe(path))
-            buf = bytearray()
-            while len(buf) <= limit:  # one byte past the limit: a file that grows while read is caught too
-                chunk = f.read(min(1 << 20, limit + 1 - len(buf)))
-                if not chunk:
-                    break
-                buf += chunk
-        if len(buf) > limit:
-            raise TooLarge(errno.EFBIG, f"over the {limit}-byte limit for this file", self.describe(path))
-        return bytes(buf)
+            return read_bounded(f, limit, self.describe(path))
 
     def open(self, path: str) -> io.RawIOBase:
         parent, name = self._walk(path)
@@ -272,6 +264,20 @@ def _unsafe_if_link(e: OSError, where: str) -> OSError:
     if e.errno == errno.ENOTDIR and os.path.islink(where):
         return UnsafeEntry(e.errno, "a symbolic link (ftrain never follows links inside a checkpoint root)", where)
     return e
+
+
+def read_bounded(f: io.RawIOBase, limit: int, where: str) -> bytes:
+    """All of ``f``, refusing (:class:`TooLarge`) more than ``limit`` bytes: reads one byte past the limit, so a
+    file (or object) that grew since its size was checked is caught too."""
+    buf = bytearray()
+    while len(buf) <= limit:
+        chunk = f.read(min(1 << 20, limit + 1 - len(buf)))
+        if not chunk:
+            break
+        buf += chunk
+    if len(buf) > limit:
+        raise TooLarge(errno.EFBIG, f"over the {limit}-byte limit for this file", where)
+    return bytes(buf)
 
 
 def fsync_dir(path: str | Path) -> None:
