@@ -2,7 +2,7 @@
 
 Dropout, AdamW, a warmup+cosine LR schedule, shuffled synthetic data with random
 augmentation in a DataLoader with 2 worker processes, DDP when launched with
-several processes. Runs as ``python examples/train.py``, under ``torchrun``, or
+several processes (or, with ``--fsdp``, a small transformer sharded by FSDP2). Runs as ``python examples/train.py``, under ``torchrun``, or
 under ``ftrain launch``. At the end rank 0 prints one line::
 
     final_state_sha256=<hex>
@@ -56,6 +56,44 @@ def build_model(dim: int = 16, hidden: int = 64, classes: int = 4) -> nn.Module:
                          nn.Dropout(0.1), nn.Linear(hidden, classes))
 
 
+class TinyTransformer(nn.Module):
+    """Each 16-feature sample as 4 tokens of 4 features, two encoder layers, mean-pooled: the FSDP2 model."""
+
+    def __init__(self, dim: int = 16, width: int = 32, classes: int = 4) -> None:
+        super().__init__()
+        self.tokens = dim // 4
+        self.embed = nn.Linear(4, width)
+        self.layers = nn.ModuleList(nn.TransformerEncoderLayer(width, nhead=2, dim_feedforward=64, dropout=0.1,
+                                                               batch_first=True) for _ in range(2))
+        self.head = nn.Linear(width, classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.embed(x.view(x.shape[0], self.tokens, 4))
+        for layer in self.layers:
+            h = layer(h)
+        return self.head(h.mean(dim=1))
+
+
+def shard(model: TinyTransformer) -> TinyTransformer:
+    """FSDP2 over all ranks: each encoder layer its own unit, the rest in the root's."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    mesh = init_device_mesh("cpu", (dist.get_world_size(),))
+    for layer in model.layers:
+        fully_shard(layer, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    return model
+
+
+def full_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> list[tuple[str, dict]]:
+    """The model and optimizer state as whole tensors on every rank (collective under FSDP2: it gathers)."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
+
+    msd, osd = get_state_dict(model, optimizer, options=StateDictOptions(full_state_dict=True))
+    return [("model", msd), ("optimizer", osd)]
+
+
 def warmup_cosine(total: int, warmup: int = 10):
     def factor(step: int) -> float:
         if step < warmup:
@@ -83,6 +121,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                                         "(ftrain.data.samplelog: one file per process group and rank)")
     p.add_argument("--step-sleep", type=float, default=0.0, help="seconds to sleep per step (to slow a demo down)")
     p.add_argument("--print-every", type=int, default=10, help="print progress every N steps (0: never)")
+    p.add_argument("--fsdp", action="store_true",
+                   help="a small transformer sharded with FSDP2 (fully_shard) instead of an MLP under DDP")
     return p.parse_args(argv)
 
 
@@ -95,12 +135,14 @@ def main(argv: list[str] | None = None) -> int:
     torch.manual_seed(args.seed)  # the same initial weights on every rank
     random.seed(args.seed + rank)
 
-    model = build_model()
+    sharded = args.fsdp and distributed
+    model = shard(TinyTransformer()) if sharded else TinyTransformer() if args.fsdp else build_model()
     # find_unused_parameters=True also stops DDP from rebuilding its gradient buckets after the first
     # iteration. A resumed run's first iteration would otherwise use a different bucket layout than the
     # original run used at that step, and with more than 2 ranks gloo then sums gradients in a different
     # order: a resume that is close, but not bit-exact. (README: "DDP and bit-exact resume".)
-    train_model = nn.parallel.DistributedDataParallel(model, find_unused_parameters=True) if distributed else model
+    train_model = (nn.parallel.DistributedDataParallel(model, find_unused_parameters=True)
+                   if distributed and not sharded else model)
     optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.01)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(args.steps))
 
@@ -132,7 +174,9 @@ def main(argv: list[str] | None = None) -> int:
             consumed += idx.tolist()
             last = micro == plan.accumulation
             # Gradients are summed over the accumulation batches; DDP all-reduces only with the last one.
-            with contextlib.nullcontext() if last or not distributed else train_model.no_sync():
+            if sharded:
+                model.set_requires_gradient_sync(last)  # FSDP2's no_sync: reduce-scatter with the last one
+            with contextlib.nullcontext() if last or not distributed or sharded else train_model.no_sync():
                 loss = loss_fn(train_model(x), y)
                 (loss / plan.accumulation).backward()
             step_loss += loss.detach() / plan.accumulation
@@ -159,9 +203,10 @@ def main(argv: list[str] | None = None) -> int:
     session.save(step)  # a final checkpoint, so the finished run is also verifiable        # ftrain
     session.close()     # wait for the background write to commit                          # ftrain
 
+    state = full_state(model, optimizer) if sharded else [("model", model.state_dict()),
+                                                              ("optimizer", optimizer.state_dict())]
     if rank == 0:
-        digest = ftrain.state_sha256([("model", model.state_dict()), ("optimizer", optimizer.state_dict())])
-        print(f"final_state_sha256={digest}", flush=True)
+        print(f"final_state_sha256={ftrain.state_sha256(state)}", flush=True)
     if distributed:
         dist.destroy_process_group()
     return 0

@@ -53,7 +53,62 @@ def stream_digest(f: io.RawIOBase) -> tuple[int, str]:
     return size, h.hexdigest()
 
 
+def stream_blocks(f: io.RawIOBase) -> tuple[str, list[str]]:
+    """(whole checksum, block checksums) of what is left to read in ``f``."""
+    h = BlockHasher()
+    buf = bytearray(_CHUNK)
+    view = memoryview(buf)
+    while True:
+        n = f.readinto(buf)
+        if not n:
+            break
+        h.update(view[:n])
+    return h.finish()
+
+
 def file_digest(path: str | os.PathLike[str]) -> tuple[int, str]:
     """(size, checksum) of a file, read in chunks."""
     with open(path, "rb", buffering=0) as f:
         return stream_digest(f)  # buffering=0: a FileIO, i.e. a RawIOBase
+
+
+#: Tensor files (``shard-*.bin``) also carry one checksum per block of this many bytes (docs/FORMAT.md, "Block
+#: checksums"): a rank that restores part of a file (its new shards after a resize) verifies just the blocks
+#: it reads. 4 MiB keeps the list short (256 entries per GiB) and the read-around at a range's ends small.
+BLOCK_BYTES = 4 << 20
+
+
+class BlockHasher:
+    """A file's whole checksum and its per-block checksums, in one pass; feed the bytes in file order."""
+
+    __slots__ = ("_block", "_fill", "_whole", "blocks")
+
+    def __init__(self) -> None:
+        self._whole = xxhash.xxh3_128()
+        self._block = xxhash.xxh3_128()
+        self._fill = 0
+        self.blocks: list[str] = []
+
+    def update(self, data: Bytes) -> None:
+        view = memoryview(data).cast("B")
+        self._whole.update(view)
+        while len(view):
+            take = min(len(view), BLOCK_BYTES - self._fill)
+            self._block.update(view[:take])
+            self._fill += take
+            view = view[take:]
+            if self._fill == BLOCK_BYTES:
+                self.blocks.append(self._block.hexdigest())
+                self._block.reset()
+                self._fill = 0
+
+    def finish(self) -> tuple[str, list[str]]:
+        """(whole-file checksum, block checksums); the last block may be short."""
+        if self._fill:
+            self.blocks.append(self._block.hexdigest())
+            self._fill = 0
+        return self._whole.hexdigest(), self.blocks
+
+
+def block_count(size: int) -> int:
+    return (size + BLOCK_BYTES - 1) // BLOCK_BYTES

@@ -10,6 +10,8 @@ objects (key ``"$t"``):
   that uses the reserved key ``"$t"`` -> ``{"$t": "dict", "items": [[k, v], ...]}``
 * ``torch.dtype`` -> ``{"$t": "dtype", "name": "float32"}``
 * a tensor -> ``{"$t": "tensor", "ref": "<name in the tensor table>"}``
+* a DTensor (a shard of a global tensor: FSDP2) -> ``{"$t": "dtensor", "ref": ...}``; the table holds the
+  DTensor, and the checkpoint stores its local shard as a chunk (``dtensors.py``, docs/FORMAT.md)
 * a tensor that is the very same view of the same storage as one encoded before
   in the same scope (tied weights: ``lm_head.weight`` is ``wte.weight``) ->
   ``{"$t": "alias", "ref": "<the first one's name>"}``: its bytes are stored once,
@@ -28,6 +30,7 @@ from typing import Any
 
 import torch
 
+from ftrain.checkpoint import dtensors
 from ftrain.errors import CheckpointError
 
 TAG = "$t"
@@ -74,6 +77,8 @@ def _view_key(t: torch.Tensor) -> _ViewKey | None:
     """
     if t.numel() == 0:
         return None
+    if dtensors.is_dtensor(t):  # the same view of the same local shard: one DTensor under two names (tied)
+        t = dtensors.local(t)
     try:
         ptr = t.untyped_storage().data_ptr()
     except (RuntimeError, NotImplementedError, TypeError):
@@ -113,7 +118,8 @@ class _Encoder:
             name = self._add(path, obj.detach())
             if key is not None:
                 self.seen[key] = name
-            return {TAG: "tensor", "ref": name}
+            # A DTensor's table entry is the DTensor itself: the snapshot stores its local shard as a chunk.
+            return {TAG: "dtensor" if dtensors.is_dtensor(obj) else "tensor", "ref": name}
         if isinstance(obj, torch.dtype):
             return {TAG: "dtype", "name": dtype_name(obj)}
         if isinstance(obj, torch.Size):
@@ -193,7 +199,7 @@ class _Decoder:
         tag = tree.get(TAG)
         if tag is None:
             return {k: self.decode(v) for k, v in tree.items()}
-        if tag == "tensor":
+        if tag in ("tensor", "dtensor"):
             value = self.get(tree["ref"])  # first: it checks that the name is a string
             self.tensor_refs.add(tree["ref"])
             return value

@@ -21,9 +21,11 @@ from ftrain.errors import CheckpointError, CorruptCheckpoint
 FORMAT_NAME = "ftrain.checkpoint"
 #: 2: state trees may hold ``{"$t": "alias"}`` values (a tensor stored once for every name it has). A
 #: version-1 checkpoint is a version-2 checkpoint without aliases, so both read with the same code.
-FORMAT_VERSION = 2
+#: 3: sharded tensors (``{"$t": "dtensor"}``, the ``sharded`` table of chunks) and per-block checksums of every
+#: ``.bin`` file. Versions 1 and 2 have neither, and read with the same code (whole-file checksums only).
+FORMAT_VERSION = 3
 #: Versions this reader understands.
-KNOWN_VERSIONS = frozenset({1, 2})
+KNOWN_VERSIONS = frozenset({1, 2, 3})
 
 
 @dataclass(frozen=True)
@@ -31,6 +33,29 @@ class FileEntry:
     size: int
     checksum: str
     rank: int
+    #: Version 3 ``.bin`` files: the checksum of each ``checksum.BLOCK_BYTES`` block, in order.
+    blocks: tuple[str, ...] | None = None
+
+
+@dataclass(frozen=True)
+class ChunkEntry:
+    """One saved piece of a sharded tensor: the box ``offsets``..``offsets + sizes`` of the global tensor, stored
+    contiguously (row-major) at ``offset`` in ``file``."""
+
+    file: str
+    offset: int
+    nbytes: int
+    offsets: tuple[int, ...]
+    sizes: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class ShardedEntry:
+    """A tensor saved as chunks (an FSDP2 / DTensor parameter or optimizer state): never stored whole."""
+
+    shape: tuple[int, ...]
+    dtype: str
+    chunks: tuple[ChunkEntry, ...]
 
 
 @dataclass(frozen=True)
@@ -54,6 +79,8 @@ class Manifest:
     format_version: int = FORMAT_VERSION
     #: Free-form JSON the session records (e.g. the names of saved objects).
     meta: dict[str, Any] = field(default_factory=dict)
+    #: Sharded tensors by name (version 3).
+    sharded: dict[str, ShardedEntry] = field(default_factory=dict)
 
     @property
     def total_bytes(self) -> int:
@@ -70,19 +97,30 @@ class Manifest:
             "ftrain_version": self.ftrain_version,
             "torch_version": self.torch_version,
             "checksum_algorithm": checksum.ALGORITHM,
-            "files": {n: {"size": f.size, "checksum": f.checksum, "rank": f.rank}
-                      for n, f in sorted(self.files.items())},
+            "files": {n: _file_json(f) for n, f in sorted(self.files.items())},
             "tensors": {
                 n: {"file": t.file, "offset": t.offset, "nbytes": t.nbytes, "dtype": t.dtype, "shape": list(t.shape)}
                 for n, t in sorted(self.tensors.items())
             },
             "meta": self.meta,
+            **({"block_bytes": checksum.BLOCK_BYTES, "sharded": {
+                n: {"shape": list(e.shape), "dtype": e.dtype, "chunks": [
+                    {"file": c.file, "offset": c.offset, "nbytes": c.nbytes, "offsets": list(c.offsets),
+                     "sizes": list(c.sizes)} for c in e.chunks]}
+                for n, e in sorted(self.sharded.items())}} if self.format_version >= 3 else {}),
         }
 
     def to_bytes(self) -> bytes:
         body = self.body()
         doc = {"body": body, f"body_{checksum.ALGORITHM}": checksum.digest(_canonical(body))}
         return json.dumps(doc, indent=1, sort_keys=True).encode() + b"\n"
+
+
+def _file_json(f: FileEntry) -> dict[str, Any]:
+    out: dict[str, Any] = {"size": f.size, "checksum": f.checksum, "rank": f.rank}
+    if f.blocks is not None:
+        out["blocks"] = list(f.blocks)
+    return out
 
 
 def _canonical(body: dict[str, Any]) -> bytes:
@@ -119,7 +157,11 @@ def parse(data: bytes, where: str) -> Manifest:
     if not isinstance(body.get("meta", {}), dict):
         raise CorruptCheckpoint(where, "manifest field 'meta' is not an object")
     try:
-        files = {str(n): FileEntry(int(f["size"]), str(f["checksum"]), int(f["rank"]))
+        if version >= 3 and body.get("block_bytes") != checksum.BLOCK_BYTES:
+            raise CorruptCheckpoint(where, f"block size {body.get('block_bytes')!r} is not this ftrain's "
+                                           f"{checksum.BLOCK_BYTES}")
+        files = {str(n): FileEntry(int(f["size"]), str(f["checksum"]), int(f["rank"]),
+                                   _blocks(f.get("blocks")) if version >= 3 else None)
                  for n, f in body["files"].items()}
         tensors = {
             str(n): TensorEntry(str(t["file"]), int(t["offset"]), int(t["nbytes"]), str(t["dtype"]),
@@ -129,11 +171,34 @@ def parse(data: bytes, where: str) -> Manifest:
         m = Manifest(step=int(body["step"]), world_size=int(body["world_size"]), files=files, tensors=tensors,
                      created_unix=float(body["created_unix"]), ftrain_version=str(body["ftrain_version"]),
                      torch_version=str(body["torch_version"]), format_version=int(version),
-                     meta=dict(body.get("meta") or {}))
+                     meta=dict(body.get("meta") or {}),
+                     sharded=_parse_sharded(body.get("sharded") or {}) if version >= 3 else {})
     except (KeyError, TypeError, ValueError, AttributeError) as e:
         raise CorruptCheckpoint(where, f"manifest field missing or malformed ({type(e).__name__}: {e})") from None
     _check_consistent(m, where)
     return m
+
+
+def _blocks(value: Any) -> tuple[str, ...] | None:
+    if value is None:
+        return None
+    if not isinstance(value, list) or not all(isinstance(b, str) for b in value):
+        raise TypeError("blocks is not a list of checksums")
+    return tuple(value)
+
+
+def _ints(value: Any) -> tuple[int, ...]:
+    if not isinstance(value, list) or not all(isinstance(v, int) and not isinstance(v, bool) for v in value):
+        raise TypeError(f"{value!r} is not a list of integers")
+    return tuple(value)
+
+
+def _parse_sharded(table: Any) -> dict[str, ShardedEntry]:
+    if not isinstance(table, dict):
+        raise TypeError("sharded is not an object")
+    return {str(n): ShardedEntry(_ints(e["shape"]), str(e["dtype"]), tuple(
+        ChunkEntry(str(c["file"]), int(c["offset"]), int(c["nbytes"]), _ints(c["offsets"]), _ints(c["sizes"]))
+        for c in e["chunks"])) for n, e in table.items()}
 
 
 def _check_consistent(m: Manifest, where: str) -> None:
@@ -169,3 +234,46 @@ def _check_consistent(m: Manifest, where: str) -> None:
             raise CorruptCheckpoint(where, f"tensor {name!r}: shape {list(t.shape)} x {t.dtype} != {t.nbytes} bytes")
         if t.offset < 0 or t.offset % format.ALIGN or t.offset + t.nbytes > holder.size:
             raise CorruptCheckpoint(where, f"tensor {name!r} lies outside {t.file} or is misaligned")
+    for name, f in m.files.items():
+        if f.blocks is not None and (not name.endswith(".bin") or len(f.blocks) != checksum.block_count(f.size)):
+            raise CorruptCheckpoint(where, f"{name}: {len(f.blocks)} block checksums for {f.size} bytes")
+    for name, entry in m.sharded.items():
+        _check_sharded(m, name, entry, where)
+
+
+def _check_sharded(m: Manifest, name: str, e: ShardedEntry, where: str) -> None:
+    """A sharded tensor's chunks lie inside their files and tile its global box exactly: each in bounds, none
+    overlapping another, their volumes summing to the whole. A reader fills its new shards from them, so a gap
+    would leave memory unwritten and an overlap would make the result depend on read order."""
+    try:
+        itemsize = codec.dtype_from_name(e.dtype).itemsize
+    except CheckpointError as err:
+        raise CorruptCheckpoint(where, f"sharded tensor {name!r}: {err}") from None
+    if name in m.tensors or any(d < 0 for d in e.shape):
+        raise CorruptCheckpoint(where, f"sharded tensor {name!r}: also stored whole, or a negative dimension")
+    for c in e.chunks:
+        holder = m.files.get(c.file)
+        if holder is None or not c.file.endswith(".bin") or holder.blocks is None:
+            raise CorruptCheckpoint(where, f"sharded tensor {name!r} refers to {c.file!r}, not a listed .bin file "
+                                           "with block checksums")
+        if (len(c.offsets) != len(e.shape) or len(c.sizes) != len(e.shape)
+                or any(o < 0 or s < 0 or o + s > d for o, s, d in zip(c.offsets, c.sizes, e.shape, strict=True))):
+            raise CorruptCheckpoint(where, f"sharded tensor {name!r}: chunk at {list(c.offsets)} of size "
+                                           f"{list(c.sizes)} is outside its shape {list(e.shape)}")
+        if math.prod(c.sizes) * itemsize != c.nbytes:
+            raise CorruptCheckpoint(where, f"sharded tensor {name!r}: chunk of {list(c.sizes)} x {e.dtype} is not "
+                                           f"{c.nbytes} bytes")
+        if c.offset < 0 or c.offset % format.ALIGN or c.offset + c.nbytes > holder.size:
+            raise CorruptCheckpoint(where, f"sharded tensor {name!r}: a chunk lies outside {c.file} or is misaligned")
+    boxes = sorted((c.offsets, c.sizes) for c in e.chunks if math.prod(c.sizes))
+    if sum(math.prod(s) for _, s in boxes) != math.prod(e.shape):
+        raise CorruptCheckpoint(where, f"sharded tensor {name!r}: its chunks do not cover its shape {list(e.shape)}")
+    # Sorted by their first offset, a box can only overlap the ones after it that start before it ends there.
+    # (A 0-d tensor has one box of volume 1: the volume check above is the whole check.)
+    for i, (o1, s1) in enumerate(boxes if e.shape else ()):
+        for o2, s2 in boxes[i + 1:]:
+            if o2[0] >= o1[0] + s1[0]:
+                break
+            if all(a < b + t and b < a + s for a, s, b, t in zip(o1, s1, o2, s2, strict=True)):
+                raise CorruptCheckpoint(where, f"sharded tensor {name!r}: chunks at {list(o1)} and {list(o2)} "
+                                               "overlap")

@@ -22,7 +22,7 @@ from ftrain.checkpoint import codec, format
 from ftrain.checkpoint.format import REPLICATED
 from ftrain.checkpoint.manifest import Manifest
 from ftrain.checkpoint.remote import is_url
-from ftrain.checkpoint.shard import read_shard_record, read_shard_tensors
+from ftrain.checkpoint.shard import chunk_key, read_shard_record, read_shard_tensors
 from ftrain.checkpoint.store import CheckpointStore, open_store
 from ftrain.errors import CheckpointError, CorruptCheckpoint
 
@@ -111,6 +111,7 @@ def read_trees(store: CheckpointStore, manifest: Manifest, *, keep: str | None =
     tensors: dict[str, torch.Tensor] = {}
     for rank in range(manifest.world_size):
         tensors.update(read_shard_tensors(store.storage, ckpt, manifest, rank, keep=lambda n: n.startswith(prefix)))
+    tensors.update(assemble(manifest, tensors, prefix))
     tree = record0.trees.get(REPLICATED)
     if not isinstance(tree, dict):
         raise CorruptCheckpoint(str(ckpt_dir / format.shard_names(0)[0]), "replicated state tree missing")
@@ -123,6 +124,21 @@ def read_trees(store: CheckpointStore, manifest: Manifest, *, keep: str | None =
         return {name: codec.decode(sub, tensors.__getitem__) for name, sub in tree.items()}
     except (CheckpointError, KeyError, TypeError, ValueError, RecursionError) as e:
         raise CorruptCheckpoint(str(ckpt_dir), f"malformed state tree ({e})") from None
+
+
+def assemble(manifest: Manifest, tensors: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
+    """The full tensors of the sharded tensors under ``prefix``, from their chunks in ``tensors`` (which it
+    empties of them): a tool needs the whole tensor; a training job never builds one (``reading.py``)."""
+    out: dict[str, torch.Tensor] = {}
+    for name, entry in manifest.sharded.items():
+        if not name.startswith(prefix):
+            continue
+        full = torch.empty(entry.shape, dtype=codec.dtype_from_name(entry.dtype))
+        for i, c in enumerate(entry.chunks):
+            part = tensors.pop(chunk_key(name, i))
+            full[tuple(slice(o, o + z) for o, z in zip(c.offsets, c.sizes, strict=True))] = part
+        out[name] = full  # the manifest check ensured the chunks tile the whole tensor
+    return out
 
 
 def load(store: CheckpointStore, which: int | str, *, name: str | None = None,

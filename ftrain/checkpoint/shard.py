@@ -11,7 +11,7 @@ from __future__ import annotations
 import io
 import json
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import psutil
@@ -19,11 +19,13 @@ import torch
 
 from ftrain.checkpoint import checksum, codec
 from ftrain.checkpoint.format import MAX_SHARD_JSON_BYTES, shard_names
-from ftrain.checkpoint.manifest import FileEntry, Manifest, TensorEntry
+from ftrain.checkpoint.manifest import ChunkEntry, FileEntry, Manifest, TensorEntry
 from ftrain.checkpoint.storage import Storage
 from ftrain.errors import CorruptCheckpoint
 
-SHARD_VERSION = 1
+#: 2: the .bin's block checksums, and the chunks of sharded tensors this rank holds. Version 1 is read too.
+SHARD_VERSION = 2
+_KNOWN_SHARD_VERSIONS = (1, 2)
 _ZEROS = bytes(64)
 #: Tensors a reader does not keep are streamed through a buffer of this size (to checksum them).
 _SKIP_CHUNK = 4 << 20
@@ -41,24 +43,36 @@ class ShardRecord:
     bin_checksum: str
     tensors: dict[str, TensorEntry]
     trees: dict[str, Any]
+    bin_blocks: tuple[str, ...] | None = None
+    #: Sharded tensors: name -> (this rank's chunk, the tensor's global shape, dtype).
+    chunks: dict[str, tuple[ChunkEntry, tuple[int, ...], str]] = field(default_factory=dict)
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> ShardRecord:
+        bin_name = str(data["bin"]["name"])
+        blocks = data["bin"].get("blocks")
         return cls(
             rank=int(data["rank"]), step=int(data["step"]), nonce=str(data["nonce"]),
-            bin_name=str(data["bin"]["name"]), bin_size=int(data["bin"]["size"]),
-            bin_checksum=str(data["bin"]["checksum"]),
-            tensors={n: TensorEntry(str(data["bin"]["name"]), int(t["offset"]), int(t["nbytes"]), str(t["dtype"]),
+            bin_name=bin_name, bin_size=int(data["bin"]["size"]), bin_checksum=str(data["bin"]["checksum"]),
+            tensors={n: TensorEntry(bin_name, int(t["offset"]), int(t["nbytes"]), str(t["dtype"]),
                                     tuple(t["shape"])) for n, t in data["tensors"].items()},
             trees=dict(data["trees"]),
+            bin_blocks=None if blocks is None else tuple(str(b) for b in blocks),
+            chunks={n: (ChunkEntry(bin_name, int(c["offset"]), int(c["nbytes"]), tuple(c["offsets"]),
+                                   tuple(c["sizes"])), tuple(c["shape"]), str(c["dtype"]))
+                    for n, c in (data.get("chunks") or {}).items()},
         )
 
     def to_json(self) -> dict[str, Any]:
         return {
             "shard_version": SHARD_VERSION, "rank": self.rank, "step": self.step, "nonce": self.nonce,
-            "bin": {"name": self.bin_name, "size": self.bin_size, "checksum": self.bin_checksum},
+            "bin": {"name": self.bin_name, "size": self.bin_size, "checksum": self.bin_checksum,
+                    **({"blocks": list(self.bin_blocks)} if self.bin_blocks is not None else {})},
             "tensors": {n: {"offset": t.offset, "nbytes": t.nbytes, "dtype": t.dtype, "shape": list(t.shape)}
                         for n, t in self.tensors.items()},
+            "chunks": {n: {"offset": c.offset, "nbytes": c.nbytes, "offsets": list(c.offsets),
+                           "sizes": list(c.sizes), "shape": list(shape), "dtype": dtype}
+                       for n, (c, shape, dtype) in self.chunks.items()},
             "trees": self.trees,
         }
 
@@ -70,7 +84,7 @@ def read_shard_record(storage: Storage, ckpt: str, manifest: Manifest, rank: int
     raw = _read_verified(jpath, manifest.files[json_name])
     try:
         data = json.loads(raw)
-        if data.get("shard_version") != SHARD_VERSION:
+        if data.get("shard_version") not in _KNOWN_SHARD_VERSIONS:
             raise ValueError(f"unknown shard_version {data.get('shard_version')!r}")
         record = ShardRecord.from_json(data)
     except (ValueError, KeyError, TypeError, AttributeError, RecursionError) as e:
@@ -86,15 +100,24 @@ def read_shard_tensors(storage: Storage, ckpt: str, manifest: Manifest, rank: in
 
     No intermediate buffer is kept alive afterwards, and the checksum is computed
     over exactly the bytes read. Any inconsistency raises :class:`CorruptCheckpoint`.
-    With ``keep``, only tensors whose name it accepts are returned; the others are
+    Chunks of sharded tensors come back as tensors of the chunk's shape, under
+    :func:`chunk_key`. With ``keep``, only tensors whose name it accepts are returned; the others are
     still read and checksummed (the whole file is verified) but never allocated,
     so exporting a model does not need memory for its optimizer state.
     """
     _, bin_name = shard_names(rank)
-    entries = sorted(((n, t) for n, t in manifest.tensors.items() if t.file == bin_name), key=lambda x: x[1].offset)
+    entries = [(n, t) for n, t in manifest.tensors.items() if t.file == bin_name]
+    entries += [(chunk_key(n, i), TensorEntry(c.file, c.offset, c.nbytes, e.dtype, c.sizes))
+                for n, e in manifest.sharded.items() for i, c in enumerate(e.chunks) if c.file == bin_name]
+    entries.sort(key=lambda x: x[1].offset)
     where = _File(storage, f"{ckpt}/{bin_name}")
     ensure_memory(sum(t.nbytes for n, t in entries if keep is None or keep(n)), str(where))
     return _read_tensors(where, manifest.files[bin_name], entries, keep)
+
+
+def chunk_key(name: str, index: int) -> str:
+    """The key :func:`read_shard_tensors` returns chunk ``index`` of sharded tensor ``name`` under."""
+    return f"{name}\0{index}"
 
 
 def ensure_memory(nbytes: int, where: str) -> None:

@@ -16,15 +16,15 @@ from __future__ import annotations
 
 import json
 from collections.abc import Collection
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
 from ftrain import faults
-from ftrain.checkpoint import checksum, codec
+from ftrain.checkpoint import checksum, codec, dtensors
 from ftrain.checkpoint.format import align_up, shard_names
-from ftrain.checkpoint.manifest import TensorEntry
+from ftrain.checkpoint.manifest import ChunkEntry, TensorEntry
 from ftrain.checkpoint.shard import ShardRecord
 from ftrain.checkpoint.storage import LocalStorage, atomic_write, write_all
 
@@ -55,6 +55,8 @@ class Snapshot:
     index: dict[str, TensorEntry]
     data: torch.Tensor  # uint8 view of the arena, exactly the shard file's bytes
     ready: Any = None   # torch.cuda.Event when copies from CUDA are in flight
+    #: This rank's chunks of sharded tensors: name -> (chunk, global shape, dtype).
+    chunks: dict[str, tuple[ChunkEntry, tuple[int, ...], str]] = field(default_factory=dict)
 
     @property
     def nbytes(self) -> int:
@@ -62,33 +64,48 @@ class Snapshot:
 
 
 def take_snapshot(trees: dict[str, Any], tensors: dict[str, torch.Tensor], *, rank: int, step: int, nonce: str,
-                  arena: StagingArena) -> Snapshot:
+                  arena: StagingArena, sharded: dict[str, torch.Tensor] | None = None) -> Snapshot:
     """Copy ``tensors`` into ``arena`` in shard-file layout; ``trees`` is the already encoded JSON structure.
 
     ``tensors`` may be a subset of the tensors the trees refer to: replicated
-    state is split across ranks (see :func:`owners`). Raises for a value that is
-    not JSON, before copying anything.
+    state is split across ranks (see :func:`owners`). ``sharded`` are DTensors:
+    each rank stores its local shard as a chunk (``dtensors.py``), so a save
+    copies only local bytes and never gathers. Raises for a value that is not
+    JSON, before copying anything.
     """
     _, bin_name = shard_names(rank)
     json.dumps(trees)  # fail on a non-JSON value now, not in the background writer
     index: dict[str, TensorEntry] = {}
+    chunks: dict[str, tuple[ChunkEntry, tuple[int, ...], str]] = {}
+    sources: list[tuple[int, int, torch.Tensor]] = []  # (offset, nbytes, the tensor whose bytes go there)
     offset = 0
+    for name, t in (sharded or {}).items():
+        offsets, primary = dtensors.chunk_of(t, name)
+        if not primary:  # a replica of a chunk another rank writes (HSDP): stored once, by that rank
+            continue
+        part = dtensors.local(t)
+        nbytes = part.numel() * part.element_size()
+        chunks[name] = (ChunkEntry(bin_name, offset, nbytes, offsets, tuple(part.shape)), dtensors.global_shape(t),
+                        codec.dtype_name(t.dtype))
+        sources.append((offset, nbytes, part))
+        offset = align_up(offset + nbytes)
     for name, t in tensors.items():
         nbytes = t.numel() * t.element_size()
         index[name] = TensorEntry(bin_name, offset, nbytes, codec.dtype_name(t.dtype), tuple(t.shape))
+        sources.append((offset, nbytes, t))
         offset = align_up(offset + nbytes)
-    any_cuda = any(t.is_cuda for t in tensors.values())
+    any_cuda = any(t.is_cuda for _, _, t in sources)
     data = arena.get(offset, pinned=any_cuda)
-    for name, t in tensors.items():
-        entry = index[name]
-        if entry.nbytes:
-            dst = data[entry.offset:entry.offset + entry.nbytes].view(t.dtype).view(t.shape)
+    for at, nbytes, t in sources:
+        if nbytes:
+            dst = data[at:at + nbytes].view(t.dtype).view(t.shape)
             dst.copy_(t.detach(), non_blocking=t.is_cuda)
     ready = None
     if any_cuda:
         ready = torch.cuda.Event()
         ready.record()
-    return Snapshot(rank=rank, step=step, nonce=nonce, trees=trees, index=index, data=data, ready=ready)
+    return Snapshot(rank=rank, step=step, nonce=nonce, trees=trees, index=index, data=data, ready=ready,
+                    chunks=chunks)
 
 
 def persist(snap: Snapshot, storage: LocalStorage, tmp: str) -> ShardRecord:
@@ -103,7 +120,7 @@ def persist(snap: Snapshot, storage: LocalStorage, tmp: str) -> ShardRecord:
         snap.ready.synchronize()
     json_name, bin_name = shard_names(snap.rank)
     view = snap.data.numpy().data if snap.nbytes else memoryview(b"")
-    hasher = checksum.Hasher()
+    hasher = checksum.BlockHasher()
     with storage.create(f"{tmp}/{bin_name}") as fd:
         half = len(view) // 2
         for lo, hi in ((0, half), (half, len(view))):
@@ -113,9 +130,10 @@ def persist(snap: Snapshot, storage: LocalStorage, tmp: str) -> ShardRecord:
                 chunk = view[start:min(hi, start + _WRITE_CHUNK)]
                 hasher.update(chunk)
                 write_all(fd, chunk)
+    whole, blocks = hasher.finish()
     record = ShardRecord(rank=snap.rank, step=snap.step, nonce=snap.nonce, bin_name=bin_name,
-                         bin_size=snap.nbytes, bin_checksum=hasher.hexdigest(), tensors=snap.index,
-                         trees=snap.trees)
+                         bin_size=snap.nbytes, bin_checksum=whole, tensors=snap.index,
+                         trees=snap.trees, bin_blocks=tuple(blocks), chunks=snap.chunks)
     faults.point("save.shard_bin_written", step=snap.step, rank=snap.rank)
     # No directory fsync here: the committing rank fsyncs the directory once for all shards.
     atomic_write(storage.full(f"{tmp}/{json_name}"), json.dumps(record.to_json()).encode(), fsync_parent=False)

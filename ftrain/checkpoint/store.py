@@ -18,7 +18,7 @@ from pathlib import Path
 
 from ftrain import __version__, faults
 from ftrain.checkpoint import checksum, format
-from ftrain.checkpoint.manifest import FileEntry, Manifest, parse
+from ftrain.checkpoint.manifest import ChunkEntry, FileEntry, Manifest, ShardedEntry, parse
 from ftrain.checkpoint.remote import RemotePath, RemoteStorage, is_url, objects_for
 from ftrain.checkpoint.shard import ShardRecord
 from ftrain.checkpoint.storage import LocalStorage, Storage
@@ -150,12 +150,15 @@ class CheckpointStore:
             rel = f"{format.step_dirname(step)}/{name}"
             try:
                 with self.storage.open(rel) as f:
-                    _, digest = checksum.stream_digest(f)
+                    digest, blocks = checksum.stream_blocks(f)
             except OSError as e:
                 raise CorruptCheckpoint(self.storage.describe(rel), f"read error ({e.strerror or e})") from None
             if digest != entry.checksum:
                 raise CorruptCheckpoint(self.storage.describe(rel),
                                         f"checksum mismatch (manifest {entry.checksum}, file {digest})")
+            bad = [i for i, (a, b) in enumerate(zip(blocks, entry.blocks or blocks, strict=False)) if a != b]
+            if bad:  # the whole file matches, its block list does not: the manifest lies about the blocks
+                raise CorruptCheckpoint(self.storage.describe(rel), f"block {bad[0]} checksum mismatch")
         return m
 
     def info(self, step: int) -> CheckpointInfo:
@@ -278,13 +281,13 @@ class CheckpointStore:
         tensors = {}
         for rec in records:
             json_name = format.shard_names(rec.rank)[0]
-            files[rec.bin_name] = FileEntry(rec.bin_size, rec.bin_checksum, rec.rank)
+            files[rec.bin_name] = FileEntry(rec.bin_size, rec.bin_checksum, rec.rank, rec.bin_blocks)
             with self.storage.open(f"{tmp}/{json_name}") as f:
                 size, digest = checksum.stream_digest(f)
             files[json_name] = FileEntry(size, digest, rec.rank)
             tensors.update(rec.tensors)
         manifest = Manifest(step=step, world_size=world_size, files=files, tensors=tensors,
-                            ftrain_version=__version__, meta=dict(meta))
+                            ftrain_version=__version__, meta=dict(meta), sharded=merge_chunks(records))
         faults.point("save.before_manifest", step=step, rank=0)
         # One directory sync makes every rank's renamed-in shard JSON durable before the manifest exists.
         self._sync(tmp)
@@ -360,3 +363,19 @@ class CheckpointStore:
                 continue
             self.storage.delete(aside)
         return doomed
+
+
+def merge_chunks(records: list[ShardRecord]) -> dict[str, ShardedEntry]:
+    """The manifest's ``sharded`` table from every rank's chunks; ranks that disagree on a tensor's global shape
+    or dtype (different models on different ranks) fail the save instead of committing a checkpoint that cannot
+    be read back."""
+    out: dict[str, tuple[tuple[int, ...], str, list[ChunkEntry]]] = {}
+    for rec in sorted(records, key=lambda r: r.rank):
+        for name, (chunk, shape, dtype) in rec.chunks.items():
+            have = out.setdefault(name, (shape, dtype, []))
+            if (have[0], have[1]) != (shape, dtype):
+                raise CheckpointError(f"saving step {rec.step}: rank {rec.rank} holds sharded tensor {name!r} as "
+                                      f"{list(shape)} {dtype}, an earlier rank as {list(have[0])} {have[1]}; "
+                                      "every rank must register the same model")
+            have[2].append(chunk)
+    return {n: ShardedEntry(shape, dtype, tuple(chunks)) for n, (shape, dtype, chunks) in out.items()}

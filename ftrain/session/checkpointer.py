@@ -14,9 +14,11 @@ and commit run in a :class:`BackgroundWriter` thread and the ranks coordinate
 through the filesystem only; otherwise they run inline and the ranks agree on
 success with two small collectives.
 
-Restore: every rank reads and verifies its own shard. On a single node it also
-reads the replicated tensors from the other shards (one disk read per node, via
-the page cache); across nodes they are broadcast from the ranks that read them.
+Restore: every rank verifies the blocks it reads (``reading.py``) and reads each
+tensor straight into where it goes: a registered module's own tensors in place,
+the local shards of sharded (DTensor) state at any world size. On a single node
+it reads the replicated tensors from the page cache (one disk read per node);
+across nodes they are broadcast from the ranks that read them.
 
 Not thread-safe: call from the training thread only.
 """
@@ -26,17 +28,18 @@ import logging
 import os
 import secrets
 import time
-from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterator, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 
 from ftrain import envvars, faults
-from ftrain.checkpoint import codec, format
+from ftrain.checkpoint import codec, dtensors, format
 from ftrain.checkpoint.format import REPLICATED, rank_key
 from ftrain.checkpoint.lease import Fence, Lease, for_writer
 from ftrain.checkpoint.manifest import Manifest
-from ftrain.checkpoint.shard import ensure_memory, read_shard_record, read_shard_tensors
+from ftrain.checkpoint.shard import read_shard_record, read_shard_tensors
 from ftrain.checkpoint.snapshot import Snapshot, StagingArena, owners, persist, take_snapshot
 from ftrain.checkpoint.storage import LocalStorage
 from ftrain.checkpoint.store import CheckpointStore
@@ -45,10 +48,29 @@ from ftrain.config import CheckpointConfig
 from ftrain.errors import CheckpointDirError, CheckpointError, CorruptCheckpoint, FtrainError, StateMismatch
 from ftrain.session import replication
 from ftrain.session.collectives import Collectives
+from ftrain.session.reading import RankReader, Targets, specs_of
 from ftrain.session.tiers import LOCAL, REMOTE, RemoteTier
-from ftrain.session.validation import TensorSpec
 
 log = logging.getLogger("ftrain")
+
+
+@dataclass
+class Restored:
+    """A checkpoint every rank verified: its trees decoded (fresh tensors filled; registered ones not yet)."""
+
+    manifest: Manifest
+    trees: dict[str, Any]
+    reader: RankReader
+
+    def finish(self) -> None:
+        """Phase two of a load: read into the registered tensors themselves. Collective across nodes."""
+        try:
+            self.reader.fill(live=True)
+        finally:
+            self.reader.close()
+
+    def abandon(self) -> None:
+        self.reader.close()
 
 
 class Checkpointer:
@@ -101,7 +123,8 @@ class Checkpointer:
 
     # ---------------------------------------------------------------- restore
     def restore(self, check: Callable[[Manifest, dict[str, Any] | None], None],
-                candidates: Iterator[Manifest] | None = None) -> tuple[Manifest, dict[str, Any]] | None:
+                candidates: Iterator[Manifest] | None = None, targets: Callable[[], Targets] | None = None,
+                ) -> Restored | None:
         """The newest checkpoint every rank could read, verify and fit, decoded; None if there is none.
 
         Rank 0 proposes candidates newest first (or in the order of ``candidates``,
@@ -112,7 +135,11 @@ class Checkpointer:
            ``check(manifest, trees)`` with every tensor still a
            :class:`~ftrain.session.validation.TensorSpec`: the state fits the
            registered objects, before any tensor byte is allocated;
-        3. reads its tensors, verifying checksums.
+        3. plans its reads (``reading.RankReader``: the tensors ``targets()`` offers, the registered ones, are read
+           into in place) and verifies every block it is responsible for, filling fresh tensors on the way.
+
+        After the ranks agree, fresh tensors are complete and the trees decoded; ``Restored.finish()`` reads
+        into the registered tensors (phase two of a load: call it once phase one succeeded on every rank).
 
         ``check`` raises :class:`CorruptCheckpoint` (damage) or
         :class:`StateMismatch` (well-formed, but for another model). The ranks
@@ -142,13 +169,15 @@ class Checkpointer:
                     log.warning("skipping remote checkpoint step %d: %s: %s; falling back to an older one", step,
                                 e.path, e.reason)
                     continue
+            reader: RankReader | None = None
             try:
                 manifest = proposal or self.store.read_manifest(step)
                 check(manifest, None)  # the same manifest on every rank, so the same verdict
                 records = self._read_records(manifest)
-                check(manifest, self._decode(manifest, records, _specs(manifest)))
-                self._check_memory(manifest)
-                tensors = self._read_tensors(manifest)
+                check(manifest, self._decode(manifest, records, specs_of(manifest).__getitem__))
+                reader = RankReader(manifest, self.store.path(step), str(self.store.path(step)), self.coll,
+                                    single_node=self._single_node(), targets=targets() if targets else {})
+                reader.verify()
             except CorruptCheckpoint as e:
                 damage = e
             except StateMismatch as e:
@@ -161,33 +190,30 @@ class Checkpointer:
             if damage is not None:
                 log.warning("skipping checkpoint step %d: %s: %s; falling back to an older one", step, damage.path,
                             damage.reason)
+            if (damaged or mismatched) and reader is not None:
+                reader.close()
             if damaged:
                 continue
             if mismatched:
                 raise mismatch or StateMismatch(f"checkpoint step {step} does not fit the registered state on "
                                                 "another rank; see its log")
             break
-        self._share_replicated(manifest, tensors)
-        return manifest, self._decode(manifest, records, tensors)
-
-    def _sources(self, manifest: Manifest) -> list[int]:
-        """The saving ranks whose per-rank state this rank needs: its own, or after a resize every one's (each
-        per-rank object's ``resize_state`` hook maps them onto this rank)."""
-        if manifest.world_size != self.world_size:
-            return list(range(manifest.world_size))
-        return [self.rank]
-
-    def _reader_of(self, saver: int) -> int:
-        """The rank of this run that reads (and, across nodes, broadcasts) the replicated tensors in ``saver``'s
-        file: the saver itself at the same world size; after a resize they are dealt round-robin."""
-        return saver % self.world_size
+        assert reader is not None
+        try:
+            reader.fill(live=False)  # fresh tensors: what phase one of the load (with its undo) needs
+        except BaseException:
+            reader.close()
+            raise
+        return Restored(manifest, self._decode(manifest, records, reader.values()), reader)
 
     def _read_records(self, manifest: Manifest) -> dict[str, Any]:
-        """The replicated tree and the per-rank trees of :meth:`_sources`, from the verified shard records."""
+        """The replicated tree and the per-rank trees of the saving ranks this rank takes over, from the verified
+        shard records."""
         storage, ckpt = self.store.storage, format.step_dirname(manifest.step)
         record0 = read_shard_record(storage, ckpt, manifest, 0)
         trees = {REPLICATED: record0.trees.get(REPLICATED)}
-        for r in self._sources(manifest):
+        sources = range(manifest.world_size) if manifest.world_size != self.world_size else [self.rank]
+        for r in sources:
             record = record0 if r == 0 else read_shard_record(storage, ckpt, manifest, r)
             trees[rank_key(r)] = record.trees.get(rank_key(r))
         for key, tree in trees.items():
@@ -197,66 +223,20 @@ class Checkpointer:
                                         f"state tree {key!r} missing")
         return trees
 
-    def _decode(self, manifest: Manifest, records: dict[str, Any], tensors: Mapping[str, Any]) -> dict[str, Any]:
+    def _decode(self, manifest: Manifest, records: dict[str, Any], lookup: Callable[[str], Any]) -> dict[str, Any]:
         try:
             # Per object, as encoded: an alias decodes to the very tensor (or TensorSpec) it names.
-            return {key: codec.decode_objects(tree, tensors.__getitem__) for key, tree in records.items()}
+            return {key: codec.decode_objects(tree, lookup) for key, tree in records.items()}
         except (CheckpointError, KeyError, TypeError, ValueError, AttributeError, RecursionError) as e:
             raise CorruptCheckpoint(str(self.store.path(manifest.step)),
                                     f"malformed state tree ({type(e).__name__}: {e})") from None
 
-    def _my_files(self, manifest: Manifest) -> list[tuple[int, Callable[[str], bool]]]:
-        """The saving ranks whose .bin files this rank reads, each with the tensors it keeps from it.
-
-        Its own file (at the same world size); the replicated tensors of the files it is the reader of; on one
-        node every file's replicated tensors (the page cache makes that one disk read per node, faster than
-        broadcasting: docs/PERFORMANCE.md); after a resize every saver's per-rank tensors.
-        """
-        single = self._single_node()
-        sources = set(self._sources(manifest))
-        out: list[tuple[int, Callable[[str], bool]]] = []
-        for r in range(manifest.world_size):
-            own = r in sources
-            rep = single or self._reader_of(r) == self.rank
-            if r == self.rank and manifest.world_size == self.world_size:
-                out.append((r, lambda n: True))
-            elif own or rep:
-                out.append((r, _keeper(rank_key(r) if own else None, rep)))
-        out.sort(key=lambda item: item[0] != self.rank)  # its own file first: that is what _verify_files checks
-        return out
-
-    def _check_memory(self, manifest: Manifest) -> None:
-        """Refuse (as damage) a checkpoint that declares more tensor bytes than this host could hold, in total
-        over the tensors this rank keeps (each read checks its own file too)."""
-        keeps = {format.shard_names(r)[1]: keep for r, keep in self._my_files(manifest)}
-        ensure_memory(sum(t.nbytes for n, t in manifest.tensors.items() if t.file in keeps and keeps[t.file](n)),
-                      str(self.store.path(manifest.step)))
-
-    def _read_tensors(self, manifest: Manifest) -> dict[str, torch.Tensor]:
-        storage, ckpt = self.store.storage, format.step_dirname(manifest.step)
-        tensors: dict[str, torch.Tensor] = {}
-        for rank, keep in self._my_files(manifest):  # every file is verified as read
-            tensors.update(read_shard_tensors(storage, ckpt, manifest, rank, keep=keep))
-        return tensors
-
     def _verify_files(self, manifest: Manifest) -> None:
-        """Checksum the first shard file this rank reads without keeping (or allocating) any tensor."""
+        """Checksum this rank's own shard file (or shard 0's after a resize) without keeping any tensor."""
         storage, ckpt = self.store.storage, format.step_dirname(manifest.step)
-        for rank, _ in self._my_files(manifest)[:1]:
-            read_shard_record(storage, ckpt, manifest, rank)
-            read_shard_tensors(storage, ckpt, manifest, rank, keep=lambda n: False)
-
-    def _share_replicated(self, manifest: Manifest, tensors: dict[str, torch.Tensor]) -> None:
-        """Multi-node: give every rank the replicated tensors that ranks elsewhere read (each file read once)."""
-        if self.world_size == 1 or self._single_node():
-            return
-        for name, entry in sorted(manifest.tensors.items()):
-            if not name.startswith(f"{REPLICATED}/"):
-                continue
-            reader = self._reader_of(manifest.files[entry.file].rank)
-            if reader != self.rank:
-                tensors[name] = torch.empty(entry.shape, dtype=codec.dtype_from_name(entry.dtype))
-            self.coll.broadcast_tensor(tensors[name], src=reader)
+        rank = self.rank if manifest.world_size == self.world_size else 0
+        read_shard_record(storage, ckpt, manifest, rank)
+        read_shard_tensors(storage, ckpt, manifest, rank, keep=lambda n: False)
 
     def _single_node(self) -> bool:
         return int(os.environ.get(envvars.LOCAL_WORLD_SIZE, "0")) == self.world_size
@@ -293,7 +273,9 @@ class Checkpointer:
             err = _as_error(e, step, tmp, self.store)
         if self.cfg.check_replicated:  # every rank, even one that failed above: the check is collective
             try:
-                replication.check(self.coll, rep_tensors if err is None else None, pinned, step)
+                whole = (None if err is not None or rep_tensors is None else  # shards differ by design
+                         {n: t for n, t in rep_tensors.items() if not dtensors.is_dtensor(t)})
+                replication.check(self.coll, whole, pinned, step)
             except StateMismatch as e:
                 err = e  # the same verdict on every rank: all fail this save below, with this message
         self.last_blocking_seconds = time.monotonic() - t0
@@ -321,15 +303,18 @@ class Checkpointer:
     def _snapshot(self, step: int, rep_tree: Any, rep_tensors: dict[str, torch.Tensor], per_rank: dict[str, Any],
                   pinned: Collection[str]) -> Snapshot:
         own_tree, own_tensors = codec.encode_objects(per_rank, rank_key(self.rank))
+        sharded = {n: t for n, t in rep_tensors.items() if dtensors.is_dtensor(t)}  # each rank its own chunks
+        whole = {n: t for n, t in rep_tensors.items() if n not in sharded}
         # Pinned tensors go to rank 0: the buffers of replicated modules, which only rank 0 holds right (its are
         # what DDP broadcasts at the next forward), so a resume is exact and an export holds rank 0's buffers.
-        split = owners({n: t.numel() * t.element_size() for n, t in rep_tensors.items()}, self.world_size, pinned)
-        tensors = {n: t for n, t in rep_tensors.items() if split[n] == self.rank}
+        split = owners({n: t.numel() * t.element_size() for n, t in whole.items()}, self.world_size, pinned)
+        tensors = {n: t for n, t in whole.items() if split[n] == self.rank}
         tensors.update(own_tensors)
         trees = {rank_key(self.rank): own_tree}
         if self.rank == 0:  # the replicated structure is the same everywhere: rank 0 records it
             trees[REPLICATED] = rep_tree
-        return take_snapshot(trees, tensors, rank=self.rank, step=step, nonce=self.nonce or "", arena=self.arena)
+        return take_snapshot(trees, tensors, rank=self.rank, step=step, nonce=self.nonce or "", arena=self.arena,
+                             sharded=sharded)
 
     def _persist_and_commit(self, snap: Snapshot, tmp: str, meta: dict[str, Any], best: list[int],
                             t0: float) -> None:
@@ -456,14 +441,3 @@ def _what_is_left(store: CheckpointStore, step: int) -> str:
     if not older:
         return f"no earlier checkpoint is in {store.root}"
     return f"the previous checkpoint (step {older[-1]}) in {store.root} is untouched"
-
-
-def _keeper(per_rank: str | None, replicated: bool) -> Callable[[str], bool]:
-    """Which tensors of one shard file to keep: its replicated ones, and/or the per-rank ones under ``per_rank``."""
-    prefixes = tuple(p + "/" for p in ((REPLICATED,) if replicated else ()) + ((per_rank,) if per_rank else ()))
-    return lambda name: name.startswith(prefixes)
-
-
-def _specs(manifest: Manifest) -> dict[str, TensorSpec]:
-    """Every tensor of the manifest as a description, to check the trees before any byte is read."""
-    return {n: TensorSpec(t.shape, codec.dtype_from_name(t.dtype)) for n, t in manifest.tensors.items()}

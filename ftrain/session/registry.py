@@ -23,10 +23,11 @@ from typing import Any
 import torch
 
 from ftrain import envvars
+from ftrain.checkpoint import codec
 from ftrain.checkpoint.format import REPLICATED, rank_key
 from ftrain.checkpoint.manifest import Manifest
 from ftrain.errors import CorruptCheckpoint, FtrainError, StateMismatch
-from ftrain.session import rng, trainable, validation
+from ftrain.session import rng, sharding, trainable, validation
 from ftrain.stateful import Stateful
 
 log = logging.getLogger("ftrain")
@@ -70,14 +71,18 @@ class Registry:
         frozen_by: dict[str, list[str]] = {}
         omitted_by: dict[str, list[str]] = {}
         fingerprints: dict[str, str] = {}
+        paired = sharding.owners(self.objects)
         for key, (obj, per_rank) in self.objects.items():
-            state = obj.state_dict()
+            state = self._state(key, obj, paired)
             if trainable.is_module(obj):
                 if not per_rank:  # persistent buffers only: those are the ones in the state dict
                     buffers += [f"{REPLICATED}/{key}/{n}" for n, _ in obj.named_buffers(remove_duplicate=False)
                                 if n in state]
                 frozen = trainable.frozen_names(obj)
                 frozen_by[key] = frozen
+                if trainable_only and frozen and sharding.is_sharded_module(obj):
+                    raise FtrainError(f"checkpoint.trainable_only does not support sharded (FSDP2/DTensor) module "
+                                      f"{key!r} yet; set checkpoint.trainable_only: false")
                 if trainable_only and frozen:
                     base = self._base(key, obj)
                     digests = base.unchanged(obj, frozen)
@@ -91,6 +96,49 @@ class Registry:
             "trainable_only": trainable_only, "omitted": omitted_by, "base_fingerprint": fingerprints,
         }
         return replicated, mine, meta, sorted(buffers)
+
+    def _state(self, key: str, obj: Stateful, paired: dict[str, str]) -> Any:
+        """An object's state as saved: torch's FSDP-aware state dicts for sharded modules and their optimizers."""
+        if key in paired:
+            model = self.objects[paired[key]][0]
+            assert isinstance(model, torch.nn.Module) and isinstance(obj, torch.optim.Optimizer)
+            return sharding.optimizer_state(model, obj)
+        if sharding.is_sharded_module(obj):
+            assert isinstance(obj, torch.nn.Module)
+            return sharding.model_state(obj)
+        return obj.state_dict()
+
+    def _paired_modules(self, replicated: Any = None) -> dict[str, torch.nn.Module]:
+        """Each optimizer whose state is keyed by parameter name -> its module: the sharded ones, and on restore
+        (``replicated``: the decoded tree) those the checkpoint saved that way."""
+        out: dict[str, torch.nn.Module] = {}
+        for key, owner in sharding.owners(self.objects, sharding.named_in(replicated)).items():
+            model = self.objects[owner][0]
+            assert isinstance(model, torch.nn.Module)
+            out[key] = model
+        return out
+
+    def targets(self, prefix: str) -> dict[str, tuple[torch.Tensor, bool]]:
+        """Where restored tensors may go, by the name the codec gives them under ``prefix`` (the replicated tree):
+        ``(tensor, True)`` is a registered module's own tensor, read into in place; ``(template, False)`` a
+        sharded parameter that an optimizer's state of that name is laid out like (a fresh tensor is made from it).
+
+        Optimizer state is never read in place: loading it is undone by loading the previous state, which must
+        still hold the old values.
+        """
+        paired = sharding.owners(self.objects)
+        out: dict[str, tuple[torch.Tensor, bool]] = {}
+        for key, (obj, per_rank) in self.objects.items():
+            if per_rank:
+                continue
+            if trainable.is_module(obj):
+                _, table = codec.encode_objects({key: self._state(key, obj, paired)}, prefix)
+                out.update((n, (t, True)) for n, t in table.items())
+            elif key in paired:
+                model = self.objects[paired[key]][0]
+                assert isinstance(model, torch.nn.Module)
+                out.update((n, (t, False)) for n, t in sharding.templates(model, f"{prefix}/{key}").items())
+        return out
 
     def _base(self, key: str, obj: Any) -> trainable.FrozenBase:
         if key not in self._bases:  # no restore() ran (or it found nothing): the base is what is frozen now
@@ -154,8 +202,10 @@ class Registry:
                 self._verified[key] = trainable.check_base(obj, omitted_by[key], recorded, about)
         # After the freezing and base checks: their messages say more about a trainable-only checkpoint.
         sources = [rank] if manifest.world_size == world_size else range(manifest.world_size)
+        paired = self._paired_modules(trees[REPLICATED])
         for r in sources:  # after a resize, every saving rank's per-rank state feeds the hooks
-            validation.check_objects(self.objects, trees[REPLICATED], trees[rank_key(r)], omitted_by, what)
+            validation.check_objects(self.objects, trees[REPLICATED], trees[rank_key(r)], omitted_by, what,
+                                     sharded=paired)
 
     def _check_layout(self, manifest: Manifest, world_size: int, on_resize: str) -> None:
         if manifest.world_size != world_size:
@@ -214,6 +264,7 @@ class Registry:
 
         frozen_by = _str_lists(manifest.meta.get("frozen"), "frozen", f"step {manifest.step}")
         omitted_by = _str_lists(manifest.meta.get("omitted"), "omitted", f"step {manifest.step}")
+        named = self._paired_modules(replicated)
         self._preload = {}
         try:
             for key, (obj, per_rank) in self.objects.items():
@@ -230,6 +281,8 @@ class Registry:
                                         "for %d parameter(s), e.g. %s (the checkpoint records which parameters "
                                         "were frozen)", key, manifest.step, len(changed), changed[:3])
                     continue
+                if key in named:
+                    continue  # loaded after its module in phase two (set_optimizer_state_dict)
                 before = obj.state_dict()
                 if not isinstance(obj, torch.optim.Optimizer):
                     before = copy.deepcopy(before)
@@ -248,11 +301,17 @@ class Registry:
             if not trainable.is_module(obj):
                 continue
             state = (mine if per_rank else replicated)[key]
-            if key in omitted_by:
+            if sharding.is_sharded_module(obj):
+                sharding.load(obj, None, state, None)
+            elif key in omitted_by:
                 trainable.load_partial(obj, state, omitted_by[key],
                                        f"registered module {key!r} (checkpoint step {manifest.step})")
             else:
                 obj.load_state_dict(state)
+        for key, model in self._paired_modules(replicated).items():  # after their modules: keyed by their names
+            opt = self.objects[key][0]
+            assert isinstance(opt, torch.optim.Optimizer)
+            sharding.load(model, opt, None, replicated[key])
         if include_rng:
             rng.restore(mine["rng"])  # last: loading other state must not disturb the restored streams
 

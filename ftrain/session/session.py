@@ -39,10 +39,11 @@ from ftrain.config import FtrainConfig, config_to_dict, load_config
 from ftrain.data.batching import BatchPlan, plan_batches
 from ftrain.errors import CheckpointError, FtrainError, NoValidCheckpoint, StateMismatch
 from ftrain.session import decision, rng
-from ftrain.session.checkpointer import Checkpointer
+from ftrain.session.checkpointer import Checkpointer, Restored
 from ftrain.session.collectives import Collectives
 from ftrain.session.decision import StepAction, StepInputs
 from ftrain.session.liveness import Liveness, Preempted, setup_logging
+from ftrain.session.reading import Targets
 from ftrain.session.registry import Registry, resize_mode
 from ftrain.session.selection import ModelSelection
 from ftrain.stateful import Stateful
@@ -103,7 +104,8 @@ class Session:
         t0 = time.monotonic()
         self.liveness.beat(RESTORING, 0)
         self.checkpointer.setup()
-        found = self.checkpointer.restore(self._check) if self.ckpt.resume != "never" else None
+        found = (self.checkpointer.restore(self._check, targets=self._targets) if self.ckpt.resume != "never"
+                 else None)
         step = 0
         if found is None:
             if self.ckpt.resume == "required":
@@ -112,8 +114,8 @@ class Session:
             log.info("no valid checkpoint in %s: starting fresh at step 0", self.store.root)
             self.registry.establish(None, trainable_only=self.ckpt.trainable_only)
         else:
-            manifest, trees = found
-            self._load(manifest, trees, include_rng=True)
+            manifest = found.manifest
+            self._load(found, include_rng=True)
             self.registry.establish(manifest, trainable_only=self.ckpt.trainable_only)
             # Rank 0 looks (every rank must drop the same best steps, whatever its view of a shared filesystem).
             self.selection.restore(manifest, lambda steps: [bool(v) for v in self.coll.broadcast(
@@ -141,10 +143,14 @@ class Session:
         """
         return plan_batches(global_batch, self.world_size, max_micro_batch, self.ckpt.on_uneven_batch)
 
-    def _load(self, manifest: Manifest, trees: dict[str, Any], *, include_rng: bool) -> None:
+    def _targets(self) -> Targets:
+        return self.registry.targets(REPLICATED)
+
+    def _load(self, found: Restored, *, include_rng: bool) -> None:
         # Everything was checked on every rank before this point (Checkpointer.restore). Loading is in two
         # phases the ranks agree on, so that a rank that failed does not leave the others holding new state:
         # what can be undone cheaply first (undone on every rank if any failed), then modules and RNG.
+        manifest, trees = found.manifest, found.trees
         resized = manifest.world_size != self.world_size
         replicated = trees[REPLICATED]
         err: BaseException | None = None
@@ -161,9 +167,11 @@ class Session:
         if self.coll.any(err is not None)[0]:
             if undo is not None:
                 undo()
+            found.abandon()
             raise StateMismatch(f"restoring checkpoint step {manifest.step} failed "
                                 f"({_describe(err) if err else 'on another rank; see its log'}); the registered "
                                 "objects were left as they were") from err
+        found.finish()  # the registered modules' tensors, read in place (verified on every rank before)
         self.registry.load_rest(manifest, replicated, mine, include_rng=include_rng and not resized)
         if include_rng and resized:
             # Per-rank streams cannot be mapped onto other ranks: derived from (seed, step, rank) instead.
@@ -182,13 +190,13 @@ class Session:
         if self._previous_save_failed():  # the best one may be the save still in flight
             self._raise_failed_save()
         ranked = self.selection.ranked(self.store) if self.rank == 0 else []  # only rank 0 proposes
-        found = self.checkpointer.restore(self._check, candidates=iter(ranked))
+        found = self.checkpointer.restore(self._check, candidates=iter(ranked), targets=self._targets)
         if found is None:
             log.warning("load_best: no valid checkpoint records %r; the registered objects keep their current state",
                         self.ckpt.monitor)
             return None
-        manifest, trees = found
-        self._load(manifest, trees, include_rng=False)
+        manifest = found.manifest
+        self._load(found, include_rng=False)
         self.best_step = manifest.step
         log.info("loaded the best checkpoint: step %d (%s=%s)", manifest.step, self.ckpt.monitor,
                  (manifest.meta.get("metrics") or {}).get(self.ckpt.monitor))

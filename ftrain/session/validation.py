@@ -50,12 +50,14 @@ class TensorSpec:
 
 
 def check_objects(objects: Mapping[str, tuple[Stateful, bool]], replicated: Any, mine: Any,
-                  omitted: Mapping[str, Sequence[str]], where: str) -> None:
+                  omitted: Mapping[str, Sequence[str]], where: str,
+                  sharded: Mapping[str, nn.Module] | None = None) -> None:
     """Check every registered object's saved state (and this rank's RNG state) against the object now.
 
     ``replicated`` and ``mine`` are the decoded trees with :class:`TensorSpec`
     leaves; ``omitted`` the state keys a trainable-only checkpoint left out;
-    ``where`` names the checkpoint in messages.
+    ``where`` names the checkpoint in messages; ``sharded`` maps each sharded optimizer to its module (their
+    state is keyed by parameter name: ``sharding.py``).
     """
     for tree, what in ((replicated, "replicated"), (mine, "per-rank")):
         if not isinstance(tree, dict):
@@ -67,6 +69,8 @@ def check_objects(objects: Mapping[str, tuple[Stateful, bool]], replicated: Any,
         state = tree[key]
         if isinstance(obj, nn.Module):
             check_module(key, obj, state, omitted.get(key, ()), where)
+        elif sharded and key in sharded:
+            check_sharded_optimizer(key, sharded[key], state, where)
         elif isinstance(obj, torch.optim.Optimizer):
             check_optimizer(key, obj, state, where)
         elif not isinstance(state, dict):
@@ -122,6 +126,36 @@ def check_optimizer(key: str, opt: torch.optim.Optimizer, state: Any, where: str
                 raise CorruptCheckpoint(where, f"optimizer {key!r}: state[{pid}].{name} is not a tensor")
             if value.shape != shape:
                 raise StateMismatch(f"checkpoint {where} does not fit optimizer {key!r}: state[{pid}].{name} has "
+                                    f"shape {list(value.shape)}, its parameter {list(shape)}")
+
+
+def check_sharded_optimizer(key: str, model: nn.Module, state: Any, where: str) -> None:
+    """An optimizer's state as ``get_optimizer_state_dict`` gives it: keyed by the parameters' names."""
+    if not (isinstance(state, dict) and isinstance(state.get("state"), dict)
+            and isinstance(state.get("param_groups"), list)):
+        raise CorruptCheckpoint(where, f"the state of optimizer {key!r} lacks its 'state' and 'param_groups'")
+    params = dict(model.named_parameters(remove_duplicate=False))
+    for group in state["param_groups"]:
+        if not (isinstance(group, dict) and isinstance(group.get("params"), list)):
+            raise CorruptCheckpoint(where, f"optimizer {key!r}: a parameter group is malformed")
+        if not all(isinstance(n, str) for n in group["params"]):
+            raise StateMismatch(f"checkpoint {where}: optimizer {key!r} was saved unsharded (its state is keyed by "
+                                "parameter number) and is sharded now; resume it unsharded, or start the optimizer "
+                                "afresh from the model weights (session.load_pretrained)")
+        unknown = sorted(set(group["params"]) - set(params))
+        if unknown:
+            raise StateMismatch(f"checkpoint {where} does not fit optimizer {key!r}: it steps parameters the model "
+                                f"does not have {_few(unknown)}; build the optimizer over the same model")
+    for name, entry in state["state"].items():
+        if name not in params or not isinstance(entry, dict):
+            raise CorruptCheckpoint(where, f"optimizer {key!r}: state for unknown parameter {name!r}")
+        shape = tuple(params[name].shape)
+        for field in PARAM_SHAPED & set(entry):
+            value = entry[field]
+            if not isinstance(value, TensorSpec):
+                raise CorruptCheckpoint(where, f"optimizer {key!r}: state[{name}].{field} is not a tensor")
+            if value.shape != shape:
+                raise StateMismatch(f"checkpoint {where} does not fit optimizer {key!r}: state[{name}].{field} has "
                                     f"shape {list(value.shape)}, its parameter {list(shape)}")
 
 

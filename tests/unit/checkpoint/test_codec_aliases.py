@@ -115,8 +115,8 @@ def test_placeholders_decode_an_alias_to_the_spec_of_its_tensor():
     assert back["lm_head.weight"] is back["emb.weight"] == TensorSpec((V, D), torch.float32)
 
 
-def test_format_version_2_is_written_and_1_is_still_known():
-    assert FORMAT_VERSION == 2 and KNOWN_VERSIONS == {1, 2}
+def test_format_version_3_is_written_and_1_and_2_are_still_known():
+    assert FORMAT_VERSION == 3 and KNOWN_VERSIONS == {1, 2, 3}
 
 
 # ------------------------------------------------------------------ on disk, restore
@@ -126,7 +126,7 @@ def test_a_tied_weight_is_stored_once(tmp_path):
     saved = bin_bytes(tmp_path / "untied") - bin_bytes(tmp_path / "tied")
     assert abs(saved - V * D * 4) <= layout.ALIGN, saved
     manifest = json.loads((tmp_path / "tied" / layout.step_dirname(1) / layout.MANIFEST).read_text())["body"]
-    assert manifest["format_version"] == 2
+    assert manifest["format_version"] == 3
     assert "replicated/model/lm_head.weight" not in manifest["tensors"]
     shard = json.loads((tmp_path / "tied" / layout.step_dirname(1) / "shard-00000.json").read_text())
     assert shard["trees"]["replicated"]["model"]["lm_head.weight"] == {"$t": "alias",
@@ -167,6 +167,15 @@ def test_a_tied_checkpoint_restores_into_an_untied_model_with_both_values(tmp_pa
     assert torch.equal(fresh.lm_head.weight, model.emb.weight) and torch.equal(fresh.emb.weight, model.emb.weight)
 
 
+def as_version_1(body):
+    """What version 1 wrote: no block checksums (whole files are verified), no sharded table."""
+    body.update(format_version=1)
+    body.pop("block_bytes")
+    body.pop("sharded")
+    for entry in body["files"].values():
+        entry.pop("blocks", None)
+
+
 def test_a_version_1_checkpoint_still_reads(tmp_path):
     # What version 1 wrote for a tied model: two tensors of equal value, no aliases.
     model = TinyLM(tied=False)
@@ -174,7 +183,7 @@ def test_a_version_1_checkpoint_still_reads(tmp_path):
         model.lm_head.weight.copy_(model.emb.weight)
     save_model(tmp_path, model)
     mpath = tmp_path / layout.step_dirname(1) / layout.MANIFEST
-    reseal(mpath, lambda body: body.update(format_version=1))
+    reseal(mpath, as_version_1)
     shard = json.loads((tmp_path / layout.step_dirname(1) / "shard-00000.json").read_text())
     assert "alias" not in json.dumps(shard["trees"])
     fresh = TinyLM(seed=2)
@@ -184,7 +193,7 @@ def test_a_version_1_checkpoint_still_reads(tmp_path):
     s.close()
     assert fresh.lm_head.weight is fresh.emb.weight and torch.equal(fresh.emb.weight, model.emb.weight)
     assert torch.equal(fresh.mix.weight, model.mix.weight)
-    reseal(mpath, lambda body: body.update(format_version=3))
+    reseal(mpath, lambda body: body.update(format_version=4))
     s = session(tmp_path)
     s.register(model=TinyLM())
     assert s.restore() == 0  # an unknown version is skipped as damage, with a message saying so

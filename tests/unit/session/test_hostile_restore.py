@@ -128,10 +128,11 @@ def test_a_declared_huge_tensor_is_refused_before_anything_is_allocated(root: Pa
     with open(d / bin_name, "r+b") as f:
         f.truncate(offset + huge)  # sparse: costs no disk
     with open(d / bin_name, "rb") as f:
-        size, digest = checksum.stream_digest(f)
+        digest, blocks = checksum.stream_blocks(f)
+    size = offset + huge
 
     def edit(body: dict[str, Any]) -> None:
-        body["files"][bin_name].update(size=size, checksum=digest)
+        body["files"][bin_name].update(size=size, checksum=digest, blocks=blocks)
         body["tensors"]["replicated/model/weight"].update(offset=offset, nbytes=huge, shape=[huge // 16, 4],
                                                           dtype="float32")
 
@@ -284,7 +285,8 @@ def test_export_refuses_a_declared_tensor_larger_than_memory(root: Path, tmp_pat
         f.truncate(offset + (1 << 40))
 
     def edit(body: dict[str, Any]) -> None:
-        body["files"][bin_name]["size"] = offset + (1 << 40)  # the checksum is never reached
+        body["files"][bin_name]["size"] = offset + (1 << 40)  # the checksums are never reached
+        body["files"][bin_name]["blocks"] = ["0" * 32] * checksum.block_count(offset + (1 << 40))
         body["tensors"]["replicated/model/weight"].update(offset=offset, nbytes=1 << 40, shape=[1 << 38],
                                                           dtype="float32")
 
