@@ -14,9 +14,9 @@ first). Not thread-safe; one reader per restore attempt.
 """
 from __future__ import annotations
 
+import io
 import os
 from collections.abc import Collection, Iterable
-from pathlib import Path
 
 import torch
 import xxhash
@@ -25,6 +25,7 @@ from ftrain.checkpoint import readplan
 from ftrain.checkpoint.checksum import BLOCK_BYTES
 from ftrain.checkpoint.manifest import FileEntry
 from ftrain.checkpoint.readplan import Piece
+from ftrain.checkpoint.storage import LocalStorage
 from ftrain.errors import CorruptCheckpoint
 
 _SCRATCH = 4 << 20
@@ -68,40 +69,37 @@ class _Checker:
 
 
 class DirectReader:
-    def __init__(self, root: Path, files: dict[str, FileEntry], describe: str) -> None:
-        """``root``: the checkpoint directory; ``files``: its manifest's file entries; ``describe``: its name
-        in messages."""
-        self.root, self.files, self.describe = root, files, describe
-        self._fds: dict[str, int] = {}
+    def __init__(self, storage: LocalStorage, ckpt: str, files: dict[str, FileEntry]) -> None:
+        """``ckpt``: the checkpoint directory in ``storage`` (opened through it: no link below the root is
+        followed, no special file read); ``files``: its manifest's file entries."""
+        self.storage, self.ckpt, self.files = storage, ckpt, files
+        self._open: dict[str, io.RawIOBase] = {}
         self._scratch = bytearray(_SCRATCH)
 
-    def __enter__(self) -> DirectReader:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        for fd in self._fds.values():
-            os.close(fd)
-        self._fds.clear()
+    def close(self) -> None:
+        for f in self._open.values():
+            f.close()
+        self._open.clear()
 
     def _where(self, name: str) -> str:
-        return f"{self.describe}/{name}"
+        return self.storage.describe(f"{self.ckpt}/{name}")
 
     def _fd(self, name: str) -> int:
-        if name not in self._fds:
+        if name not in self._open:
             entry = self.files[name]
             try:
-                fd = os.open(self.root / name, os.O_RDONLY)
+                f = self.storage.open(f"{self.ckpt}/{name}")
             except FileNotFoundError:
                 raise CorruptCheckpoint(self._where(name), "file listed in the manifest is missing") from None
             except OSError as e:
                 raise CorruptCheckpoint(self._where(name), f"cannot read ({e.strerror or e})") from None
-            size = os.fstat(fd).st_size
+            size = os.fstat(f.fileno()).st_size
             if size != entry.size:
-                os.close(fd)
+                f.close()
                 raise CorruptCheckpoint(self._where(name), f"size {size} bytes, manifest says {entry.size} "
                                                            "(truncated or overwritten)")
-            self._fds[name] = fd
-        return self._fds[name]
+            self._open[name] = f
+        return self._open[name].fileno()
 
     def _read(self, name: str, view: memoryview, at: int) -> None:
         fd, got = self._fd(name), 0

@@ -2,19 +2,24 @@
 
 Reads and checksums every byte of the chosen checkpoint
 (:func:`ftrain.checkpoint.reader.load`), materialises only that object's tensors
-and writes them as safetensors or a plain ``torch.save`` dict; OUT appears
-atomically (temp file beside it, fsync, rename). OUT's name may be a template
+and writes them as safetensors, a plain ``torch.save`` dict, or (``--format
+dcp``) a torch.distributed.checkpoint directory of flat keys written by DCP's own
+``save`` in this one process, which DCP, torchtitan and load_pretrained load
+(at any world size: DCP reshards). OUT appears atomically (temp file or
+directory beside it, fsync, rename). OUT's name may be a template
 filled from the chosen checkpoint (``{step}``, ``{object}``, its metrics).
 Tied weights (names the checkpoint stores as one tensor) are written once to
 safetensors, the other names listed in its metadata ``ftrain_aliases``
-(``{dropped: kept}``), and kept as names of one shared tensor in a torch file.
+(``{dropped: kept}``), kept as names of one shared tensor in a torch file, and
+written under every name to DCP (whose loaders look every name up).
 
 Exit codes: 1 for anything about the checkpoint (none selected, damaged, no such
 object, not a flat state_dict) or a write failing part way; 2 for bad input,
 checked before any checkpoint byte is read where possible (bad ``--step``,
-format or suffix, DIR missing, OUT exists without ``--force``, OUT's directory
-missing or unwritable, a template field the checkpoint lacks). Never writes to
-the checkpoint directory. torch and safetensors are imported lazily:
+format or suffix, DIR missing, OUT exists without ``--force`` (for dcp: a file,
+or a directory that is not empty, ``--force`` or not: nothing is deleted), OUT's
+directory missing or unwritable, a template field the checkpoint lacks). Never writes to
+the checkpoint directory. torch, DCP and safetensors are imported lazily:
 ``ftrain launch`` builds this parser too.
 """
 from __future__ import annotations
@@ -26,7 +31,9 @@ import json
 import logging
 import os
 import secrets
+import shutil
 import sys
+import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -52,13 +59,16 @@ class ExportError(FtrainError):
 def add_parser(cs: Any) -> None:
     """Register ``export`` under ``ftrain ckpt`` (``cs``: its subparsers)."""
     step_help = STEP_HELP
-    e = cs.add_parser("export", help="write one object's weights (default: model) as safetensors or a torch file")
+    e = cs.add_parser("export", help="write one object's weights (default: model) as safetensors, a torch file "
+                      "or a DCP directory")
     e.add_argument("dir", help="checkpoint root, or one step-N directory in it")
-    e.add_argument("out", help="output file; the format follows its suffix (.safetensors, .pt, .pth); its name may "
-                   "be a template with {step}, {object} and the checkpoint's metrics, e.g. "
-                   "'model-{step:06d}-{val_loss:.4f}.safetensors'")
+    e.add_argument("out", help="output file, or with --format dcp a new (or empty) directory; the format follows "
+                   "its suffix (.safetensors, .pt, .pth); its name may be a template with {step}, {object} and the "
+                   "checkpoint's metrics, e.g. 'model-{step:06d}-{val_loss:.4f}.safetensors'")
     e.add_argument("--step", default="latest", help=step_help)
-    e.add_argument("--format", choices=("safetensors", "torch"), help="output format (default: from OUT's suffix)")
+    e.add_argument("--format", choices=("safetensors", "torch", "dcp"),
+                   help="output format (default: from OUT's suffix); dcp: a torch.distributed.checkpoint directory of "
+                   "flat keys, loadable by torch.distributed.checkpoint.load, torchtitan and load_pretrained")
     e.add_argument("--object", default="model", dest="obj", metavar="NAME",
                    help="registered object to export; must be a flat {name: tensor} state_dict (default: model)")
     e.add_argument("--force", action="store_true", help="replace OUT if it already exists")
@@ -71,7 +81,8 @@ def cmd_export(args: argparse.Namespace) -> int:
     out = Path(args.out)
     templated = "{" in out.name  # Keras-style file name template, filled in once the checkpoint is chosen
     store, which = open_checkpoint(args.dir, args.step)
-    tmp = _create_temp(out, args.force, check_exists=not templated)  # a bad OUT fails now, not after reading GBs
+    make_temp = _create_temp_dir if fmt == "dcp" else _create_temp
+    tmp = make_temp(out, args.force, check_exists=not templated)  # a bad OUT fails now, not after reading GBs
     try:
         with warnings_to_stderr():
             from ftrain.checkpoint import reader, storage
@@ -80,7 +91,9 @@ def cmd_export(args: argparse.Namespace) -> int:
             manifest, objects = reader.load(store, which, name=args.obj, rank=rank_manifests)
             if templated:
                 out = out.parent / _render(out.name, manifest, args.obj)
-                if out.exists() and not args.force:
+                if fmt == "dcp":
+                    _check_dcp_out(out)
+                elif out.exists() and not args.force:
                     raise UsageError(f"output {str(out)!r} already exists; pass --force to replace it")
             tensors, aliases = _flat_tensors(objects[args.obj], args.obj)
             metadata = _st_metadata(store, manifest, args.obj)
@@ -89,14 +102,22 @@ def cmd_export(args: argparse.Namespace) -> int:
                 # loaders re-tie (transformers: tie_word_embeddings; load_pretrained: the model's shared tensor).
                 tensors = {k: v for k, v in tensors.items() if k not in aliases}
                 metadata["ftrain_aliases"] = json.dumps(aliases, sort_keys=True)
-            _write(tmp, out, tensors, fmt, metadata)
-            if out.exists() and not args.force:  # checked again: someone may have created it while we read
-                raise UsageError(f"{out} appeared while exporting; not replaced (use --force)")
-            os.replace(tmp, out)
+            if fmt == "dcp":
+                _write_dcp(tmp, out, tensors)
+                _rename_dir(tmp, out)
+            else:
+                _write(tmp, out, tensors, fmt, metadata)
+                if out.exists() and not args.force:  # checked again: someone may have created it while we read
+                    raise UsageError(f"{out} appeared while exporting; not replaced (use --force)")
+                os.replace(tmp, out)
         with contextlib.suppress(OSError):  # some filesystems refuse a directory fsync; the file itself is durable
             storage.fsync_dir(out.parent)
     except BaseException:
-        tmp.unlink(missing_ok=True)  # never leave a partial file behind, whatever failed (Ctrl-C included)
+        # Never leave a partial file behind, whatever failed (Ctrl-C included); tmp is ours, made by make_temp.
+        if tmp.is_dir() and not tmp.is_symlink():
+            shutil.rmtree(tmp, ignore_errors=True)
+        else:
+            tmp.unlink(missing_ok=True)
         raise
     meta = manifest.meta
     omitted_by_object = meta.get("omitted", {})
@@ -111,7 +132,10 @@ def cmd_export(args: argparse.Namespace) -> int:
     if aliases:
         shown = ", ".join(f"{safe(a)} = {safe(k)}" for a, k in sorted(aliases.items())[:3])
         more = f", ... ({len(aliases)} in all)" if len(aliases) > 3 else ""
-        if fmt == "safetensors":
+        if fmt == "dcp":
+            print(f"ftrain: note: {len(aliases)} tied tensor name(s) of {args.obj!r} share a tensor with another "
+                  f"({shown}{more}); DCP stores it under each name and loaders tie them again", file=sys.stderr)
+        elif fmt == "safetensors":
             print(f"ftrain: note: {len(aliases)} tied tensor name(s) of {args.obj!r} share a tensor with another and "
                   f"are not written again ({shown}{more}); the dropped names are in the metadata 'ftrain_aliases' "
                   "({dropped: kept}); a model that ties them gets them by load_state_dict(strict=False) or "
@@ -119,7 +143,7 @@ def cmd_export(args: argparse.Namespace) -> int:
         else:
             print(f"ftrain: note: {len(aliases)} tied tensor name(s) of {args.obj!r} share one tensor with another "
                   f"({shown}{more}); torch.save stores it once and loading keeps them shared", file=sys.stderr)
-    size = out.stat().st_size
+    size = sum(f.stat().st_size for f in out.iterdir()) if fmt == "dcp" else out.stat().st_size
     print(f"exported step {manifest.step} object {args.obj!r}: {len(tensors)} tensors, {human(size)} "
           f"({size} bytes) -> {safe(out)} ({fmt})")  # OUT may name a hostile directory (a shell glob)
     return exitcodes.OK
@@ -129,7 +153,7 @@ def _format(out: str, fmt: str | None) -> str:
     fmt = fmt or SUFFIXES.get(Path(out).suffix.lower())
     if fmt is None:
         raise UsageError(f"cannot tell the format of {out!r} from its suffix: name it .safetensors, .pt or .pth, "
-                         "or pass --format safetensors|torch")
+                         "or pass --format safetensors|torch|dcp (dcp writes a directory)")
     if fmt == "safetensors" and importlib.util.find_spec("safetensors") is None:  # now, not after reading GBs
         raise UsageError("the safetensors package is not installed (pip install safetensors); "
                          "or export with --format torch")
@@ -170,6 +194,62 @@ def _create_temp(out: Path, force: bool, check_exists: bool = True) -> Path:
     except OSError as e:
         raise UsageError(f"cannot write to {str(out.parent)!r} ({e.strerror or e}); choose a writable OUT") from None
     return tmp
+
+
+def _check_dcp_out(out: Path) -> None:
+    # No --force here: replacing a directory means deleting one, and OUT may be a typo for something precious.
+    if out.is_symlink() or (out.exists() and not out.is_dir()):
+        raise UsageError(f"output {str(out)!r} exists and is not a directory; --format dcp writes a directory: "
+                         "choose a new name")
+    if out.is_dir() and any(out.iterdir()):
+        raise UsageError(f"output directory {str(out)!r} is not empty; --format dcp writes a new or empty "
+                         "directory and deletes nothing (--force or not): remove it or choose another name")
+
+
+def _create_temp_dir(out: Path, force: bool, check_exists: bool = True) -> Path:
+    """A new directory beside OUT for DCP to write into (``force`` does not apply: see :func:`_check_dcp_out`)."""
+    if check_exists:
+        _check_dcp_out(out)
+    if not out.parent.is_dir():
+        raise UsageError(f"output directory {str(out.parent)!r} does not exist")
+    tmp = out.parent / f".{out.name}.{secrets.token_hex(4)}.exporting"  # the name rule of _create_temp
+    try:
+        tmp.mkdir()
+    except OSError as e:
+        raise UsageError(f"cannot write to {str(out.parent)!r} ({e.strerror or e}); choose a writable OUT") from None
+    return tmp
+
+
+def _write_dcp(tmp: Path, out: Path, tensors: dict[str, torch.Tensor]) -> None:
+    import torch.distributed as dist
+
+    if not dist.is_available():
+        raise UsageError("this torch build has no torch.distributed, which --format dcp needs; "
+                         "export with --format safetensors")
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.api import CheckpointException
+
+    try:
+        with warnings.catch_warnings():  # DCP warns that it assumes one process, as no_dist=True says
+            warnings.filterwarnings("ignore", message=r"torch\.distributed is disabled, unavailable or uninitialized")
+            # no_dist: this process alone writes every tensor, whole; sync_files (the default) fsyncs each file.
+            dcp.save(dict(tensors), storage_writer=dcp.FileSystemWriter(tmp), no_dist=True)
+    except OSError as e:
+        raise ExportError(f"writing {out} failed: {e.strerror or e} (disk full or quota?); it was not created "
+                          "or changed") from None
+    except (CheckpointException, RuntimeError, ValueError) as e:  # CheckpointException: DCP's wrapper of a failure
+        raise ExportError(f"DCP could not write {out} ({e}); it was not created or changed") from None
+
+
+def _rename_dir(tmp: Path, out: Path) -> None:
+    # rename(2) replaces an empty directory and refuses a non-empty one: no check-then-act race with a writer.
+    try:
+        os.rename(tmp, out)
+    except OSError as e:
+        if out.exists():
+            raise UsageError(f"{out} appeared (or was filled) while exporting; not replaced ({e.strerror or e})"
+                             ) from None
+        raise ExportError(f"renaming the finished export to {out} failed: {e.strerror or e}") from None
 
 
 def _flat_tensors(state: Any, obj: str) -> tuple[dict[str, torch.Tensor], dict[str, str]]:

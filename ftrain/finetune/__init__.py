@@ -2,7 +2,8 @@
 
 * :func:`load_pretrained` copies weights from a ``.safetensors`` file, a
   ``.pt``/``.pth``/``.bin`` state dict (``weights_only=True``, never arbitrary
-  pickle), an ftrain checkpoint, or a mapping into a model, in place; it renames
+  pickle), an ftrain checkpoint, a DCP directory (read by torch.distributed.checkpoint,
+  resharded into FSDP2 models), or a mapping into a model, in place; it renames
   keys (DDP/compile prefixes, ``key_map``, ``add_prefix``) and returns a
   :class:`LoadReport` of loaded, missing, unexpected, mismatched and cast keys.
 * :func:`freeze` / :func:`unfreeze` / :func:`frozen_names` switch
@@ -17,7 +18,8 @@ its own checkpoint, not from the pretrained weights)::
     freeze(model, "backbone.*")
     opt = torch.optim.AdamW(param_groups(model, {"head.*": 1e-3}, include_frozen=True), lr=1e-5)
 
-Nothing here touches the process group: call it on every rank.
+Nothing here touches the process group, except that loading a DCP directory under an
+initialized one is a DCP collective: call it on every rank.
 """
 from __future__ import annotations
 

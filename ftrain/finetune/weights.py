@@ -9,7 +9,9 @@ reporting every key that did not.
 Invariants:
 
 * Nothing from a file is unpickled beyond ``torch.load(weights_only=True)``:
-  a ``.pt`` file that needs arbitrary pickle is refused, never loaded "unsafely".
+  a ``.pt`` file that needs arbitrary pickle is refused, never loaded "unsafely"
+  (a DCP directory's ``.metadata`` pickle goes through an allowlist of DCP's own
+  types: :mod:`ftrain.finetune.dcp`).
 * All checks happen before the first copy: when :func:`load_pretrained` raises,
   the model is unchanged.
 * Parameters are updated in place (``load_state_dict`` copies under ``no_grad``),
@@ -36,6 +38,7 @@ from torch import nn
 
 from ftrain.checkpoint import reader
 from ftrain.errors import CheckpointError, CorruptCheckpoint, FtrainError, StateMismatch
+from ftrain.finetune import dcp
 from ftrain.session.ranking import rank_manifests
 
 log = logging.getLogger("ftrain")
@@ -44,7 +47,8 @@ log = logging.getLogger("ftrain")
 WRAPPER_KEYS = ("state_dict", "model", "model_state_dict")
 TORCH_SUFFIXES = (".pt", ".pth", ".bin")
 ACCEPTED = ("*.safetensors, *.pt/*.pth/*.bin (a torch state_dict, loaded with weights_only=True), "
-            "an ftrain checkpoint directory or one of its step-N directories, or a mapping {key: tensor}")
+            "an ftrain checkpoint directory or one of its step-N directories, a torch.distributed.checkpoint (DCP) "
+            "directory (with a .metadata file), or a mapping {key: tensor}")
 
 Shape = tuple[int, ...]
 KeyMap = Mapping[str, str | None] | Callable[[str], str | None]
@@ -117,7 +121,15 @@ def load_pretrained(model: nn.Module, source: str | os.PathLike[str] | Mapping[s
     (``weights_only=True``; a dict whose only tensor-holding entry is one of
     :data:`WRAPPER_KEYS` is unwrapped), an ftrain checkpoint root or ``step-N``
     directory (object ``object_name`` of checkpoint ``step``: a number,
-    ``"latest"`` (default) or ``"best"``), or a mapping ``{key: tensor}``.
+    ``"latest"`` (default) or ``"best"``), a torch.distributed.checkpoint (DCP)
+    directory holding flat keys (``ftrain ckpt export --format dcp``, torchtitan's
+    model-only checkpoints), or a mapping ``{key: tensor}``.
+
+    A DCP directory is read by DCP itself, after every check below ran on its
+    metadata: each tensor lands in a new buffer shaped like the model's (for an
+    FSDP2 model a DTensor, so each rank reads only its shard) and is then copied
+    in. Its non-tensor entries are not read (DCP stores them as pickles). Under an
+    initialized process group this is a collective: call it on every rank.
 
     Keys are renamed in this order: (1) each of ``strip_prefixes`` is removed
     when *every* source key carries it and *no* model key does (repeated until
@@ -133,7 +145,9 @@ def load_pretrained(model: nn.Module, source: str | os.PathLike[str] | Mapping[s
     mismatched keys unless ``skip_mismatched=True`` (they keep the model's values:
     a new head). Nothing is modified when it raises.
     """
-    state, where = _read_source(source, step=step, object_name=object_name)
+    dcp_dir = _dcp_dir(source, step)
+    state, where = _read_dcp(dcp_dir) if dcp_dir is not None else _read_source(source, step=step,
+                                                                              object_name=object_name)
     model_sd = model.state_dict(keep_vars=True)  # keep_vars: Parameters themselves, so tied ones compare by identity
     renamed_sd, report = _remap(state, where, model_sd, strip_prefixes, key_map, add_prefix)
     subset = _classify(renamed_sd, model_sd, report)
@@ -142,6 +156,8 @@ def load_pretrained(model: nn.Module, source: str | os.PathLike[str] | Mapping[s
         raise StateMismatch(_mismatch_message(report, strict=True, skip_mismatched=skip_mismatched))
     if report.mismatched and not skip_mismatched:
         raise StateMismatch(_mismatch_message(report, strict=False, skip_mismatched=False))
+    if dcp_dir is not None:  # `subset` holds data-less meta tensors so far: read what matched, into copies
+        subset = dcp.read(dcp_dir, state, subset, model_sd)
     # load_state_dict copies into the existing tensors under no_grad and runs the modules' own
     # load hooks (extra state, BatchNorm versions); strict=False because `subset` is partial by design.
     model.load_state_dict(subset, strict=False)
@@ -151,6 +167,24 @@ def load_pretrained(model: nn.Module, source: str | os.PathLike[str] | Mapping[s
 
 
 # ------------------------------------------------------------------- reading
+def _dcp_dir(source: str | os.PathLike[str] | Mapping[str, Any], step: int | str | None) -> Path | None:
+    if isinstance(source, Mapping) or not isinstance(source, (str, os.PathLike)) or not dcp.is_dcp_dir(Path(source)):
+        return None
+    if step is not None:
+        raise FtrainError(f"load_pretrained(step={step!r}) applies only to ftrain checkpoint directories; "
+                          f"{source} is a DCP checkpoint (one step)")
+    return Path(source)
+
+
+def _read_dcp(path: Path) -> tuple[Mapping[str, Any], str]:
+    """``({key: meta tensor}, where)``: shapes and dtypes only; :func:`dcp.read` loads the data later."""
+    state, skipped = dcp.index(path)
+    if skipped:
+        log.warning("%s: not reading %d non-tensor entr%s (DCP stores them as pickles): %s", path, len(skipped),
+                    "y" if len(skipped) == 1 else "ies", _few(skipped))
+    return state, f"{path} (DCP)"
+
+
 def _read_source(source: str | os.PathLike[str] | Mapping[str, Any], *, step: int | str | None,
                  object_name: str) -> tuple[Mapping[str, Any], str]:
     """``(flat state dict, description of where it came from)``."""

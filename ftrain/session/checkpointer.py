@@ -175,8 +175,8 @@ class Checkpointer:
                 check(manifest, None)  # the same manifest on every rank, so the same verdict
                 records = self._read_records(manifest)
                 check(manifest, self._decode(manifest, records, specs_of(manifest).__getitem__))
-                reader = RankReader(manifest, self.store.path(step), str(self.store.path(step)), self.coll,
-                                    single_node=self._single_node(), targets=targets() if targets else {})
+                reader = RankReader(manifest, self.local, self.coll, single_node=self._single_node(),
+                                    targets=targets() if targets else {})
                 reader.verify()
             except CorruptCheckpoint as e:
                 damage = e

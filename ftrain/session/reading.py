@@ -23,17 +23,17 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import torch
 
-from ftrain.checkpoint import codec, dtensors, readplan
+from ftrain.checkpoint import codec, dtensors, format, readplan
 from ftrain.checkpoint.direct import DirectReader
 from ftrain.checkpoint.format import REPLICATED, rank_key
 from ftrain.checkpoint.manifest import ChunkEntry, Manifest
 from ftrain.checkpoint.readplan import Piece, Target
 from ftrain.checkpoint.shard import ensure_memory
+from ftrain.checkpoint.storage import LocalStorage
 from ftrain.errors import CorruptCheckpoint
 from ftrain.session.collectives import Collectives
 
@@ -51,12 +51,13 @@ class _Slot:
 
 
 class RankReader:
-    def __init__(self, manifest: Manifest, root: Path, describe: str, coll: Collectives, *, single_node: bool,
+    def __init__(self, manifest: Manifest, storage: LocalStorage, coll: Collectives, *, single_node: bool,
                  targets: Targets) -> None:
         self.m, self.coll, self.single = manifest, coll, single_node
         self.rank, self.world_size = coll.rank, coll.world_size
-        self.io = DirectReader(root, manifest.files, describe)
-        self.describe = describe
+        ckpt = format.step_dirname(manifest.step)
+        self.io = DirectReader(storage, ckpt, manifest.files)
+        self.describe = storage.describe(ckpt)
         self.slots: dict[str, _Slot] = {}
         self._done: set[Piece] = set()  # filled by verify()
         self._plan(targets)
@@ -159,7 +160,7 @@ class RankReader:
         return lambda name: self.slots[name].value
 
     def close(self) -> None:
-        self.io.__exit__()
+        self.io.close()
 
 
 def specs_of(manifest: Manifest) -> dict[str, Any]:

@@ -1,7 +1,7 @@
-"""Chaos on a simulated 2-node cluster: a node SIGKILLed whole inside a save, the survivor going on at 2 ranks,
-the node rejoining at 4, then a random node SIGKILLed whole at a random step and the survivor finishing at 2;
-every sample consumed exactly once, at the same global step as in an uninterrupted run (from examples/train.py's
-consumed-sample logs), and no survivor counting a crash.
+"""Chaos on a simulated 2-node cluster running an FSDP2 model: a node SIGKILLed whole inside a save, the survivor
+going on at 2 ranks, the node rejoining at 4, then a random node SIGKILLed whole at a random step and the survivor
+finishing at 2; every sample consumed exactly once, at the same global step as in an uninterrupted run (from
+examples/train.py's consumed-sample logs), and no survivor counting a crash.
 
 Nodes are `ftrain launch --nnodes 1:2 --nproc 2` processes over an `ftrain rendezvous` store on 127.0.0.1
 (examples/cluster.py).
@@ -42,8 +42,11 @@ def printed_step(procs: list[cluster.Process]) -> int:
 def test_nodes_killed_whole_then_rejoining_consume_every_sample_once(tmp_path: Path) -> None:
     seed = int(os.environ.get("FTRAIN_TEST_SEED", time.time_ns() % 10_000))
     rng = random.Random(seed)
-    script = [str(EXAMPLE), "--steps", str(STEPS), "--save-every", str(SAVE_EVERY), "--print-every", "1",
-              "--workers", "0"]
+    # The model is the example's transformer sharded by FSDP2: each resize reshards its parameters and AdamW
+    # state (every rank reads its new shards' byte ranges from the old ranks' files). The plain DDP model's
+    # resizes are test_resize.py's.
+    script = [str(EXAMPLE), "--fsdp", "--steps", str(STEPS), "--save-every", str(SAVE_EVERY), "--print-every",
+              "1", "--workers", "0"]
     ref = subprocess.run([sys.executable, *script, "--ckpt-dir", str(tmp_path / "ref"), "--index-log",
                           str(tmp_path / "ref-logs")], env=child_env(), capture_output=True, text=True, timeout=300)
     assert ref.returncode == 0, ref.stderr[-3000:]
