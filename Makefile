@@ -47,6 +47,7 @@ bench: venv
 	$(BIN)/python benchmarks/recovery.py
 	$(BIN)/python benchmarks/elastic.py
 	$(BIN)/python benchmarks/remote.py
+	$(BIN)/python benchmarks/sharded.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache

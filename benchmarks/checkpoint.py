@@ -37,18 +37,13 @@ import ftrain
 from ftrain.config import CheckpointConfig, FtrainConfig
 
 
-class Holder:
-    """A Stateful around a plain dict of tensors (stands in for model + optimizer state)."""
+class Holder(torch.nn.Module):
+    """The state as a module's buffers (stands in for a model: restore reads into its tensors in place)."""
 
     def __init__(self, tensors: dict[str, torch.Tensor]) -> None:
-        self.tensors = tensors
-
-    def state_dict(self) -> dict[str, torch.Tensor]:
-        return self.tensors
-
-    def load_state_dict(self, sd: dict[str, torch.Tensor]) -> None:
-        for k, v in sd.items():
-            self.tensors[k].copy_(v)
+        super().__init__()
+        for k, v in tensors.items():
+            self.register_buffer(k.replace(".", "_"), v)
 
 
 def make_state(mib: int) -> dict[str, torch.Tensor]:
@@ -129,11 +124,20 @@ def measure_saves(mib: int, repeat: int, root: Path) -> dict[str, float]:
     out["ftrain.save (async)"] = min(blocking[1:])
     out["ftrain persist+commit"] = min(persist[1:])
 
+    opened: list[ftrain.Session] = []
+
     def restore() -> None:
         r = session(root / "ftrain")
+        opened.append(r)
         r.register(model=Holder(staging))
         r.restore()
-    out["ftrain restore"] = best(restore, repeat)
+
+    def close_opened() -> None:  # outside the timed region
+        while opened:
+            opened.pop().close()
+    out["ftrain restore"] = best(restore, repeat, close_opened)
+    close_opened()
+    s.close()
     return out
 
 
@@ -161,6 +165,49 @@ def single_process_floors(mib: int, repeat: int, root: Path) -> dict[str, float]
                                   repeat)
     raw.unlink()
     pt.unlink()
+    return out
+
+
+def model_and_adamw(mib: int, repeat: int, root: Path) -> dict[str, float]:
+    """A real model with AdamW after one step (a third parameters, two thirds optimizer moments): what a resumed
+    job restores. torch.load of torch.save({model, optimizer}) against ftrain's restore into a freshly built model
+    and an optimizer without state (the parameters are read in place, the moments into fresh tensors)."""
+    width = 1024
+    layers = max(1, (mib << 20) // 3 // (width * width * 4))
+
+    def build() -> tuple[torch.nn.Module, torch.optim.Optimizer]:
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(*(torch.nn.Linear(width, width, bias=False) for _ in range(layers)))
+        return model, torch.optim.AdamW(model.parameters(), lr=1e-3)
+
+    model, opt = build()
+    model(torch.randn(2, width)).sum().backward()
+    opt.step()
+    pt = root / "model-adamw.pt"
+    torch.save({"model": model.state_dict(), "optimizer": opt.state_dict()}, pt)
+    s = session(root / "model-adamw")
+    s.register(model=model, optimizer=opt)
+    s.restore()
+    s.save(1, blocking=True)
+    s.close()
+    out = {"torch.load": best(lambda: torch.load(pt, weights_only=True), repeat)}
+    opened: list[ftrain.Session] = []
+
+    def restore() -> None:
+        m, o = build()
+        r = session(root / "model-adamw")
+        opened.append(r)
+        r.register(model=m, optimizer=o)
+        r.restore()
+
+    def close() -> None:
+        while opened:
+            opened.pop().close()
+    out["ftrain restore"] = best(restore, repeat, close) - best(build, repeat)  # less building the model
+    close()
+    out["bytes"] = pt.stat().st_size
+    pt.unlink()
+    shutil.rmtree(root / "model-adamw")
     return out
 
 
@@ -240,6 +287,9 @@ def main() -> None:
     nbytes = results[args.ranks[0]]["bytes"] if args.ranks else 0
     if args.ranks:
         print_table(args, floors, results, nbytes)
+        real = model_and_adamw(args.mib, args.repeat, root)
+        print(f"    1 model + AdamW ({real['bytes'] / 2**20:.0f} MiB): ftrain restore {real['ftrain restore']:.3f}s vs "
+              f"torch.load {real['torch.load']:.3f}s = {real['ftrain restore'] / real['torch.load']:.2f}x")
     if args.train_seconds > 0:
         t = training_overhead(args.train_seconds, root)
         base, saving = t["steps/s, no saves"], t["steps/s, save every 10 s"]

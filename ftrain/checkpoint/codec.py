@@ -115,7 +115,7 @@ class _Encoder:
                 # Exactly the same view (not merely overlapping memory: a slice of a weight is a separate
                 # tensor): store the bytes once, and say where they are.
                 return {TAG: "alias", "ref": self.seen[key]}
-            name = self._add(path, obj.detach())
+            name = self._add(path, obj if dtensors.is_dtensor(obj) else obj.detach())  # a DTensor: its shard is read
             if key is not None:
                 self.seen[key] = name
             # A DTensor's table entry is the DTensor itself: the snapshot stores its local shard as a chunk.

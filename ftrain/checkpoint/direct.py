@@ -35,7 +35,7 @@ def byte_view(t: torch.Tensor) -> memoryview:
     """The bytes of contiguous CPU tensor ``t`` (writing them writes ``t``)."""
     if not t.numel():
         return memoryview(b"")
-    return t.reshape(-1).view(torch.uint8).numpy().data
+    return t.detach().reshape(-1).view(torch.uint8).numpy().data
 
 
 class _Checker:

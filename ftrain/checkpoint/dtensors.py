@@ -27,13 +27,32 @@ def is_dtensor(t: Any) -> bool:
 
 
 def local(t: Any) -> torch.Tensor:
-    """The rank's local shard (a view of the DTensor's own storage: writing it writes the DTensor)."""
-    out: torch.Tensor = t.to_local()
-    return out
+    """The rank's local shard (the DTensor's own storage: writing it writes the DTensor).
+
+    The attribute, not ``to_local()``: that is an autograd function (about 70 us a call, a third of an FSDP2
+    save's blocking time over a few hundred tensors), and neither saving nor restoring wants a graph.
+    """
+    out = getattr(t, "_local_tensor", None)
+    return out if isinstance(out, torch.Tensor) else t.to_local()
+
+
+#: (global shape, placements, mesh, local shape) -> chunk_of's answer. The layout of a training job's DTensors never
+#: changes between saves, and torch's offset computation costs ~0.25 ms per tensor: a quarter of the blocking
+#: time of an FSDP2 save of a few hundred tensors. Bounded by the distinct layouts a job has.
+_CHUNKS: dict[tuple[Any, ...], tuple[tuple[int, ...], bool]] = {}
 
 
 def chunk_of(t: Any, name: str) -> tuple[tuple[int, ...], bool]:
     """(global offsets of this rank's shard, whether this rank writes it) for DTensor ``t``."""
+    mesh = t.device_mesh
+    key = (tuple(t.shape), tuple(t.placements), id(mesh), tuple(mesh.shape), tuple(local(t).shape))
+    hit = _CHUNKS.get(key)
+    if hit is None:
+        hit = _CHUNKS[key] = _chunk_of(t, name)
+    return hit
+
+
+def _chunk_of(t: Any, name: str) -> tuple[tuple[int, ...], bool]:
     if any(p.is_partial() for p in t.placements):
         raise CheckpointError(f"cannot save {name!r}: a DTensor with Partial placement {t.placements} holds "
                               "unreduced values; redistribute it to Shard/Replicate before saving")

@@ -141,7 +141,7 @@ def check_sharded_optimizer(key: str, model: nn.Module, state: Any, where: str) 
         if not all(isinstance(n, str) for n in group["params"]):
             raise StateMismatch(f"checkpoint {where}: optimizer {key!r} was saved unsharded (its state is keyed by "
                                 "parameter number) and is sharded now; resume it unsharded, or start the optimizer "
-                                "afresh from the model weights (session.load_pretrained)")
+                                "afresh from the model weights (ftrain.finetune.load_pretrained)")
         unknown = sorted(set(group["params"]) - set(params))
         if unknown:
             raise StateMismatch(f"checkpoint {where} does not fit optimizer {key!r}: it steps parameters the model "
