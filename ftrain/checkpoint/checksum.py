@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import io
 import os
+from collections.abc import Iterator
 
 import xxhash
 
@@ -38,31 +39,29 @@ def digest(data: Bytes) -> str:
     return xxhash.xxh3_128_hexdigest(data)
 
 
+def _chunks(f: io.RawIOBase) -> Iterator[memoryview]:
+    """What is left to read in ``f``, in chunks of one reused buffer (each valid until the next)."""
+    buf = bytearray(_CHUNK)
+    view = memoryview(buf)
+    while n := f.readinto(buf):
+        yield view[:n]
+
+
 def stream_digest(f: io.RawIOBase) -> tuple[int, str]:
     """(size, checksum) of what is left to read in ``f``, read in chunks."""
     h = Hasher()
     size = 0
-    buf = bytearray(_CHUNK)
-    view = memoryview(buf)
-    while True:
-        n = f.readinto(buf)
-        if not n:
-            break
-        h.update(view[:n])
-        size += n
+    for chunk in _chunks(f):
+        h.update(chunk)
+        size += len(chunk)
     return size, h.hexdigest()
 
 
 def stream_blocks(f: io.RawIOBase) -> tuple[str, list[str]]:
     """(whole checksum, block checksums) of what is left to read in ``f``."""
     h = BlockHasher()
-    buf = bytearray(_CHUNK)
-    view = memoryview(buf)
-    while True:
-        n = f.readinto(buf)
-        if not n:
-            break
-        h.update(view[:n])
+    for chunk in _chunks(f):
+        h.update(chunk)
     return h.finish()
 
 

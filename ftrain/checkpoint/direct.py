@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import io
 import os
-from collections.abc import Collection, Iterable
+from collections.abc import Iterable
 
 import torch
 import xxhash
@@ -112,8 +112,8 @@ class DirectReader:
         except OSError as e:
             raise CorruptCheckpoint(self._where(name), f"read error ({e.strerror or e})") from None
 
-    def verify(self, pieces: Iterable[Piece], files: Collection[str]) -> set[Piece]:
-        """Verify the blocks of ``files`` that ``pieces`` touch; read fresh direct pieces on the way.
+    def verify(self, pieces: Iterable[Piece]) -> set[Piece]:
+        """Verify the blocks that ``pieces`` touch; read fresh direct pieces on the way.
 
         Returns the pieces it filled. Raises :class:`CorruptCheckpoint` naming the file and the byte range.
         """
@@ -121,7 +121,7 @@ class DirectReader:
         for p in pieces:
             by_file.setdefault(p.file, []).append(p)
         done: set[Piece] = set()
-        for name in sorted(set(files) & set(by_file)):
+        for name in sorted(by_file):
             entry = self.files[name]
             self._fd(name)  # size check, even if nothing is read
             expected: tuple[str, ...]

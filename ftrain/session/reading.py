@@ -139,7 +139,7 @@ class RankReader:
                 raise CorruptCheckpoint(self.describe, f"tensor {name!r}: the saved chunks do not cover this rank's "
                                                        "part of it")
         mine = [p for p in self.pieces() if self._mine_to_verify(p)]
-        self._done = self.io.verify(mine, {p.file for p in mine})
+        self._done = self.io.verify(mine)
 
     def fill(self, live: bool) -> None:
         """After every rank verified: read the pieces of fresh (``live`` False) or registered targets, then (across

@@ -102,9 +102,7 @@ def check_module(key: str, module: nn.Module, state: Any, omitted: Sequence[str]
 
 
 def check_optimizer(key: str, opt: torch.optim.Optimizer, state: Any, where: str) -> None:
-    if not (isinstance(state, dict) and isinstance(state.get("state"), dict)
-            and isinstance(state.get("param_groups"), list)):
-        raise CorruptCheckpoint(where, f"the state of optimizer {key!r} lacks its 'state' and 'param_groups'")
+    _check_optimizer_tree(key, state, where)
     groups = state["param_groups"]
     for group in groups:
         if not (isinstance(group, dict) and isinstance(group.get("params"), list)
@@ -116,7 +114,19 @@ def check_optimizer(key: str, opt: torch.optim.Optimizer, state: Any, where: str
                             f"in the checkpoint, {now} now; build the optimizer over the same parameters")
     params = {i: p for g_saved, g_now in zip(groups, opt.param_groups, strict=True)
               for i, p in zip(g_saved["params"], g_now["params"], strict=True)}
-    for pid, entry in state["state"].items():
+    _check_param_state(key, state["state"], params, where)
+
+
+def _check_optimizer_tree(key: str, state: Any, where: str) -> None:
+    if not (isinstance(state, dict) and isinstance(state.get("state"), dict)
+            and isinstance(state.get("param_groups"), list)):
+        raise CorruptCheckpoint(where, f"the state of optimizer {key!r} lacks its 'state' and 'param_groups'")
+
+
+def _check_param_state(key: str, saved: dict[Any, Any], params: Mapping[Any, torch.Tensor], where: str) -> None:
+    """Each saved per-parameter entry names a parameter, and its parameter-shaped tensors have that shape
+    (``params``: by number for ``optimizer.state_dict()``, by name for ``get_optimizer_state_dict``)."""
+    for pid, entry in saved.items():
         if pid not in params or not isinstance(entry, dict):
             raise CorruptCheckpoint(where, f"optimizer {key!r}: state for unknown parameter {pid!r}")
         shape = tuple(params[pid].shape)
@@ -131,9 +141,7 @@ def check_optimizer(key: str, opt: torch.optim.Optimizer, state: Any, where: str
 
 def check_sharded_optimizer(key: str, model: nn.Module, state: Any, where: str) -> None:
     """An optimizer's state as ``get_optimizer_state_dict`` gives it: keyed by the parameters' names."""
-    if not (isinstance(state, dict) and isinstance(state.get("state"), dict)
-            and isinstance(state.get("param_groups"), list)):
-        raise CorruptCheckpoint(where, f"the state of optimizer {key!r} lacks its 'state' and 'param_groups'")
+    _check_optimizer_tree(key, state, where)
     params = dict(model.named_parameters(remove_duplicate=False))
     for group in state["param_groups"]:
         if not (isinstance(group, dict) and isinstance(group.get("params"), list)):
@@ -146,17 +154,7 @@ def check_sharded_optimizer(key: str, model: nn.Module, state: Any, where: str) 
         if unknown:
             raise StateMismatch(f"checkpoint {where} does not fit optimizer {key!r}: it steps parameters the model "
                                 f"does not have {_few(unknown)}; build the optimizer over the same model")
-    for name, entry in state["state"].items():
-        if name not in params or not isinstance(entry, dict):
-            raise CorruptCheckpoint(where, f"optimizer {key!r}: state for unknown parameter {name!r}")
-        shape = tuple(params[name].shape)
-        for field in PARAM_SHAPED & set(entry):
-            value = entry[field]
-            if not isinstance(value, TensorSpec):
-                raise CorruptCheckpoint(where, f"optimizer {key!r}: state[{name}].{field} is not a tensor")
-            if value.shape != shape:
-                raise StateMismatch(f"checkpoint {where} does not fit optimizer {key!r}: state[{name}].{field} has "
-                                    f"shape {list(value.shape)}, its parameter {list(shape)}")
+    _check_param_state(key, state["state"], params, where)
 
 
 def check_rng(state: Any, where: str) -> None:

@@ -59,7 +59,7 @@ def restore(root: Path, files: dict[str, FileEntry], chunks: list[ChunkEntry], s
     assert all(readplan.covered(t, pieces) for t in targets)
     reader = DirectReader(LocalStorage(root.parent), root.name, files)
     try:
-        done = reader.verify(pieces, {p.file for p in pieces})
+        done = reader.verify(pieces)
         reader.fill([p for p in pieces if p not in done])
     finally:
         reader.close()
