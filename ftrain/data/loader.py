@@ -23,7 +23,10 @@ copy); :class:`ResumableLoader`'s counters live only in the main process.
 """
 from __future__ import annotations
 
+import ctypes
+import os
 import signal
+import sys
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
@@ -40,6 +43,15 @@ from ftrain.signals import CATCHABLE_PREEMPTION_SIGNALS
 # is never a dataset index, so this stream is separate from every sample's.
 _LOADER_STREAM = -1
 _END = object()  # sentinel for next(iterator, default)
+_PR_SET_PDEATHSIG = 1
+
+def _die_with_parent(parent: int) -> None:
+    if sys.platform.startswith("linux"):
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+        if os.getppid() != parent:  # the rank died between the fork and the prctl
+            os._exit(0)
+
 
 class _WorkerInit:
     """Picklable worker_init_fn: ignore preemption signals, then call the user's.
@@ -49,13 +61,20 @@ class _WorkerInit:
     the main process's Python handler) makes the main process's next fetch fail
     while it is trying to save its final checkpoint. Ignoring them keeps
     workers alive; they still exit when the main process shuts the loader down
-    or dies (DataLoader's parent watchdog polls the parent pid).
+    or dies.
+
+    On Linux a worker also dies with its rank (PR_SET_PDEATHSIG, SIGKILL). A forked worker holds copies of
+    its rank's sockets, the process group's included: when the rank is SIGKILLed, its peers see the
+    connection close only once every copy is closed, and DataLoader's own parent watchdog looks every
+    5 s. Measured: the surviving ranks' collectives failed 5.0 s after the kill without this, at once with it.
     """
 
     def __init__(self, user_fn: Callable[[int], None] | None) -> None:
         self.user_fn = user_fn
+        self.parent = os.getpid()  # the rank: workers are started from it
 
     def __call__(self, worker_id: int) -> None:
+        _die_with_parent(self.parent)
         for name in CATCHABLE_PREEMPTION_SIGNALS:
             sig = getattr(signal, name, None)
             if sig is not None:  # SIGUSR1 does not exist on Windows
