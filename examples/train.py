@@ -152,7 +152,7 @@ def main(argv: list[str] | None = None) -> int:
     if config.checkpoint.every_steps == 0 and config.checkpoint.every_seconds == 0:
         # Nothing configured a schedule (library default: off): this example saves every 10 steps.
         config = replace(config, checkpoint=replace(config.checkpoint, every_steps=10))
-    session = ftrain.Session(config)                                                       # ftrain
+    session = ftrain.Session(config, total_steps=args.steps)                               # ftrain
     # The same global batch at any world size: this rank's share, in micro-batches of at most --batch-size.
     plan = session.batch_plan(args.global_batch, max_micro_batch=args.batch_size)          # ftrain
     loader = ftrain.ResumableLoader(SyntheticDataset(), **plan.loader_args(), shuffle=True, seed=args.seed,

@@ -208,6 +208,9 @@ class SupervisorConfig(_Section):
     startup_timeout_seconds: float = _option(
         600.0, "Allowance before a rank's first step (imports, rendezvous, restore)"
         " before it counts as hung.", _POSITIVE)
+    progress_seconds: float = _option(
+        60.0, "ftrain launch prints one progress line (step, steps/s, newest checkpoint, restarts, ETA) this"
+        " often; 0: never.", _NON_NEGATIVE)
     preemption_signals: list[str] = _option(
         [*DEFAULT_PREEMPTION_SIGNALS], "Signals that mean preemption: save and exit"
         " (SIGTERM for Kubernetes and cloud VMs, SIGUSR1 for SLURM's --signal).",

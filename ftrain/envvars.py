@@ -12,6 +12,9 @@ CONFIG = "FTRAIN_CONFIG"
 FAULTS = "FTRAIN_FAULTS"
 #: Directory of "already fired" markers so each injected fault fires once across restarts.
 FAULTS_ONCE_DIR = "FTRAIN_FAULTS_ONCE_DIR"
+#: "1": `ftrain launch` shows worker and torchrun output unfiltered, tracebacks included (for debugging;
+#: by default they are folded into one line per failure: see ``supervisor/console.py``).
+RAW_CONSOLE = "FTRAIN_RAW_CONSOLE"
 
 # Set by `ftrain launch` for each worker (absent when a script runs under plain torchrun or python).
 #: Identifier of the supervised run (torchrun's --rdzv-id when given).

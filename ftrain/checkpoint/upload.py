@@ -172,8 +172,12 @@ class Uploader:
     """Rank 0's background uploader: one thread, one step at a time (see the module docstring)."""
 
     def __init__(self, local: CheckpointStore, remote: CheckpointStore, *, keep_last: int, when_busy: str,
-                 retry: RetryPolicy = RetryPolicy()) -> None:
+                 retry: RetryPolicy = RetryPolicy(),
+                 on_result: Callable[[int, float, str | None], None] | None = None) -> None:
+        """``on_result(step, seconds, error)``: called from the uploader thread after each step's upload (error
+        None: durable remotely), e.g. to record it in the event log."""
         assert isinstance(remote.storage, RemoteStorage)
+        self._on_result = on_result
         self.local, self.remote, self.keep_last, self.when_busy, self.retry = local, remote, keep_last, when_busy, retry
         self._cv = threading.Condition()
         self._queue: deque[tuple[int, tuple[int, ...]]] = deque()
@@ -242,17 +246,26 @@ class Uploader:
                 log.info("uploaded step %d to %s in %.2fs%s", step, self.remote.storage.describe(),
                          time.monotonic() - t0, f"; pruned remote {deleted}" if deleted else "")
                 self._status(step, None, done)
+                self._report(step, time.monotonic() - t0, None)
             except Exception as e:
                 done = None
                 self.last_error = f"step {step}: {type(e).__name__}: {e}"
                 log.error("uploading checkpoint step %d to %s failed after %d attempts: %s; training goes on, the "
                           "local checkpoints stay", step, self.remote.storage.describe(), self.retry.attempts, e)
                 self._status(None, self.last_error, None)
+                self._report(step, time.monotonic() - t0, f"{type(e).__name__}: {e}")
             with self._cv:
                 self._busy = None
                 if done is not None:
                     self._done[step] = done
                 self._cv.notify_all()
+
+    def _report(self, step: int, seconds: float, error: str | None) -> None:
+        if self._on_result is not None:
+            try:
+                self._on_result(step, seconds, error)
+            except Exception as e:  # a reporting hook must not stop the uploads
+                log.warning("recording the upload of step %d failed: %s", step, e)
 
     def _status(self, step: int | None, error: str | None, when: float | None) -> None:
         """``<local root>/remote.json``: the newest step durable remotely, and the failure if the last one failed."""

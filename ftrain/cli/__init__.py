@@ -1,4 +1,5 @@
-"""Supervisor side (outside the training processes): the ``ftrain`` command, ``launch``, ``rendezvous`` and ``ckpt``.
+"""Supervisor side (outside the training processes): the ``ftrain`` command: ``launch``, ``rendezvous``, ``ckpt``,
+``status`` and ``goodput``.
 
 Every subcommand turns an :class:`FtrainError` into one line on stderr and the
 error's exit code (see ``exitcodes.py``). That line is sanitised
@@ -11,7 +12,7 @@ import sys
 from typing import NoReturn
 
 from ftrain import __version__, exitcodes
-from ftrain.cli import ckpt, launch, rendezvous
+from ftrain.cli import ckpt, goodput, launch, rendezvous
 from ftrain.errors import FtrainError, printable
 
 
@@ -27,6 +28,7 @@ def build_parser() -> argparse.ArgumentParser:
     ckpt.add_parser(sub)
     launch.add_parser(sub)
     rendezvous.add_parser(sub)
+    goodput.add_parser(sub)
     return parser
 
 

@@ -95,7 +95,7 @@ def cmd_launch(args: argparse.Namespace) -> int:
     early: list[str] = []
     for name in EARLY_SIGNALS:
         signal.signal(getattr(signal, name), lambda signum, frame: early.append(signal.Signals(signum).name))
-    from ftrain.checkpoint.store import CheckpointStore  # these import torch: seconds, so after the handlers
+    from ftrain.checkpoint.store import CheckpointStore  # imports take a moment: after the handlers
     from ftrain.config import load_config
     from ftrain.supervisor.supervisor import LaunchSpec, Supervisor
 

@@ -49,6 +49,7 @@ from ftrain.errors import CheckpointDirError, CheckpointError, CorruptCheckpoint
 from ftrain.session import replication
 from ftrain.session.collectives import Collectives
 from ftrain.session.reading import RankReader, Targets, specs_of
+from ftrain.session.record import WorkerEvents
 from ftrain.session.tiers import LOCAL, REMOTE, RemoteTier
 
 log = logging.getLogger("ftrain")
@@ -74,7 +75,7 @@ class Restored:
 
 
 class Checkpointer:
-    def __init__(self, cfg: CheckpointConfig, coll: Collectives) -> None:
+    def __init__(self, cfg: CheckpointConfig, coll: Collectives, events: WorkerEvents | None = None) -> None:
         self.cfg = cfg
         self.coll = coll
         self.rank, self.world_size = coll.rank, coll.world_size
@@ -89,7 +90,8 @@ class Checkpointer:
         #: Blocking time of the last save on this rank (snapshot only, when asynchronous).
         self.last_blocking_seconds = 0.0
         #: The remote tier (``checkpoint.remote``), if configured: uploads after commits, fetches on restore.
-        self.tier = RemoteTier(cfg, coll, self.store) if cfg.remote else None
+        self.tier = RemoteTier(cfg, coll, self.store, events) if cfg.remote else None
+        self.events = events
 
     # ------------------------------------------------------------------ setup
     def setup(self) -> None:
@@ -350,6 +352,8 @@ class Checkpointer:
                   else [])
         if self.tier is not None:
             self.tier.committed(step, best)
+        if self.events is not None:
+            self.events.committed(step, time.monotonic() - t0, manifest.total_bytes)
         log.info("saved step %d (%.1f MB, %d file(s)) in %.3fs, training blocked %.3fs%s", step,
                  manifest.total_bytes / 1e6, len(manifest.files), time.monotonic() - t0, self.last_blocking_seconds,
                  f"; pruned {', '.join(map(str, pruned))}" if pruned else "")

@@ -38,6 +38,7 @@ import signal
 import sys
 import threading
 import time
+from collections.abc import Callable
 from types import FrameType, TracebackType
 from typing import IO, Any
 
@@ -89,6 +90,8 @@ class Liveness:
             faulthandler.register(getattr(signal, STACK_DUMP_SIGNAL), file=self._stack_file, all_threads=True,
                                   chain=False)
             threading.Thread(target=self._watch_parent, name="ftrain-parent-watch", daemon=True).start()
+        #: Called (with no arguments) right before this module ends the process with os._exit: flush logs.
+        self.before_exit: Callable[[], object] = lambda: None
         self._previous_hook = sys.excepthook
         sys.excepthook = self._excepthook
 
@@ -173,6 +176,7 @@ class Liveness:
         if self._closed.wait(self.grace_seconds):
             return
         self.beat(EXITING, -1)
+        self.before_exit()
         os._exit(exitcodes.PREEMPTED)
 
     # --------------------------------------------------------------- crashes
@@ -192,6 +196,7 @@ class Liveness:
             # process-group teardown against dead peers), and every second delays the restart; the
             # supervisor tears down whatever is left.
             _flush_std()
+            self.before_exit()
             os._exit(exitcodes.FAILURE)
 
     # ----------------------------------------------------------------- close

@@ -44,6 +44,7 @@ from ftrain.session.collectives import Collectives
 from ftrain.session.decision import StepAction, StepInputs
 from ftrain.session.liveness import Liveness, Preempted, setup_logging
 from ftrain.session.reading import Targets
+from ftrain.session.record import WorkerEvents
 from ftrain.session.registry import Registry, resize_mode
 from ftrain.session.selection import ModelSelection
 from ftrain.stateful import Stateful
@@ -55,7 +56,8 @@ class Session:
     """Owns the checkpoint schedule and the save/restore protocol for one training process."""
 
     def __init__(self, config: FtrainConfig | None = None, *, config_path: str | os.PathLike[str] | None = None,
-                 overrides: dict[str, Any] | None = None) -> None:
+                 overrides: dict[str, Any] | None = None, total_steps: int | None = None) -> None:
+        """``total_steps``: how many steps the script will run, if known (``ftrain status`` shows an ETA)."""
         self.config = config if config is not None else load_config(config_path, overrides=overrides)
         self.ckpt = self.config.checkpoint
         if dist.is_available() and dist.is_initialized():
@@ -67,8 +69,12 @@ class Session:
         sup = self.config.supervisor
         self.liveness = Liveness(self.rank, list(sup.preemption_signals), sup.grace_seconds)
         self.liveness.beat(STARTING, 0)
+        #: The run's event log (docs/FORMAT.md, "Event log"): never blocks (ftrain/events.py).
+        self.events = WorkerEvents(self.ckpt.dir, self.rank)
+        self.events.start(self.world_size, total_steps)
+        self.liveness.before_exit = self.events.flush
         self.coll = Collectives(self.rank, self.world_size)
-        self.checkpointer = Checkpointer(self.ckpt, self.coll)
+        self.checkpointer = Checkpointer(self.ckpt, self.coll, self.events)
         self.store = self.checkpointer.store
         self.registry = Registry()
         self.selection = ModelSelection(self.config)
@@ -101,7 +107,7 @@ class Session:
         once all ranks hold a verified checkpoint. ``checkpoint.resume: required``
         makes "none valid" an error; ``never`` refuses a directory that has checkpoints.
         """
-        t0 = time.monotonic()
+        t0, started = time.monotonic(), time.time()
         self.liveness.beat(RESTORING, 0)
         self.checkpointer.setup()
         found = (self.checkpointer.restore(self._check, targets=self._targets) if self.ckpt.resume != "never"
@@ -123,6 +129,7 @@ class Session:
             step = self.last_saved_step = manifest.step
             faults.point("restore.end", step=step, rank=self.rank)
             log.info("restored step %d from %s in %.3fs", step, self.store.path(step), time.monotonic() - t0)
+        self.events.restore(step, started, time.monotonic() - t0, found is not None)
         self._last_save_time = time.monotonic()
         self.liveness.beat(STEPPING, step)
         return step
@@ -230,6 +237,7 @@ class Session:
             log.warning("Session.step() called before restore(): starting without resuming")
             self.checkpointer.setup()
         self.liveness.beat(STEPPING, step)
+        self.events.step(step)
         faults.point("step", step=step, rank=self.rank)
         time_due = decision.time_due(time.monotonic(), self._last_save_time, self.ckpt.every_seconds)
         # One small collective per step makes every rank take the same decisions: clocks, signal delivery,
@@ -278,6 +286,7 @@ class Session:
     def _save(self, step: int, *, blocking: bool = False) -> None:
         if step == self.last_saved_step:
             return  # e.g. a final save right after a scheduled one: the state is the same
+        t0, started = time.monotonic(), time.time()
         self.liveness.beat(SAVING, step)
         if self._previous_save_failed():
             self._raise_failed_save()
@@ -289,6 +298,8 @@ class Session:
             faults.point("save.end", step=step, rank=self.rank)
         self.last_saved_step = step
         self._last_save_time = time.monotonic()
+        # The training thread's whole wait, the previous save's included: that is what the save cost it.
+        self.events.save(step, started, self._last_save_time - t0)
         self.liveness.beat(STEPPING, step)
 
     def close(self) -> None:
@@ -307,6 +318,8 @@ class Session:
         finally:
             atexit.unregister(self._flush_at_exit)
             self.checkpointer.close()  # after the last commit: give the root's lease back
+            self.events.finished()
+            self.events.close()
             self.liveness.close()
 
     def _raise_failed_save(self) -> None:
@@ -333,6 +346,8 @@ class Session:
         # within what is left of the grace period (rank 0 uploads; a failed or late upload is logged).
         remote = self.checkpointer.wait_remote(step, max(0.0, self.liveness.grace_left() - 2.0))
         self.liveness.write_preempted_marker(step, remote)
+        self.events.preempted(step, self.liveness.preempt_reason, None if not self.ckpt.remote else remote is not None)
+        self.events.flush(1.0)  # the process exits next
         log.warning("preempted (%s): checkpoint of step %d committed%s; exiting with code %d",
                     self.liveness.preempt_reason or "another rank was signalled", step,
                     "" if not self.ckpt.remote or self.rank != 0 else " and uploaded" if remote is not None else
@@ -349,6 +364,7 @@ class Session:
         # After the last commit: give the root's lease back (and, crashing, wait for uploads no longer than the
         # grace period: the process's peers may be gone, its supervisor waiting to restart).
         self.checkpointer.close(self.config.supervisor.grace_seconds if crashing else None)
+        self.events.flush(1.0)
         if not flushed and not crashing:
             sys.stdout.flush()
             sys.stderr.flush()

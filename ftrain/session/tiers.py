@@ -27,6 +27,7 @@ from ftrain.checkpoint.upload import RetryPolicy, Uploader
 from ftrain.config import CheckpointConfig
 from ftrain.errors import CheckpointDirError, CorruptCheckpoint
 from ftrain.session.collectives import Collectives
+from ftrain.session.record import WorkerEvents
 
 log = logging.getLogger("ftrain")
 
@@ -34,8 +35,9 @@ LOCAL, REMOTE = 0, 1
 
 
 class RemoteTier:
-    def __init__(self, cfg: CheckpointConfig, coll: Collectives, local: CheckpointStore) -> None:
-        self.cfg, self.coll, self.local = cfg, coll, local
+    def __init__(self, cfg: CheckpointConfig, coll: Collectives, local: CheckpointStore,
+                 events: WorkerEvents | None = None) -> None:
+        self.cfg, self.coll, self.local, self.events = cfg, coll, local, events
         try:
             self.remote = open_store(cfg.remote)
         except OSError as e:
@@ -48,7 +50,8 @@ class RemoteTier:
         if self.coll.rank != 0 or self.uploader is not None:
             return
         self.uploader = Uploader(self.local, self.remote, keep_last=self.cfg.remote_keep_last,
-                                 when_busy=self.cfg.when_busy, retry=RetryPolicy(attempts=self.cfg.remote_retries))
+                                 when_busy=self.cfg.when_busy, retry=RetryPolicy(attempts=self.cfg.remote_retries),
+                                 on_result=self.events.upload if self.events is not None else None)
         newest = next(self.local.candidates(), None)
         if newest is not None and not self._on_remote(newest.step):
             log.info("checkpoint step %d is not on the remote tier yet: uploading it", newest.step)

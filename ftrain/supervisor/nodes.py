@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any
 from ftrain import exitcodes
 from ftrain.attempt import AttemptFiles
 from ftrain.signals import STACK_DUMP_SIGNAL
+from ftrain.supervisor.console import Console, flush
 from ftrain.supervisor.hang import find_hung
 from ftrain.supervisor.membership import Ending, Group, GroupWatch, classify_group, group_errors, parse_worker_exits
 from ftrain.supervisor.policy import Action, AttemptResult, Decision, Outcome, decide
@@ -51,8 +52,6 @@ def run_nodes(sup: Supervisor) -> int:
     (checkpoints committed by groups in between count as progress). A preemption signal to the
     supervisor stops the current group (save, exit 75) and then torchrun; torchrun exiting 0 is success.
     """
-    from ftrain.supervisor.supervisor import strip_prefix  # (supervisor.py imports this module)
-
     clock = sup.clock
     if sup._signals:
         sup._set(State.DONE)
@@ -60,11 +59,13 @@ def run_nodes(sup: Supervisor) -> int:
                            [], sup._newest_step())
     number, files = AttemptFiles.next_attempt(sup.log_dir, sup.spec.run_id)
     files.create()
+    console = Console(files.torchrun_log) if sup.echo else None
     job = sup._job = sup._start_job(sup._command(files), sup._env(files, number), files.torchrun_log,
-                                    echo=strip_prefix if sup.echo else None)
+                                    echo=console)
     lo, hi = sup.spec.nnodes
     sup._say(f"started torchrun (pid {job.pid}) for {lo}:{hi} node(s), {sup.spec.nproc} worker(s) on this "
              f"node; worker groups are restarted by torchrun at each rendezvous; logs in {files.root}")
+    sup.journal.attempt_start(0, number, files, job.pid)
     sup._set(State.RUNNING)
     history: list[AttemptResult] = []
     failures: list[Failure] = []
@@ -111,22 +112,25 @@ def run_nodes(sup: Supervisor) -> int:
                     job.kill_tree()
                     break
                 counted, stop = _group_ended(sup, ended, files, job, hangs.pop(ended.number, None), history,
-                                              failures, lines, mark)
+                                              failures, lines, mark, console)
                 if counted:
                     mark = sup._newest_step()
                 if stop is not None:
                     job.kill_tree()
                     job.close()
+                    flush(console, sup._say)
                     sup._job = None
                     sup._set(State.DONE)
                     return sup._finish(stop.exit_code, stop.reason, failures, lines, sup._newest_step())
             if started is not None:
                 sup._say(f"worker group {started.number}: {len(started.pids)} worker(s) started")
+                sup.journal.group_start(started.number, len(started.pids))
             current = watch.current
             if current is not None and grace_deadline is None:
                 beats = {rank: b for rank, b in files.read_heartbeats().items() if b.pid in current.pids}
                 hang = find_hung(beats, sup.spec.nproc, current.started, clock.time(), sup.limits)
                 if hang:
+                    sup.journal.hang(current.number, hang, files, current.pids)
                     sup._say(f"hang detected in worker group {current.number}: {hang}; dumping Python stacks "
                              f"to {files.root / 'stacks'}, then killing this node's workers")
                     job.signal_workers(int(getattr(signal, STACK_DUMP_SIGNAL)))
@@ -135,10 +139,12 @@ def run_nodes(sup: Supervisor) -> int:
                     hangs[current.number] = hang
         if rc is not None:
             break
+        sup.journal.tick()
         clock.sleep(_POLL)
     rc = job.poll()
     job.kill_tree()
     job.close()
+    flush(console, sup._say)
     sup._job = None
     sup._set(State.DONE)
     newest = sup._newest_step()
@@ -163,11 +169,13 @@ def run_nodes(sup: Supervisor) -> int:
 
 def _group_ended(sup: Supervisor, group: Group, files: AttemptFiles, job: Job, hang: str | None,
                  history: list[AttemptResult], failures: list[Failure], lines: list[str],
-                 mark: int | None) -> tuple[bool, Decision | None]:
+                 mark: int | None, console: Console | None = None) -> tuple[bool, Decision | None]:
     """Classify an ended group and record it: (was it a local failure, the policy's STOP decision or None)."""
+    flush(console, sup._say)  # the group's folded tracebacks, before what the supervisor says of it
     verdict = classify_group(group.pids, files.read_errors(), parse_worker_exits(job.tail), files.read_preempted(),
                              hang=hang)
     newest = sup._newest_step()
+    sup.journal.group_end(group.number, verdict.ending.value, verdict.detail, verdict.ending.counted)
     lines.append(f"group {group.number} {verdict.ending.value}: {verdict.detail}; newest checkpoint: "
                  f"{'step ' + str(newest) if newest is not None else 'none'}")
     if not verdict.ending.counted:
@@ -183,6 +191,7 @@ def _group_ended(sup: Supervisor, group: Group, files: AttemptFiles, job: Job, h
     failure = root_cause(len(history) - 1, list(job.tail), {r: dict(e) for r, e in errors.items()}, hang,
                          files.ranks_dir)
     failures.append(failure)
+    sup.journal.failure(len(history) - 1, failure, group=group.number)
     decision = decide(history, sup.policy, sup._jitter())
     if decision.action is Action.STOP:
         return True, decision

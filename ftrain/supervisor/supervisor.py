@@ -38,7 +38,6 @@ from __future__ import annotations
 import logging
 import os
 import random
-import re
 import signal
 import sys
 from collections.abc import Callable
@@ -52,8 +51,10 @@ from ftrain.checkpoint.store import CheckpointStore
 from ftrain.config import FtrainConfig, config_to_env
 from ftrain.signals import STACK_DUMP_SIGNAL
 from ftrain.supervisor.clock import SYSTEM_CLOCK, Clock
+from ftrain.supervisor.console import Console, flush, strip_prefix  # noqa: F401 (strip_prefix: still importable here)
 from ftrain.supervisor.hang import HangLimits, find_hung
 from ftrain.supervisor.job import Job, JobFactory, JobProcess
+from ftrain.supervisor.journal import Journal
 from ftrain.supervisor.nodes import TORCHRUN_RESTARTS, run_nodes
 from ftrain.supervisor.notices import Notice, NoticeWatch, announce, build_watch, deadline_report
 from ftrain.supervisor.policy import Action, AttemptResult, Outcome, RestartPolicy, decide
@@ -65,7 +66,6 @@ log = logging.getLogger("ftrain.launch")
 _POLL = 0.1
 #: torchrun prefixes each tee'd worker line with this (we set the template), so we can strip it for rank 0.
 _PREFIX_TEMPLATE = "@@ftrain-rank${rank}@@"
-_PREFIX = re.compile(r"^@@ftrain-rank(\d+)@@")
 
 
 @dataclass
@@ -134,6 +134,8 @@ class Supervisor:
         #: The first notice received (it carries the deadline), and the final save's preempted.json once seen.
         self._notice: Notice | None = None
         self._final: dict[str, object] | None = None
+        #: The run's event log (docs/FORMAT.md, "Event log") and the console's progress line.
+        self.journal = Journal(cfg, spec.run_id, self._say, clock.monotonic)
 
     # ------------------------------------------------------------------ public
     def run(self) -> int:
@@ -143,22 +145,30 @@ class Supervisor:
         exception escaped.
         """
         self._install_signal_handlers()
-        drain = self._notices.drain_file()
-        if drain is not None:  # an operator (or a preStop hook) asked this job not to run: start nothing
-            self._set(State.DONE)
-            self._say(f"drain file {drain} exists: not starting the job; remove it and relaunch to resume from "
-                      f"{'step ' + str(n) if (n := self._newest_step()) is not None else 'the start'}; "
-                      f"exiting with code {exitcodes.PREEMPTED}")
-            return exitcodes.PREEMPTED
-        self._notices.start(self._on_notice)
+        self.journal.launch(nproc=self.spec.nproc, nnodes=self.spec.nnodes, script=self.spec.script,
+                            cfg=self.spec.config)
+        for name in self._signals:  # arrived before run()
+            self.journal.signal(name)
         try:
-            return run_nodes(self) if self.spec.multinode else self._run_single()
-        finally:
+            drain = self._notices.drain_file()
+            if drain is not None:  # an operator (or a preStop hook) asked this job not to run: start nothing
+                self._set(State.DONE)
+                self._say(f"drain file {drain} exists: not starting the job; remove it and relaunch to resume from "
+                          f"{'step ' + str(n) if (n := self._newest_step()) is not None else 'the start'}; "
+                          f"exiting with code {exitcodes.PREEMPTED}")
+                self.journal.finish(exitcodes.PREEMPTED, f"drain file {drain} exists")
+                return exitcodes.PREEMPTED
+            self._notices.start(self._on_notice)
             try:
-                if self._job is not None and self._job.poll() is None:
-                    self._job.kill_tree(graceful=0.0 if self.spec.multinode else 2.0)
+                return run_nodes(self) if self.spec.multinode else self._run_single()
             finally:
-                self._notices.stop()
+                try:
+                    if self._job is not None and self._job.poll() is None:
+                        self._job.kill_tree(graceful=0.0 if self.spec.multinode else 2.0)
+                finally:
+                    self._notices.stop()
+        finally:
+            self.journal.close()
 
     def _run_single(self) -> int:
         """The single-node loop: one torchrun per attempt, restarted by us (see the module docstring)."""
@@ -179,6 +189,7 @@ class Supervisor:
             history.append(result)
             if failure:
                 failures.append(failure)
+            self.journal.attempt_end(result, failure, after)
             lines.append(f"#{attempt} {result.outcome.value}: {result.detail}; newest checkpoint: "
                          f"{'step ' + str(after) if after is not None else 'none'}")
             decision = decide(history, self.policy, self._jitter())
@@ -192,6 +203,7 @@ class Supervisor:
             self._say(f"attempt {attempt} {result.outcome.value} ({result.detail}); restarting in "
                       f"{decision.delay:.1f}s from the newest valid checkpoint")
             self._set(State.BACKOFF)
+            self.journal.backoff(attempt, decision.delay)
             if self._sleep(decision.delay):
                 self._set(State.DONE)
                 return self._finish(exitcodes.PREEMPTED, f"stopped by {self._signals[0]} while waiting to "
@@ -207,10 +219,12 @@ class Supervisor:
         clock = self.clock
         number, files = AttemptFiles.next_attempt(self.log_dir, self.spec.run_id)
         files.create()
+        console = Console(files.torchrun_log) if self.echo else None
         job = self._job = self._start_job(self._command(files), self._env(files, number), files.torchrun_log,
-                                          echo=strip_prefix if self.echo else None)
+                                          echo=console)
         self._say(f"attempt {attempt}: started torchrun (pid {job.pid}) with {self.spec.nproc} worker(s) per node; "
                   f"logs in {files.root}")
+        self.journal.attempt_start(attempt, number, files, job.pid)
         self._set(State.RUNNING)
         started = clock.time()
         grace_deadline: float | None = None
@@ -236,7 +250,12 @@ class Supervisor:
                 n = job.signal_new_workers(self._forward_signal())
                 if n:
                     self._say(f"asked {n} more worker(s), started after the stop, to save and exit")
-                self._see_final(files.read_preempted() if self._notice is not None else None)
+                marker = files.read_preempted()
+                self._see_final(marker if self._notice is not None else None)
+                if marker is not None and not job.worker_pids():
+                    # Every worker saved and left: torchrun has nothing left to do but its own exit, which
+                    # takes it about a second (interpreter teardown with torch loaded); the relaunch need not wait.
+                    break
             if grace_deadline is not None and clock.monotonic() > grace_deadline:
                 self._say(f"grace period of {self.sup.grace_seconds:g}s ran out: killing the job "
                           "(the previous checkpoint stays valid)")
@@ -247,12 +266,15 @@ class Supervisor:
                 job.tree()  # remember every descendant, so they can be killed even if torchrun dies first
                 hang = find_hung(files.read_heartbeats(), self.spec.nproc, started, clock.time(), self.limits)
                 if hang:
+                    self.journal.hang(attempt, hang, files)
                     self._handle_hang(job, files, hang)
                     break
+            self.journal.tick()
             clock.sleep(_POLL)
         rc = job.poll()
         job.kill_tree()  # workers or their DataLoader children may linger after torchrun exits
         job.close()
+        flush(console, self._say)  # the attempt's folded tracebacks, before the supervisor says how it ended
         self._job = None
         return self._classify(attempt, files, job, rc, hang)
 
@@ -358,11 +380,14 @@ class Supervisor:
         and by tests to inject signals without sending real ones.
         """
         self._signals.append(signame)
+        if signame.startswith("SIG"):
+            self.journal.signal(signame)
 
     def _on_notice(self, notice: Notice) -> None:
         """A watcher thread's notice: log it with its deadline, then stop as for a signal (see :meth:`notify`)."""
         if self._notice is None:
             self._notice = notice
+        self.journal.notice(notice)
         self._say(announce(notice, self.clock.time(), self.sup.grace_seconds))
         self.notify(notice.name)
 
@@ -394,6 +419,7 @@ class Supervisor:
 
     # ---------------------------------------------------------------- output
     def _finish(self, code: int, reason: str, failures: list[Failure], lines: list[str], newest: int | None) -> int:
+        self.journal.finish(code, reason)
         if code == exitcodes.OK:
             late = (f" (the job finished before the stop ({self._signals[0]}) took effect: nothing to resume)"
                     if self._signals else "")
@@ -420,16 +446,6 @@ class Supervisor:
 
     def _say(self, msg: str) -> None:
         print(f"[ftrain launch] {msg}", file=sys.stderr, flush=True)
-
-
-def strip_prefix(line: str) -> str:
-    """Worker lines come tee'd with a rank prefix: rank 0's are shown as written, others as ``[rank N] ...``."""
-    m = _PREFIX.match(line)
-    if not m:
-        return line
-    rank = int(m.group(1))
-    rest = line[m.end():]
-    return rest if rank == 0 else f"[rank {rank}] {rest}"
 
 
 __all__ = ["LaunchSpec", "State", "Supervisor"]

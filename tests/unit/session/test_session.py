@@ -202,10 +202,10 @@ def test_register_rejects_non_stateful_and_reserved_names(tmp_path):
 def test_retention_keeps_last_k(tmp_path):
     root = tmp_path / "ckpt"
     run_to(root, 50, keep_last=2)
-    assert [p.name for p in sorted(root.iterdir()) if p.is_dir()] == [layout.step_dirname(40), layout.step_dirname(50)]
+    assert [p.name for p in sorted(root.iterdir()) if p.is_dir() and p.name != "events"] == [layout.step_dirname(40), layout.step_dirname(50)]
     assert (root / layout.LATEST).read_text().strip() == layout.step_dirname(50)
     run_to(tmp_path / "all", 50, keep_last=0)
-    assert len([p for p in (tmp_path / "all").iterdir() if p.is_dir()]) == 5
+    assert len([p for p in (tmp_path / "all").iterdir() if p.is_dir() and p.name != "events"]) == 5
 
 
 def test_every_seconds_triggers(tmp_path):

@@ -1,0 +1,110 @@
+"""The supervisor's account of the run: its events in the event log, and a progress line every N seconds.
+
+The supervisor's loops call one method per thing that happened (an attempt
+started, a worker group ended, a signal came); this module turns each into an
+event (docs/FORMAT.md, "Event log") and, every ``supervisor.progress_seconds``,
+prints one line built from the same log (the workers' events) and the ranks'
+heartbeats, so a person watching the console sees the step, the speed and the
+newest checkpoint without reading logs. Emitting never blocks (ftrain/events.py).
+"""
+from __future__ import annotations
+
+import os
+import socket
+import time
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+from ftrain.attempt import AttemptFiles
+from ftrain.events import EventLog, Tail, log_path, node_id, process_start
+from ftrain.telemetry.live import progress_line, status_of
+
+if TYPE_CHECKING:
+    from ftrain.config import FtrainConfig
+    from ftrain.supervisor.notices import Notice
+    from ftrain.supervisor.policy import AttemptResult
+    from ftrain.supervisor.report import Failure
+
+
+class Journal:
+    def __init__(self, cfg: FtrainConfig, run_id: str, say: Callable[[str], None],
+                 monotonic: Callable[[], float] = time.monotonic) -> None:
+        path = log_path(cfg.checkpoint.dir, run_id)
+        self.node = node_id(os.getpid())
+        self.log = EventLog(path, run=run_id, src="supervisor", node=self.node, host=socket.gethostname())
+        self.run_id = run_id
+        self._say = say
+        self._monotonic = monotonic
+        self.every = cfg.supervisor.progress_seconds
+        self._next = monotonic() + self.every
+        self._tail = Tail(path)
+        self._seen: list[dict[str, Any]] = []
+        self._files: AttemptFiles | None = None
+
+    def emit(self, ev: str, **fields: Any) -> None:
+        self.log.emit(ev, **fields)
+
+    # ------------------------------------------------------------- happenings
+    def launch(self, *, nproc: int, nnodes: tuple[int, int], script: str, cfg: FtrainConfig) -> None:
+        self.emit("launch", proc_start=process_start(), nproc=nproc, nnodes=list(nnodes), script=script,
+                  max_restarts=cfg.supervisor.max_restarts, every_steps=cfg.checkpoint.every_steps,
+                  every_seconds=cfg.checkpoint.every_seconds, hang_timeout=cfg.supervisor.hang_timeout_seconds)
+
+    def attempt_start(self, attempt: int, number: int, files: AttemptFiles, pid: int) -> None:
+        self._files = files
+        self.emit("attempt_start", attempt=attempt, number=number, dir=str(files.root), pid=pid)
+
+    def attempt_end(self, result: AttemptResult, failure: Failure | None, newest: int | None) -> None:
+        if failure is not None:
+            self.failure(result.attempt, failure)
+        self.emit("attempt_end", attempt=result.attempt, outcome=result.outcome.value, exit_code=result.exit_code,
+                  detail=result.detail, newest=newest)
+
+    def failure(self, attempt: int, failure: Failure, **more: Any) -> None:
+        self.emit("failure", attempt=attempt, rank=failure.rank, exit_code=failure.exit_code,
+                  exc_type=failure.exc_type, message=(failure.message or "")[:500] or None, hang=failure.hang,
+                  detail=failure.describe(), **more)
+
+    def hang(self, attempt: int, verdict: str, files: AttemptFiles, pids: frozenset[int] | None = None) -> None:
+        beats = [b for b in files.read_heartbeats().values() if pids is None or b.pid in pids]
+        # The hang began when the silent rank last reported: the oldest heartbeat.
+        self.emit("hang", attempt=attempt, verdict=verdict, since=min((b.time for b in beats), default=None))
+
+    def backoff(self, attempt: int, delay: float) -> None:
+        self.emit("backoff", attempt=attempt, delay=delay)
+
+    def signal(self, name: str) -> None:
+        """From a signal handler too: emit only (the log's queue is reentrant)."""
+        self.emit("signal", name=name)
+
+    def notice(self, notice: Notice) -> None:
+        self.emit("notice", source=notice.source, deadline=notice.deadline, detail=notice.detail[:500])
+
+    def group_start(self, group: int, workers: int) -> None:
+        self.emit("group_start", group=group, workers=workers)
+
+    def group_end(self, group: int, ending: str, detail: str, counted: bool) -> None:
+        self.emit("group_end", group=group, ending=ending, detail=detail, counted=counted)
+
+    def finish(self, code: int, reason: str) -> None:
+        if code not in (0, 75):
+            self.emit("give_up", exit_code=code, reason=reason)
+        self.emit("launch_end", exit_code=code, reason=reason)
+
+    def close(self) -> None:
+        self.log.close(timeout=2.0)
+
+    # --------------------------------------------------------------- progress
+    def tick(self) -> None:
+        """Called at every poll: prints the progress line when it is due (``supervisor.progress_seconds``)."""
+        if self.every <= 0 or self._monotonic() < self._next:
+            return
+        self._next = self._monotonic() + self.every
+        self.log.flush(0.2)  # our own recent events, so the line agrees with the log
+        self._seen.extend(self._tail.new())
+        if len(self._seen) > 4000:  # a long run: keep what the line needs (the plan, attempts, the latest events)
+            keep = {"launch", "attempt_start", "attempt_end", "group_end", "session_start", "signal", "notice"}
+            head = [e for e in self._seen[:-1000] if e["ev"] in keep]
+            self._seen = head[-1000:] + self._seen[-1000:]
+        beats = {str(self._files.root): self._files.read_heartbeats()} if self._files is not None else {}
+        self._say(progress_line(status_of(self._seen, beats, time.time(), self.run_id)))
