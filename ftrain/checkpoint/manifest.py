@@ -13,10 +13,8 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-import torch
-
-from ftrain.checkpoint import checksum, codec, format
-from ftrain.errors import CheckpointError, CorruptCheckpoint
+from ftrain.checkpoint import checksum, format
+from ftrain.errors import CorruptCheckpoint
 
 FORMAT_NAME = "ftrain.checkpoint"
 #: 2: state trees may hold ``{"$t": "alias"}`` values (a tensor stored once for every name it has). A
@@ -75,7 +73,7 @@ class Manifest:
     tensors: dict[str, TensorEntry]
     created_unix: float = field(default_factory=time.time)
     ftrain_version: str = ""
-    torch_version: str = field(default_factory=lambda: torch.__version__)
+    torch_version: str = field(default_factory=lambda: _torch_version())
     format_version: int = FORMAT_VERSION
     #: Free-form JSON the session records (e.g. the names of saved objects).
     meta: dict[str, Any] = field(default_factory=dict)
@@ -226,10 +224,9 @@ def _check_consistent(m: Manifest, where: str) -> None:
         holder = m.files.get(t.file)
         if holder is None or not t.file.endswith(".bin"):
             raise CorruptCheckpoint(where, f"tensor {name!r} refers to {t.file!r}, not a listed .bin file")
-        try:
-            itemsize = codec.dtype_from_name(t.dtype).itemsize
-        except CheckpointError as e:
-            raise CorruptCheckpoint(where, f"tensor {name!r}: {e}") from None
+        itemsize = format.itemsize(t.dtype)
+        if itemsize is None:
+            raise CorruptCheckpoint(where, f"tensor {name!r}: unknown tensor dtype {t.dtype!r} in checkpoint")
         if any(d < 0 for d in t.shape) or math.prod(t.shape) * itemsize != t.nbytes:
             raise CorruptCheckpoint(where, f"tensor {name!r}: shape {list(t.shape)} x {t.dtype} != {t.nbytes} bytes")
         if t.offset < 0 or t.offset % format.ALIGN or t.offset + t.nbytes > holder.size:
@@ -245,10 +242,9 @@ def _check_sharded(m: Manifest, name: str, e: ShardedEntry, where: str) -> None:
     """A sharded tensor's chunks lie inside their files and tile its global box exactly: each in bounds, none
     overlapping another, their volumes summing to the whole. A reader fills its new shards from them, so a gap
     would leave memory unwritten and an overlap would make the result depend on read order."""
-    try:
-        itemsize = codec.dtype_from_name(e.dtype).itemsize
-    except CheckpointError as err:
-        raise CorruptCheckpoint(where, f"sharded tensor {name!r}: {err}") from None
+    itemsize = format.itemsize(e.dtype)
+    if itemsize is None:
+        raise CorruptCheckpoint(where, f"sharded tensor {name!r}: unknown tensor dtype {e.dtype!r} in checkpoint")
     if name in m.tensors or any(d < 0 for d in e.shape):
         raise CorruptCheckpoint(where, f"sharded tensor {name!r}: also stored whole, or a negative dimension")
     for c in e.chunks:
@@ -277,3 +273,9 @@ def _check_sharded(m: Manifest, name: str, e: ShardedEntry, where: str) -> None:
             if all(a < b + t and b < a + s for a, s, b, t in zip(o1, s1, o2, s2, strict=True)):
                 raise CorruptCheckpoint(where, f"sharded tensor {name!r}: chunks at {list(o1)} and {list(o2)} "
                                                "overlap")
+
+
+def _torch_version() -> str:
+    import torch  # here, not at the top: readers of manifests (the launcher, the CLI) need no torch
+
+    return str(torch.__version__)

@@ -12,16 +12,18 @@ import io
 import json
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import psutil
-import torch
 
-from ftrain.checkpoint import checksum, codec
+from ftrain.checkpoint import checksum
 from ftrain.checkpoint.format import MAX_SHARD_JSON_BYTES, shard_names
 from ftrain.checkpoint.manifest import ChunkEntry, FileEntry, Manifest, TensorEntry
 from ftrain.checkpoint.storage import Storage
 from ftrain.errors import CorruptCheckpoint
+
+if TYPE_CHECKING:  # torch is imported where tensors are made: reading records (the launcher, the CLI) needs none
+    import torch
 
 #: 2: the .bin's block checksums, and the chunks of sharded tensors this rank holds. Version 1 is read too.
 SHARD_VERSION = 2
@@ -183,6 +185,10 @@ def _read_verified(path: _File, entry: FileEntry) -> bytes:
 
 def _read_tensors(path: _File, entry: FileEntry, entries: list[tuple[str, TensorEntry]],
                   keep: Callable[[str], bool] | None = None) -> dict[str, torch.Tensor]:
+    import torch
+
+    from ftrain.checkpoint import codec
+
     hasher = checksum.Hasher()
     out: dict[str, torch.Tensor] = {}
     scratch = bytearray(_ZEROS)
