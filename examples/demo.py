@@ -6,6 +6,8 @@
    to the supervisor (a preemption: all ranks agree on a step, save, and exit with
    code 75), then a relaunch of the same command, which resumes and finishes.
 3. The two ``final_state_sha256`` lines are compared.
+4. ``ftrain goodput`` adds up where the interrupted job's wall time went, from its event log, and draws
+   the timeline (``timeline.png`` beside the checkpoints).
 """
 from __future__ import annotations
 
@@ -79,6 +81,12 @@ def main() -> int:
     subprocess.run([sys.executable, "-m", "ftrain", "ckpt", "ls", str(work / "ckpt")], env=env)
     if rc != 0 or got != ref:
         print("[demo] FAILED: the resumed job differs from the uninterrupted one")
+        return 1
+    png = work / "timeline.png"
+    print(f"[demo] where the interrupted job's time went: ftrain goodput {work / 'ckpt'} --plot {png}", flush=True)
+    if subprocess.run([sys.executable, "-m", "ftrain", "goodput", str(work / "ckpt"), "--plot", str(png)],
+                      env=env).returncode != 0:
+        print("[demo] FAILED: ftrain goodput")
         return 1
     print(f"[demo] OK: bit-identical after a crash and a preemption ({time.monotonic() - t0:.0f}s)")
     return 0

@@ -145,11 +145,11 @@ class _Life:
         """When this incarnation completed ``step`` (its restored step: when work began)."""
         if step <= self.restored:
             return self.work_start
+        if self.finished is not None and self.finished[1] == step:
+            return self.finished[0]  # its last step: all of its work counts, the final save's wait included
         for start, _, s in self.saves:
             if s == step:
                 return start
-        if self.finished is not None and self.finished[1] == step:
-            return self.finished[0]
         pts = sorted([(self.work_start, self.restored), *self.points])
         for (t0, s0), (t1, s1) in pairwise(pts):
             if s0 <= step <= s1 and s1 > s0:
@@ -168,7 +168,7 @@ def _lives(events: Sequence[dict[str, Any]], boundaries: dict[str, list[float]])
         life = lives.get(key)
         if life is None:
             start = _num(e, "proc_start") if ev == "session_start" else None
-            life = lives[key] = _Life(key[0], key[1], _int(e, "attempt"), start if start is not None else t, t, t)
+            life = lives[key] = _Life(key[0], key[1], _int(e, "attempt"), min(_or(start, t), t), t, t)
         life.last = max(life.last, t)
         step = _int(e, "step")
         if ev == "restore" and step is not None:
@@ -281,7 +281,8 @@ def build(events: Sequence[dict[str, Any]]) -> Timeline | None:
     kept = _kept(lives, newest)
     starts = [a for a, _ in spans.values()] + [life.proc_start for life in lives]
     ends = [b for _, b in spans.values()] + [life.end for life in lives] + [life.last for life in lives]
-    start, end = min(starts), max(ends)
+    start = min(starts)
+    end = max(start, *ends)  # (a process start stamped after its own events: a skewed or crafted log)
     intervals = [(a, b, "other") for a, b in spans.values()]
     if not spans:  # not run under ftrain launch: the workers' own lives are what ran
         intervals += [(life.proc_start, life.end, "other") for life in lives]
@@ -369,7 +370,8 @@ def _lanes(sup: list[dict[str, Any]], lives: list[_Life], job: list[Segment], sp
     hosts = {_str(e, "host") for e in sup if e["ev"] == "launch"}
     concurrent = _overlapping(list(spans.values()))
     lanes: list[Lane] = []
-    for node, (a, b) in sorted(spans.items(), key=lambda kv: kv[1][0]):
+    launches = len(spans)
+    for n, (node, (a, b)) in enumerate(sorted(spans.items(), key=lambda kv: kv[1][0])):
         mine = [e for e in sup if _str(e, "node") == node]
         host = next((_str(e, "host") for e in mine if _str(e, "host")), node)
         who = node if concurrent and len(hosts) <= 1 else host
@@ -380,6 +382,8 @@ def _lanes(sup: list[dict[str, Any]], lives: list[_Life], job: list[Segment], sp
             edges = [a, *edges[2:]]  # the launcher's startup belongs to the first attempt
         for k, (x, y) in enumerate(pairwise(edges)):
             label = f"{who} group {k}" if multi else f"{who} attempt {_attempt_number(mine, x, k)}"
+            if launches > 1 and not concurrent:
+                label += f" (launch {n + 1})"
             lanes.append(Lane(label, node, x, y, _clip(job, x, y), _marks(events, node, x, y)))
     if not spans:  # plain torchrun: one lane per incarnation
         for k, life in enumerate(lives):

@@ -18,6 +18,7 @@ from ftrain.checkpoint import format
 from ftrain.checkpoint.store import open_store
 from ftrain.checkpoint.upload import RetryPolicy, upload_step
 from ftrain.errors import CorruptCheckpoint
+from ftrain.events import read_events
 
 from helpers import Job, cfg, job_state
 from remote_servers import s3_server
@@ -71,6 +72,9 @@ def test_commits_upload_manifest_last_and_an_empty_disk_resumes_exactly(tmp_path
     assert (tmp_path / "b" / "step-000000000010").is_dir() and first is not None
     status = json.loads((tmp_path / "b" / format.REMOTE_STATUS).read_text())
     assert status["uploaded"] == 10 and status["failing"] is None
+    # Each upload is in the event log too (ftrain goodput, ftrain status).
+    uploaded = [e["step"] for e in read_events(tmp_path / "b") if e["ev"] == "uploaded"]
+    assert uploaded == [6, 8, 10]
 
 
 def test_a_corrupt_newest_remote_checkpoint_falls_back_to_the_previous(tmp_path, remote, s3):
@@ -108,6 +112,9 @@ def test_a_persistent_outage_is_recorded_and_training_goes_on(tmp_path, remote, 
     assert status["failing"] and "step" in status["failing"]["error"], status
     assert any("uploading checkpoint step" in r.message and "failed" in r.message for r in caplog.records)
     assert remote_steps(remote) == []
+    failed = [e for e in read_events(tmp_path / "a") if e["ev"] == "upload_failed"]
+    assert [e["step"] for e in failed] == [2, 4] and all(e["error"] for e in failed)
+    assert not any(e["ev"] == "uploaded" for e in read_events(tmp_path / "a"))
 
 
 def test_local_damage_since_the_commit_is_never_published(tmp_path, remote):

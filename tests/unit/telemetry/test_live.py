@@ -56,3 +56,20 @@ def test_status_command_and_hostile_text(tmp_path: Path, capsys: pytest.CaptureF
     assert main(["status", str(empty)]) == 1
     assert "no event log" in capsys.readouterr().out
     assert main(["status", str(tmp_path / "missing")]) == 2
+
+
+def test_goodput_command_on_a_log_and_on_bad_input(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    (tmp_path / "events").mkdir()
+    (tmp_path / "events" / "r.jsonl").write_text("".join(json.dumps(e) + "\n" for e in crash_then_success()))
+    assert main(["goodput", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "goodput 58.4%" in out  # (13.3 + 13.7) / 46.2 s (test_timeline.py) and "lost" in out and "recommended checkpoint.every_seconds" in out
+    assert main(["goodput", str(tmp_path), "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert sum(report["buckets"].values()) == pytest.approx(report["wall_seconds"])
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert main(["goodput", str(empty)]) == 2
+    assert main(["goodput", str(tmp_path), "--mtbf", "-5"]) == 2
+    err = capsys.readouterr().err
+    assert "no events under" in err and "--mtbf must be a positive number" in err
