@@ -78,6 +78,7 @@ class EventLog:
         self._written = 0
         self._emitted = 0
         self._thread: threading.Thread | None = None
+        self._starting = threading.RLock()  # one writer thread, whichever threads emit first
         self._failed = False
         self._closed = False
 
@@ -92,8 +93,11 @@ class EventLog:
         self._emitted += 1
         self._queue.put({"t": time.time(), "ev": ev, **self.base, **fields})
         if self._thread is None:
-            self._thread = threading.Thread(target=self._run, name="ftrain-events", daemon=True)
-            self._thread.start()
+            # Re-entrant: a signal handler (run by this same thread) may emit while the first emit starts it.
+            with self._starting:
+                if self._thread is None:
+                    thread = self._thread = threading.Thread(target=self._run, name="ftrain-events", daemon=True)
+                    thread.start()
 
     def flush(self, timeout: float = 1.0) -> bool:
         """Wait up to ``timeout`` s until everything emitted so far is written (or dropped); whether it was."""

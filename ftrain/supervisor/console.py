@@ -43,6 +43,11 @@ _BOX = re.compile(r"^={20,}\s*$")  # the ChildFailedError report's top and botto
 _SOURCE_PATH = re.compile(r"\[([^\]\s]*/[^\]\s]*?)(?::\d+)?\]")  # gloo's "[/__w/pytorch/.../gloo/.../pair.cc:553]"
 
 
+def is_collective_error(text: str) -> bool:
+    """Whether an exception message is a collective failing because a peer is gone (a consequence, not a cause)."""
+    return any(p in text for p in _COLLECTIVE)
+
+
 def strip_prefix(line: str) -> str:
     """Worker lines come tee'd with a rank prefix: rank 0's are shown as written, others as ``[rank N] ...``."""
     m = _PREFIX.match(line)
@@ -121,7 +126,7 @@ class Console:
                 return ""
             self._after[src] = _After(False)
             return f"torchrun: {_shorten(exc)} (traceback in {self.log_path})\n"
-        folded = any(p in exc for p in _COLLECTIVE)
+        folded = is_collective_error(exc)
         self._after[src] = _After(folded)
         if folded:
             self._folded.setdefault(src, _shorten(exc))

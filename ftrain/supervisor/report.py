@@ -13,6 +13,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ftrain.supervisor.console import is_collective_error
+
 _ROOT = re.compile(r"Root Cause \(first observed failure\)")
 _RANK = re.compile(r"^\s*rank\s*:\s*(\d+)(?:\s*\(local_rank:\s*(\d+)\))?")
 _EXIT = re.compile(r"^\s*exitcode\s*:\s*(-?\d+)")
@@ -64,9 +66,30 @@ def parse_torchrun_root_cause(lines: list[str]) -> tuple[int | None, int | None,
     return rank, local, code
 
 
+def parse_torchrun_failures(lines: list[str]) -> list[tuple[int, int | None, int]]:
+    """(rank, local rank, exit code) of every failed worker torchrun's ChildFailedError summary lists."""
+    out = []
+    for i, line in enumerate(lines):
+        if m := _RANK.match(line):
+            for follow in lines[i + 1:i + 4]:
+                if e := _EXIT.match(follow):
+                    out.append((int(m.group(1)), int(m.group(2)) if m.group(2) is not None else None,
+                                int(e.group(1))))
+                    break
+    return out
+
+
 def root_cause(attempt: int, torchrun_tail: list[str], errors: dict[int, dict[str, Any]],
                hang: str | None, ranks_dir: Path | None = None) -> Failure:
     rank, local, code = parse_torchrun_root_cause(torchrun_tail)
+    err0 = errors.get(rank) if rank is not None else None
+    if err0 is not None and is_collective_error(str(err0.get("message", ""))):
+        # torchrun's "first observed" is whichever exit it saw first: a survivor whose collective failed because
+        # this peer died may exit first (its DataLoader workers no longer hold the dead rank's sockets open).
+        # A rank killed by a signal is the cause.
+        killed = [f for f in parse_torchrun_failures(torchrun_tail) if f[2] < 0 and f[0] != rank]
+        if killed:
+            rank, local, code = killed[0]
     # A rank killed by a signal leaves no error file, and the ranks it strands in a collective raise
     # (and write error files) a moment later: then torchrun's first observed failure is the root cause.
     # Otherwise the earliest error file is: torchrun observes exits in batches and may name a bystander.

@@ -406,11 +406,12 @@ def _overlapping(spans: list[list[float]]) -> bool:
 
 
 def _marks(events: Sequence[dict[str, Any]], node: str, a: float, b: float) -> list[Mark]:
+    """The marks of one lane: ``events`` are sorted by time, so only its span is looked at."""
     out = []
-    for e in events:
+    lo = bisect.bisect_left(events, a, key=lambda e: e["t"])
+    hi = bisect.bisect_right(events, b, key=lambda e: e["t"])
+    for e in events[lo:hi]:
         t = e["t"]
-        if not a <= t <= b:
-            continue
         ev, mine = e["ev"], _str(e, "node") == node
         if ev == "committed" and mine:
             out.append(Mark(t, "commit", f"step {_int(e, 'step')}"))

@@ -71,6 +71,36 @@ def test_earliest_error_file_wins_over_a_bystander_exit_code():
     assert (f.rank, f.exc_type, f.message) == (2, "ValueError", "boom")
 
 
+def test_a_signal_death_beats_a_survivor_torchrun_happened_to_see_first():
+    # The survivor's collective failed within 0.2 s of its peer's SIGKILL and torchrun saw that exit first:
+    # its summary names the survivor as the first failure and lists the killed rank among the others.
+    tail = """\
+Failures:
+[1]:
+  time      : 2026-12-02_05:51:02
+  host      : localhost
+  rank      : 1 (local_rank: 1)
+  exitcode  : -9 (pid: 8457)
+  error_file: <N/A>
+------------------------------------------------------------
+Root Cause (first observed failure):
+[0]:
+  time      : 2026-12-02_05:51:02
+  host      : localhost
+  rank      : 0 (local_rank: 0)
+  exitcode  : 1 (pid: 8456)
+""".splitlines()
+    errors = {0: {"time": 1.0, "exc_type": "RuntimeError",
+                  "message": "[/pytorch/third_party/gloo/gloo/transport/tcp/pair.cc:537] Read error: "
+                             "Connection reset by peer"}}
+    f = root_cause(0, tail, errors, None)
+    assert (f.rank, f.exit_code, f.exc_type) == (1, -9, None)
+    assert f.describe() == "rank 1 exited with signal SIGKILL"
+    # A survivor's own bug (not a collective error) stays the root cause.
+    errors[0]["message"] = "boom"
+    assert root_cause(0, tail, errors, None).rank == 0
+
+
 def test_report_fits_on_one_screen():
     errors = {1: {"time": 1.0, "exc_type": "ValueError", "message": "boom",
                   "traceback": "\n".join(f"line {i}" for i in range(200))}}
