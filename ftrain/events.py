@@ -213,6 +213,25 @@ def parse_line(raw: bytes) -> dict[str, Any] | None:
     return event
 
 
+def number(event: dict[str, Any], key: str) -> float | None:
+    """Field ``key`` if it is a finite, plausible number (not a bool), else None: readers never trust a type."""
+    v = event.get(key)
+    if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and abs(v) < 1e12:
+        return float(v)
+    return None
+
+
+def integer(event: dict[str, Any], key: str) -> int | None:
+    v = event.get(key)
+    return v if isinstance(v, int) and not isinstance(v, bool) else None
+
+
+def text(event: dict[str, Any], key: str) -> str:
+    """Field ``key`` if it is a string, else "" (unsanitised: printing it is the caller's business)."""
+    v = event.get(key)
+    return v if isinstance(v, str) else ""
+
+
 class Tail:
     """Follows one event file: :meth:`new` returns the events appended since the last call."""
 

@@ -58,7 +58,7 @@ def _root(path: str) -> str:
 def cmd_goodput(args: argparse.Namespace) -> int:
     from ftrain.events import events_dir, read_events
     from ftrain.telemetry.advisor import advise, describe
-    from ftrain.telemetry.timeline import build
+    from ftrain.telemetry.timeline import build, duration
 
     root = _root(args.dir)
     if args.mtbf is not None and not args.mtbf > 0:
@@ -84,13 +84,13 @@ def cmd_goodput(args: argparse.Namespace) -> int:
             out["plot"] = {"path": args.plot, "width": size[0], "height": size[1]}
         print(json.dumps(out, indent=1, default=str))
         return 0
-    print(f"wall time {_hms(tl.wall)}, {tl.counts['attempts']} attempt(s), {tl.counts['unplanned']} failure(s) "
+    print(f"wall time {duration(tl.wall)}, {tl.counts['attempts']} attempt(s), {tl.counts['unplanned']} failure(s) "
           f"that lost work, {tl.counts['preemptions']} preemption(s), {tl.counts['commits']} checkpoint(s)")
     print(f"goodput {tl.goodput:.1%}" + (f" ({tl.running_goodput:.1%} of the time a launch ran)"
                                          if tl.buckets["down"] > 0 else ""))
     for name, seconds in tl.buckets.items():
         if seconds > 0 or name == "productive":
-            print(f"  {name:<11} {_hms(seconds):>9} {seconds / tl.wall if tl.wall else 0:>7.1%}  {MEANING[name]}")
+            print(f"  {name:<11} {duration(seconds):>9} {seconds / tl.wall if tl.wall else 0:>7.1%}  {MEANING[name]}")
     for line in describe(advice):
         print(line)
     if size is not None:
@@ -119,11 +119,3 @@ def cmd_status(args: argparse.Namespace) -> int:
         if st.state in ("finished", "failed", "preempted") and not sys.stdout.isatty():
             return 0
         time.sleep(args.watch)
-
-
-def _hms(seconds: float) -> str:
-    s = max(0.0, seconds)
-    if s < 60:
-        return f"{s:.1f}s"
-    m, sec = divmod(round(s), 60)
-    return f"{m // 60}h{m % 60:02d}m{sec:02d}s" if m >= 60 else f"{m}m{sec:02d}s"

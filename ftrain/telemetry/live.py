@@ -8,14 +8,16 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from ftrain.attempt import AttemptFiles, Heartbeat
 from ftrain.errors import printable
-from ftrain.events import read_events
+from ftrain.events import integer as _int
+from ftrain.events import number as _num
+from ftrain.events import read_events, text
 
 #: Seconds of progress events the step rate is measured over.
 RATE_WINDOW = 60.0
@@ -53,28 +55,21 @@ class Status:
     last_event_age: float | None = None
 
 
-def _int(e: dict[str, Any], key: str) -> int | None:
-    v = e.get(key)
-    return v if isinstance(v, int) and not isinstance(v, bool) else None
-
-
-def _num(e: dict[str, Any], key: str) -> float | None:
-    v = e.get(key)
-    return float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else None
-
-
 def _str(e: dict[str, Any], key: str) -> str:
-    v = e.get(key)
-    return printable(v) if v is not None else ""
+    return printable(text(e, key))  # everything shown comes from an untrusted file
 
 
 def newest_run(events: Sequence[dict[str, Any]]) -> str | None:
     return _str(events[-1], "run") or None if events else None
 
 
-def status_of(events: Sequence[dict[str, Any]], beats: dict[str, dict[int, Heartbeat]], now: float,
+Beats = dict[str, dict[int, Heartbeat]]
+
+
+def status_of(events: Sequence[dict[str, Any]], beats: Beats | Callable[[list[str]], Beats], now: float,
               run: str | None = None) -> Status:
-    """The state of ``run`` (default: the newest) at wall time ``now``; ``beats``: heartbeats per node."""
+    """The state of ``run`` (default: the newest) at wall time ``now``; ``beats``: heartbeats per attempt
+    directory, or what reads them given the current attempt's directories."""
     run = run or newest_run(events)
     mine = [e for e in events if _str(e, "run") == (run or "")]
     st = Status(run=run)
@@ -125,6 +120,8 @@ def status_of(events: Sequence[dict[str, Any]], beats: dict[str, dict[int, Heart
         window = [p for p in progress if p[0] >= progress[-1][0] - RATE_WINDOW]
         if len(window) >= 2 and window[-1][0] > window[0][0] and window[-1][1] >= window[0][1]:
             st.steps_per_s = (window[-1][1] - window[0][1]) / (window[-1][0] - window[0][0])
+    if callable(beats):
+        beats = beats(st.attempt_dirs)
     for node, node_beats in sorted(beats.items()):
         for rank, b in sorted(node_beats.items()):
             st.ranks.append(RankState(node, rank, b.phase, b.step, max(0.0, now - b.time)))
@@ -159,14 +156,10 @@ def _state(events: Sequence[dict[str, Any]], attempt_start: dict[str, Any] | Non
 
 def read_status(root: str | os.PathLike[str], run: str | None = None, now: float | None = None) -> Status:
     """Gather the event log and the current attempts' heartbeats under checkpoint dir ``root``."""
-    events = read_events(root)
-    now = time.time() if now is None else now
-    st = status_of(events, {}, now, run)
-    beats = {}
-    for d in st.attempt_dirs:
-        if Path(d).is_dir():
-            beats[d] = AttemptFiles(d).read_heartbeats()
-    return status_of(events, beats, now, run) if beats else st
+    def heartbeats(dirs: list[str]) -> Beats:
+        return {d: AttemptFiles(d).read_heartbeats() for d in dirs if Path(d).is_dir()}
+
+    return status_of(read_events(root), heartbeats, time.time() if now is None else now, run)
 
 
 def _age(seconds: float | None) -> str:

@@ -23,7 +23,7 @@ import warnings
 from typing import TYPE_CHECKING
 
 from ftrain.errors import UsageError, printable
-from ftrain.telemetry.timeline import BUCKETS, Timeline
+from ftrain.telemetry.timeline import BUCKETS, Timeline, duration
 
 if TYPE_CHECKING:
     from matplotlib.axes import Axes
@@ -67,14 +67,6 @@ def clean(text: object, limit: int) -> str:
     """Untrusted text made fit for a picture: one printable line of at most ``limit`` characters."""
     s = printable(text)
     return s if len(s) <= limit else s[:limit - 1] + "…"
-
-
-def duration(seconds: float) -> str:
-    s = max(0.0, seconds)
-    if s < 60:
-        return f"{s:.1f}s"
-    m, sec = divmod(round(s), 60)
-    return f"{m // 60}h{m % 60:02d}m{sec:02d}s" if m >= 60 else f"{m}m{sec:02d}s"
 
 
 def render(tl: Timeline, path: str | os.PathLike[str], *, title: str | None = None) -> tuple[int, int]:

@@ -34,6 +34,10 @@ from dataclasses import dataclass, field
 from itertools import pairwise
 from typing import Any
 
+from ftrain.events import integer as _int
+from ftrain.events import number as _num
+from ftrain.events import text as _str
+
 BUCKETS = ("productive", "startup", "rendezvous", "restore", "save", "lost", "hang", "backoff", "other", "down")
 #: Where intervals overlap, the first of these wins.
 PRIORITY = ("save", "restore", "hang", "productive", "lost", "backoff", "rendezvous", "startup", "other", "down")
@@ -97,23 +101,17 @@ class Timeline:
 
 
 # ------------------------------------------------------------------ helpers
-def _num(e: dict[str, Any], key: str) -> float | None:
-    v = e.get(key)
-    return float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) and v == v and abs(v) < 1e12 else None
-
-
-def _int(e: dict[str, Any], key: str) -> int | None:
-    v = e.get(key)
-    return v if isinstance(v, int) and not isinstance(v, bool) else None
-
-
 def _or(value: float | None, default: float) -> float:
     return default if value is None else value
 
 
-def _str(e: dict[str, Any], key: str) -> str:
-    v = e.get(key)
-    return v if isinstance(v, str) else ""
+def duration(seconds: float) -> str:
+    """A length of time for people: ``27.3s``, ``4m05s``, ``1h02m03s``."""
+    s = max(0.0, seconds)
+    if s < 60:
+        return f"{s:.1f}s"
+    m, sec = divmod(round(s), 60)
+    return f"{m // 60}h{m % 60:02d}m{sec:02d}s" if m >= 60 else f"{m}m{sec:02d}s"
 
 
 @dataclass
@@ -396,7 +394,7 @@ def _lanes(sup: list[dict[str, Any]], lives: list[_Life], job: list[Segment], sp
 def _attempt_number(events: list[dict[str, Any]], start: float, default: int) -> int:
     for e in events:
         if e["ev"] == "attempt_start" and e["t"] >= start - 1e-6:
-            return _int(e, "attempt") if _int(e, "attempt") is not None else default  # type: ignore[return-value]
+            return a if (a := _int(e, "attempt")) is not None else default
     return default
 
 
