@@ -5,8 +5,9 @@ decision, pure), ``checkpointer`` (the save/restore protocol across ranks),
 ``registry`` (what is saved per registered object), ``selection`` and
 ``ranking`` (model selection: the session's bookkeeping, and the pure
 ranking), ``trainable`` (frozen flags, trainable-only state), ``liveness``
-(preemption flag, heartbeats, crash reports, process hooks), ``collectives``
-(the few collectives ftrain needs), ``rng`` (every RNG stream).
+(preemption flag, heartbeats, crash reports, process hooks), ``teardown`` (a
+clean interpreter exit with gloo's threads alive), ``collectives`` (the few
+collectives ftrain needs), ``rng`` (every RNG stream).
 
 The data flow: the script calls the Session; the Session captures state
 through the registry and hands it to the checkpointer, which snapshots it and

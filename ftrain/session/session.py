@@ -38,7 +38,7 @@ from ftrain.checkpoint.manifest import Manifest
 from ftrain.config import FtrainConfig, config_to_dict, load_config
 from ftrain.data.batching import BatchPlan, plan_batches
 from ftrain.errors import CheckpointError, FtrainError, NoValidCheckpoint, StateMismatch
-from ftrain.session import decision, rng
+from ftrain.session import decision, rng, teardown
 from ftrain.session.checkpointer import Checkpointer, Restored
 from ftrain.session.collectives import Collectives
 from ftrain.session.decision import StepAction, StepInputs
@@ -84,6 +84,7 @@ class Session:
         self.skipped_saves = 0
         self._last_save_time = time.monotonic()
         self._config_meta = config_to_dict(self.config)  # recorded in every manifest; the config is frozen
+        teardown.install()  # first: atexit runs it after the flush below (why: teardown.py)
         atexit.register(self._flush_at_exit)
 
     def register(self, name: str | None = None, obj: Stateful | None = None, *, per_rank: bool | None = None,
