@@ -46,6 +46,7 @@ bench: venv
 	$(BIN)/python benchmarks/trainable_only.py
 	$(BIN)/python benchmarks/recovery.py
 	$(BIN)/python benchmarks/elastic.py
+	$(BIN)/python benchmarks/nodelocal.py
 	$(BIN)/python benchmarks/remote.py
 	$(BIN)/python benchmarks/sharded.py
 

@@ -1,6 +1,8 @@
 """A simulated spot cluster on one host: an `ftrain rendezvous` store and `ftrain launch` nodes on 127.0.0.1.
 
-Used by ``make demo-cluster`` (examples/demo_cluster.py), ``benchmarks/elastic.py`` and the multi-node tests.
+Used by ``make demo-cluster`` (examples/demo_cluster.py), ``benchmarks/elastic.py``, ``benchmarks/nodelocal.py``
+and the multi-node tests. A node may have a disk of its own (:func:`private`: a mount namespace in which the
+checkpoint path shows the node's directory), so that no node sees another's checkpoints.
 A node is one ``ftrain launch --nnodes MIN:MAX`` process; losing it means SIGKILLing its whole process tree at
 once (torchrun starts its workers in new sessions, so a process-group kill would orphan them), as a reclaimed
 VM loses everything on it.
@@ -9,6 +11,7 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -107,12 +110,41 @@ class Store(Process):
 
 def node(endpoint: str, run_id: str, ckpt: Path, script: Sequence[str], *, nproc: int = 2, nnodes: str = "1:2",
          extra: Sequence[str] = (), environ: dict[str, str] | None = None,
-         echo: Callable[[str], None] | None = None) -> Process:
-    """Start one node: ``ftrain launch --nnodes NNODES --nproc NPROC`` against the store at ``endpoint``."""
+         echo: Callable[[str], None] | None = None, disk: Path | None = None) -> Process:
+    """Start one node: ``ftrain launch --nnodes NNODES --nproc NPROC`` against the store at ``endpoint``.
+
+    ``disk``: the node's own disk. The node then sees ``disk`` at ``ckpt`` and nothing of any other node's
+    (:func:`private`), as with a Kubernetes ``emptyDir`` or a spot VM's local NVMe; without it, every node
+    writes into the one directory ``ckpt`` (a shared filesystem)."""
     cmd = [sys.executable, "-m", "ftrain", "launch", "--nnodes", nnodes, "--nproc", str(nproc),
            "--rdzv-endpoint", endpoint, "--rdzv-id", run_id, "--local-addr", "127.0.0.1",
            "--rdzv-conf", "last_call_timeout=1", "--ckpt-dir", str(ckpt), *extra, *script]
-    return Process(cmd, environ or env(), echo=echo)
+    return Process(private(cmd, disk, ckpt) if disk is not None else cmd, environ or env(), echo=echo)
+
+
+def private(cmd: Sequence[str], disk: Path, at: Path) -> list[str]:
+    """``cmd`` in a mount namespace of its own in which path ``at`` shows directory ``disk``: a disk that only
+    this process tree sees, at the same path on every node (needs root: :func:`can_have_private_disks`)."""
+    disk.mkdir(parents=True, exist_ok=True)
+    at.mkdir(parents=True, exist_ok=True)
+    return ["unshare", "--mount", "--propagation", "private", "--", "sh", "-c",
+            'mount --bind "$1" "$2" && shift 2 && exec "$@"', "sh", str(disk), str(at), *cmd]
+
+
+def can_have_private_disks() -> str | None:
+    """None if :func:`private` works here, else why not."""
+    try:
+        proc = subprocess.run(["unshare", "--mount", "--propagation", "private", "--", "true"], capture_output=True,
+                              text=True, timeout=30)
+    except (OSError, subprocess.TimeoutExpired) as e:
+        return f"unshare is not available ({e})"
+    return None if proc.returncode == 0 else f"unshare --mount failed: {proc.stderr.strip()} (needs root)"
+
+
+def wipe(disk: Path) -> None:
+    """A node's disk after the node is gone for good: empty (a new VM, a new emptyDir)."""
+    shutil.rmtree(disk, ignore_errors=True)
+    disk.mkdir(parents=True)
 
 
 def wait_until(check: Callable[[], object], what: str, procs: Sequence[Process], timeout: float = 180) -> object:

@@ -150,6 +150,12 @@ class CheckpointConfig(_Section):
         " commits locally, then uploads in the background, manifest last; restore takes the newest valid one of"
         " both tiers. Needs pip install ftrain[remote]; credentials from the library's standard chain. Empty:"
         " none.")
+    replicas: int = _option(
+        1, "With node-local checkpoint directories (each node its own disk; found out at start): copies of each"
+        " node's files of every checkpoint kept on this many other nodes' disks, sent in the background after"
+        " each commit, so a lost node's part is fetched from a peer. Ignored when every rank writes into one"
+        " directory (a shared filesystem, or one node). 0: none (then only checkpoint.remote survives a node's"
+        " loss).", _NON_NEGATIVE)
     remote_keep_last: int = _option(
         3, "Newest checkpoints kept on the remote tier (besides the keep_best best ones); 0 keeps all.",
         _NON_NEGATIVE)

@@ -88,5 +88,11 @@ class NoValidCheckpoint(CheckpointError):
     """A resume was required but no checkpoint validates."""
 
 
+class IncompleteCheckpoints(CheckpointError):
+    """Only parts of the newest checkpoints are reachable: the rest was written to node-local disks of nodes that
+    are not in the job now. Starting fresh would throw them away, so the job refuses (the message lists what
+    each disk holds and how to start over on purpose); it may succeed once the node is back."""
+
+
 class StateMismatch(FtrainError, ValueError):
     """Saved state does not fit the object it is loaded into (names the field)."""

@@ -27,6 +27,12 @@ BEST = "best"
 #: owner record. Neither is garbage (no ``.tmp-`` prefix, no ``.partial`` suffix) nor looks like ``step-*``.
 LEASE_LOCK = "lease.lock"
 LEASE_RECORD = "lease.json"
+#: The identity of the disk a root lives on (docs/FORMAT.md, "Disks"): a random id created once. Ranks whose roots
+#: hold the same id share one directory (a shared filesystem, or one node); different ids are node-local disks.
+DISK_ID = "disk-id"
+#: A file of a checkpoint found damaged on restore is renamed aside with this suffix inside its step directory (a
+#: good copy may then be fetched in its place from a peer or the remote tier); nothing reads it again.
+DAMAGED_SUFFIX = ".damaged"
 #: Tensor bytes inside shard files start at multiples of this, so every dtype can be viewed in place.
 ALIGN = 64
 #: The tree key (and tensor-name prefix) of the objects stored once for all ranks.
@@ -67,11 +73,6 @@ def rank_key(rank: int) -> str:
 def shard_names(rank: int) -> tuple[str, str]:
     """(state tree + index JSON, tensor bytes) file names for ``rank``."""
     return f"shard-{rank:05d}.json", f"shard-{rank:05d}.bin"
-
-
-def shard_error_name(rank: int) -> str:
-    """Written by a rank whose shard write failed, so the committing rank stops waiting at once."""
-    return f"shard-{rank:05d}.error"
 
 
 def is_garbage(name: str) -> bool:

@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -21,9 +23,11 @@ FORMAT_NAME = "ftrain.checkpoint"
 #: version-1 checkpoint is a version-2 checkpoint without aliases, so both read with the same code.
 #: 3: sharded tensors (``{"$t": "dtensor"}``, the ``sharded`` table of chunks) and per-block checksums of every
 #: ``.bin`` file. Versions 1 and 2 have neither, and read with the same code (whole-file checksums only).
-FORMAT_VERSION = 3
+#: 4: ``placement``, which disk each saving rank wrote its shard to (node-local checkpoint directories hold only
+#: their own ranks' files, plus replicas); earlier versions were written into one directory, which holds them all.
+FORMAT_VERSION = 4
 #: Versions this reader understands.
-KNOWN_VERSIONS = frozenset({1, 2, 3})
+KNOWN_VERSIONS = frozenset({1, 2, 3, 4})
 
 
 @dataclass(frozen=True)
@@ -79,10 +83,29 @@ class Manifest:
     meta: dict[str, Any] = field(default_factory=dict)
     #: Sharded tensors by name (version 3).
     sharded: dict[str, ShardedEntry] = field(default_factory=dict)
+    #: Version 4: disk id -> the saving ranks whose shard files were written to that disk (docs/FORMAT.md,
+    #: "Disks"). Empty for earlier versions: one directory held every file.
+    placement: dict[str, tuple[int, ...]] = field(default_factory=dict)
 
     @property
     def total_bytes(self) -> int:
         return sum(f.size for f in self.files.values())
+
+    def files_of_ranks(self, ranks: Iterable[int]) -> set[str]:
+        """The shard files the saving ``ranks`` wrote."""
+        wanted = set(ranks)
+        return {n for n, f in self.files.items() if f.rank in wanted}
+
+    def primary_files(self, disk: str | None) -> set[str]:
+        """The files a root on ``disk`` was written with at save time: every file for a checkpoint saved into one
+        directory (no placement), none for a disk the placement does not name (e.g. one filled by fetching)."""
+        if not self.placement:
+            return set(self.files)
+        return self.files_of_ranks(self.placement.get(disk or "", ()))
+
+    def disk_of(self, rank: int) -> str | None:
+        """The disk saving ``rank`` wrote to (None: no placement recorded)."""
+        return next((d for d, ranks in self.placement.items() if rank in ranks), None)
 
     def body(self) -> dict[str, Any]:
         return {
@@ -106,6 +129,8 @@ class Manifest:
                     {"file": c.file, "offset": c.offset, "nbytes": c.nbytes, "offsets": list(c.offsets),
                      "sizes": list(c.sizes)} for c in e.chunks]}
                 for n, e in sorted(self.sharded.items())}} if self.format_version >= 3 else {}),
+            **({"placement": {d: list(r) for d, r in sorted(self.placement.items())}}
+               if self.format_version >= 4 and self.placement else {}),
         }
 
     def to_bytes(self) -> bytes:
@@ -170,7 +195,8 @@ def parse(data: bytes, where: str) -> Manifest:
                      created_unix=float(body["created_unix"]), ftrain_version=str(body["ftrain_version"]),
                      torch_version=str(body["torch_version"]), format_version=int(version),
                      meta=dict(body.get("meta") or {}),
-                     sharded=_parse_sharded(body.get("sharded") or {}) if version >= 3 else {})
+                     sharded=_parse_sharded(body.get("sharded") or {}) if version >= 3 else {},
+                     placement=_parse_placement(body["placement"]) if version >= 4 and "placement" in body else {})
     except (KeyError, TypeError, ValueError, AttributeError) as e:
         raise CorruptCheckpoint(where, f"manifest field missing or malformed ({type(e).__name__}: {e})") from None
     _check_consistent(m, where)
@@ -189,6 +215,21 @@ def _ints(value: Any) -> tuple[int, ...]:
     if not isinstance(value, list) or not all(isinstance(v, int) and not isinstance(v, bool) for v in value):
         raise TypeError(f"{value!r} is not a list of integers")
     return tuple(value)
+
+
+#: A disk id as ``ftrain`` writes it (docs/FORMAT.md, "Disks"): lower-case hex.
+_DISK_ID = re.compile(r"^[0-9a-f]{1,64}$")
+
+
+def _parse_placement(table: Any) -> dict[str, tuple[int, ...]]:
+    if not isinstance(table, dict) or not table:
+        raise TypeError("placement is not a non-empty object")
+    out = {}
+    for disk, ranks in table.items():
+        if not isinstance(disk, str) or not _DISK_ID.match(disk):
+            raise ValueError(f"placement: {str(disk)[:80]!r} is not a disk id")
+        out[disk] = _ints(ranks)
+    return out
 
 
 def _parse_sharded(table: Any) -> dict[str, ShardedEntry]:
@@ -236,6 +277,11 @@ def _check_consistent(m: Manifest, where: str) -> None:
             raise CorruptCheckpoint(where, f"{name}: {len(f.blocks)} block checksums for {f.size} bytes")
     for name, entry in m.sharded.items():
         _check_sharded(m, name, entry, where)
+    if m.placement:
+        placed = sorted(r for ranks in m.placement.values() for r in ranks)
+        if placed != list(range(m.world_size)):
+            raise CorruptCheckpoint(where, f"placement does not name each of the {m.world_size} saving ranks exactly "
+                                           "once")
 
 
 def _check_sharded(m: Manifest, name: str, e: ShardedEntry, where: str) -> None:

@@ -154,6 +154,7 @@ def load(store: CheckpointStore, which: int | str, *, name: str | None = None,
     last_error: CorruptCheckpoint | None = None
     for manifest in tried:
         try:
+            store.require_whole(manifest)
             if name is not None:
                 check_object(manifest, name, store)
             return manifest, read_trees(store, manifest, keep=name)

@@ -24,7 +24,7 @@ import torch
 from ftrain import faults
 from ftrain.checkpoint import checksum, codec, dtensors
 from ftrain.checkpoint.format import align_up, shard_names
-from ftrain.checkpoint.manifest import ChunkEntry, TensorEntry
+from ftrain.checkpoint.manifest import ChunkEntry, FileEntry, TensorEntry
 from ftrain.checkpoint.shard import ShardRecord
 from ftrain.checkpoint.storage import LocalStorage, atomic_write, write_all
 
@@ -108,9 +108,9 @@ def take_snapshot(trees: dict[str, Any], tensors: dict[str, torch.Tensor], *, ra
                     chunks=chunks)
 
 
-def persist(snap: Snapshot, storage: LocalStorage, tmp: str) -> ShardRecord:
+def persist(snap: Snapshot, storage: LocalStorage, tmp: str) -> tuple[ShardRecord, FileEntry]:
     """Write a snapshot as this rank's shard files in directory ``tmp``, durably: the .bin (fsynced), then the
-    .json renamed in.
+    .json renamed in. Returns the record and the JSON file's manifest entry.
 
     Safe to run off the training thread: it only reads the snapshot. The
     checksum is computed here, over exactly the bytes written. Shards are always
@@ -136,8 +136,9 @@ def persist(snap: Snapshot, storage: LocalStorage, tmp: str) -> ShardRecord:
                          trees=snap.trees, bin_blocks=tuple(blocks), chunks=snap.chunks)
     faults.point("save.shard_bin_written", step=snap.step, rank=snap.rank)
     # No directory fsync here: the committing rank fsyncs the directory once for all shards.
-    atomic_write(storage.full(f"{tmp}/{json_name}"), json.dumps(record.to_json()).encode(), fsync_parent=False)
-    return record
+    raw = json.dumps(record.to_json()).encode()
+    atomic_write(storage.full(f"{tmp}/{json_name}"), raw, fsync_parent=False)
+    return record, FileEntry(len(raw), checksum.digest(raw), snap.rank)
 
 
 def owners(sizes: dict[str, int], world_size: int, pinned: Collection[str] = ()) -> dict[str, int]:

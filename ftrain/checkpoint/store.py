@@ -11,13 +11,13 @@ from __future__ import annotations
 import json
 import logging
 import os
-import time
+import re
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 from ftrain import __version__, faults
-from ftrain.checkpoint import checksum, format
+from ftrain.checkpoint import assembly, checksum, format
 from ftrain.checkpoint.manifest import ChunkEntry, FileEntry, Manifest, ShardedEntry, parse
 from ftrain.checkpoint.remote import RemotePath, RemoteStorage, is_url, objects_for
 from ftrain.checkpoint.shard import ShardRecord
@@ -25,6 +25,7 @@ from ftrain.checkpoint.storage import LocalStorage, Storage
 from ftrain.errors import CheckpointDirError, CheckpointError, CorruptCheckpoint
 
 log = logging.getLogger("ftrain.checkpoint")
+_DISK_HEX = re.compile(r"^[0-9a-f]{32}$")
 _ODD = "not a plain directory (a symbolic link or special file); ftrain never follows links in a checkpoint root"
 
 
@@ -38,6 +39,9 @@ class CheckpointInfo:
     reason: str = ""
     size: int = 0
     created_unix: float | None = None
+    #: "" for a checkpoint whose every file is here; with node-local disks, which ranks' files are (the rest are
+    #: on the other nodes' disks, docs/FORMAT.md "Disks").
+    part: str = ""
 
 
 def open_store(location: str | os.PathLike[str]) -> CheckpointStore:
@@ -54,6 +58,27 @@ class CheckpointStore:
         #: Where the root is, for messages and ``is_dir``: a local path, or a remote URL's stand-in.
         self.root: Path = root if isinstance(root, RemotePath) else Path(root)  # type: ignore[assignment]
         self.storage: Storage = storage if storage is not None else LocalStorage(self.root)
+        self._disk: str | None = None
+
+    @property
+    def disk(self) -> str | None:
+        """The id of the disk this root is on (docs/FORMAT.md, "Disks"), if it has one yet; read, never made
+        (``disks.disk_id`` makes it)."""
+        if self._disk is None and not isinstance(self.root, RemotePath):
+            try:
+                text = self.storage.read(format.DISK_ID, 256).decode(errors="replace").strip()
+            except OSError:
+                return None
+            self._disk = text if _DISK_HEX.match(text) else None
+        return self._disk
+
+    def required_files(self, m: Manifest) -> set[str]:
+        """The files of ``m`` this root must hold for its copy to be intact: all of them for a checkpoint saved
+        into one directory; with node-local disks those its own ranks wrote (the rest are on other nodes'
+        disks; whatever else is here, replicas and fetched files, is checked when present)."""
+        if len(m.placement) <= 1:
+            return set(m.files)
+        return m.primary_files(self.disk)
 
     # ----------------------------------------------------------------- discovery
     def ensure_writable(self) -> None:
@@ -114,6 +139,10 @@ class CheckpointStore:
 
     # ---------------------------------------------------------------- validation
     def read_manifest(self, step: int) -> Manifest:
+        return self.read_manifest_raw(step)[0]
+
+    def read_manifest_raw(self, step: int) -> tuple[Manifest, bytes]:
+        """The manifest of ``step``, parsed and checked, and its bytes."""
         name = f"{format.step_dirname(step)}/{format.MANIFEST}"
         where = self.storage.describe(name)
         try:
@@ -125,28 +154,65 @@ class CheckpointStore:
         m = parse(data, where)
         if m.step != step:
             raise CorruptCheckpoint(where, f"manifest says step {m.step} but the directory is for step {step}")
-        return m
+        return m, data
 
-    def check_files(self, m: Manifest) -> None:
-        """Cheap check: every listed file exists with its listed size (no reading)."""
+    def check_files(self, m: Manifest, *, whole: bool = False) -> set[str]:
+        """Cheap check (no reading): every file this root must hold (:meth:`required_files`; with ``whole``,
+        every listed file) exists with its listed size, and so does every other listed file present. Returns
+        the listed files present."""
+        required = set(m.files) if whole else self.required_files(m)
+        present = set()
         for name, entry in sorted(m.files.items()):
             rel = f"{format.step_dirname(m.step)}/{name}"
             where = self.storage.describe(rel)
             try:
                 size = self.storage.size(rel)
             except FileNotFoundError:
+                if name not in required:
+                    continue
                 raise CorruptCheckpoint(where, "file listed in the manifest is missing") from None
             except OSError as e:
                 raise CorruptCheckpoint(where, f"cannot stat ({e.strerror or e})") from None
             if size != entry.size:
                 raise CorruptCheckpoint(where, f"size {size} bytes, manifest says {entry.size} "
                                                "(truncated or overwritten)")
+            present.add(name)
+        return present
 
-    def validate(self, step: int) -> Manifest:
-        """Full check of checkpoint ``step``: manifest, then every file's size and checksum (streamed)."""
-        m = self.read_manifest(step)
-        self.check_files(m)
+    def held(self, step: int) -> tuple[Manifest, bytes, set[str], dict[str, str]]:
+        """What this root holds of ``step`` for the restore's holdings (``checkpoint/assembly.py``): the
+        manifest, its raw bytes, the listed files present with their listed sizes (none read), and why each
+        file this root must hold (:meth:`required_files`) but does not is missing (its full path: reason)."""
+        m, raw = self.read_manifest_raw(step)
+        required = self.required_files(m)
+        have: set[str] = set()
+        problems: dict[str, str] = {}
         for name, entry in sorted(m.files.items()):
+            rel = f"{format.step_dirname(step)}/{name}"
+            try:
+                size = self.storage.size(rel)
+            except FileNotFoundError:
+                if name in required:
+                    problems[name] = f"{self.storage.describe(rel)}: file listed in the manifest is missing"
+                continue
+            except OSError as e:
+                problems[name] = f"{self.storage.describe(rel)}: cannot stat ({e.strerror or e})"
+                continue
+            if size == entry.size:
+                have.add(name)
+            else:
+                problems[name] = (f"{self.storage.describe(rel)}: size {size} bytes, manifest says {entry.size} "
+                                  "(truncated or overwritten)")
+        return m, raw, have, problems
+
+    def validate(self, step: int, *, whole: bool = False) -> Manifest:
+        """Full check of checkpoint ``step``: manifest, then the size and checksum (streamed) of every file this
+        root must hold and of every other listed file it holds (all of them with ``whole``)."""
+        m = self.read_manifest(step)
+        present = self.check_files(m, whole=whole)
+        for name, entry in sorted(m.files.items()):
+            if name not in present:
+                continue
             rel = f"{format.step_dirname(step)}/{name}"
             try:
                 with self.storage.open(rel) as f:
@@ -167,7 +233,32 @@ class CheckpointStore:
             m = self.validate(step)
         except CorruptCheckpoint as e:
             return CheckpointInfo(step, self.path(step), False, f"{Path(e.path).name}: {e.reason}", size)
-        return CheckpointInfo(step, self.path(step), True, "", size, m.created_unix)
+        return CheckpointInfo(step, self.path(step), True, "", size, m.created_unix, self.part(m))
+
+    def part(self, m: Manifest) -> str:
+        """"" if this root holds every file of ``m``, else which saving ranks' files it holds (node-local)."""
+        present = {n for n in m.files if self._has_file(m.step, n)}
+        if present == set(m.files):
+            return ""
+        ranks = sorted({m.files[n].rank for n in present})
+        return f"ranks {assembly.ranges(ranks) or 'none'} of {m.world_size} here"
+
+    def require_whole(self, m: Manifest) -> None:
+        """CheckpointError, naming what is here and where the rest is, if this root holds only part of ``m`` (a
+        node-local disk): reading a whole checkpoint (export, inspect's objects) needs every file."""
+        part = self.part(m)
+        if part and len(m.placement) > 1:
+            raise CheckpointError(
+                f"{self.path(m.step)} holds only part of checkpoint step {m.step} ({part}): it was saved to "
+                f"{len(m.placement)} node-local disks; use the remote tier's copy (e.g. `ftrain ckpt export "
+                "s3://bucket/prefix ...`), or a disk that holds replicas of the others (checkpoint.replicas)")
+
+    def _has_file(self, step: int, name: str) -> bool:
+        try:
+            self.storage.size(f"{format.step_dirname(step)}/{name}")
+        except OSError:
+            return False
+        return True
 
     def infos(self) -> list[CheckpointInfo]:
         out = [self.info(step) for step in self.steps()]
@@ -185,8 +276,9 @@ class CheckpointStore:
                 log.warning("skipping checkpoint step %d: %s: %s", step, e.path, e.reason)
         return out
 
-    def candidates(self, skip: set[int] | frozenset[int] = frozenset()) -> Iterator[Manifest]:
-        """Committed-looking checkpoints, newest first, that pass the cheap checks (manifest + sizes).
+    def candidates(self, skip: set[int] | frozenset[int] = frozenset(), *, whole: bool = True) -> Iterator[Manifest]:
+        """Committed-looking checkpoints, newest first, that pass the cheap checks (manifest + sizes; with
+        ``whole`` every file must be here, else what this disk must hold).
 
         Checksums are verified by whoever reads the files (the restore protocol),
         so each byte is read once. Damaged ones are skipped with a warning naming file and reason.
@@ -198,7 +290,7 @@ class CheckpointStore:
                 continue
             try:
                 m = self.read_manifest(step)
-                self.check_files(m)
+                self.check_files(m, whole=whole)
             except CorruptCheckpoint as e:
                 log.warning("skipping checkpoint %s: %s: %s; falling back to an older one",
                             format.step_dirname(step), e.path, e.reason)
@@ -228,70 +320,47 @@ class CheckpointStore:
             log.info("removed %d leftover(s) of interrupted saves: %s", len(removed), ", ".join(removed))
         return removed
 
-    def wait_for_shards(self, tmp: str, step: int, world_size: int, nonce: str, timeout: float
-                        ) -> list[ShardRecord]:
-        """Block until every rank's shard JSON has appeared in ``tmp`` (each is renamed in when durable)."""
-        deadline = time.monotonic() + timeout
-        pending = set(range(world_size))
-        records: dict[int, ShardRecord] = {}
-        delay = 0.001
-        while pending:
-            for rank in sorted(pending):
-                try:
-                    reason = self.storage.read(f"{tmp}/{format.shard_error_name(rank)}", format.MAX_ERROR_MARKER_BYTES)
-                except FileNotFoundError:
-                    pass
-                else:
-                    raise CheckpointError(f"rank {rank} failed to write its shard of step {step}: "
-                                          f"{reason.decode(errors='replace').strip()}")
-                rel = f"{tmp}/{format.shard_names(rank)[0]}"
-                try:
-                    rec = ShardRecord.from_json(json.loads(self.storage.read(rel, format.MAX_SHARD_JSON_BYTES)))
-                except FileNotFoundError:
-                    continue
-                except (ValueError, KeyError, TypeError, AttributeError) as e:
-                    raise CheckpointError(f"{self.storage.describe(rel)}: unreadable shard record "
-                                          f"({type(e).__name__}: {e})") from None
-                if rec.nonce != nonce or rec.step != step:
-                    raise CheckpointError(f"{self.storage.describe(rel)}: shard belongs to another save "
-                                          f"({rec.nonce} != {nonce})")
-                records[rank] = rec
-                pending.discard(rank)
-            if not pending:
-                break
-            if time.monotonic() > deadline:
-                raise CheckpointError(
-                    f"save into {tmp} timed out after {timeout:.0f}s waiting for rank(s) {sorted(pending)}; "
-                    "raise checkpoint.commit_timeout_seconds if their disks are slow")
-            time.sleep(delay)
-            delay = min(delay * 2, 0.05)
-        return [records[r] for r in range(world_size)]
+    def records_in(self, tmp: str, world_size: int, nonce: str, step: int) -> list[tuple[ShardRecord, FileEntry]]:
+        """Every rank's shard record in temp directory ``tmp`` (all of them written into this one directory), with
+        the file entry of its JSON: what :func:`build_manifest` takes."""
+        out = []
+        for rank in range(world_size):
+            rel = f"{tmp}/{format.shard_names(rank)[0]}"
+            try:
+                raw = self.storage.read(rel, format.MAX_SHARD_JSON_BYTES)
+                rec = ShardRecord.from_json(json.loads(raw))
+            except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+                raise CheckpointError(f"{self.storage.describe(rel)}: no readable shard record "
+                                      f"({type(e).__name__}: {e})") from None
+            if rec.nonce != nonce or rec.step != step or rec.rank != rank:
+                raise CheckpointError(f"{self.storage.describe(rel)}: shard belongs to another save")
+            out.append((rec, FileEntry(len(raw), checksum.digest(raw), rank)))
+        return out
 
-    def commit(self, tmp: str, *, step: int, world_size: int, nonce: str, timeout: float,
-               meta: dict[str, object], guard: Callable[[], None] | None = None) -> Manifest:
-        """Turn the finished temp directory ``tmp`` into checkpoint ``step``: manifest, rename, ``latest``.
+    def commit(self, tmp: str, *, step: int, world_size: int, nonce: str, meta: dict[str, object],
+               guard: Callable[[], None] | None = None) -> Manifest:
+        """Commit temp directory ``tmp``, into which every rank wrote its shard (one directory for the whole
+        job): the manifest from its records, :meth:`commit_prepared`, then ``latest``."""
+        manifest = build_manifest(self.records_in(tmp, world_size, nonce, step), step=step, meta=meta,
+                                  placement={self.disk or "0": tuple(range(world_size))})
+        self.commit_prepared(tmp, step, manifest.to_bytes(), nonce, guard)
+        self.point_latest(step)
+        return manifest
+
+    def commit_prepared(self, tmp: str, step: int, manifest: bytes, nonce: str,
+                        guard: Callable[[], None] | None = None) -> None:
+        """Turn finished temp directory ``tmp`` (this disk's shards of ``step``, durable) into checkpoint ``step``
+        here: write ``manifest`` into it, then rename it into place.
 
         A kill at any instant leaves either no new checkpoint (the temp dir is
-        cleaned up on the next start) or a complete, valid one. ``guard`` runs
+        cleaned up on the next start) or a complete one. ``guard`` runs
         right before the rename that commits; if it raises, nothing is committed
         (the writer's lease check: a writer that lost the root must not commit).
         """
-        records = self.wait_for_shards(tmp, step, world_size, nonce, timeout)
-        files: dict[str, FileEntry] = {}
-        tensors = {}
-        for rec in records:
-            json_name = format.shard_names(rec.rank)[0]
-            files[rec.bin_name] = FileEntry(rec.bin_size, rec.bin_checksum, rec.rank, rec.bin_blocks)
-            with self.storage.open(f"{tmp}/{json_name}") as f:
-                size, digest = checksum.stream_digest(f)
-            files[json_name] = FileEntry(size, digest, rec.rank)
-            tensors.update(rec.tensors)
-        manifest = Manifest(step=step, world_size=world_size, files=files, tensors=tensors,
-                            ftrain_version=__version__, meta=dict(meta), sharded=merge_chunks(records))
         faults.point("save.before_manifest", step=step, rank=0)
         # One directory sync makes every rank's renamed-in shard JSON durable before the manifest exists.
         self._sync(tmp)
-        self.storage.write(f"{tmp}/{format.MANIFEST}", manifest.to_bytes())
+        self.storage.write(f"{tmp}/{format.MANIFEST}", manifest)
         faults.point("save.before_rename", step=step, rank=0)
         if guard is not None:
             guard()
@@ -305,26 +374,39 @@ class CheckpointStore:
             self.storage.delete(aside)
         else:
             self.storage.commit(tmp, final)
+
+    def point_latest(self, step: int) -> None:
+        """``latest`` names ``step`` (after its global commit: docs/FORMAT.md)."""
         faults.point("save.before_latest", step=step, rank=0)
-        self.storage.write(format.LATEST, f"{final}\n".encode())
-        return manifest
+        self.storage.write(format.LATEST, f"{format.step_dirname(step)}\n".encode())
+
+    def withdraw(self, step: int) -> None:
+        """Remove this disk's part of ``step``, committed here but never by the whole job (another disk failed)."""
+        name = format.step_dirname(step)
+        aside = f"{format.DELETING_PREFIX}{name}"
+        try:
+            self.storage.commit(name, aside)
+        except OSError:
+            return
+        self.storage.delete(aside)
 
     def _sync(self, path: str) -> None:
         sync = getattr(self.storage, "fsync", None)
         if sync is not None:
             sync(path)
 
-    def retain(self, step: int, keep_last: int, best: Iterable[int]) -> list[int]:
+    def retain(self, step: int, keep_last: int, best: Iterable[int], protect: Iterable[int] = ()) -> list[int]:
         """After committing ``step``: point ``best`` at the best one, then prune; returns the pruned steps.
 
-        ``best`` lists the steps retention must keep as best ones, best first.
+        ``best`` lists the steps retention must keep as best ones, best first; ``protect`` other steps it must
+        keep (uploads and replicas in flight, the newest safe one).
         A best step with no directory (its save failed) is neither protected nor
         pointed to. The pointer is written before pruning, like the commit's
         other pointers, and never left naming a pruned step.
         """
         kept_best = [s for s in best if s == step or self.has(s)]
         self.update_best_hint(kept_best[0] if kept_best else None)
-        pruned = self.prune(keep_last, protect={step, *kept_best})
+        pruned = self.prune(keep_last, protect={step, *kept_best, *protect})
         if pruned and not kept_best:  # a pointer left from an earlier ranking may name a step just pruned
             self.update_best_hint(None)
         return pruned
@@ -363,6 +445,19 @@ class CheckpointStore:
                 continue
             self.storage.delete(aside)
         return doomed
+
+
+def build_manifest(records: list[tuple[ShardRecord, FileEntry]], *, step: int, meta: dict[str, object],
+                   placement: dict[str, tuple[int, ...]]) -> Manifest:
+    """The manifest of ``step`` from every rank's shard record and the entry of its JSON file, in rank order."""
+    files: dict[str, FileEntry] = {}
+    tensors = {}
+    for rec, json_entry in records:
+        files[rec.bin_name] = FileEntry(rec.bin_size, rec.bin_checksum, rec.rank, rec.bin_blocks)
+        files[format.shard_names(rec.rank)[0]] = json_entry
+        tensors.update(rec.tensors)
+    return Manifest(step=step, world_size=len(records), files=files, tensors=tensors, ftrain_version=__version__,
+                    meta=dict(meta), sharded=merge_chunks([r for r, _ in records]), placement=dict(placement))
 
 
 def merge_chunks(records: list[ShardRecord]) -> dict[str, ShardedEntry]:

@@ -15,6 +15,10 @@ thread after the local commit:
    rest deleted manifest first (so a half-deleted step is uncommitted, never
    damaged).
 
+With node-local disks (docs/FORMAT.md, "Disks") every disk's leader uploads its own ranks' files of each
+step (:class:`Share`), and only rank 0's uploader, once every other disk's share is remote, writes the
+manifest (2) and does 3.
+
 A failing file is retried with capped exponential backoff; a step whose upload
 still fails is recorded in ``<local root>/remote.json`` (``ftrain ckpt ls``
 shows it) and logged, and training goes on; the next committed step is tried
@@ -85,8 +89,25 @@ class _Hashing(io.RawIOBase):
         super().close()
 
 
+@dataclass(frozen=True)
+class Share:
+    """One uploader's part of every step: all of it (one disk), or, with node-local disks, its disk's files."""
+
+    #: The files of a step this uploader sends.
+    files: Callable[[Manifest], set[str]] = lambda m: set(m.files)
+    #: Whether it writes the manifest (the remote commit), ``latest`` and does remote retention: rank 0's.
+    publish: bool = True
+    #: Called once this share's files of a step are remote (tells the publisher).
+    sent: Callable[[int], None] = lambda step: None
+    #: Called when this share's files of a step could not be sent (tells the publisher at once).
+    failed: Callable[[int, str], None] = lambda step, error: None
+    #: The publisher, before the manifest: returns once every other share of the step is remote; raises if one
+    #: failed, or not in time.
+    others: Callable[[int], None] = lambda step: None
+
+
 def upload_step(local: CheckpointStore, remote: RemoteStorage, step: int, *, retry: RetryPolicy = RetryPolicy(),
-                sleep: Callable[[float], None] = time.sleep) -> Manifest:
+                sleep: Callable[[float], None] = time.sleep, share: Share = Share()) -> Manifest:
     """Publish committed local checkpoint ``step`` on ``remote`` (the protocol above); its manifest.
 
     Raises :class:`CorruptCheckpoint` if a local file no longer matches its manifest (nothing is published),
@@ -94,7 +115,7 @@ def upload_step(local: CheckpointStore, remote: RemoteStorage, step: int, *, ret
     """
     manifest = local.read_manifest(step)
     ckpt = format.step_dirname(step)
-    names = sorted(manifest.files)  # every shard file (records and tensor bytes); the manifest comes last
+    names = sorted(share.files(manifest))  # shard files (records and tensor bytes); the manifest comes last
 
     def one(name: str) -> None:
         rel = f"{ckpt}/{name}"
@@ -120,9 +141,17 @@ def upload_step(local: CheckpointStore, remote: RemoteStorage, step: int, *, ret
                 log.info("upload of %s failed (%s: %s); retrying in %.1fs", rel, type(e).__name__, e, delay)
                 sleep(delay)
 
-    with ThreadPoolExecutor(max_workers=PARALLEL_FILES, thread_name_prefix="ftrain-upload") as pool:
-        for f in [pool.submit(one, n) for n in names]:
-            f.result()
+    try:
+        with ThreadPoolExecutor(max_workers=PARALLEL_FILES, thread_name_prefix="ftrain-upload") as pool:
+            for f in [pool.submit(one, n) for n in names]:
+                f.result()
+    except Exception as e:
+        share.failed(step, f"{type(e).__name__}: {e}")
+        raise
+    share.sent(step)
+    if not share.publish:
+        return manifest
+    share.others(step)
     faults.point("upload.before_manifest", step=step, rank=0)
     _retrying(lambda: remote.write(f"{ckpt}/{format.MANIFEST}",
                                    local.storage.read(f"{ckpt}/{format.MANIFEST}", format.MAX_MANIFEST_BYTES)),
@@ -173,11 +202,12 @@ class Uploader:
 
     def __init__(self, local: CheckpointStore, remote: CheckpointStore, *, keep_last: int, when_busy: str,
                  retry: RetryPolicy = RetryPolicy(),
-                 on_result: Callable[[int, float, str | None], None] | None = None) -> None:
+                 on_result: Callable[[int, float, str | None], None] | None = None, share: Share = Share()) -> None:
         """``on_result(step, seconds, error)``: called from the uploader thread after each step's upload (error
-        None: durable remotely), e.g. to record it in the event log."""
+        None: durable remotely), e.g. to record it in the event log. ``share``: this uploader's part."""
         assert isinstance(remote.storage, RemoteStorage)
         self._on_result = on_result
+        self.share = share
         self.local, self.remote, self.keep_last, self.when_busy, self.retry = local, remote, keep_last, when_busy, retry
         self._cv = threading.Condition()
         self._queue: deque[tuple[int, tuple[int, ...]]] = deque()
@@ -239,14 +269,16 @@ class Uploader:
                 self._busy = step
             t0 = time.monotonic()
             try:
-                upload_step(self.local, self.remote.storage, step, retry=self.retry)  # type: ignore[arg-type]
+                upload_step(self.local, self.remote.storage, step, retry=self.retry,  # type: ignore[arg-type]
+                            share=self.share)
                 done = time.time()
-                deleted = remote_retain(self.remote, self.keep_last, best, None)
                 self.last_error = None
-                log.info("uploaded step %d to %s in %.2fs%s", step, self.remote.storage.describe(),
-                         time.monotonic() - t0, f"; pruned remote {deleted}" if deleted else "")
-                self._status(step, None, done)
-                self._report(step, time.monotonic() - t0, None)
+                if self.share.publish:
+                    deleted = remote_retain(self.remote, self.keep_last, best, None)
+                    log.info("uploaded step %d to %s in %.2fs%s", step, self.remote.storage.describe(),
+                             time.monotonic() - t0, f"; pruned remote {deleted}" if deleted else "")
+                    self._status(step, None, done)
+                    self._report(step, time.monotonic() - t0, None)
             except Exception as e:
                 done = None
                 self.last_error = f"step {step}: {type(e).__name__}: {e}"

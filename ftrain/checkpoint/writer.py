@@ -1,11 +1,12 @@
-"""The background writer: persists (and on rank 0 commits) one snapshot at a time, off the training thread.
+"""The background writer: persists (and, on a disk's leader, commits) one snapshot at a time, off the training
+thread.
 
 A thread, not a process: the work is ``os.write``/``fsync`` and XXH3 over large
 buffers, all of which release the GIL, so the training thread keeps running
 (measured in docs/PERFORMANCE.md), and a thread needs no second copy of the
 snapshot. It never touches the training process group: ranks coordinate the
-commit through the filesystem (shard JSONs, error markers), so a slow or failed
-write cannot deadlock a collective.
+commit through the job's store (``session/commit.py``: shard records, error
+reports), so a slow or failed write cannot deadlock a collective.
 
 Contract: at most one job in flight (``submit`` refuses otherwise). A failure
 is kept and reported to the training thread by :meth:`failed`/:meth:`take_error`;

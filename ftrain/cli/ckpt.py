@@ -57,6 +57,7 @@ def _row(info: CheckpointInfo, latest: str | None) -> dict[str, Any]:
         "size_bytes": info.size,
         "status": "valid" if info.valid else "corrupt",
         "reason": info.reason or None,
+        "part": info.part or None,
         "latest": info.path.name == latest,
     }
 
@@ -88,7 +89,8 @@ def _ls(args: argparse.Namespace) -> int:
     metric_head = f"  {name:>12}" if name else ""
     print(f"{'STEP':>12}  {'CREATED (UTC)':<20}  {'SIZE':>10}{metric_head}  STATUS")
     for r in rows:
-        status = "valid" if r["status"] == "valid" else f"CORRUPT: {show.safe(r['reason'])}"
+        status = (f"CORRUPT: {show.safe(r['reason'])}" if r["status"] != "valid" else
+                  f"valid ({show.safe(r['part'])}; the rest on other nodes' disks)" if r["part"] else "valid")
         marks = [m for m, on in (("latest", r["latest"]), ("best", r["best"])) if on]
         mark = f"  <- {', '.join(marks)}" if marks else ""
         metric = ""
@@ -165,7 +167,8 @@ def _verify(args: argparse.Namespace) -> int:
     bad = 0
     for info in infos:
         if info.valid:
-            print(f"ok       step {info.step}  {show.safe(info.path)}")
+            part = f"  ({show.safe(info.part)}; the rest on other nodes' disks)" if info.part else ""
+            print(f"ok       step {info.step}  {show.safe(info.path)}{part}")
         else:
             bad += 1
             print(f"CORRUPT  step {info.step}  {show.safe(info.path)}/{show.safe(info.reason)}")

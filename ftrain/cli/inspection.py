@@ -103,7 +103,7 @@ def _pick(store: CheckpointStore, which: int | str, verify: bool) -> tuple[Manif
 def _size_checked(store: CheckpointStore, manifests: Iterable[Manifest]) -> Iterator[Manifest]:
     for m in manifests:
         try:
-            store.check_files(m)
+            store.check_files(m, whole=True)
         except CorruptCheckpoint as e:
             log.warning("skipping checkpoint step %d: %s: %s", m.step, e.path, e.reason)
             continue

@@ -3,22 +3,30 @@
 Save and restore state trees as sharded, verified checkpoints, synchronously or in the background.
 
 Save = snapshot (training thread: encode, copy tensors into a reused host
-buffer) + persist (write, fsync, checksum) + commit (rank 0: manifest, rename,
-``latest``, prune). Replicated state (identical on every rank) is written once
-in total: its tensors are split across ranks by :func:`snapshot.owners` (the
-buffers of replicated modules all by rank 0: they differ per rank under DDP, and
-rank 0's are the ones DDP broadcasts next); each rank also writes its per-rank
-state. ``checkpoint.check_replicated`` compares the rest across ranks first
-(``replication.py``). With ``checkpoint.async_save`` the persist
-and commit run in a :class:`BackgroundWriter` thread and the ranks coordinate
-through the filesystem only; otherwise they run inline and the ranks agree on
-success with two small collectives.
+buffer) + persist (write, fsync, checksum) + commit across the job's disks
+(``commit.py``: every rank's shard record through the job's store, rank 0's
+manifest, each disk's leader's rename, the replicas of each disk's files, the
+job's commit, then ``latest``, retention and uploads). Replicated state
+(identical on every rank) is written once in total: its tensors are split across ranks by
+:func:`snapshot.owners` (the buffers of replicated modules all by rank 0: they
+differ per rank under DDP, and rank 0's are the ones DDP broadcasts next); each
+rank also writes its per-rank state. ``checkpoint.check_replicated`` compares
+the rest across ranks first (``replication.py``). With ``checkpoint.async_save``
+the persist and commit run in a :class:`BackgroundWriter` thread, which never
+touches the training process group; otherwise they run inline and the ranks
+agree on success with one small collective.
 
-Restore: every rank verifies the blocks it reads (``reading.py``) and reads each
+Whether the ranks share one directory or each node has its own disk is found
+out in :meth:`Checkpointer.setup` (``layout.py``; docs/FORMAT.md, "Disks").
+
+Restore: the ranks agree on the newest step they can assemble from every disk
+and the remote tier, and bring each disk the files it lacks (``sources.py``);
+then every rank verifies the blocks it reads (``reading.py``) and reads each
 tensor straight into where it goes: a registered module's own tensors in place,
 the local shards of sharded (DTensor) state at any world size. On a single node
 it reads the replicated tensors from the page cache (one disk read per node);
-across nodes they are broadcast from the ranks that read them.
+across nodes they are broadcast from the ranks that read them, chosen among the
+ranks whose disk holds them.
 
 Not thread-safe: call from the training thread only.
 """
@@ -29,49 +37,42 @@ import os
 import secrets
 import time
 from collections.abc import Callable, Collection, Iterator, Sequence
-from dataclasses import dataclass
 from typing import Any
 
 import torch
+import torch.distributed as dist
 
 from ftrain import envvars, faults
-from ftrain.checkpoint import codec, dtensors, format
+from ftrain.checkpoint import codec, disks, dtensors, format
 from ftrain.checkpoint.format import REPLICATED, rank_key
 from ftrain.checkpoint.lease import Fence, Lease, for_writer
 from ftrain.checkpoint.manifest import Manifest
-from ftrain.checkpoint.shard import read_shard_record, read_shard_tensors
-from ftrain.checkpoint.snapshot import Snapshot, StagingArena, owners, persist, take_snapshot
+from ftrain.checkpoint.snapshot import Snapshot, StagingArena, owners, take_snapshot
 from ftrain.checkpoint.storage import LocalStorage
 from ftrain.checkpoint.store import CheckpointStore
 from ftrain.checkpoint.writer import BackgroundWriter
 from ftrain.config import CheckpointConfig
-from ftrain.errors import CheckpointDirError, CheckpointError, CorruptCheckpoint, FtrainError, StateMismatch
-from ftrain.session import replication
+from ftrain.errors import (
+    CheckpointDirError,
+    CheckpointError,
+    ConfigError,
+    FtrainError,
+    StateMismatch,
+)
+from ftrain.session import exchange, replication
 from ftrain.session.collectives import Collectives
-from ftrain.session.reading import RankReader, Targets, specs_of
+from ftrain.session.commit import SaveProtocol
+from ftrain.session.exchange import Exchange
+from ftrain.session.layout import Layout
+from ftrain.session.peers import Peers
+from ftrain.session.reading import Targets
 from ftrain.session.record import WorkerEvents
-from ftrain.session.tiers import LOCAL, REMOTE, RemoteTier
+from ftrain.session.replicas import SAFE_KEY, Replicas
+from ftrain.session.restorer import Restored, Restorer
+from ftrain.session.sources import Sources
+from ftrain.session.tiers import RemoteTier
 
 log = logging.getLogger("ftrain")
-
-
-@dataclass
-class Restored:
-    """A checkpoint every rank verified: its trees decoded (fresh tensors filled; registered ones not yet)."""
-
-    manifest: Manifest
-    trees: dict[str, Any]
-    reader: RankReader
-
-    def finish(self) -> None:
-        """Phase two of a load: read into the registered tensors themselves. Collective across nodes."""
-        try:
-            self.reader.fill(live=True)
-        finally:
-            self.reader.close()
-
-    def abandon(self) -> None:
-        self.reader.close()
 
 
 class Checkpointer:
@@ -79,171 +80,139 @@ class Checkpointer:
         self.cfg = cfg
         self.coll = coll
         self.rank, self.world_size = coll.rank, coll.world_size
-        # Shards are written to the local filesystem (a remote tier, later, receives committed checkpoints).
+        # Shards are written to this rank's checkpoint root; whether other ranks share it is found out in setup.
         self.local = LocalStorage(cfg.dir)
         self.store = CheckpointStore(cfg.dir, self.local)
         self.arena = StagingArena()
         self.writer = BackgroundWriter()
         self.nonce: str | None = None
-        #: Rank 0: the lease of the root it holds, or the launcher's it checks (docs/FORMAT.md, "Lease").
+        #: A disk's leader: the lease of the root it holds, or the launcher's it checks (docs/FORMAT.md, "Lease").
         self.lease: Lease | Fence | None = None
         #: Blocking time of the last save on this rank (snapshot only, when asynchronous).
         self.last_blocking_seconds = 0.0
-        #: The remote tier (``checkpoint.remote``), if configured: uploads after commits, fetches on restore.
-        self.tier = RemoteTier(cfg, coll, self.store, events) if cfg.remote else None
+        #: The remote tier (``checkpoint.remote``), if configured: uploads after commits, a source on restore.
+        self.tier = RemoteTier(cfg, self.store, events) if cfg.remote else None
         self.events = events
+        #: Set up by :meth:`setup`: which rank writes to which disk, the store exchange, the commit protocol.
+        self.layout: Layout | None = None
+        self.exchange: Exchange | None = None
+        self.protocol: SaveProtocol | None = None
+        self.sources: Sources | None = None
+        #: The newest checkpoint one disk's loss cannot take (replicated, or remote), as found at restore.
+        self._safe_at_restore: int | None = None
 
     # ------------------------------------------------------------------ setup
     def setup(self) -> None:
-        """Collective, once: check the dir is writable, clean leftovers (rank 0), agree on a save nonce.
+        """Collective, once: check the dir is writable, learn which ranks share it (docs/FORMAT.md, "Disks"),
+        agree on a save nonce, and let each disk's leader take its lease and clean leftovers.
 
-        The nonce names this job attempt's temp directories, so shards left by a
-        killed attempt can never be mistaken for this attempt's.
+        The nonce names this job attempt's temp directories and store keys, so what a killed attempt left can
+        never be mistaken for this attempt's.
         """
         self.coll.setup()
         err: FtrainError | None = None
+        disk = ""
         try:
             self.store.ensure_writable()
-            if self.rank == 0:
-                if self.lease is None:  # before anything in the root is touched: it may be another job's
-                    self.lease = self._take_lease()
-                self.store.cleanup_temps()
-                if self.tier is not None:
-                    self.tier.start()
-                existing = self.store.steps()
-                if self.cfg.resume == "never" and existing:
-                    raise CheckpointDirError(
-                        f"checkpoint.resume is 'never' but {self.store.root} already holds checkpoints (up to step "
-                        f"{existing[-1]}); point checkpoint.dir at an empty directory, delete them, or resume")
+            disk = disks.disk_id(self.local)
         except FtrainError as e:
             err = e
         except OSError as e:
             err = CheckpointDirError(f"cannot prepare checkpoint dir {self.store.root}: {e}")
         self.coll.check_all(err)
+        self.store._disk = disk
+        layout = self.layout = Layout(self.rank, tuple(b.decode() for b in self.coll.all_gather_bytes(disk.encode())))
         (nonce,) = self.coll.broadcast([secrets.randbits(56)])
         self.nonce = f"{nonce:014x}"
+        self._check_shared(layout)
+        self.exchange = exchange.for_job(self.world_size, self.nonce)
+        restore_peers = replica_peers = None
+        if not layout.shared:
+            # Every rank takes part in making a group; only the leaders are in these two.
+            groups = [dist.new_group(ranks=list(layout.leaders), backend="gloo") for _ in range(2)]
+            if layout.is_leader:
+                restore_peers, replica_peers = Peers(groups[0]), Peers(groups[1])
+        try:
+            if layout.is_leader:
+                if self.lease is None:  # before anything in the root is touched: it may be another job's
+                    self.lease = self._take_lease()
+                self.store.cleanup_temps()
+                if self.tier is not None:
+                    self.tier.start(layout, self.exchange, self._uploaded)
+                existing = self.store.steps()
+                if self.cfg.resume == "never" and existing:
+                    raise CheckpointDirError(
+                        f"checkpoint.resume is 'never' but {self.store.root} already holds checkpoints (up to step "
+                        f"{existing[-1]}); point checkpoint.dir at an empty directory, delete them, or resume")
+            self._check_layout()
+        except FtrainError as e:
+            err = e
+        except OSError as e:
+            err = CheckpointDirError(f"cannot prepare checkpoint dir {self.store.root}: {e}")
+        self.coll.check_all(err)
+        replicas = (Replicas(layout, replica_peers, self.local, self.cfg.replicas)
+                    if replica_peers is not None and self.cfg.replicas > 0 else None)
+        self.protocol = SaveProtocol(layout, self.exchange, self.store, timeout=self.cfg.commit_timeout_seconds,
+                                     guard=self._guard, events=self.events, replicas=replicas)
+        self.sources = Sources(layout, self.coll, self.store, self.local, self.tier, restore_peers, self.nonce)
+
+    def _check_shared(self, layout: Layout) -> None:
+        """Collective: ranks that claim one disk must see one directory. A directory copied with its ``disk-id``
+        (a restored image, ``cp -a`` of a root) would otherwise pass for the same disk as the original, and only
+        one of them would ever be committed. Each leader leaves a marker; each rank of its disk looks for it."""
+        if layout.world_size == 1:
+            return
+        marker = f"{format.TMP_PREFIX}disk-{self.nonce}"
+        if layout.is_leader:
+            self.local.write(marker, b"")
+        self.coll.broadcast([0])  # a barrier: every marker exists
+        err: FtrainError | None = None
+        if not self.local.full(marker).is_file():
+            err = CheckpointDirError(
+                f"rank {self.rank}'s checkpoint dir {self.store.root} has the disk id of rank "
+                f"{layout.leader(layout.my_disk)}'s but is another directory (copied with its {format.DISK_ID} "
+                f"file?); remove {self.local.full(format.DISK_ID)} from the copy (a new id is made at the next start)")
+        self.coll.broadcast([0])  # a barrier: everyone looked
+        if layout.is_leader:
+            self.local.delete(marker)
+        self.coll.check_all(err)
+
+    def _check_layout(self) -> None:
+        """Rank 0: with node-local disks and nothing to survive a node's loss, say so (or refuse, if a resume is
+        required); the same for more replicas than there are other disks."""
+        assert self.layout is not None
+        disks_ = len(self.layout.order)
+        if self.rank != 0 or disks_ == 1:
+            return
+        log.info("checkpoint.dir is node-local: %d disks (%s); each commits its own ranks' files%s", disks_,
+                 ", ".join(self.layout.describe(d) for d in self.layout.order),
+                 f", with {min(self.cfg.replicas, disks_ - 1)} replica(s) on other disks" if self.cfg.replicas else "")
+        if self.cfg.replicas == 0 and not self.cfg.remote:
+            msg = (f"checkpoint.dir is a node-local disk on each of {disks_} nodes, with no replicas "
+                   "(checkpoint.replicas: 0) and no remote tier (checkpoint.remote): losing one node loses every "
+                   "checkpoint; set checkpoint.replicas to 1 or more, or checkpoint.remote to a bucket")
+            if self.cfg.resume == "required":
+                raise ConfigError(msg)
+            log.warning("%s", msg)
+        elif self.cfg.replicas > disks_ - 1:
+            log.warning("checkpoint.replicas is %d but there are only %d other disk(s): %d replica(s) of each file",
+                        self.cfg.replicas, disks_ - 1, disks_ - 1)
 
     # ---------------------------------------------------------------- restore
     def restore(self, check: Callable[[Manifest, dict[str, Any] | None], None],
                 candidates: Iterator[Manifest] | None = None, targets: Callable[[], Targets] | None = None,
                 ) -> Restored | None:
-        """The newest checkpoint every rank could read, verify and fit, decoded; None if there is none.
-
-        Rank 0 proposes candidates newest first (or in the order of ``candidates``,
-        which only rank 0's matters). Each rank then, touching nothing registered:
-
-        1. ``check(manifest, None)``: the manifest's layout fits this run;
-        2. reads and verifies its shard records (the state trees) and calls
-           ``check(manifest, trees)`` with every tensor still a
-           :class:`~ftrain.session.validation.TensorSpec`: the state fits the
-           registered objects, before any tensor byte is allocated;
-        3. plans its reads (``reading.RankReader``: the tensors ``targets()`` offers, the registered ones, are read
-           into in place) and verifies every block it is responsible for, filling fresh tensors on the way.
-
-        After the ranks agree, fresh tensors are complete and the trees decoded; ``Restored.finish()`` reads
-        into the registered tensors (phase two of a load: call it once phase one succeeded on every rank).
-
-        ``check`` raises :class:`CorruptCheckpoint` (damage) or
-        :class:`StateMismatch` (well-formed, but for another model). The ranks
-        agree: damage on any rank makes all fall back to the next candidate; a
-        mismatch (in a checkpoint whose files verify) raises on every rank.
-        """
-        both: Iterator[tuple[Manifest, int]] = iter(())
-        if self.rank == 0:
-            if candidates is not None:  # an explicit order (load_best): the local tier's
-                both = ((m, LOCAL) for m in candidates)
-            elif self.tier is not None:
-                both = self.tier.candidates(self.store.candidates())
-            else:
-                both = ((m, LOCAL) for m in self.store.candidates())
-        while True:
-            proposal, tier = next(both, (None, LOCAL)) if self.rank == 0 else (None, LOCAL)
-            step, tier = self.coll.broadcast([proposal.step if proposal else -1, tier])
-            if step < 0:
-                return None
-            damage: CorruptCheckpoint | None = None
-            mismatch: StateMismatch | None = None
-            if tier == REMOTE:  # collective: every rank fetches its files, or all fall back together
-                assert self.tier is not None and self.nonce is not None
-                try:
-                    proposal = self.tier.fetch(step, proposal, self.nonce)
-                except CorruptCheckpoint as e:
-                    log.warning("skipping remote checkpoint step %d: %s: %s; falling back to an older one", step,
-                                e.path, e.reason)
-                    continue
-            reader: RankReader | None = None
-            try:
-                manifest = proposal or self.store.read_manifest(step)
-                check(manifest, None)  # the same manifest on every rank, so the same verdict
-                records = self._read_records(manifest)
-                check(manifest, self._decode(manifest, records, specs_of(manifest).__getitem__))
-                reader = RankReader(manifest, self.local, self.coll, single_node=self._single_node(),
-                                    targets=targets() if targets else {})
-                reader.verify()
-            except CorruptCheckpoint as e:
-                damage = e
-            except StateMismatch as e:
-                mismatch = e
-                try:  # a mismatch counts only in a checkpoint whose files verify; otherwise it is damage
-                    self._verify_files(manifest)
-                except CorruptCheckpoint as e2:
-                    damage, mismatch = e2, None
-            damaged, mismatched = self.coll.any(damage is not None, mismatch is not None)
-            if damage is not None:
-                log.warning("skipping checkpoint step %d: %s: %s; falling back to an older one", step, damage.path,
-                            damage.reason)
-            if (damaged or mismatched) and reader is not None:
-                reader.close()
-            if damaged:
-                continue
-            if mismatched:
-                raise mismatch or StateMismatch(f"checkpoint step {step} does not fit the registered state on "
-                                                "another rank; see its log")
-            break
-        assert reader is not None
-        try:
-            reader.fill(live=False)  # fresh tensors: what phase one of the load (with its undo) needs
-        except BaseException:
-            reader.close()
-            raise
-        return Restored(manifest, self._decode(manifest, records, reader.values()), reader)
-
-    def _read_records(self, manifest: Manifest) -> dict[str, Any]:
-        """The replicated tree and the per-rank trees of the saving ranks this rank takes over, from the verified
-        shard records."""
-        storage, ckpt = self.store.storage, format.step_dirname(manifest.step)
-        record0 = read_shard_record(storage, ckpt, manifest, 0)
-        trees = {REPLICATED: record0.trees.get(REPLICATED)}
-        sources = range(manifest.world_size) if manifest.world_size != self.world_size else [self.rank]
-        for r in sources:
-            record = record0 if r == 0 else read_shard_record(storage, ckpt, manifest, r)
-            trees[rank_key(r)] = record.trees.get(rank_key(r))
-        for key, tree in trees.items():
-            if tree is None:
-                owner = 0 if key == REPLICATED else int(key.rsplit("-", 1)[-1])
-                raise CorruptCheckpoint(storage.describe(f"{ckpt}/{format.shard_names(owner)[0]}"),
-                                        f"state tree {key!r} missing")
-        return trees
-
-    def _decode(self, manifest: Manifest, records: dict[str, Any], lookup: Callable[[str], Any]) -> dict[str, Any]:
-        try:
-            # Per object, as encoded: an alias decodes to the very tensor (or TensorSpec) it names.
-            return {key: codec.decode_objects(tree, lookup) for key, tree in records.items()}
-        except (CheckpointError, KeyError, TypeError, ValueError, AttributeError, RecursionError) as e:
-            raise CorruptCheckpoint(str(self.store.path(manifest.step)),
-                                    f"malformed state tree ({type(e).__name__}: {e})") from None
-
-    def _verify_files(self, manifest: Manifest) -> None:
-        """Checksum this rank's own shard file (or shard 0's after a resize) without keeping any tensor."""
-        storage, ckpt = self.store.storage, format.step_dirname(manifest.step)
-        rank = self.rank if manifest.world_size == self.world_size else 0
-        read_shard_record(storage, ckpt, manifest, rank)
-        read_shard_tensors(storage, ckpt, manifest, rank, keep=lambda n: False)
+        """The newest checkpoint every rank could read, verify and fit (``restorer.py``); None if there is none.
+        Collective."""
+        assert self.sources is not None and self.layout is not None, "setup() first"
+        restorer = Restorer(self.layout, self.coll, self.local, self.store, self.sources, self._single_node())
+        found = restorer.restore(check, candidates, targets)
+        self._safe_at_restore = restorer.safe
+        return found
 
     def _single_node(self) -> bool:
         return int(os.environ.get(envvars.LOCAL_WORLD_SIZE, "0")) == self.world_size
 
-    # ------------------------------------------------------------------- save
     def save(self, step: int, replicated: dict[str, Any], per_rank: dict[str, Any], meta: dict[str, Any], *,
              blocking: bool, best: Sequence[int] = (), pinned: Collection[str] = ()) -> None:
         """Checkpoint ``step``. Collective in the sense that every rank must call it for the same step.
@@ -255,9 +224,10 @@ class Checkpointer:
         newest, best first; ``best`` on disk points at the first. Asynchronous
         unless ``blocking`` or ``checkpoint.async_save`` is false: returns after
         the snapshot; errors surface later via :meth:`take_error`. Synchronous:
-        returns when the checkpoint is committed, or raises on every rank.
+        returns when the checkpoint is committed, or raises on every rank. The commit across disks:
+        ``commit.py``.
         """
-        assert self.nonce is not None, "setup() first"
+        assert self.nonce is not None and self.protocol is not None, "setup() first"
         self.writer.wait()  # one save in flight; the session has already settled the previous one
         t0 = time.monotonic()
         tmp = format.tmp_dirname(step, self.nonce)
@@ -281,25 +251,19 @@ class Checkpointer:
             except StateMismatch as e:
                 err = e  # the same verdict on every rank: all fail this save below, with this message
         self.last_blocking_seconds = time.monotonic() - t0
+        if err is not None:
+            self.protocol.report_failure(step, tmp, err)  # the others' writers may be running: stop them waiting
         if self.cfg.async_save and not blocking:
             if err is not None:
-                self._report_failure(tmp, err)  # other ranks' writers are running: let rank 0 stop waiting
                 raise err  # nothing was submitted; this rank fails now, with the reason
             assert snap is not None
             self.writer.submit(lambda: self._persist_and_commit(snap, tmp, meta, best, t0),
                                name=f"ftrain-save-{step}")
             return
-        try:
-            self.coll.check_all(err)
+        if err is None:  # synchronous: every rank does its part here, then the ranks agree on the outcome
             assert snap is not None
-            self.coll.check_all(_failure(lambda: persist(snap, self.local, tmp), step, tmp, self.store))
-            # Every shard is durable here. Rank 0 commits; the others learn whether it worked.
-            self.coll.check_all(_failure(lambda: self._commit(tmp, step, meta, best, t0), step, tmp,
-                                         self.store) if self.rank == 0 else None)
-        except FtrainError:
-            if self.rank == 0:  # every rank has stopped writing by now (they agreed above)
-                self.local.delete(tmp)
-            raise
+            err = _failure(lambda: self._persist_and_commit(snap, tmp, meta, best, t0), step, tmp, self.store)
+        self.coll.check_all(err)
         self.last_blocking_seconds = time.monotonic() - t0
 
     def _snapshot(self, step: int, rep_tree: Any, rep_tensors: dict[str, torch.Tensor], per_rank: dict[str, Any],
@@ -320,44 +284,46 @@ class Checkpointer:
 
     def _persist_and_commit(self, snap: Snapshot, tmp: str, meta: dict[str, Any], best: list[int],
                             t0: float) -> None:
+        assert self.protocol is not None
         try:
-            persist(snap, self.local, tmp)
-            if self.rank == 0:
-                self._commit(tmp, snap.step, meta, best, t0)
+            self.protocol.run(snap, tmp, meta, t0, lambda: self.last_blocking_seconds,
+                              after=lambda step, _m: self._after_commit(step, best))
         except BaseException as e:
-            self._report_failure(tmp, e)
             raise _as_error(e, snap.step, tmp, self.store) from e
 
-    def _report_failure(self, tmp: str, err: BaseException) -> None:
-        if self.rank == 0:
-            self.local.delete(tmp)  # never leave a half-written save behind
-            return
-        try:  # tell the committing rank at once instead of letting it wait for the timeout
-            self.local.makedir(tmp)
-            self.local.full(f"{tmp}/{format.shard_error_name(self.rank)}").write_text(str(err))
-        except OSError:
-            pass
-
-    def _commit(self, tmp: str, step: int, meta: dict[str, Any], best: list[int], t0: float) -> Manifest:
+    def _guard(self, step: int) -> None:
+        """A disk's leader, right before its commit rename: a writer that lost the root never commits."""
         if self.lease is None:  # used again after close(): take the root again (errors fail this save)
             self.lease = self._take_lease()
-        lease = self.lease  # checked right before the commit rename: a writer that lost the root never commits
-        guard = None if lease is None else lambda: lease.check(f"not committing step {step}")
-        manifest = self.store.commit(tmp, step=step, world_size=self.world_size, nonce=self.nonce or "",
-                                     timeout=self.cfg.commit_timeout_seconds, meta=meta, guard=guard)
+        self.lease.check(f"not committing step {step}")
+
+    def _after_commit(self, step: int, best: list[int]) -> None:
+        """A disk's leader, once the job committed ``step``: retention on its disk, then uploads and replicas."""
+        lease = self.lease
         # Displaced right after the rename: retention (deletions) is the new holder's business. Steps still
-        # waiting for their upload are kept: they may be the only copy the remote tier will ever get.
-        pending = self.tier.pending() if self.tier is not None else []
-        pruned = (self.store.retain(step, self.cfg.keep_last, [*best, *pending]) if lease is None or lease.holds()
+        # waiting for their upload are kept (they may become the only copy a lost disk leaves), and so is the
+        # newest safe one (replicated, or remote) until a newer one is.
+        keep = self.tier.pending() if self.tier is not None else []
+        safe = self._newest_safe()
+        if safe is not None:
+            keep.append(safe)
+        pruned = (self.store.retain(step, self.cfg.keep_last, best, protect=keep) if lease is None or lease.holds()
                   else [])
+        if pruned:
+            log.debug("pruned checkpoint(s) %s from %s", ", ".join(map(str, pruned)), self.store.root)
         if self.tier is not None:
             self.tier.committed(step, best)
-        if self.events is not None:
-            self.events.committed(step, time.monotonic() - t0, manifest.total_bytes)
-        log.info("saved step %d (%.1f MB, %d file(s)) in %.3fs, training blocked %.3fs%s", step,
-                 manifest.total_bytes / 1e6, len(manifest.files), time.monotonic() - t0, self.last_blocking_seconds,
-                 f"; pruned {', '.join(map(str, pruned))}" if pruned else "")
-        return manifest
+
+    def _newest_safe(self) -> int | None:
+        """The newest step one disk's loss cannot take: replicated on other disks, or on the remote tier."""
+        recorded = self.exchange.get(SAFE_KEY) if self.exchange is not None else None
+        found = [s for s in (self._safe_at_restore, int(recorded) if recorded else None) if s is not None]
+        return max(found) if found else None
+
+    def _uploaded(self, step: int) -> None:
+        """Rank 0's uploader thread: ``step`` is durable on the remote tier, so safe against a disk's loss."""
+        if self.exchange is not None and (self._newest_safe() or -1) < step:
+            self.exchange.set(SAFE_KEY, str(step).encode())
 
     def wait_remote(self, step: int, timeout: float) -> float | None:
         """Rank 0 with a remote tier: when ``step`` became durable remotely (None: failed, or not in ``timeout``).
@@ -366,7 +332,7 @@ class Checkpointer:
 
     def close(self, upload_timeout: float | None = None) -> None:
         """Finish the uploads (up to ``upload_timeout``, default ``checkpoint.remote_wait_seconds``), release the
-        lease this process holds (rank 0 outside ``ftrain launch``); idempotent; no commit after."""
+        lease this process holds (a disk's leader outside ``ftrain launch``); idempotent; no commit after."""
         if self.tier is not None:
             self.tier.close(self.cfg.remote_wait_seconds if upload_timeout is None else upload_timeout)
         if self.lease is not None:
@@ -374,7 +340,8 @@ class Checkpointer:
             self.lease = None
 
     def _take_lease(self) -> Lease | Fence:
-        """Rank 0: this job's right to write the root (docs/FORMAT.md, "Lease"); LeaseError if another has it."""
+        """A disk's leader: this job's right to write the root (docs/FORMAT.md, "Lease"); LeaseError if another job
+        has it."""
         return for_writer(self.cfg.dir, ttl=self.cfg.lease_ttl_seconds, force=self.cfg.takeover,
                           run_id=os.environ.get(envvars.RUN_ID), launcher=_launcher_lease())
 

@@ -42,6 +42,38 @@ class Collectives:
         if self.world_size > 1:
             dist.broadcast(tensor, src=src, group=self._group)
 
+    def all_gather_bytes(self, data: bytes) -> list[bytes]:
+        """Every rank's ``data``, in rank order (two collectives: the lengths, then the bytes padded to the
+        longest). For small records (disk ids, holdings); JSON, never pickle."""
+        if self.world_size == 1:
+            return [bytes(data)]
+        sizes = [torch.zeros(1, dtype=torch.int64) for _ in range(self.world_size)]
+        dist.all_gather(sizes, torch.tensor([len(data)], dtype=torch.int64), group=self._group)
+        longest = max(int(s) for s in sizes)
+        buf = torch.zeros(longest, dtype=torch.uint8)
+        if data:
+            buf[:len(data)] = torch.frombuffer(bytearray(data), dtype=torch.uint8)
+        out = [torch.empty(longest, dtype=torch.uint8) for _ in range(self.world_size)]
+        dist.all_gather(out, buf, group=self._group)
+        return [o.numpy().tobytes()[:int(n)] for o, n in zip(out, sizes, strict=True)]
+
+    def broadcast_bytes(self, data: bytes | None, src: int) -> bytes:
+        """``src``'s ``data`` on every rank (the others pass None)."""
+        if self.world_size == 1:
+            return bytes(data or b"")
+        (n,) = self._broadcast_ints([len(data) if self.rank == src and data is not None else 0], src)
+        buf = torch.zeros(n, dtype=torch.uint8)
+        if self.rank == src and n:
+            buf[:] = torch.frombuffer(bytearray(data or b""), dtype=torch.uint8)
+        if n:
+            dist.broadcast(buf, src=src, group=self._group)
+        return buf.numpy().tobytes()
+
+    def _broadcast_ints(self, values: list[int], src: int) -> list[int]:
+        t = torch.tensor(values, dtype=torch.int64)
+        dist.broadcast(t, src=src, group=self._group)
+        return [int(v) for v in t.tolist()]
+
     def any(self, *flags: bool) -> tuple[bool, ...]:
         """Element-wise "true on any rank", in one collective."""
         if self.world_size == 1:

@@ -52,9 +52,13 @@ class _Slot:
 
 class RankReader:
     def __init__(self, manifest: Manifest, storage: LocalStorage, coll: Collectives, *, single_node: bool,
-                 targets: Targets) -> None:
-        self.m, self.coll, self.single = manifest, coll, single_node
+                 targets: Targets, readers: Mapping[int, int] | None = None, dry: bool = False) -> None:
+        """``readers``: saver -> the rank that reads its replicated tensors (default ``saver mod W``; see
+        ``assembly.readers``). ``dry``: plan only, with no tensor allocated (:meth:`files` says what it would
+        read)."""
+        self.m, self.coll, self.single, self.dry = manifest, coll, single_node, dry
         self.rank, self.world_size = coll.rank, coll.world_size
+        self.readers = dict(readers or {})
         ckpt = format.step_dirname(manifest.step)
         self.io = DirectReader(storage, ckpt, manifest.files)
         self.describe = storage.describe(ckpt)
@@ -64,12 +68,17 @@ class RankReader:
 
     def sources(self) -> list[int]:
         """The saving ranks whose per-rank state this rank takes over: its own, or after a resize every one's."""
-        return list(range(self.m.world_size)) if self.m.world_size != self.world_size else [self.rank]
+        return sources(self.m, self.world_size, self.rank)
 
     def reader_of(self, saver: int) -> int:
         """The rank that reads (and verifies, and across nodes broadcasts) the replicated tensors of ``saver``'s
-        file: the saver itself at the same world size; after a resize they are dealt round-robin."""
-        return saver % self.world_size
+        file: one whose disk holds it (``readers``), by default the saver itself at the same world size; after
+        a resize they are dealt round-robin."""
+        return self.readers.get(saver, saver % self.world_size)
+
+    def files(self) -> set[str]:
+        """Every file this rank reads: its pieces' and the shard records it decodes (``records_read``)."""
+        return {p.file for p in self.pieces() if p.nbytes} | records_read(self.m, self.world_size, self.rank)
 
     # ---------------------------------------------------------------- planning
     def _plan(self, targets: Targets) -> None:
@@ -91,8 +100,9 @@ class RankReader:
             live = targets.get(name) or targets.get(name.rsplit("/", 1)[0])
             slot = self._slot(name, sh.shape, sh.dtype, live)
             slot.pieces = readplan.sharded(slot.target, sh.chunks, slot.target.tensor.element_size())
-        ensure_memory(sum(s.target.tensor.numel() * s.target.tensor.element_size()
-                          for s in self.slots.values() if not s.target.live), self.describe)
+        if not self.dry:
+            ensure_memory(sum(s.target.tensor.numel() * s.target.tensor.element_size()
+                              for s in self.slots.values() if not s.target.live), self.describe)
 
     def _slot(self, name: str, shape: tuple[int, ...], dtype_name: str,
               offer: tuple[torch.Tensor, bool] | None) -> _Slot:
@@ -102,20 +112,20 @@ class RankReader:
             t, live = offer
             if dtensors.is_dtensor(t):
                 if tuple(t.shape) == shape and t.dtype == dtype:
-                    value = t if live else torch.empty_like(t)  # fresh: laid out like the parameter it belongs to
+                    # Fresh: laid out like the parameter it belongs to (a dry plan needs the layout only).
+                    value = t if live or self.dry else torch.empty_like(t)
                     offsets, _ = dtensors.chunk_of(value, name)
                     slot = self._local(name, dtensors.local(value), offsets, value, live)
             elif live and tuple(t.shape) == shape and t.dtype == dtype:
                 slot = self._local(name, t, (0,) * len(shape), t, True)
         if slot is None:  # nothing registered to read into: a fresh tensor, whole (also a sharded one)
-            fresh = torch.empty(shape, dtype=dtype)
+            fresh = torch.empty(shape, dtype=dtype, device="meta" if self.dry else "cpu")
             slot = _Slot(Target(name, fresh, (0,) * len(shape), live=False), fresh)
         self.slots[name] = slot
         return slot
 
-    @staticmethod
-    def _local(name: str, t: torch.Tensor, offsets: tuple[int, ...], value: Any, live: bool) -> _Slot:
-        if t.device.type == "cpu" and t.is_contiguous():
+    def _local(self, name: str, t: torch.Tensor, offsets: tuple[int, ...], value: Any, live: bool) -> _Slot:
+        if (t.device.type == "cpu" and t.is_contiguous()) or self.dry:
             return _Slot(Target(name, t, offsets, live), value)
         # A CUDA tensor (or a strided one): the bytes land in host memory, then one copy to it.
         staging = torch.empty(tuple(t.shape), dtype=t.dtype, pin_memory=t.is_cuda and torch.cuda.is_available())
@@ -161,6 +171,17 @@ class RankReader:
 
     def close(self) -> None:
         self.io.close()
+
+
+def sources(m: Manifest, world_size: int, rank: int) -> list[int]:
+    """The saving ranks whose per-rank state ``rank`` takes over: its own, or after a resize every one's."""
+    return list(range(m.world_size)) if m.world_size != world_size else [rank]
+
+
+def records_read(m: Manifest, world_size: int, rank: int) -> set[str]:
+    """The shard records (``shard-R.json``) a rank decodes on restore: rank 0's (the replicated tree) and those
+    of the saving ranks it takes over (``Checkpointer._read_records``)."""
+    return {format.shard_names(r)[0] for r in {0, *sources(m, world_size, rank)}}
 
 
 def specs_of(manifest: Manifest) -> dict[str, Any]:

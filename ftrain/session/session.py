@@ -39,13 +39,14 @@ from ftrain.config import FtrainConfig, config_to_dict, load_config
 from ftrain.data.batching import BatchPlan, plan_batches
 from ftrain.errors import CheckpointError, FtrainError, NoValidCheckpoint, StateMismatch
 from ftrain.session import decision, rng, teardown
-from ftrain.session.checkpointer import Checkpointer, Restored
+from ftrain.session.checkpointer import Checkpointer
 from ftrain.session.collectives import Collectives
 from ftrain.session.decision import StepAction, StepInputs
 from ftrain.session.liveness import Liveness, Preempted, setup_logging
 from ftrain.session.reading import Targets
 from ftrain.session.record import WorkerEvents
 from ftrain.session.registry import Registry, resize_mode
+from ftrain.session.restorer import Restored
 from ftrain.session.selection import ModelSelection
 from ftrain.stateful import Stateful
 

@@ -43,6 +43,6 @@ def test_preempted_machine_gone_resumes_from_the_remote_tier_bit_exact(tmp_path)
         second = Launch(["--nproc", "1", "--rdzv-id", "vm2", "--ckpt-dir", str(tmp_path / "vm2-disk"), *script],
                         env)
         assert second.wait() == 0, second.output[-3000:]
-        assert re.search(rf"downloaded .* of checkpoint step {final.group(1)} from {re.escape(url)}", second.output), \
+        assert re.search(rf"fetched .* of checkpoint step {final.group(1)} from {re.escape(url)}", second.output), \
             second.output[-3000:]
         assert final_hash(second.output) == final_hash(ref.output)

@@ -23,18 +23,10 @@ from ftrain import exitcodes
 from ftrain.checkpoint.store import open_store
 
 from helpers import EXAMPLE, Launch, assert_no_orphans, job_processes, launch_env
-from remote_servers import s3_server
 
 pytestmark = pytest.mark.slow
 
 FAKES: dict[str, type[FakeCloud]] = {"aws": FakeAws, "gcp": FakeGcp, "azure": FakeAzure}
-
-
-@pytest.fixture(scope="module")
-def s3():
-    pytest.importorskip("moto")
-    with s3_server() as server:
-        yield server
 
 
 def launch(ckpt: Path, run_id: str, **env: str) -> Launch:

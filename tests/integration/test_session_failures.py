@@ -44,8 +44,8 @@ def test_file_size_limit_fails_cleanly_and_keeps_the_previous_checkpoint(tmp_pat
     assert proc.returncode == 1, proc.stderr
     assert "saving step 20 failed" in proc.stdout and "File too large" in proc.stdout, proc.stdout
     # The lease's lock file stays; its record was removed at exit. The event log records the run.
-    assert sorted(p.name for p in root.iterdir()) == sorted([layout.LATEST, layout.LEASE_LOCK, "events",
-                                                             layout.step_dirname(10)])
+    assert sorted(p.name for p in root.iterdir()) == sorted([layout.LATEST, layout.LEASE_LOCK, layout.DISK_ID,
+                                                             "events", layout.step_dirname(10)])
     assert cli(["ckpt", "verify", str(root)]) == 0
 
 

@@ -115,8 +115,8 @@ def test_placeholders_decode_an_alias_to_the_spec_of_its_tensor():
     assert back["lm_head.weight"] is back["emb.weight"] == TensorSpec((V, D), torch.float32)
 
 
-def test_format_version_3_is_written_and_1_and_2_are_still_known():
-    assert FORMAT_VERSION == 3 and KNOWN_VERSIONS == {1, 2, 3}
+def test_format_version_4_is_written_and_1_to_3_are_still_known():
+    assert FORMAT_VERSION == 4 and KNOWN_VERSIONS == {1, 2, 3, 4}
 
 
 # ------------------------------------------------------------------ on disk, restore
@@ -126,7 +126,7 @@ def test_a_tied_weight_is_stored_once(tmp_path):
     saved = bin_bytes(tmp_path / "untied") - bin_bytes(tmp_path / "tied")
     assert abs(saved - V * D * 4) <= layout.ALIGN, saved
     manifest = json.loads((tmp_path / "tied" / layout.step_dirname(1) / layout.MANIFEST).read_text())["body"]
-    assert manifest["format_version"] == 3
+    assert manifest["format_version"] == 4
     assert "replicated/model/lm_head.weight" not in manifest["tensors"]
     shard = json.loads((tmp_path / "tied" / layout.step_dirname(1) / "shard-00000.json").read_text())
     assert shard["trees"]["replicated"]["model"]["lm_head.weight"] == {"$t": "alias",

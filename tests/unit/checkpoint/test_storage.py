@@ -120,7 +120,7 @@ def write_checkpoint(storage: Storage, step: int, value: float, nonce: str = "n0
 
 def commit(store: CheckpointStore, step: int, value: float, best: list[int] | None = None, keep: int = 2) -> None:
     tmp = write_checkpoint(store.storage, step, value)
-    store.commit(tmp, step=step, world_size=1, nonce="n0nce", timeout=5, meta={"replicated": ["model"]})
+    store.commit(tmp, step=step, world_size=1, nonce="n0nce", meta={"replicated": ["model"]})
     store.retain(step, keep, best or [])
 
 
