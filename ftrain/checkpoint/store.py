@@ -72,6 +72,10 @@ class CheckpointStore:
             self._disk = text if _DISK_HEX.match(text) else None
         return self._disk
 
+    @disk.setter
+    def disk(self, value: str) -> None:
+        self._disk = value
+
     def required_files(self, m: Manifest) -> set[str]:
         """The files of ``m`` this root must hold for its copy to be intact: all of them for a checkpoint saved
         into one directory; with node-local disks those its own ranks wrote (the rest are on other nodes'

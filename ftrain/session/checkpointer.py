@@ -61,7 +61,7 @@ from ftrain.errors import (
 )
 from ftrain.session import exchange, replication
 from ftrain.session.collectives import Collectives
-from ftrain.session.commit import SaveProtocol
+from ftrain.session.commit import Keys, SaveProtocol
 from ftrain.session.exchange import Exchange
 from ftrain.session.layout import Layout
 from ftrain.session.peers import Peers
@@ -120,7 +120,7 @@ class Checkpointer:
         except OSError as e:
             err = CheckpointDirError(f"cannot prepare checkpoint dir {self.store.root}: {e}")
         self.coll.check_all(err)
-        self.store._disk = disk
+        self.store.disk = disk
         layout = self.layout = Layout(self.rank, tuple(b.decode() for b in self.coll.all_gather_bytes(disk.encode())))
         (nonce,) = self.coll.broadcast([secrets.randbits(56)])
         self.nonce = f"{nonce:014x}"
@@ -163,16 +163,19 @@ class Checkpointer:
         if layout.world_size == 1:
             return
         marker = f"{format.TMP_PREFIX}disk-{self.nonce}"
-        if layout.is_leader:
-            self.local.write(marker, b"")
-        self.coll.broadcast([0])  # a barrier: every marker exists
         err: FtrainError | None = None
-        if not self.local.full(marker).is_file():
+        if layout.is_leader:
+            try:
+                self.local.write(marker, b"")
+            except OSError as e:
+                err = CheckpointDirError(f"cannot write in checkpoint dir {self.store.root}: {e}")
+        self.coll.barrier()  # every marker exists
+        if err is None and not self.local.full(marker).is_file():
             err = CheckpointDirError(
                 f"rank {self.rank}'s checkpoint dir {self.store.root} has the disk id of rank "
                 f"{layout.leader(layout.my_disk)}'s but is another directory (copied with its {format.DISK_ID} "
                 f"file?); remove {self.local.full(format.DISK_ID)} from the copy (a new id is made at the next start)")
-        self.coll.broadcast([0])  # a barrier: everyone looked
+        self.coll.barrier()  # everyone looked
         if layout.is_leader:
             self.local.delete(marker)
         self.coll.check_all(err)
@@ -251,18 +254,19 @@ class Checkpointer:
             except StateMismatch as e:
                 err = e  # the same verdict on every rank: all fail this save below, with this message
         self.last_blocking_seconds = time.monotonic() - t0
+        keys = self.protocol.begin(step)
         if err is not None:
-            self.protocol.report_failure(step, tmp, err)  # the others' writers may be running: stop them waiting
+            self.protocol.report_failure(keys, tmp, err)  # the others' writers may be running: stop them waiting
         if self.cfg.async_save and not blocking:
             if err is not None:
                 raise err  # nothing was submitted; this rank fails now, with the reason
             assert snap is not None
-            self.writer.submit(lambda: self._persist_and_commit(snap, tmp, meta, best, t0),
+            self.writer.submit(lambda: self._persist_and_commit(snap, keys, tmp, meta, best, t0),
                                name=f"ftrain-save-{step}")
             return
         if err is None:  # synchronous: every rank does its part here, then the ranks agree on the outcome
             assert snap is not None
-            err = _failure(lambda: self._persist_and_commit(snap, tmp, meta, best, t0), step, tmp, self.store)
+            err = _failure(lambda: self._persist_and_commit(snap, keys, tmp, meta, best, t0), step, tmp, self.store)
         self.coll.check_all(err)
         self.last_blocking_seconds = time.monotonic() - t0
 
@@ -282,11 +286,11 @@ class Checkpointer:
         return take_snapshot(trees, tensors, rank=self.rank, step=step, nonce=self.nonce or "", arena=self.arena,
                              sharded=sharded)
 
-    def _persist_and_commit(self, snap: Snapshot, tmp: str, meta: dict[str, Any], best: list[int],
+    def _persist_and_commit(self, snap: Snapshot, keys: Keys, tmp: str, meta: dict[str, Any], best: list[int],
                             t0: float) -> None:
         assert self.protocol is not None
         try:
-            self.protocol.run(snap, tmp, meta, t0, lambda: self.last_blocking_seconds,
+            self.protocol.run(snap, keys, tmp, meta, t0, lambda: self.last_blocking_seconds,
                               after=lambda step, _m: self._after_commit(step, best))
         except BaseException as e:
             raise _as_error(e, snap.step, tmp, self.store) from e

@@ -74,6 +74,11 @@ class Collectives:
         dist.broadcast(t, src=src, group=self._group)
         return [int(v) for v in t.tolist()]
 
+    def barrier(self) -> None:
+        """Every rank has reached this point (one all-reduce: unlike a broadcast, its root waits for the others
+        too)."""
+        self.any(False)
+
     def any(self, *flags: bool) -> tuple[bool, ...]:
         """Element-wise "true on any rank", in one collective."""
         if self.world_size == 1:

@@ -54,10 +54,13 @@ log = logging.getLogger("ftrain")
 
 
 class Keys:
-    """The store keys of one save (under the exchange's ``ftrain/<nonce>/`` prefix)."""
+    """The store keys of one save (under the exchange's ``ftrain/<nonce>/`` prefix). ``seq`` numbers the saves of
+    this attempt (every rank makes the same saves in the same order): the same step saved twice (a final save
+    right after a scheduled one, with new metrics) must not read the first save's keys."""
 
-    def __init__(self, step: int) -> None:
-        self.base = f"save/{step}/"
+    def __init__(self, step: int, seq: int) -> None:
+        self.step = step
+        self.base = f"save/{seq}-{step}/"
 
     def record(self, rank: int) -> str:
         return f"{self.base}record/{rank}"
@@ -105,23 +108,29 @@ class SaveProtocol:
         ``replicas``: a leader's copies to and from other disks (node-local disks with ``checkpoint.replicas``)."""
         self.layout, self.x, self.store, self.timeout = layout, exchange, store, timeout
         self.guard, self.events, self.replicas = guard, events, replicas
-        self._previous: int | None = None  # rank 0: the last save's step, whose keys it deletes
+        self._seq = 0
+        self._previous: Keys | None = None  # rank 0: the last save's keys, which it deletes at the next commit
 
     @property
     def rank(self) -> int:
         return self.layout.rank
 
     # --------------------------------------------------------------- the save
-    def run(self, snap: Snapshot, tmp: str, meta: dict[str, Any], t0: float, blocking_seconds: Callable[[], float],
-            after: Callable[[int, Manifest], None]) -> Manifest | None:
+    def begin(self, step: int) -> Keys:
+        """The training thread, at every save, failed or not (every rank makes the same calls): its keys."""
+        self._seq += 1
+        return Keys(step, self._seq)
+
+    def run(self, snap: Snapshot, keys: Keys, tmp: str, meta: dict[str, Any], t0: float,
+            blocking_seconds: Callable[[], float], after: Callable[[int, Manifest], None]) -> Manifest | None:
         """This rank's part of saving ``snap`` (see the module docstring); the manifest on a disk's leader.
         ``after(step, manifest)``: the leader's work once the job committed (retention, uploads, replicas).
         Raises on failure, after telling the others."""
-        step, keys = snap.step, Keys(snap.step)
+        step = snap.step
         try:
             record, json_entry = persist(snap, self.store.storage, tmp)  # type: ignore[arg-type]
         except BaseException as e:
-            self.report_failure(step, tmp, e)
+            self.report_failure(keys, tmp, e)
             raise
         self.x.set(keys.record(self.rank), json.dumps({"disk": self.layout.my_disk, "json": [
             json_entry.size, json_entry.checksum], "record": record.to_json()}).encode())
@@ -129,7 +138,7 @@ class SaveProtocol:
         raw: bytes | None = None
         if self.rank == 0:
             try:
-                raw = self._build(step, meta).to_bytes()
+                raw = self._build(keys, meta).to_bytes()
             except BaseException as e:
                 self._abort(keys, f"{_describe(e)}")
                 self.store.storage.delete(tmp)
@@ -140,23 +149,23 @@ class SaveProtocol:
                 self._discard(tmp)
             return None
         if raw is None:
-            raw = self._await_manifest(step, keys, tmp)
+            raw = self._await_manifest(keys, tmp)
         manifest = parse(raw, self.store.storage.describe(tmp))
         try:
             self.store.commit_prepared(tmp, step, raw, _nonce(tmp), lambda: self.guard(step))
         except BaseException as e:
-            self.report_failure(step, tmp, e)
+            self.report_failure(keys, tmp, e)
             raise
         self.x.add(keys.done, 1)
         if self.rank == 0:
-            self._await_disks(step, keys)
-        copied = self._replicate(step, keys, manifest) if self.replicas is not None else None
+            self._await_disks(keys)
+        copied = self._replicate(keys, manifest) if self.replicas is not None else None
         if self.rank == 0:
-            safe = copied is not None and self._await_copies(step, keys, copied)
+            safe = copied is not None and self._await_copies(keys, copied)
             self.x.set(keys.committed, b"1")
             if safe:
                 self.x.set(SAFE_KEY, str(step).encode())
-            self._forget(step)
+            self._forget(keys)
             if self.events is not None:
                 self.events.committed(step, time.monotonic() - t0, manifest.total_bytes)
             disks = len(self.layout.order)
@@ -165,7 +174,7 @@ class SaveProtocol:
             log.info("saved step %d (%.1f MB, %d file(s)%s) in %.3fs, training blocked %.3fs", step,
                      manifest.total_bytes / 1e6, len(manifest.files), where, time.monotonic() - t0,
                      blocking_seconds())
-        elif not self._await_commit(step, keys):
+        elif not self._await_commit(keys):
             self.store.withdraw(step)
             raise CheckpointError(f"saving step {step} failed on another disk "
                                   f"({_text(self.x.get(keys.abort))}); this disk's part was withdrawn")
@@ -173,10 +182,10 @@ class SaveProtocol:
         after(step, manifest)
         return manifest
 
-    def report_failure(self, step: int, tmp: str, err: BaseException) -> None:
-        """Tell rank 0 at once that this rank's part of ``step`` failed (rank 0: tell every disk), and never
+    def report_failure(self, keys: Keys, tmp: str, err: BaseException) -> None:
+        """Tell rank 0 at once that this rank's part of the save failed (rank 0: tell every disk), and never
         leave a half-written save behind on this disk."""
-        keys = Keys(step)
+        step = keys.step
         if self.rank == 0:
             self._abort(keys, _describe(err))
         else:
@@ -197,13 +206,12 @@ class SaveProtocol:
             os.rmdir(self.store.storage.describe(tmp))
 
     # ------------------------------------------------------------- rank 0
-    def _build(self, step: int, meta: dict[str, Any]) -> Manifest:
-        keys = Keys(step)
-        world = self.layout.world_size
+    def _build(self, keys: Keys, meta: dict[str, Any]) -> Manifest:
+        step, world = keys.step, self.layout.world_size
         deadline = time.monotonic() + self.timeout
 
         def ready() -> bool | None:
-            self._raise_reported(step, keys)
+            self._raise_reported(keys)
             return True if self.x.add(keys.ready, 0) >= world else None
 
         try:
@@ -236,11 +244,11 @@ class SaveProtocol:
         return build_manifest(records, step=step, meta=meta,
                               placement={d: tuple(ranks) for d, ranks in placement.items()})
 
-    def _await_disks(self, step: int, keys: Keys) -> None:
-        disks = len(self.layout.order)
+    def _await_disks(self, keys: Keys) -> None:
+        step, disks = keys.step, len(self.layout.order)
 
         def done() -> bool | None:
-            self._raise_reported(step, keys)
+            self._raise_reported(keys)
             return True if self.x.add(keys.done, 0) >= disks else None
 
         try:
@@ -254,7 +262,7 @@ class SaveProtocol:
             self.store.withdraw(step)
             raise
 
-    def _await_copies(self, step: int, keys: Keys, mine: list[str]) -> bool:
+    def _await_copies(self, keys: Keys, mine: list[str]) -> bool:
         """Rank 0: whether every disk received its replicas of ``step`` intact (if not, the step is committed but
         not safe against a node's loss: said once, loudly; the newest safe checkpoint is kept)."""
         others = [r for r in self.layout.leaders if r != 0]
@@ -272,10 +280,10 @@ class SaveProtocol:
         bad = [*mine, *(g.decode(errors="replace") for g in got if g != b"")]
         if bad:
             log.error("checkpoint step %d is committed but not safe against a node's loss: replicas did not arrive "
-                      "intact (%s); the newest safe checkpoint is kept", step, "; ".join(bad))
+                      "intact (%s); the newest safe checkpoint is kept", keys.step, "; ".join(bad))
         return not bad
 
-    def _replicate(self, step: int, keys: Keys, manifest: Manifest) -> list[str]:
+    def _replicate(self, keys: Keys, manifest: Manifest) -> list[str]:
         """A leader, once every disk committed ``step``: the pairwise exchange of replicas (``replicas.py``);
         the files it received that were not intact (reported to rank 0)."""
         assert self.replicas is not None
@@ -284,7 +292,7 @@ class SaveProtocol:
         elif not self._await_go(keys):
             return []  # the save failed elsewhere: nothing to copy (the commit wait below says so)
         try:
-            failed = self.replicas.copy(step, manifest)
+            failed = self.replicas.copy(keys.step, manifest)
         except Exception as e:  # a peer died mid-transfer: this step is not safe; the job restarts anyway
             failed = [f"{type(e).__name__}: {e}"]
         if self.rank != 0:
@@ -302,13 +310,13 @@ class SaveProtocol:
         except TimeoutError:
             return False
 
-    def _raise_reported(self, step: int, keys: Keys) -> None:
+    def _raise_reported(self, keys: Keys) -> None:
         if self.x.add(keys.errors, 0) <= 0:
             return
         for r in range(self.layout.world_size):
             reason = self.x.get(keys.error(r))
             if reason is not None:
-                raise CheckpointError(f"rank {r} failed to write its shard of step {step}: {_text(reason)}")
+                raise CheckpointError(f"rank {r} failed to write its shard of step {keys.step}: {_text(reason)}")
 
     def _abort(self, keys: Keys, reason: str) -> None:
         try:
@@ -316,16 +324,18 @@ class SaveProtocol:
         except Exception as e:
             log.warning("could not tell the other disks that the save failed: %s", e)
 
-    def _forget(self, step: int) -> None:
+    def _forget(self, keys: Keys) -> None:
         """The store keys of the save before this one (its leaders have read them by now)."""
         if self._previous is not None:
-            keys = Keys(self._previous)
-            for key in (keys.manifest, keys.ready, keys.done, keys.committed, keys.errors, keys.abort, keys.replicate):
+            old = self._previous
+            for key in (old.manifest, old.ready, old.done, old.committed, old.errors, old.abort, old.replicate):
                 self.x.delete(key)
-        self._previous = step
+        self._previous = keys
 
     # ------------------------------------------------------------- leaders
-    def _await_manifest(self, step: int, keys: Keys, tmp: str) -> bytes:
+    def _await_manifest(self, keys: Keys, tmp: str) -> bytes:
+        step = keys.step
+
         def look() -> bytes | None:
             reason = self.x.get(keys.abort)
             if reason is not None:
@@ -343,7 +353,7 @@ class SaveProtocol:
             raise
         return raw
 
-    def _await_commit(self, step: int, keys: Keys) -> bool:
+    def _await_commit(self, keys: Keys) -> bool:
         """Whether the job committed ``step`` (False: it failed elsewhere, or rank 0 never said)."""
         def look() -> bool | None:
             if self.x.get(keys.committed) is not None:

@@ -144,7 +144,7 @@ class Sources:
         mine = [t for t in moves if t.dst == me and t.file != format.MANIFEST]
         if self.layout.is_leader and any(t.dst == me for t in moves):
             self.local.makedir(staging)
-        self.coll.broadcast([0])  # every staging directory exists
+        self.coll.barrier()  # every staging directory exists
         failed: Bad = set()
         failed |= self._from_peers(m, moves, staging)
         failed |= self._from_remote(m, [t for t in mine if t.src == REMOTE], staging)
@@ -154,7 +154,7 @@ class Sources:
         if self.layout.is_leader and any(t.dst == me for t in moves):
             got = [t.file for t in mine if (t.src, t.file) not in agreed]
             self._settle(m, raw, staging, got, need_dir=any(t.file == format.MANIFEST for t in moves if t.dst == me))
-        self.coll.broadcast([0])  # every disk's files are in place
+        self.coll.barrier()  # every disk's files are in place
         for t in moves:  # the same bookkeeping on every rank: the holdings now include what arrived
             if (t.src, t.file) not in agreed and t.file != format.MANIFEST:
                 self._add(t.dst, choice, t.file)

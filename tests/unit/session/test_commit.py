@@ -90,7 +90,7 @@ class Job:
             tmp = format.tmp_dirname(step, NONCE)
             p.store.storage.makedir(tmp)
             try:
-                out[rank] = p.run(snap, tmp, {"replicated": []}, time.monotonic(), lambda: 0.0,
+                out[rank] = p.run(snap, p.begin(step), tmp, {"replicated": []}, time.monotonic(), lambda: 0.0,
                                   after=lambda s, _m: self.after.append((rank, s)))
             except BaseException as e:
                 out[rank] = e
@@ -158,6 +158,15 @@ def test_replicas_are_part_of_the_commit_and_make_it_safe(tmp_path: Path, caplog
     assert not [e for e in job.save(8).values() if isinstance(e, BaseException)]
     assert all(s.steps() == [4, 8] for s in job.stores.values()) and job.x.get(SAFE_KEY) == b"4"
     assert "checkpoint step 8 is committed but not safe against a node's loss" in caplog.text
+
+
+def test_the_same_step_saved_again_at_once_uses_its_own_keys(tmp_path: Path) -> None:
+    """A final save right after a scheduled one of the same step (with new metrics): the second must not read the
+    first's records or counters (seen as "rank 1's shard record is unreadable")."""
+    job = Job(tmp_path, [A, A, B, B])
+    for _ in range(3):
+        assert not [e for e in job.save(4).values() if isinstance(e, BaseException)]
+    assert all(s.steps() == [4] and s.validate(4) for s in job.stores.values())
 
 
 def test_one_shared_directory_holds_every_file(tmp_path: Path) -> None:
