@@ -33,7 +33,11 @@ import torch.distributed as dist
 import torch.nn as nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from train import SyntheticDataset, warmup_cosine  # noqa: E402  (the same data generator as train.py)
+from train import (  # noqa: E402  (the same data generator and DDP hook as train.py)
+    SyntheticDataset,
+    allreduce_each_gradient,
+    warmup_cosine,
+)
 
 import ftrain  # noqa: E402
 from ftrain.config import load_config  # noqa: E402
@@ -135,7 +139,11 @@ def main(argv: list[str] | None = None) -> int:
 
     def wrap() -> nn.Module:
         # DDP only syncs the parameters that require grad when it is built: rebuild it when that set changes.
-        return nn.parallel.DistributedDataParallel(model, find_unused_parameters=True) if distributed else model
+        if not distributed:
+            return model
+        ddp = nn.parallel.DistributedDataParallel(model)
+        ddp.register_comm_hook(None, allreduce_each_gradient)  # bit-exact resumes (train.py)
+        return ddp
 
     train_model = wrap()
     loss_fn = nn.CrossEntropyLoss()

@@ -17,6 +17,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from ftrain import exitcodes
+from ftrain.errors import FtrainError
+
 #: Phases a worker reports in its heartbeat. The hang detector gives each its own allowance.
 STARTING, RESTORING, STEPPING, SAVING, EXITING = "starting", "restoring", "step", "saving", "exiting"
 _HEARTBEAT_WIDTH = 80
@@ -37,6 +40,8 @@ class Heartbeat:
 class AttemptFiles:
     def __init__(self, root: str | os.PathLike[str]) -> None:
         self.root = Path(root)
+        self._mistakes_stamp: int | None = None
+        self._mistakes: tuple[str, ...] = ()
 
     @classmethod
     def next_attempt(cls, log_dir: Path, run_id: str) -> tuple[int, AttemptFiles]:
@@ -117,6 +122,20 @@ class AttemptFiles:
                 continue
         return out
 
+    def mistakes(self) -> tuple[str, ...]:
+        """The messages of the permanent errors recorded so far (``write_error_file``): the console drops worker
+        lines that repeat one, since the supervisor says it once. Cheap per call: re-read only when the errors
+        directory changed (a record appears by rename)."""
+        try:
+            stamp = os.stat(self.root / "errors").st_mtime_ns
+        except OSError:
+            return ()
+        if stamp != self._mistakes_stamp:
+            self._mistakes_stamp = stamp
+            self._mistakes = tuple(str(r.get("message")) for r in self.read_errors().values()
+                                   if r.get("permanent") is True and r.get("message"))
+        return self._mistakes
+
     def read_preempted(self) -> dict[str, Any] | None:
         try:
             return json.loads(self.preempted.read_text())
@@ -172,12 +191,22 @@ class HeartbeatWriter:
         os.close(self._fd)
 
 
+def exit_code_of(exc: BaseException) -> int:
+    """The exit code a worker leaves with after ``exc``: a permanent error's own (2 for bad input), else 1."""
+    return exc.exit_code if isinstance(exc, FtrainError) and exc.permanent else exitcodes.FAILURE
+
+
 def write_error_file(path: Path, rank: int, exc: BaseException, group: int = 0) -> None:
-    """Record an uncaught exception as data for the supervisor's root-cause report (``group``: the worker group)."""
+    """Record an uncaught exception as data for the supervisor's root-cause report (``group``: the worker group).
+
+    ``permanent`` (with its ``exit_code``) marks a mistake no restart can fix (:attr:`FtrainError.permanent`):
+    the supervisor stops on it at once."""
+    permanent = isinstance(exc, FtrainError) and exc.permanent
     record = {
         "rank": rank, "pid": os.getpid(), "group": group, "host": socket.gethostname(), "time": time.time(),
         "exc_type": type(exc).__name__, "message": str(exc),
         "traceback": "".join(traceback.format_exception(type(exc), exc, exc.__traceback__)),
+        "permanent": permanent, "exit_code": exit_code_of(exc),
     }
     tmp = path.with_name(path.name + ".partial")
     tmp.write_text(json.dumps(record))

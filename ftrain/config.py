@@ -30,6 +30,7 @@ from ftrain.config_values import (
     _NON_EMPTY,
     _NON_NEGATIVE,
     _POSITIVE,
+    _REMOTE_URL,
     _SIGNAL_NAMES,
     _TYPE_NAMES,
     Rule,
@@ -149,7 +150,7 @@ class CheckpointConfig(_Section):
         "", "Remote tier: s3://bucket/prefix or any fsspec URL (file:///shared/ckpt, gs://...). Each checkpoint"
         " commits locally, then uploads in the background, manifest last; restore takes the newest valid one of"
         " both tiers. Needs pip install ftrain[remote]; credentials from the library's standard chain. Empty:"
-        " none.")
+        " none.", _REMOTE_URL)
     replicas: int = _option(
         1, "With node-local checkpoint directories (each node its own disk; found out at start): copies of each"
         " node's files of every checkpoint kept on this many other nodes' disks, sent in the background after"

@@ -7,6 +7,7 @@ and the text form used by environment variables and ``--set`` flags
 """
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 from typing import Any
 
@@ -33,6 +34,27 @@ _NON_EMPTY: Rule = (bool, "a non-empty string")
 
 def _one_of(*choices: str) -> Rule:
     return (lambda v: v in choices, "one of " + ", ".join(map(repr, choices)))
+
+
+def _remote_problem(url: str) -> str | None:
+    """Why ``url`` cannot be a ``checkpoint.remote`` URL, or None. Caught here, before torchrun starts: a typo
+    such as ``s3:/bucket/run`` would otherwise be taken for a local directory named ``s3:``."""
+    if not url:
+        return None
+    expect = "empty, or a URL such as s3://BUCKET/PREFIX or file:///shared/ckpt"
+    scheme, sep, rest = url.partition("://")
+    if not sep or not re.fullmatch(r"[A-Za-z][A-Za-z0-9+.-]*", scheme):
+        return f"{expect} (this has no SCHEME:// at its start: check the slashes)"
+    if not rest.strip("/"):
+        return f"{expect} (nothing follows {scheme}://)"
+    if scheme.lower() in ("s3", "s3a") and (not rest.split("/", 1)[0] or rest.startswith("/")):
+        return f"{expect} (no bucket name after {scheme}://)"
+    if any(c.isspace() for c in url):
+        return f"{expect} (it holds white space)"
+    return None
+
+
+_REMOTE_URL: Rule = (lambda v: _remote_problem(v) is None, lambda v: _remote_problem(v) or "")
 
 
 #: SIGKILL and SIGSTOP cannot be caught; SIGUSR2 is taken by ftrain's stack dumps, so a preemption on it

@@ -42,18 +42,24 @@ class FtrainError(Exception):
     """Base class. ``str(err)`` is a one-line message naming the thing and the fix."""
 
     exit_code: int = exitcodes.FAILURE
+    #: A mistake no restart can fix (bad config or usage, a directory held by another job, state that does not
+    #: fit the checkpoint): a worker records it as such in its error file and ``ftrain launch`` stops at once
+    #: with ``exit_code`` instead of spending its restarts on it (docs/FORMAT.md, "Attempt directory").
+    permanent: bool = False
 
 
 class ConfigError(FtrainError):
     """A bad configuration key or value (YAML, environment or CLI flag)."""
 
     exit_code = exitcodes.USAGE
+    permanent = True
 
 
 class UsageError(FtrainError):
     """Bad command-line input: a missing script or directory, a bad flag value."""
 
     exit_code = exitcodes.USAGE
+    permanent = True
 
 
 class CheckpointError(FtrainError):
@@ -61,9 +67,14 @@ class CheckpointError(FtrainError):
 
 
 class CheckpointDirError(CheckpointError):
-    """The checkpoint directory cannot be created or written."""
+    """The checkpoint directory cannot be created or written (or, for the remote tier, does not exist)."""
 
     exit_code = exitcodes.USAGE
+    permanent = True
+
+
+class RemoteNotFound(CheckpointDirError):
+    """``checkpoint.remote`` names a bucket (or container) that does not exist: a typo, or one not created yet."""
 
 
 class LeaseError(CheckpointDirError):
@@ -96,3 +107,17 @@ class IncompleteCheckpoints(CheckpointError):
 
 class StateMismatch(FtrainError, ValueError):
     """Saved state does not fit the object it is loaded into (names the field)."""
+
+    permanent = True
+
+
+def permanent_types() -> frozenset[str]:
+    """The class names of every permanent error (the supervisor's console recognises them in tracebacks)."""
+    out: set[str] = set()
+    todo: list[type[FtrainError]] = [FtrainError]
+    while todo:
+        cls = todo.pop()
+        todo.extend(cls.__subclasses__())
+        if cls.permanent:
+            out.add(cls.__name__)
+    return frozenset(out)

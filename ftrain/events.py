@@ -166,17 +166,51 @@ def _write_all(fd: int, data: bytes) -> None:
 
 
 # ------------------------------------------------------------------ reading
-def read_events(root: str | os.PathLike[str]) -> list[dict[str, Any]]:
-    """Every well-formed event of every run under ``root``'s event directory, oldest first."""
+def read_events(*roots: str | os.PathLike[str], homes: dict[str, list[str]] | None = None) -> list[dict[str, Any]]:
+    """Every well-formed event of every run under the ``roots``' event directories, oldest first.
+
+    Several roots make one job-wide view (docs/FORMAT.md, "Event log": with node-local disks each node's
+    supervisor writes its own node's log to its own disk). A file reached twice (one shared directory given
+    twice, a bind mount) is read once, and an event found in two files (a copy of a node's log) counts once.
+    ``homes``, if given, is filled with each node's roots: those whose logs hold its supervisor's events (where
+    that node's attempt directories are, with node-local disks).
+    """
     out: list[dict[str, Any]] = []
-    directory = events_dir(root)
-    if not directory.is_dir():
-        return out
-    for path in sorted(directory.glob("*.jsonl")):
-        if path.is_symlink() or not path.is_file():
+    files: set[tuple[int, int]] = set()
+    for root in roots:
+        directory = events_dir(root)
+        if not directory.is_dir():
             continue
-        out.extend(read_file(path))
+        for path in sorted(directory.glob("*.jsonl")):
+            if path.is_symlink() or not path.is_file():
+                continue
+            try:
+                st = path.stat()
+            except OSError:
+                continue
+            if (st.st_dev, st.st_ino) not in files:
+                files.add((st.st_dev, st.st_ino))
+                found = list(read_file(path))
+                out.extend(found)
+                if homes is not None:
+                    for node in {text(e, "node") for e in found if e.get("src") == "supervisor"}:
+                        if str(root) not in homes.setdefault(node, []):
+                            homes[node].append(str(root))
+    if len(files) > 1:
+        out = _distinct(out)
     out.sort(key=lambda e: e["t"])  # stable: one writer's events at the same instant keep their order
+    return out
+
+
+def _distinct(events: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """``events`` without repeats: one writer never stamps two events of one kind at the same instant."""
+    seen: set[tuple[Any, ...]] = set()
+    out = []
+    for e in events:
+        key = (e["t"], e["ev"], *(str(e.get(k)) for k in ("run", "node", "src", "pid", "rank", "step")))
+        if key not in seen:
+            seen.add(key)
+            out.append(e)
     return out
 
 

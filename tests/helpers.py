@@ -103,6 +103,19 @@ class SgdJob:
         train_step(self.model, self.opt)
 
 
+def run_job(root: Path, steps: int, every: int = 10, **checkpoint: Any) -> Job:
+    """A one-rank Session over a fresh :class:`Job`: restore, train to ``steps`` saving every ``every``, close."""
+    job = Job()
+    session = ftrain.Session(cfg(root, every_steps=every, **checkpoint))
+    job.register(session)
+    start = session.restore()
+    for step in range(start + 1, steps + 1):
+        job.train(1)
+        session.step(step)
+    session.close()
+    return job
+
+
 def job_state(job: Job) -> str:
     """One hash of everything a restore may touch: model, optimizer, scheduler, counters, RNG, requires_grad."""
     from ftrain.session import rng

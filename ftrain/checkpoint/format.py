@@ -33,6 +33,11 @@ DISK_ID = "disk-id"
 #: A file of a checkpoint found damaged on restore is renamed aside with this suffix inside its step directory (a
 #: good copy may then be fetched in its place from a peer or the remote tier); nothing reads it again.
 DAMAGED_SUFFIX = ".damaged"
+#: A checkpoint found damaged as a whole is renamed ``damaged-step-N`` beside the step directories (docs/FORMAT.md,
+#: "Quarantine"): out of discovery, restore and retention's count, kept for inspection. Neither garbage nor a step.
+QUARANTINE_PREFIX = "damaged-"
+#: Inside a quarantined directory: one line saying who set it aside, when and why.
+QUARANTINE_NOTE = "quarantined.txt"
 #: Tensor bytes inside shard files start at multiples of this, so every dtype can be viewed in place.
 ALIGN = 64
 #: The tree key (and tensor-name prefix) of the objects stored once for all ranks.
@@ -50,6 +55,7 @@ MAX_POINTER_BYTES = 4096
 MAX_ERROR_MARKER_BYTES = 64 << 10
 
 _STEP_RE = re.compile(rf"^{STEP_PREFIX}(\d{{{STEP_DIGITS}}})$")
+_QUARANTINE_RE = re.compile(rf"^{QUARANTINE_PREFIX}{STEP_PREFIX}(\d{{{STEP_DIGITS}}})(?:-([1-9]\d{{0,5}}))?$")
 
 
 def step_dirname(step: int) -> str:
@@ -58,6 +64,18 @@ def step_dirname(step: int) -> str:
 
 def parse_step_dirname(name: str) -> int | None:
     m = _STEP_RE.match(name)
+    return int(m.group(1)) if m else None
+
+
+def quarantine_dirname(step: int, n: int = 1) -> str:
+    """``damaged-step-N``; the ``n``-th damaged copy of one step (saved again, damaged again): ``damaged-step-N-n``."""
+    base = f"{QUARANTINE_PREFIX}{step_dirname(step)}"
+    return base if n == 1 else f"{base}-{n}"
+
+
+def parse_quarantine_dirname(name: str) -> int | None:
+    """The step of a quarantined directory's name, or None."""
+    m = _QUARANTINE_RE.match(name)
     return int(m.group(1)) if m else None
 
 

@@ -3,7 +3,8 @@
 ``manifest.json`` is ``{"body": {...}, "body_xxh3_128": "<hex>"}``. The body's
 checksum is taken over its canonical JSON (sorted keys, no spaces), so a flipped
 byte anywhere in the manifest is caught even when the JSON still parses.
-Readers refuse format versions they do not know. See docs/FORMAT.md.
+Readers refuse format versions they do not know (:class:`ForeignCheckpoint`), and check the body as hostile
+input, ``meta``'s object names included (:func:`check_meta`). See docs/FORMAT.md.
 """
 from __future__ import annotations
 
@@ -28,6 +29,11 @@ FORMAT_NAME = "ftrain.checkpoint"
 FORMAT_VERSION = 4
 #: Versions this reader understands.
 KNOWN_VERSIONS = frozenset({1, 2, 3, 4})
+
+
+class ForeignCheckpoint(CorruptCheckpoint):
+    """A manifest another ftrain wrote that this one cannot read (a newer format version, another checksum
+    algorithm or block size). Refused like damage, but never quarantined: an upgraded ftrain may read it."""
 
 
 @dataclass(frozen=True)
@@ -103,6 +109,15 @@ class Manifest:
             return set(self.files)
         return self.files_of_ranks(self.placement.get(disk or "", ()))
 
+    def object_names(self) -> tuple[list[str], list[str]]:
+        """(replicated, per_rank): the names of the saved objects, from ``meta`` (:func:`check_meta` checked them
+        when the manifest was parsed)."""
+        return list(self.meta.get("replicated") or []), list(self.meta.get("per_rank") or [])
+
+    def name_table(self, name: str) -> dict[str, list[str]]:
+        """``meta.frozen`` or ``meta.omitted``: object -> parameter names (checked when parsed); empty if absent."""
+        return dict(self.meta.get(name) or {})
+
     def disk_of(self, rank: int) -> str | None:
         """The disk saving ``rank`` wrote to (None: no placement recorded)."""
         return next((d for d, ranks in self.placement.items() if rank in ranks), None)
@@ -167,12 +182,14 @@ def parse(data: bytes, where: str) -> Manifest:
         raise CorruptCheckpoint(where, f"not an ftrain manifest (format={body.get('format')!r})")
     version = body.get("format_version")
     if not isinstance(version, int) or isinstance(version, bool) or version not in KNOWN_VERSIONS:
-        raise CorruptCheckpoint(
+        newer = isinstance(version, int) and not isinstance(version, bool) and version > max(KNOWN_VERSIONS)
+        raise (ForeignCheckpoint if newer else CorruptCheckpoint)(
             where, f"format version {version!r} is not known to this ftrain (knows {sorted(KNOWN_VERSIONS)}); "
             "upgrade ftrain to read it")
     algo = body.get("checksum_algorithm")
-    if algo != checksum.ALGORITHM:
-        raise CorruptCheckpoint(where, f"unknown checksum algorithm {algo!r}")
+    if algo != checksum.ALGORITHM:  # read before the body checksum (which it names) can prove the body intact
+        raise (ForeignCheckpoint if isinstance(algo, str) else CorruptCheckpoint)(
+            where, f"unknown checksum algorithm {algo!r}")
     want = doc.get(f"body_{algo}")
     got = checksum.digest(_canonical(body))
     if want != got:
@@ -180,8 +197,8 @@ def parse(data: bytes, where: str) -> Manifest:
     if not isinstance(body.get("meta", {}), dict):
         raise CorruptCheckpoint(where, "manifest field 'meta' is not an object")
     try:
-        if version >= 3 and body.get("block_bytes") != checksum.BLOCK_BYTES:
-            raise CorruptCheckpoint(where, f"block size {body.get('block_bytes')!r} is not this ftrain's "
+        if version >= 3 and body.get("block_bytes") != checksum.BLOCK_BYTES:  # the body is intact: another build
+            raise ForeignCheckpoint(where, f"block size {body.get('block_bytes')!r} is not this ftrain's "
                                            f"{checksum.BLOCK_BYTES}")
         files = {str(n): FileEntry(int(f["size"]), str(f["checksum"]), int(f["rank"]),
                                    _blocks(f.get("blocks")) if version >= 3 else None)
@@ -200,7 +217,35 @@ def parse(data: bytes, where: str) -> Manifest:
     except (KeyError, TypeError, ValueError, AttributeError) as e:
         raise CorruptCheckpoint(where, f"manifest field missing or malformed ({type(e).__name__}: {e})") from None
     _check_consistent(m, where)
+    check_meta(m.meta, where)
     return m
+
+
+def check_meta(meta: dict[str, Any], where: str) -> None:
+    """The fields of ``meta`` a restore relies on before it looks at any registered object, as hostile input
+    (docs/FORMAT.md, "manifest.json"): ``replicated`` and ``per_rank`` are lists of names, ``frozen`` and ``omitted``
+    map objects to lists of names, and a module a trainable-only checkpoint leaves parameters out of records
+    them as frozen and has a base fingerprint. The one definition restore, retention and ``ftrain ckpt`` share:
+    a manifest that fails it is damage wherever it is read."""
+    for name in ("replicated", "per_rank"):
+        if not _names(meta.get(name) or []):
+            raise CorruptCheckpoint(where, f"manifest meta.{name} is not a list of names")
+    tables = {}
+    for name in ("frozen", "omitted"):
+        value = meta.get(name)
+        if value is not None and not (isinstance(value, dict) and all(_names(v) for v in value.values())):
+            raise CorruptCheckpoint(where, f"manifest meta.{name} is malformed: expected {{object: [names]}}")
+        tables[name] = value or {}
+    fingerprints = meta.get("base_fingerprint") or {}
+    for key, names in tables["omitted"].items():
+        if not set(names) <= set(tables["frozen"].get(key, ())):
+            raise CorruptCheckpoint(where, f"{key!r}: the checkpoint omits parameters it does not record as frozen")
+        if not (isinstance(fingerprints, dict) and isinstance(fingerprints.get(key), str)):
+            raise CorruptCheckpoint(where, f"{key!r}: trainable-only checkpoint without a base fingerprint")
+
+
+def _names(value: Any) -> bool:
+    return isinstance(value, list) and all(isinstance(v, str) for v in value)
 
 
 def _blocks(value: Any) -> tuple[str, ...] | None:

@@ -19,6 +19,7 @@ fsspec filesystems are thread-safe for these calls).
 """
 from __future__ import annotations
 
+import contextlib
 import errno
 import io
 import posixpath
@@ -28,13 +29,44 @@ from typing import Any, Protocol
 from urllib.parse import urlsplit
 
 from ftrain.checkpoint.storage import Entry, TooLarge, UnsafeEntry, read_bounded
+from ftrain.errors import FtrainError, RemoteNotFound
 
 #: Bytes per part of a multipart upload, and per read from a remote object.
 CHUNK = 8 << 20
 
 
 class RemoteUnavailable(OSError):
-    """The remote tier cannot be used (its client library is missing, or the URL is not understood)."""
+    """The remote tier cannot be used: its client library is missing, the URL is not understood, or the service
+    failed (unreachable endpoint, refused credentials, a timeout, a 5xx): every error of boto3/botocore and of
+    fsspec's backends is translated to this (or to FileNotFoundError, or :class:`RemoteNotFound` for a missing
+    bucket) at this module's boundary, so callers handle one family, the OSErrors they already handle."""
+
+
+def _translated(url: str, e: Exception) -> Exception:
+    """``e``, raised by a client library, as the error callers handle: OSErrors as they are; a missing bucket
+    as :class:`RemoteNotFound` (a mistake: permanent); anything else as :class:`RemoteUnavailable`."""
+    if isinstance(e, OSError):
+        return e
+    text = " ".join(str(e).split())
+    if _code(e) == "NoSuchBucket" or "NoSuchBucket" in text:  # s3transfer wraps a ClientError in its own class
+        return _missing_bucket(url)
+    return RemoteUnavailable(errno.EIO, f"{type(e).__name__}: {text[:300]}", url)
+
+
+def _missing_bucket(url: str) -> RemoteNotFound:
+    return RemoteNotFound(f"checkpoint.remote {url}: the bucket {urlsplit(url).netloc!r} does not exist (or this "
+                          "endpoint does not have it); create it, or fix the bucket name in the URL")
+
+
+@contextlib.contextmanager
+def _client_errors(url: str) -> Iterator[None]:
+    """Translate whatever the client library raises inside the block (see :func:`_translated`)."""
+    try:
+        yield
+    except (OSError, FtrainError, StopIteration):  # (StopIteration: the end of a download's chunks)
+        raise
+    except Exception as e:
+        raise _translated(url, e) from e
 
 
 def is_url(location: str) -> bool:
@@ -46,6 +78,11 @@ class Objects(Protocol):
     """The few object operations the remote tier needs; ``key``s are relative to the root, ``/``-separated."""
 
     url: str
+
+    def check(self) -> None:
+        """Ask the service whether the root can exist: :class:`RemoteNotFound` for a missing bucket,
+        RemoteUnavailable when it cannot be asked; nothing for services without such a question."""
+        ...
 
     def list(self, prefix: str) -> list[tuple[str, int]]:
         """(key relative to ``prefix``, size) of every object under ``prefix`` (recursively)."""
@@ -71,10 +108,11 @@ class Objects(Protocol):
 class _Stream(io.RawIOBase):
     """A file-like view of an iterator of byte chunks (a download), for ``readinto``-style readers."""
 
-    def __init__(self, chunks: Iterator[bytes], close: Any = None) -> None:
+    def __init__(self, chunks: Iterator[bytes], close: Any = None, url: str = "") -> None:
         self._chunks = chunks
         self._buf = memoryview(b"")
         self._close = close
+        self._url = url
 
     def readable(self) -> bool:
         return True
@@ -83,7 +121,8 @@ class _Stream(io.RawIOBase):
         view = memoryview(b).cast("B")
         while not self._buf:
             try:
-                self._buf = memoryview(next(self._chunks))
+                with _client_errors(self._url):  # a connection dropped mid-download
+                    self._buf = memoryview(next(self._chunks))
             except StopIteration:
                 return 0
         n = min(len(view), len(self._buf))
@@ -92,10 +131,13 @@ class _Stream(io.RawIOBase):
         return n
 
     def close(self) -> None:
-        if self._close is not None:
-            self._close()
+        try:
+            if self._close is not None:
+                with _client_errors(self._url):
+                    self._close()
+        finally:
             self._close = None
-        super().close()
+            super().close()
 
 
 def _isolate_rng() -> None:
@@ -147,47 +189,65 @@ class S3Objects:
     def _key(self, key: str) -> str:
         return posixpath.join(self.prefix, key) if self.prefix else key
 
+    def check(self) -> None:
+        """The bucket exists and answers: :class:`RemoteNotFound` if it does not exist, RemoteUnavailable if it
+        cannot be asked (unreachable, refused credentials)."""
+        with _client_errors(self.url):
+            try:
+                self.client.head_bucket(Bucket=self.bucket)
+            except Exception as e:
+                if _code(e) in ("404", "NoSuchBucket", "NotFound"):  # a HEAD's error has no body: only its status
+                    raise _missing_bucket(self.url) from e
+                raise
+
     def list(self, prefix: str) -> list[tuple[str, int]]:
         full = self._key(prefix).rstrip("/") + "/" if prefix or self.prefix else ""
         out = []
-        for page in self.client.get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=full):
-            for obj in page.get("Contents", []):
-                out.append((obj["Key"][len(full):], int(obj["Size"])))
+        with _client_errors(self.url):
+            for page in self.client.get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=full):
+                for obj in page.get("Contents", []):
+                    out.append((obj["Key"][len(full):], int(obj["Size"])))
         return out
 
     def size(self, key: str) -> int:
-        from botocore.exceptions import ClientError
-
-        try:
-            return int(self.client.head_object(Bucket=self.bucket, Key=self._key(key))["ContentLength"])
-        except ClientError as e:
-            if e.response.get("Error", {}).get("Code") in ("404", "NoSuchKey", "NotFound"):
-                raise FileNotFoundError(errno.ENOENT, "no such object", f"{self.url}/{key}") from None
-            raise
+        with _client_errors(self.url):
+            try:
+                return int(self.client.head_object(Bucket=self.bucket, Key=self._key(key))["ContentLength"])
+            except Exception as e:
+                if _code(e) in ("404", "NoSuchKey", "NotFound"):
+                    raise FileNotFoundError(errno.ENOENT, "no such object", f"{self.url}/{key}") from None
+                raise
 
     def open(self, key: str) -> io.RawIOBase:
-        from botocore.exceptions import ClientError
-
-        try:
-            body = self.client.get_object(Bucket=self.bucket, Key=self._key(key))["Body"]
-        except ClientError as e:
-            if e.response.get("Error", {}).get("Code") in ("404", "NoSuchKey", "NotFound"):
-                raise FileNotFoundError(errno.ENOENT, "no such object", f"{self.url}/{key}") from None
-            raise
-        return _Stream(body.iter_chunks(CHUNK), body.close)
+        with _client_errors(self.url):
+            try:
+                body = self.client.get_object(Bucket=self.bucket, Key=self._key(key))["Body"]
+            except Exception as e:
+                if _code(e) in ("404", "NoSuchKey", "NotFound"):
+                    raise FileNotFoundError(errno.ENOENT, "no such object", f"{self.url}/{key}") from None
+                raise
+        return _Stream(body.iter_chunks(CHUNK), body.close, self.url)
 
     def put(self, key: str, data: bytes | io.BufferedIOBase) -> None:
         from boto3.s3.transfer import TransferConfig
 
         body = io.BytesIO(data) if isinstance(data, (bytes, bytearray)) else data
-        self.client.upload_fileobj(body, self.bucket, self._key(key),
-                                   Config=TransferConfig(multipart_chunksize=CHUNK, multipart_threshold=CHUNK))
+        with _client_errors(self.url):
+            self.client.upload_fileobj(body, self.bucket, self._key(key),
+                                       Config=TransferConfig(multipart_chunksize=CHUNK, multipart_threshold=CHUNK))
 
     def delete(self, keys: Sequence[str]) -> None:
-        for i in range(0, len(keys), 1000):
-            batch = [{"Key": self._key(k)} for k in keys[i:i + 1000]]
-            if batch:
-                self.client.delete_objects(Bucket=self.bucket, Delete={"Objects": batch, "Quiet": True})
+        with _client_errors(self.url):
+            for i in range(0, len(keys), 1000):
+                batch = [{"Key": self._key(k)} for k in keys[i:i + 1000]]
+                if batch:
+                    self.client.delete_objects(Bucket=self.bucket, Delete={"Objects": batch, "Quiet": True})
+
+
+def _code(e: Exception) -> str:
+    """A botocore ClientError's error code ("404", "NoSuchKey", ...); "" for any other exception."""
+    response = getattr(e, "response", None)
+    return str(response.get("Error", {}).get("Code", "")) if isinstance(response, dict) else ""
 
 
 class FsspecObjects:
@@ -209,12 +269,16 @@ class FsspecObjects:
     def _path(self, key: str) -> str:
         return f"{self.root}/{key}" if key else self.root
 
+    def check(self) -> None:
+        """Nothing to ask in advance: a missing root directory is made by the first upload."""
+
     def list(self, prefix: str) -> list[tuple[str, int]]:
         base = self._path(prefix.rstrip("/"))
-        try:
-            found = self.fs.find(base, detail=True)
-        except FileNotFoundError:
-            return []
+        with _client_errors(self.url):
+            try:
+                found = self.fs.find(base, detail=True)
+            except FileNotFoundError:
+                return []
         out = []
         for path, info in found.items():
             if info.get("type") == "file":
@@ -222,33 +286,37 @@ class FsspecObjects:
         return out
 
     def size(self, key: str) -> int:
-        info = self.fs.info(self._path(key))
+        with _client_errors(self.url):
+            info = self.fs.info(self._path(key))
         if info.get("type") != "file":
             raise FileNotFoundError(errno.ENOENT, "not a file", f"{self.url}/{key}")
         return int(info["size"])
 
     def open(self, key: str) -> io.RawIOBase:
-        f = self.fs.open(self._path(key), "rb", block_size=CHUNK)
-        return _Stream(iter(lambda: f.read(CHUNK), b""), f.close)
+        with _client_errors(self.url):
+            f = self.fs.open(self._path(key), "rb", block_size=CHUNK)
+        return _Stream(iter(lambda: f.read(CHUNK), b""), f.close, self.url)
 
     def put(self, key: str, data: bytes | io.BufferedIOBase) -> None:
         path = self._path(key)
-        self.fs.makedirs(posixpath.dirname(path), exist_ok=True)
         tmp = f"{path}.partial"  # a shared filesystem: write beside, then rename, so readers never see a torn file
-        with self.fs.open(tmp, "wb") as out:
-            if isinstance(data, (bytes, bytearray)):
-                out.write(data)
-            else:
-                for chunk in iter(lambda: data.read(CHUNK), b""):
-                    out.write(chunk)
-        self.fs.mv(tmp, path)
+        with _client_errors(self.url):
+            self.fs.makedirs(posixpath.dirname(path), exist_ok=True)
+            with self.fs.open(tmp, "wb") as out:
+                if isinstance(data, (bytes, bytearray)):
+                    out.write(data)
+                else:
+                    for chunk in iter(lambda: data.read(CHUNK), b""):
+                        out.write(chunk)
+            self.fs.mv(tmp, path)
 
     def delete(self, keys: Sequence[str]) -> None:
-        for key in keys:
-            try:
-                self.fs.rm(self._path(key))
-            except FileNotFoundError:
-                pass
+        with _client_errors(self.url):
+            for key in keys:
+                try:
+                    self.fs.rm(self._path(key))
+                except FileNotFoundError:
+                    pass
 
 
 def objects_for(url: str) -> Objects:
@@ -290,6 +358,10 @@ class RemoteStorage:
 
     def describe(self, path: str = "") -> str:
         return f"{self.objects.url}/{path}" if path else self.objects.url
+
+    def check(self) -> None:
+        """See :meth:`Objects.check`."""
+        self.objects.check()
 
     def ensure_writable(self) -> None:
         self.objects.put(".ftrain-probe", b"")

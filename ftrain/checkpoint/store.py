@@ -1,10 +1,12 @@
-"""A checkpoint root: discovery, validation, the commit, cleanup and retention (docs/FORMAT.md).
+"""A checkpoint root: discovery, validation, the commit, cleanup, quarantine and retention (docs/FORMAT.md).
 
 Every byte goes through a :class:`~ftrain.checkpoint.storage.Storage`; the
 local filesystem is the default. Concurrency contract: any number of processes
-may read (``infos``, ``validate``). Exactly one process per job (rank 0) calls
-:meth:`commit`, :meth:`cleanup_temps` and :meth:`retain`; other ranks only write
-their shard into the temp directory of the save in progress. One job per root.
+may read (``infos``, ``validate``). Exactly one process per job and disk (its
+leader, holding the lease) calls :meth:`commit`, :meth:`cleanup_temps` and
+:meth:`retain`, and quarantines (``retention.py``); other ranks only write
+their shard into the temp directory of the save in progress. One job per root;
+a tool that quarantines (``ftrain ckpt verify --quarantine``) holds the lease too.
 """
 from __future__ import annotations
 
@@ -17,8 +19,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ftrain import __version__, faults
-from ftrain.checkpoint import assembly, checksum, format
-from ftrain.checkpoint.manifest import ChunkEntry, FileEntry, Manifest, ShardedEntry, parse
+from ftrain.checkpoint import assembly, checksum, content, format, retention
+from ftrain.checkpoint.manifest import ChunkEntry, FileEntry, ForeignCheckpoint, Manifest, ShardedEntry, parse
 from ftrain.checkpoint.remote import RemotePath, RemoteStorage, is_url, objects_for
 from ftrain.checkpoint.shard import ShardRecord
 from ftrain.checkpoint.storage import LocalStorage, Storage
@@ -42,6 +44,10 @@ class CheckpointInfo:
     #: "" for a checkpoint whose every file is here; with node-local disks, which ranks' files are (the rest are
     #: on the other nodes' disks, docs/FORMAT.md "Disks").
     part: str = ""
+    #: Not valid, and damaged as a whole here, so quarantine may set it aside: its manifest does not parse (and
+    #: is not merely another ftrain's), or it was saved into this one directory and fails. Never a part of a
+    #: checkpoint saved to several disks: what it lacks is elsewhere, and its files may be the only copies.
+    damaged: bool = False
 
 
 def open_store(location: str | os.PathLike[str]) -> CheckpointStore:
@@ -164,60 +170,59 @@ class CheckpointStore:
         """Cheap check (no reading): every file this root must hold (:meth:`required_files`; with ``whole``,
         every listed file) exists with its listed size, and so does every other listed file present. Returns
         the listed files present."""
-        required = set(m.files) if whole else self.required_files(m)
-        present = set()
-        for name, entry in sorted(m.files.items()):
-            rel = f"{format.step_dirname(m.step)}/{name}"
-            where = self.storage.describe(rel)
-            try:
-                size = self.storage.size(rel)
-            except FileNotFoundError:
-                if name not in required:
-                    continue
-                raise CorruptCheckpoint(where, "file listed in the manifest is missing") from None
-            except OSError as e:
-                raise CorruptCheckpoint(where, f"cannot stat ({e.strerror or e})") from None
-            if size != entry.size:
-                raise CorruptCheckpoint(where, f"size {size} bytes, manifest says {entry.size} "
-                                               "(truncated or overwritten)")
-            present.add(name)
-        return present
+        have, _, problems = self._files(m, set(m.files) if whole else self.required_files(m))
+        if problems:
+            raise problems[min(problems)]
+        return have
 
     def held(self, step: int) -> tuple[Manifest, bytes, set[str], dict[str, str]]:
         """What this root holds of ``step`` for the restore's holdings (``checkpoint/assembly.py``): the
         manifest, its raw bytes, the listed files present with their listed sizes (none read), and why each
         file this root must hold (:meth:`required_files`) but does not is missing (its full path: reason)."""
         m, raw = self.read_manifest_raw(step)
-        required = self.required_files(m)
+        have, _, problems = self._files(m, self.required_files(m))
+        return m, raw, have, {name: str(e) for name, e in problems.items()}
+
+    def _files(self, m: Manifest, required: set[str]) -> tuple[set[str], set[str], dict[str, CorruptCheckpoint]]:
+        """(the listed files present with their listed sizes, the ``required`` ones missing, what is wrong with
+        each file that is required or present but not right), by stat alone."""
         have: set[str] = set()
-        problems: dict[str, str] = {}
+        missing: set[str] = set()
+        problems: dict[str, CorruptCheckpoint] = {}
         for name, entry in sorted(m.files.items()):
-            rel = f"{format.step_dirname(step)}/{name}"
+            rel = f"{format.step_dirname(m.step)}/{name}"
+            where = self.storage.describe(rel)
             try:
                 size = self.storage.size(rel)
             except FileNotFoundError:
                 if name in required:
-                    problems[name] = f"{self.storage.describe(rel)}: file listed in the manifest is missing"
+                    missing.add(name)
+                    problems[name] = CorruptCheckpoint(where, "file listed in the manifest is missing")
                 continue
             except OSError as e:
-                problems[name] = f"{self.storage.describe(rel)}: cannot stat ({e.strerror or e})"
+                problems[name] = CorruptCheckpoint(where, f"cannot stat ({e.strerror or e})")
                 continue
             if size == entry.size:
                 have.add(name)
             else:
-                problems[name] = (f"{self.storage.describe(rel)}: size {size} bytes, manifest says {entry.size} "
-                                  "(truncated or overwritten)")
-        return m, raw, have, problems
+                problems[name] = CorruptCheckpoint(where, f"size {size} bytes, manifest says {entry.size} "
+                                                          "(truncated or overwritten)")
+        return have, missing, problems
 
     def validate(self, step: int, *, whole: bool = False) -> Manifest:
         """Full check of checkpoint ``step``: manifest, then the size and checksum (streamed) of every file this
-        root must hold and of every other listed file it holds (all of them with ``whole``)."""
+        root must hold and of every other listed file it holds (all of them with ``whole``), then the content of
+        the state trees here (``content.py``: what restore checks before it looks at any registered object)."""
         m = self.read_manifest(step)
+        self._verify(m, whole=whole)
+        return m
+
+    def _verify(self, m: Manifest, *, whole: bool = False) -> None:
         present = self.check_files(m, whole=whole)
         for name, entry in sorted(m.files.items()):
             if name not in present:
                 continue
-            rel = f"{format.step_dirname(step)}/{name}"
+            rel = f"{format.step_dirname(m.step)}/{name}"
             try:
                 with self.storage.open(rel) as f:
                     digest, blocks = checksum.stream_blocks(f)
@@ -229,15 +234,40 @@ class CheckpointStore:
             bad = [i for i, (a, b) in enumerate(zip(blocks, entry.blocks or blocks, strict=False)) if a != b]
             if bad:  # the whole file matches, its block list does not: the manifest lies about the blocks
                 raise CorruptCheckpoint(self.storage.describe(rel), f"block {bad[0]} checksum mismatch")
-        return m
+        content.check_checkpoint(self.storage, m, present)
 
     def info(self, step: int) -> CheckpointInfo:
+        """The full verdict on ``step`` (:meth:`validate`), with its size and, if valid, which part is here."""
         size = sum(e.size for e in self.storage.list(format.step_dirname(step)) if not e.is_dir)
+        verdict = self.assess(step, full=True)
+        verdict.size = size
+        return verdict
+
+    def assess(self, step: int, *, full: bool = False) -> CheckpointInfo:
+        """This root's copy of ``step``: valid, or why not and whether it is damaged as a whole here
+        (:attr:`CheckpointInfo.damaged`). ``full``: :meth:`validate`; otherwise the cheap checks restore
+        proposes a checkpoint after (the manifest, the sizes of the files this root must hold)."""
         try:
-            m = self.validate(step)
+            m = self.read_manifest(step)
         except CorruptCheckpoint as e:
-            return CheckpointInfo(step, self.path(step), False, f"{Path(e.path).name}: {e.reason}", size)
-        return CheckpointInfo(step, self.path(step), True, "", size, m.created_unix, self.part(m))
+            foreign = isinstance(e, ForeignCheckpoint)  # another ftrain's: not damage
+            return CheckpointInfo(step, self.path(step), False, _reason(e), damaged=not foreign)
+        # Damage as a whole only in a checkpoint saved into one directory: a part of one saved to several disks
+        # may hold the only copies of its files, and what it lacks is elsewhere.
+        one_dir = len(m.placement) <= 1
+        _, missing, problems = self._files(m, self.required_files(m))
+        if problems:
+            # A file missing from a copy on another disk may simply not have been fetched there; a file present
+            # but wrong is damage wherever it is.
+            here = not m.placement or self.disk is None or self.disk in m.placement
+            damaged = one_dir and (here or bool(problems.keys() - missing))
+            return CheckpointInfo(step, self.path(step), False, _reason(problems[min(problems)]), damaged=damaged)
+        if full:
+            try:
+                self._verify(m)
+            except CorruptCheckpoint as e:
+                return CheckpointInfo(step, self.path(step), False, _reason(e), damaged=one_dir)
+        return CheckpointInfo(step, self.path(step), True, "", 0, m.created_unix, self.part(m) if full else "")
 
     def part(self, m: Manifest) -> str:
         """"" if this root holds every file of ``m``, else which saving ranks' files it holds (node-local)."""
@@ -386,13 +416,18 @@ class CheckpointStore:
 
     def withdraw(self, step: int) -> None:
         """Remove this disk's part of ``step``, committed here but never by the whole job (another disk failed)."""
-        name = format.step_dirname(step)
+        self.discard(format.step_dirname(step))
+
+    def discard(self, name: str) -> bool:
+        """Delete directory ``name`` of the root (a checkpoint, a quarantined one): renamed to ``.tmp-deleting-…``
+        first, so a kill mid-delete leaves garbage (cleaned at the next start), never half a checkpoint."""
         aside = f"{format.DELETING_PREFIX}{name}"
         try:
             self.storage.commit(name, aside)
         except OSError:
-            return
+            return False
         self.storage.delete(aside)
+        return True
 
     def _sync(self, path: str) -> None:
         sync = getattr(self.storage, "fsync", None)
@@ -400,55 +435,18 @@ class CheckpointStore:
             sync(path)
 
     def retain(self, step: int, keep_last: int, best: Iterable[int], protect: Iterable[int] = ()) -> list[int]:
-        """After committing ``step``: point ``best`` at the best one, then prune; returns the pruned steps.
-
-        ``best`` lists the steps retention must keep as best ones, best first; ``protect`` other steps it must
-        keep (uploads and replicas in flight, the newest safe one).
-        A best step with no directory (its save failed) is neither protected nor
-        pointed to. The pointer is written before pruning, like the commit's
-        other pointers, and never left naming a pruned step.
-        """
-        kept_best = [s for s in best if s == step or self.has(s)]
-        self.update_best_hint(kept_best[0] if kept_best else None)
-        pruned = self.prune(keep_last, protect={step, *kept_best, *protect})
-        if pruned and not kept_best:  # a pointer left from an earlier ranking may name a step just pruned
-            self.update_best_hint(None)
-        return pruned
+        """After committing ``step``: point ``best`` at the best one, then prune (``retention.py``); returns the
+        pruned steps. ``best`` lists the steps retention must keep as best ones, best first; ``protect`` other
+        steps it must keep (uploads and replicas in flight, the newest safe one)."""
+        return retention.retain(self, step, keep_last, best, protect)
 
     def intact(self, step: int) -> bool:
         """The cheap checks restore proposes a checkpoint after: its manifest parses and its files have their sizes."""
-        try:
-            self.check_files(self.read_manifest(step))
-        except CorruptCheckpoint:
-            return False
-        return True
+        return self.assess(step).valid
 
-    def prune(self, keep_last: int, protect: set[int]) -> list[int]:
-        """Delete committed checkpoints beyond the newest ``keep_last`` intact ones (0 keeps all), never those in
-        ``protect``.
 
-        Only intact checkpoints count: damaged ones at higher steps (a run that
-        resumed below them) must not push good ones out. A damaged checkpoint is
-        deleted only when it is older than every one kept; newer damaged ones are
-        left for the run to overwrite when it reaches their step.
-        """
-        if keep_last <= 0:
-            return []
-        steps = self.steps()
-        good = [s for s in steps if s in protect or self.intact(s)]
-        kept = set(good[-keep_last:]) | protect
-        oldest_kept = min(kept, default=0)
-        doomed = [s for s in steps if s not in kept and (s in good or s < oldest_kept)]
-        for step in doomed:
-            # Rename first so a kill mid-delete leaves a temp dir (cleaned later), not a half checkpoint.
-            name = format.step_dirname(step)
-            aside = f"{format.DELETING_PREFIX}{name}"
-            try:
-                self.storage.commit(name, aside)
-            except OSError:
-                continue
-            self.storage.delete(aside)
-        return doomed
+def _reason(e: CorruptCheckpoint) -> str:
+    return f"{Path(e.path).name}: {e.reason}"
 
 
 def build_manifest(records: list[tuple[ShardRecord, FileEntry]], *, step: int, meta: dict[str, object],

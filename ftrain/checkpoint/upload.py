@@ -21,11 +21,16 @@ manifest (2) and does 3.
 
 A failing file is retried with capped exponential backoff; a step whose upload
 still fails is recorded in ``<local root>/remote.json`` (``ftrain ckpt ls``
-shows it) and logged, and training goes on; the next committed step is tried
-afresh. One upload runs at a time: with ``when_busy: wait`` later steps queue
+shows it) and training goes on. One upload runs at a time: with ``when_busy: wait`` later steps queue
 (every one is uploaded, in order), with ``skip`` a step committed while another
 uploads is not uploaded (counted, logged). :meth:`Uploader.pending` lists the
 steps not yet remote, which local retention must keep.
+
+An outage (the endpoint unreachable, credentials refused, every call timing out: each step failing) is
+logged once when it starts and once when it ends, not once per step and file. While it lasts the next
+try waits a backoff that doubles from :data:`OUTAGE_FIRST` to :data:`OUTAGE_CAP` seconds, and only the newest
+queued step is tried: the older ones would be superseded by it anyway, and keeping them all pending would
+make local retention keep every checkpoint of the outage until the disk fills.
 """
 from __future__ import annotations
 
@@ -54,6 +59,14 @@ log = logging.getLogger("ftrain")
 
 #: Files of one step uploaded at once.
 PARALLEL_FILES = 4
+#: Seconds before the next try after the first failed step of an outage, doubling per failed step up to the cap.
+OUTAGE_FIRST = 2.0
+OUTAGE_CAP = 60.0
+
+
+def outage_delay(failed_steps: int) -> float:
+    """Seconds to wait before the next upload after ``failed_steps`` failed in a row (0: none failed)."""
+    return 0.0 if failed_steps <= 0 else min(OUTAGE_CAP, OUTAGE_FIRST * 2.0 ** min(failed_steps - 1, 32))
 
 
 @dataclass(frozen=True)
@@ -107,8 +120,11 @@ class Share:
 
 
 def upload_step(local: CheckpointStore, remote: RemoteStorage, step: int, *, retry: RetryPolicy = RetryPolicy(),
-                sleep: Callable[[float], None] = time.sleep, share: Share = Share()) -> Manifest:
+                sleep: Callable[[float], None] = time.sleep, share: Share = Share(),
+                quiet: Callable[[str], None] = log.info) -> Manifest:
     """Publish committed local checkpoint ``step`` on ``remote`` (the protocol above); its manifest.
+
+    ``quiet``: where a retried failure is logged (debug during an outage, which is logged once).
 
     Raises :class:`CorruptCheckpoint` if a local file no longer matches its manifest (nothing is published),
     or the last OSError/client error of a file that failed every attempt.
@@ -138,7 +154,7 @@ def upload_step(local: CheckpointStore, remote: RemoteStorage, step: int, *, ret
             except Exception as e:
                 if delay is None:
                     raise
-                log.info("upload of %s failed (%s: %s); retrying in %.1fs", rel, type(e).__name__, e, delay)
+                quiet(f"upload of {rel} failed ({type(e).__name__}: {e}); retrying in {delay:.1f}s")
                 sleep(delay)
 
     try:
@@ -155,12 +171,13 @@ def upload_step(local: CheckpointStore, remote: RemoteStorage, step: int, *, ret
     faults.point("upload.before_manifest", step=step, rank=0)
     _retrying(lambda: remote.write(f"{ckpt}/{format.MANIFEST}",
                                    local.storage.read(f"{ckpt}/{format.MANIFEST}", format.MAX_MANIFEST_BYTES)),
-              retry, sleep)
-    _retrying(lambda: remote.write(format.LATEST, f"{ckpt}\n".encode()), retry, sleep)
+              retry, sleep, quiet)
+    _retrying(lambda: remote.write(format.LATEST, f"{ckpt}\n".encode()), retry, sleep, quiet)
     return manifest
 
 
-def _retrying(fn: Callable[[], object], retry: RetryPolicy, sleep: Callable[[float], None]) -> None:
+def _retrying(fn: Callable[[], object], retry: RetryPolicy, sleep: Callable[[float], None],
+              quiet: Callable[[str], None]) -> None:
     for delay in [*retry.delays(), None]:
         try:
             fn()
@@ -168,7 +185,7 @@ def _retrying(fn: Callable[[], object], retry: RetryPolicy, sleep: Callable[[flo
         except Exception as e:
             if delay is None:
                 raise
-            log.info("remote write failed (%s: %s); retrying in %.1fs", type(e).__name__, e, delay)
+            quiet(f"remote write failed ({type(e).__name__}: {e}); retrying in {delay:.1f}s")
             sleep(delay)
 
 
@@ -215,6 +232,9 @@ class Uploader:
         self._done: dict[int, float] = {}  # step -> when it became durable remotely
         self.skipped = 0
         self.last_error: str | None = None
+        #: Steps that failed in a row (an outage when > 0), and since when.
+        self.failing = 0
+        self._failing_since = 0.0
         self._closed = False
         self._thread = threading.Thread(target=self._run, name="ftrain-uploader", daemon=True)
         self._thread.start()
@@ -258,21 +278,44 @@ class Uploader:
         self._thread.join(timeout)
         return not self._thread.is_alive()
 
+    def unavailable(self, error: BaseException) -> None:
+        """The remote tier failed before any upload (the start's check): log the outage once, record it in
+        remote.json, and back off as after a failed step."""
+        self._failed(f"{type(error).__name__}: {error}", None)
+
+    def _next(self) -> tuple[int, tuple[int, ...]] | None:
+        """Wait for the next step to upload (None: closed and nothing is left). During an outage, first the
+        backoff (cut short by :meth:`close`), then only the newest queued step: the others are dropped."""
+        with self._cv:
+            resume = time.monotonic() + outage_delay(self.failing)
+            while not self._closed and (not self._queue or time.monotonic() < resume):
+                self._cv.wait(None if not self._queue else max(0.0, resume - time.monotonic()))
+            if not self._queue:
+                return None
+            if self.failing:
+                dropped = [s for s, _ in list(self._queue)[:-1]]
+                self._queue = deque([self._queue[-1]])
+                for s in dropped:
+                    self.share.failed(s, "not uploaded: the remote tier was unavailable, a newer step is tried")
+                log.debug("remote tier still unavailable: not uploading steps %s, trying the newest", dropped)
+            step, best = self._queue.popleft()
+            self._busy = step
+            return step, best
+
     def _run(self) -> None:
-        while True:
-            with self._cv:
-                while not self._queue and not self._closed:
-                    self._cv.wait()
-                if not self._queue:
-                    return
-                step, best = self._queue.popleft()
-                self._busy = step
+        while (job := self._next()) is not None:
+            step, best = job
             t0 = time.monotonic()
+            quiet = log.debug if self.failing else log.info
             try:
                 upload_step(self.local, self.remote.storage, step, retry=self.retry,  # type: ignore[arg-type]
-                            share=self.share)
+                            share=self.share, quiet=quiet)
                 done = time.time()
                 self.last_error = None
+                if self.failing:
+                    log.warning("the remote tier %s is reachable again after %.0fs: uploaded step %d",
+                                self.remote.storage.describe(), time.monotonic() - self._failing_since, step)
+                    self.failing = 0
                 if self.share.publish:
                     deleted = remote_retain(self.remote, self.keep_last, best, None)
                     log.info("uploaded step %d to %s in %.2fs%s", step, self.remote.storage.describe(),
@@ -281,16 +324,28 @@ class Uploader:
                     self._report(step, time.monotonic() - t0, None)
             except Exception as e:
                 done = None
-                self.last_error = f"step {step}: {type(e).__name__}: {e}"
-                log.error("uploading checkpoint step %d to %s failed after %d attempts: %s; training goes on, the "
-                          "local checkpoints stay", step, self.remote.storage.describe(), self.retry.attempts, e)
-                self._status(None, self.last_error, None)
+                self._failed(f"{type(e).__name__}: {e}", step)
                 self._report(step, time.monotonic() - t0, f"{type(e).__name__}: {e}")
             with self._cv:
                 self._busy = None
                 if done is not None:
                     self._done[step] = done
                 self._cv.notify_all()
+
+    def _failed(self, error: str, step: int | None) -> None:
+        """A step failed (or the start's check): the outage's first failure is logged, the rest only recorded."""
+        what = f"step {step}: {error}" if step is not None else error
+        self.last_error = what
+        if not self.failing:
+            self._failing_since = time.monotonic()
+            log.error("the remote tier %s is unavailable (%s); training goes on with local checkpoints, uploads are "
+                      "retried with backoff up to %.0fs apart, and `ftrain ckpt ls` shows the outage; this is "
+                      "logged again only when it ends", self.remote.storage.describe(), what, OUTAGE_CAP)
+        else:
+            log.debug("remote tier still unavailable: %s", what)
+        with self._cv:
+            self.failing += 1
+        self._status(None, what, None)
 
     def _report(self, step: int, seconds: float, error: str | None) -> None:
         if self._on_result is not None:

@@ -2,7 +2,9 @@
 
 ``ls`` and ``verify`` never load state; ``inspect`` (``inspection.py``) reads one
 manifest and ``export`` (``export.py``) one object's tensors. No command
-unpickles anything or writes to the checkpoint directory. Text that comes from the
+unpickles anything or writes to the checkpoint directory, except ``verify
+--quarantine``, which renames what it finds damaged (docs/FORMAT.md,
+"Quarantine") while it holds the root's lease. Text that comes from the
 directory (paths, reasons, names, values) is printed through ``show.safe``: a
 hostile checkpoint cannot send terminal escape sequences or forge lines.
 """
@@ -17,8 +19,13 @@ from ftrain.cli import export, inspection, show
 from ftrain.errors import CheckpointError, CorruptCheckpoint, UsageError
 
 if TYPE_CHECKING:  # the store imports torch (seconds); `ftrain launch` must not pay that before its handlers
+    from ftrain.checkpoint.lease import Lease
     from ftrain.checkpoint.manifest import Manifest
+    from ftrain.checkpoint.retention import Quarantined
     from ftrain.checkpoint.store import CheckpointInfo, CheckpointStore
+
+#: Seconds the lease ``verify --quarantine`` holds lives unrenewed (renewed every third of it while verify runs).
+_LEASE_TTL = 60.0
 
 
 def add_parser(sub: Any) -> None:
@@ -28,9 +35,13 @@ def add_parser(sub: Any) -> None:
     ls.add_argument("dir", help="checkpoint root directory")
     ls.add_argument("--json", action="store_true", help="print JSON instead of a table")
     ls.set_defaults(func=cmd_ls)
-    v = cs.add_parser("verify", help="check sizes and checksums; exit 1 if anything checked is corrupt")
+    v = cs.add_parser("verify", help="check sizes, checksums and content as restore does; exit 1 if anything checked "
+                                     "is corrupt")
     v.add_argument("dir", help="checkpoint root directory")
     v.add_argument("step", nargs="?", type=int, help="verify only this step (default: every checkpoint)")
+    v.add_argument("--quarantine", action="store_true",
+                   help="rename each checkpoint found damaged to damaged-step-N, so that restore and retention skip "
+                        "it (a local root; holds its lease: refused while a job writes it)")
     v.set_defaults(func=cmd_verify)
     export.add_parser(cs)
     inspection.add_parser(cs)
@@ -38,14 +49,20 @@ def add_parser(sub: Any) -> None:
 
 def _store(path: str) -> CheckpointStore:
     """A local checkpoint root, or a remote tier URL (``s3://bucket/run``, any fsspec URL)."""
+    from ftrain.checkpoint.remote import RemoteStorage
     from ftrain.checkpoint.store import open_store
 
     try:
         store = open_store(path)
+        if isinstance(store.storage, RemoteStorage):
+            # A prefix is no directory: an empty one is an empty root (like an empty local directory). Only a
+            # bucket that does not exist is a mistake (RemoteNotFound, exit 2).
+            store.storage.check()
+            return store
     except OSError as e:
         raise UsageError(f"checkpoint location {path!r}: {e.strerror or e}") from None
     if not store.root.is_dir():
-        raise UsageError(f"checkpoint dir {path!r} does not exist or is not a directory (or holds nothing)")
+        raise UsageError(f"checkpoint dir {path!r} does not exist or is not a directory")
     return store
 
 
@@ -67,7 +84,15 @@ def cmd_ls(args: argparse.Namespace) -> int:
         return _ls(args)
 
 
+def _quarantined_row(store: CheckpointStore, q: Quarantined) -> dict[str, Any]:
+    return {"step": q.step, "name": q.name, "path": str(store.root / q.name), "created_utc": None,
+            "size_bytes": sum(e.size for e in store.storage.list(q.name) if not e.is_dir), "status": "quarantined",
+            "reason": q.note or None, "part": None, "latest": False, "metrics": None, "best": False}
+
+
 def _ls(args: argparse.Namespace) -> int:
+    from ftrain.checkpoint import retention
+
     store = _store(args.dir)
     latest = store.latest_hint()
     infos = store.infos()
@@ -76,20 +101,23 @@ def _ls(args: argparse.Namespace) -> int:
     for r in rows:
         r["metrics"] = values.get(r["step"])
         r["best"] = r["step"] == best
+    aside = [_quarantined_row(store, q) for q in retention.quarantined(store)]  # damaged, set aside: not checkpoints
     if args.json:  # ensure_ascii (the default) escapes every control character: safe on a terminal as is
         print(json.dumps({"dir": str(store.root), "latest": latest, "monitor": monitor, "best": best,
-                          "checkpoints": rows}, indent=2))
+                          "checkpoints": rows, "quarantined": aside}, indent=2))
         return exitcodes.OK
     if not rows:
         print(f"no checkpoints in {show.safe(store.root)}")
     _remote_status(store)
-    if not rows:
+    if not rows and not aside:
         return exitcodes.OK
     name = show.safe(monitor["name"])[:12] if monitor else None
     metric_head = f"  {name:>12}" if name else ""
     print(f"{'STEP':>12}  {'CREATED (UTC)':<20}  {'SIZE':>10}{metric_head}  STATUS")
-    for r in rows:
-        status = (f"CORRUPT: {show.safe(r['reason'])}" if r["status"] != "valid" else
+    for r in sorted(rows + aside, key=lambda r: r["step"]):  # stable: a step's checkpoint before its damaged copy
+        status = (f"QUARANTINED as {show.safe(r['name'])}: {show.safe(r['reason'] or '?')}"
+                  if r["status"] == "quarantined" else
+                  f"CORRUPT: {show.safe(r['reason'])}" if r["status"] != "valid" else
                   f"valid ({show.safe(r['part'])}; the rest on other nodes' disks)" if r["part"] else "valid")
         marks = [m for m, on in (("latest", r["latest"]), ("best", r["best"])) if on]
         mark = f"  <- {', '.join(marks)}" if marks else ""
@@ -155,10 +183,21 @@ def cmd_verify(args: argparse.Namespace) -> int:
 
 def _verify(args: argparse.Namespace) -> int:
     store = _store(args.dir)
-    if args.step is not None:
-        if not store.path(args.step).is_dir():
-            raise UsageError(f"no checkpoint for step {args.step} in {store.root}")
-        infos = [store.info(args.step)]
+    lease = _lease(store) if args.quarantine else None
+    try:
+        return _verify_in(store, args.step, lease is not None)
+    finally:
+        if lease is not None:
+            lease.release()
+
+
+def _verify_in(store: CheckpointStore, step: int | None, quarantine: bool) -> int:
+    from ftrain.checkpoint import retention
+
+    if step is not None:
+        if not store.path(step).is_dir():
+            raise UsageError(f"no checkpoint for step {step} in {store.root}")
+        infos = [store.info(step)]
     else:
         infos = store.infos()
         if not infos:
@@ -169,8 +208,29 @@ def _verify(args: argparse.Namespace) -> int:
         if info.valid:
             part = f"  ({show.safe(info.part)}; the rest on other nodes' disks)" if info.part else ""
             print(f"ok       step {info.step}  {show.safe(info.path)}{part}")
-        else:
-            bad += 1
-            print(f"CORRUPT  step {info.step}  {show.safe(info.path)}/{show.safe(info.reason)}")
+            continue
+        bad += 1
+        print(f"CORRUPT  step {info.step}  {show.safe(info.path)}/{show.safe(info.reason)}")
+        if quarantine and info.damaged:
+            new = retention.quarantine(store, info.step, f"ftrain ckpt verify: {info.reason}")
+            print(f"         quarantined as {show.safe(new)}" if new else "         could not be quarantined (see "
+                  "the warning)")
+        elif quarantine:  # a part of a checkpoint saved to several disks, another ftrain's, or a link
+            print("         left in place: not damaged as a whole here (see docs/FORMAT.md, \"Quarantine\")")
     print(f"{len(infos) - bad} valid, {bad} corrupt")
     return exitcodes.FAILURE if bad else exitcodes.OK
+
+
+def _lease(store: CheckpointStore) -> Lease:
+    """The root's lease for ``verify --quarantine``: renaming a checkpoint a running job may be replacing or
+    reading is the job's business, so refuse (LeaseError, exit 2) while one holds it."""
+    from ftrain.checkpoint.lease import SESSION, Lease, Owner
+    from ftrain.checkpoint.remote import RemotePath
+
+    if isinstance(store.root, RemotePath):
+        raise UsageError("--quarantine works on a local checkpoint root; the remote tier's copies are managed by "
+                         "the uploader's retention")
+    lease = Lease(store.root, Owner.current(None, SESSION), ttl=_LEASE_TTL)
+    lease.acquire()
+    lease.start_renewal()
+    return lease

@@ -1,6 +1,10 @@
-"""``ftrain goodput DIR`` (where a run's wall time went, the timeline picture, the interval advice) and
-``ftrain status DIR`` (the run now, ``--watch`` to follow it). Both read only the event log and heartbeats:
-no torch import, so they answer in a fraction of a second."""
+"""``ftrain goodput DIR [DIR ...]`` (where a run's wall time went, the timeline picture, the interval advice) and
+``ftrain status DIR [DIR ...]`` (the run now, ``--watch`` to follow it). Both read only the event logs and
+heartbeats: no torch import, so they answer in a fraction of a second.
+
+Several directories make one job-wide view: with node-local disks each node's log is on its own disk, so give
+every node's checkpoint directory (mounted or copied here); one shared directory is read once however often it
+is given (docs/FORMAT.md, "Event log")."""
 from __future__ import annotations
 
 import argparse
@@ -30,18 +34,22 @@ MEANING = {
 def add_parser(sub: Any) -> None:
     g = sub.add_parser("goodput", help="where a run's wall time went: goodput and badput buckets, a timeline "
                                        "picture, and the checkpoint interval to use",
-                       description="Goodput (productive step time over wall time) of every run in a checkpoint "
-                                   "directory, from its event log.")
-    g.add_argument("dir", help="checkpoint directory (checkpoint.dir)")
+                       description="Goodput (productive step time over wall time) of every run in the checkpoint "
+                                   "directories, from their event logs: one job-wide view over every node's log "
+                                   "(node-local disks: give each node's directory).")
+    g.add_argument("dirs", nargs="+", metavar="DIR", help="checkpoint directory (checkpoint.dir); several: one "
+                                                          "per node-local disk, merged")
     g.add_argument("--json", action="store_true", help="print JSON instead of a table")
     g.add_argument("--plot", metavar="FILE.png", help="write the timeline picture (needs ftrain[plot])")
     g.add_argument("--mtbf", type=float, metavar="SECONDS",
                    help="mean time between failures to plan for (default: observed in this run)")
     g.set_defaults(func=cmd_goodput)
     s = sub.add_parser("status", help="a run's state now: attempt, step, speed, checkpoints, heartbeats",
-                       description="The state of the newest run in a checkpoint directory, from its event log "
-                                   "and its ranks' heartbeats.")
-    s.add_argument("dir", help="checkpoint directory (checkpoint.dir)")
+                       description="The state of the newest run in the checkpoint directories, from their event "
+                                   "logs and the ranks' heartbeats of every node (node-local disks: give each "
+                                   "node's directory).")
+    s.add_argument("dirs", nargs="+", metavar="DIR", help="checkpoint directory (checkpoint.dir); several: one "
+                                                          "per node-local disk, merged")
     s.add_argument("--run", help="run id (default: the newest)")
     s.add_argument("--watch", nargs="?", type=float, const=2.0, metavar="SECONDS",
                    help="redraw every SECONDS (default 2) until interrupted")
@@ -49,10 +57,11 @@ def add_parser(sub: Any) -> None:
     s.set_defaults(func=cmd_status)
 
 
-def _root(path: str) -> str:
-    if not os.path.isdir(path):
-        raise UsageError(f"checkpoint dir {path!r} does not exist or is not a directory")
-    return path
+def _roots(paths: list[str]) -> list[str]:
+    for path in paths:
+        if not os.path.isdir(path):
+            raise UsageError(f"checkpoint dir {path!r} does not exist or is not a directory")
+    return paths
 
 
 def cmd_goodput(args: argparse.Namespace) -> int:
@@ -60,12 +69,13 @@ def cmd_goodput(args: argparse.Namespace) -> int:
     from ftrain.telemetry.advisor import advise, describe
     from ftrain.telemetry.timeline import build, duration
 
-    root = _root(args.dir)
+    roots = _roots(args.dirs)
     if args.mtbf is not None and not args.mtbf > 0:
         raise UsageError(f"--mtbf must be a positive number of seconds, got {args.mtbf}")
-    tl = build(read_events(root))
+    tl = build(read_events(*roots))
     if tl is None:
-        raise UsageError(f"no events under {events_dir(root)}: the run was not made with this version of ftrain, "
+        where = ", ".join(str(events_dir(root)) for root in roots)
+        raise UsageError(f"no events under {where}: the run was not made with this version of ftrain, "
                          "or has not started; see `ftrain status`")
     advice = advise(tl, args.mtbf)
     size = None
@@ -78,14 +88,16 @@ def cmd_goodput(args: argparse.Namespace) -> int:
             "start": tl.start, "end": tl.end, "wall_seconds": tl.wall, "goodput": tl.goodput,
             "running_goodput": tl.running_goodput, "buckets": tl.buckets, "counts": tl.counts,
             "save_interval": tl.save_interval, "recoveries": tl.recoveries,
-            "lanes": [{"label": lane.label, "start": lane.start, "end": lane.end} for lane in tl.lanes],
+            "lanes": [{"label": lane.label, "node": lane.node, "start": lane.start, "end": lane.end,
+                       "buckets": lane.buckets} for lane in tl.lanes],
             "advisor": advice if isinstance(advice, str) else advice.__dict__}
         if size is not None:
             out["plot"] = {"path": args.plot, "width": size[0], "height": size[1]}
         print(json.dumps(out, indent=1, default=str))
         return 0
+    changes = f", {tl.counts['membership']} membership change(s)" if tl.counts["membership"] else ""
     print(f"wall time {duration(tl.wall)}, {tl.counts['attempts']} attempt(s), {tl.counts['unplanned']} failure(s) "
-          f"that lost work, {tl.counts['preemptions']} preemption(s), {tl.counts['commits']} checkpoint(s)")
+          f"that lost work, {tl.counts['preemptions']} preemption(s){changes}, {tl.counts['commits']} checkpoint(s)")
     print(f"goodput {tl.goodput:.1%}" + (f" ({tl.running_goodput:.1%} of the time a launch ran)"
                                          if tl.buckets["down"] > 0 else ""))
     for name, seconds in tl.buckets.items():
@@ -101,15 +113,15 @@ def cmd_goodput(args: argparse.Namespace) -> int:
 def cmd_status(args: argparse.Namespace) -> int:
     from ftrain.telemetry.live import format_status, read_status
 
-    root = _root(args.dir)
+    roots = _roots(args.dirs)
     if args.watch is not None and not args.watch > 0:
         raise UsageError(f"--watch must be a positive number of seconds, got {args.watch}")
     while True:
-        st = read_status(root, args.run)
+        st = read_status(*roots, run=args.run)
         if args.json:
             text = json.dumps(st.__dict__, default=lambda o: o.__dict__, indent=1)
         else:
-            text = format_status(st, root)
+            text = format_status(st, roots)
         if args.watch is None:
             print(text)
             return 0 if st.run is not None else 1

@@ -31,6 +31,7 @@ atomic under the GIL, which is all this needs.
 from __future__ import annotations
 
 import faulthandler
+import functools
 import json
 import logging
 import os
@@ -40,13 +41,16 @@ import threading
 import time
 from collections.abc import Callable
 from types import FrameType, TracebackType
-from typing import IO, Any
+from typing import IO, Any, ParamSpec, TypeVar
 
 from ftrain import envvars, exitcodes
-from ftrain.attempt import EXITING, STEPPING, AttemptFiles, HeartbeatWriter, write_error_file
+from ftrain.attempt import EXITING, STEPPING, AttemptFiles, HeartbeatWriter, exit_code_of, write_error_file
+from ftrain.errors import FtrainError
 from ftrain.signals import STACK_DUMP_SIGNAL
 
 log = logging.getLogger("ftrain")
+P = ParamSpec("P")
+R = TypeVar("R")
 
 #: Seconds between looks for the stop marker while the flag is read (``Session.step``): a step
 #: then costs one clock read, and a stop is seen within this much of the step it falls in.
@@ -197,7 +201,7 @@ class Liveness:
             # supervisor tears down whatever is left.
             _flush_std()
             self.before_exit()
-            os._exit(exitcodes.FAILURE)
+            os._exit(exit_code_of(value))
 
     # ----------------------------------------------------------------- close
     def close(self) -> None:
@@ -218,6 +222,31 @@ class Liveness:
         if self._heartbeat is not None:
             self._heartbeat.close()
             self._heartbeat = None
+
+
+def record_mistake(exc: FtrainError) -> None:
+    """Under ``ftrain launch``, leave a permanent error (``exc.permanent``) in the attempt's error files the moment
+    ftrain raises it, not only when it goes uncaught: a script that catches ``FtrainError``, prints it and exits
+    with its code (as examples/train.py does) must still stop the launch at once instead of being restarted."""
+    attempt_dir = os.environ.get(envvars.ATTEMPT_DIR)
+    if attempt_dir and exc.permanent:
+        rank = _int_env(envvars.RANK)
+        try:
+            write_error_file(AttemptFiles(attempt_dir).error(rank), rank, exc, _int_env(envvars.RESTART_COUNT))
+        except OSError:
+            pass  # reporting must never mask the original error
+
+
+def reports_mistakes(method: Callable[P, R]) -> Callable[P, R]:
+    """Decorates the public API: a permanent error raised through it is recorded (:func:`record_mistake`)."""
+    @functools.wraps(method)
+    def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
+        try:
+            return method(*args, **kwargs)
+        except FtrainError as e:
+            record_mistake(e)
+            raise
+    return wrapper
 
 
 def setup_logging(rank: int) -> None:

@@ -182,14 +182,3 @@ def records_read(m: Manifest, world_size: int, rank: int) -> set[str]:
     """The shard records (``shard-R.json``) a rank decodes on restore: rank 0's (the replicated tree) and those
     of the saving ranks it takes over (``Checkpointer._read_records``)."""
     return {format.shard_names(r)[0] for r in {0, *sources(m, world_size, rank)}}
-
-
-def specs_of(manifest: Manifest) -> dict[str, Any]:
-    """Every tensor of the manifest as a description (a sharded one by its global shape), for the checks that
-    run before any byte is read."""
-    from ftrain.session.validation import TensorSpec
-
-    out: dict[str, Any] = {n: TensorSpec(t.shape, codec.dtype_from_name(t.dtype)) for n, t in manifest.tensors.items()}
-    out.update((n, TensorSpec(e.shape, codec.dtype_from_name(e.dtype))) for n, e in manifest.sharded.items())
-    return out
-

@@ -26,7 +26,7 @@ from ftrain import envvars
 from ftrain.checkpoint import codec
 from ftrain.checkpoint.format import REPLICATED, rank_key
 from ftrain.checkpoint.manifest import Manifest
-from ftrain.errors import CorruptCheckpoint, FtrainError, StateMismatch
+from ftrain.errors import FtrainError, StateMismatch
 from ftrain.session import rng, sharding, trainable, validation
 from ftrain.stateful import Stateful
 
@@ -183,8 +183,9 @@ class Registry:
         if trees is None:
             self._check_layout(manifest, world_size, on_resize)
             return
-        frozen_by = _str_lists(manifest.meta.get("frozen"), "frozen", what)
-        omitted_by = _str_lists(manifest.meta.get("omitted"), "omitted", what)
+        # meta's own shape (names, omitted within frozen, a fingerprint for each) was checked when the manifest was
+        # parsed (manifest.check_meta); here only what the registered objects decide.
+        frozen_by, omitted_by = manifest.name_table("frozen"), manifest.name_table("omitted")
         self._verified = {}
         fingerprints = manifest.meta.get("base_fingerprint") or {}
         for key, (obj, _) in self.objects.items():
@@ -193,13 +194,7 @@ class Registry:
             about = f"registered module {key!r} (checkpoint step {manifest.step})"
             trainable.check_frozen_names(obj, frozen_by[key], about)
             if key in omitted_by:
-                if not set(omitted_by[key]) <= set(frozen_by[key]):
-                    raise CorruptCheckpoint(what, f"{key!r}: the checkpoint omits parameters it does not record as "
-                                                  "frozen")
-                recorded = fingerprints.get(key) if isinstance(fingerprints, dict) else None
-                if not isinstance(recorded, str):
-                    raise CorruptCheckpoint(what, f"{key!r}: trainable-only checkpoint without a base fingerprint")
-                self._verified[key] = trainable.check_base(obj, omitted_by[key], recorded, about)
+                self._verified[key] = trainable.check_base(obj, omitted_by[key], fingerprints[key], about)
         # After the freezing and base checks: their messages say more about a trainable-only checkpoint.
         sources = [rank] if manifest.world_size == world_size else range(manifest.world_size)
         paired = self._paired_modules(trees[REPLICATED])
@@ -223,12 +218,9 @@ class Registry:
                     f"{world_size}, and per-rank object(s) {hookless} have no resize_state(states, world_size, rank) "
                     "hook to map the saved ranks' states onto this run's (README \"Resizing\"); add one, register "
                     "them as replicated, or relaunch with the original number of processes")
-        names = {k: manifest.meta.get(k) or [] for k in ("replicated", "per_rank")}
-        for k, v in names.items():
-            if not (isinstance(v, list) and all(isinstance(x, str) for x in v)):
-                raise CorruptCheckpoint(f"step {manifest.step}", f"manifest meta.{k} is not a list of names")
-        saved_rep = set(names["replicated"])
-        saved_all = saved_rep | set(names["per_rank"])
+        replicated, per_rank = manifest.object_names()  # lists of names: checked when the manifest was parsed
+        saved_rep = set(replicated)
+        saved_all = saved_rep | set(per_rank)
         missing, new = sorted(saved_all - set(self.objects)), sorted(set(self.objects) - saved_all)
         moved = sorted(k for k, (_, p) in self.objects.items() if k in saved_all and (k in saved_rep) == p)
         if missing or new or moved:
@@ -262,8 +254,7 @@ class Registry:
             for fn in reversed(undo):
                 fn()
 
-        frozen_by = _str_lists(manifest.meta.get("frozen"), "frozen", f"step {manifest.step}")
-        omitted_by = _str_lists(manifest.meta.get("omitted"), "omitted", f"step {manifest.step}")
+        frozen_by, omitted_by = manifest.name_table("frozen"), manifest.name_table("omitted")
         named = self._paired_modules(replicated)
         self._preload = {}
         try:
@@ -296,7 +287,7 @@ class Registry:
     def load_rest(self, manifest: Manifest, replicated: dict[str, Any], mine: dict[str, Any],
                   include_rng: bool = True) -> None:
         """Phase two: the modules (checked key by key, shape and dtype, before), then the RNG streams, last."""
-        omitted_by = _str_lists(manifest.meta.get("omitted"), "omitted", f"step {manifest.step}")
+        omitted_by = manifest.name_table("omitted")
         for key, (obj, per_rank) in self.objects.items():
             if not trainable.is_module(obj):
                 continue
@@ -314,16 +305,6 @@ class Registry:
             sharding.load(model, opt, None, replicated[key])
         if include_rng:
             rng.restore(mine["rng"])  # last: loading other state must not disturb the restored streams
-
-
-def _str_lists(value: Any, field: str, where: str) -> dict[str, list[str]]:
-    """A ``{name: [str]}`` meta field, checked (ill-typed state is damage: restore falls back)."""
-    if value is None:
-        return {}
-    if not isinstance(value, dict) or not all(
-            isinstance(v, list) and all(isinstance(s, str) for s in v) for v in value.values()):
-        raise CorruptCheckpoint(where, f"manifest meta.{field} is malformed: expected {{object: [names]}}")
-    return value
 
 
 def resize_mode(setting: str) -> str:

@@ -6,7 +6,8 @@ ranks read but lacks (a peer's copy, then the remote tier's); then each rank rea
 its own disk (``reading.py``). A damaged copy of a file is set aside and the same step tried from its next
 source; a step that no source can complete, or whose content is damaged in every copy, is skipped with one
 warning (rank 0's) that says why. Nothing registered is written until every rank holds a verified checkpoint:
-:class:`Restored` then does phase two of the load.
+:class:`Restored` then does phase two of the load. Steps found damaged as a whole are then quarantined on each
+disk by its leader (``damaged-step-N``, docs/FORMAT.md "Quarantine"), so that retention never counts them.
 
 Not thread-safe; one per restore.
 """
@@ -19,16 +20,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ftrain.checkpoint import assembly, codec, format
-from ftrain.checkpoint.format import REPLICATED, rank_key
+from ftrain.checkpoint import assembly, checksum, content, format, retention
 from ftrain.checkpoint.manifest import Manifest
 from ftrain.checkpoint.shard import read_shard_record, read_shard_tensors
 from ftrain.checkpoint.storage import LocalStorage
 from ftrain.checkpoint.store import CheckpointStore
-from ftrain.errors import CheckpointError, CorruptCheckpoint, IncompleteCheckpoints, StateMismatch
+from ftrain.errors import CorruptCheckpoint, IncompleteCheckpoints, StateMismatch
+from ftrain.session import reading
 from ftrain.session.collectives import Collectives
 from ftrain.session.layout import Layout
-from ftrain.session.reading import RankReader, Targets, specs_of
+from ftrain.session.reading import RankReader, Targets
 from ftrain.session.sources import Sources
 
 log = logging.getLogger("ftrain")
@@ -53,6 +54,15 @@ class Restored:
         self.reader.close()
 
 
+@dataclass(frozen=True)
+class _Unusable:
+    """Why no copy of a step will do; ``damaged``: for its own content (the storage leaf's checks), so it is
+    damaged wherever it is, not merely unfit for the objects registered now."""
+
+    why: str
+    damaged: bool
+
+
 class Restorer:
     def __init__(self, layout: Layout, coll: Collectives, local: LocalStorage, store: CheckpointStore,
                  sources: Sources, single_node: bool) -> None:
@@ -61,6 +71,8 @@ class Restorer:
         self.single_node = single_node
         #: The newest checkpoint one disk's loss cannot take (replicated, or remote), as found by :meth:`restore`.
         self.safe: int | None = None
+        #: step -> (its manifest's digest, why): steps whose own content :meth:`restore` found damaged.
+        self.damaged: dict[int, tuple[str, str]] = {}
 
     def restore(self, check: Callable[[Manifest, dict[str, Any] | None], None],
                 candidates: Iterator[Manifest] | None = None, targets: Callable[[], Targets] | None = None,
@@ -96,10 +108,15 @@ class Restorer:
         if candidates is not None:
             ranked = [m.step for m in candidates] if self.rank == 0 else []
             pools = [{s} for s in json.loads(self.coll.broadcast_bytes(json.dumps(ranked).encode(), 0))]
+        found: Restored | None = None
         for only in pools:
             found = self._restore_from(check, targets, only)
             if found is not None:
-                return found
+                break
+        # Passed over newest first: with no pool, every step above the one restored was tried and refused.
+        self._quarantine(found.manifest.step if found else None, passed_over=candidates is None)
+        if found is not None:
+            return found
         away = assembly.elsewhere(self.sources.holdings, self.layout.order) if candidates is None else []
         if away:
             raise IncompleteCheckpoints(
@@ -153,7 +170,9 @@ class Restorer:
                 src.damaged(step, outcome)
                 spoilt.update(outcome)
             else:
-                skip[step] = outcome
+                skip[step] = outcome.why
+                if outcome.damaged:
+                    self.damaged[step] = (choice.digest, outcome.why)
 
     def _tell_skipped(self, chosen: int | None, only: set[int] | None, bad: dict[int, dict[tuple[str, str], str]],
                       skip: dict[int, str], told: set[int]) -> None:
@@ -172,17 +191,26 @@ class Restorer:
             log.warning("skipping checkpoint step %d: %s; falling back to an older one", step, why or "incomplete")
 
     def _read_local(self, manifest: Manifest, check: Callable[[Manifest, dict[str, Any] | None], None],
-                    offered: Targets, readers: dict[int, int]) -> Restored | dict[tuple[str, str], str] | str:
+                    offered: Targets, readers: dict[int, int]) -> Restored | dict[tuple[str, str], str] | _Unusable:
         """Every rank reads and verifies what it restores of ``manifest`` from its own disk (collective): the
         decoded checkpoint; or the (disk, file) copies found damaged, with why; or why the step itself is
-        unusable (its content is damaged whatever the copy)."""
+        unusable (its content is damaged whatever the copy, or does not fit what is registered)."""
         damage: CorruptCheckpoint | None = None
+        own = False  # the damage is in the checkpoint's own content, whatever is registered
         mismatch: StateMismatch | None = None
         reader: RankReader | None = None
         records: dict[str, Any] = {}
+        where = str(self.store.path(manifest.step))
         try:
-            records = self._read_records(manifest)
-            check(manifest, self._decode(manifest, records, specs_of(manifest).__getitem__))
+            ranks = reading.sources(manifest, self.world_size, self.rank)
+            records = content.read_trees(self.store.storage, manifest, ranks)
+            try:
+                trees = content.decode_trees(records, content.specs_of(manifest).__getitem__, where)
+                content.check_trees(manifest, trees, where)  # what `ftrain ckpt verify` checks too
+            except CorruptCheckpoint:
+                own = True
+                raise
+            check(manifest, trees)
             reader = RankReader(manifest, self.local, self.coll, single_node=self.single_node, targets=offered,
                                 readers=readers)
             reader.verify()
@@ -196,49 +224,49 @@ class Restorer:
                 damage, mismatch = e2, None
         file = Path(damage.path).name if damage is not None else ""
         mine = [damage is not None, mismatch is not None, file if file in manifest.files else "",
-                f"{damage.path}: {damage.reason}" if damage is not None else ""]
+                f"{damage.path}: {damage.reason}" if damage is not None else "", own]
         verdicts = [json.loads(b) for b in self.coll.all_gather_bytes(json.dumps(mine).encode())]
-        if any(d or m for d, m, _, _ in verdicts):
+        if any(d or m for d, m, _, _, _ in verdicts):
             if reader is not None:
                 reader.close()
-            if not any(d for d, _, _, _ in verdicts):
+            if not any(d for d, _, _, _, _ in verdicts):
                 raise mismatch or StateMismatch(f"checkpoint step {manifest.step} does not fit the registered "
                                                 "state on another rank; see its log")
-            if all(f for d, _, f, _ in verdicts if d):  # every damage is in one copy of a file: try another
-                return {(self.layout.disks[r], f): why for r, (d, _, f, why) in enumerate(verdicts) if d}
-            return next(why for d, _, f, why in verdicts if d and not f)
+            if all(f for d, _, f, _, _ in verdicts if d):  # every damage is in one copy of a file: try another
+                return {(self.layout.disks[r], f): why for r, (d, _, f, why, _) in enumerate(verdicts) if d}
+            whole = [(why, o) for d, _, f, why, o in verdicts if d and not f]
+            return _Unusable(whole[0][0], any(o for _, o in whole))
         assert reader is not None
         try:
             reader.fill(live=False)  # fresh tensors: what phase one of the load (with its undo) needs
         except BaseException:
             reader.close()
             raise
-        return Restored(manifest, self._decode(manifest, records, reader.values()), reader)
+        return Restored(manifest, content.decode_trees(records, reader.values(), where), reader)
 
-    def _read_records(self, manifest: Manifest) -> dict[str, Any]:
-        """The replicated tree and the per-rank trees of the saving ranks this rank takes over, from the verified
-        shard records."""
-        storage, ckpt = self.store.storage, format.step_dirname(manifest.step)
-        record0 = read_shard_record(storage, ckpt, manifest, 0)
-        trees = {REPLICATED: record0.trees.get(REPLICATED)}
-        sources = range(manifest.world_size) if manifest.world_size != self.world_size else [self.rank]
-        for r in sources:
-            record = record0 if r == 0 else read_shard_record(storage, ckpt, manifest, r)
-            trees[rank_key(r)] = record.trees.get(rank_key(r))
-        for key, tree in trees.items():
-            if tree is None:
-                owner = 0 if key == REPLICATED else int(key.rsplit("-", 1)[-1])
-                raise CorruptCheckpoint(storage.describe(f"{ckpt}/{format.shard_names(owner)[0]}"),
-                                        f"state tree {key!r} missing")
-        return trees
-
-    def _decode(self, manifest: Manifest, records: dict[str, Any], lookup: Callable[[str], Any]) -> dict[str, Any]:
-        try:
-            # Per object, as encoded: an alias decodes to the very tensor (or TensorSpec) it names.
-            return {key: codec.decode_objects(tree, lookup) for key, tree in records.items()}
-        except (CheckpointError, KeyError, TypeError, ValueError, AttributeError, RecursionError) as e:
-            raise CorruptCheckpoint(str(self.store.path(manifest.step)),
-                                    f"malformed state tree ({type(e).__name__}: {e})") from None
+    def _quarantine(self, restored: int | None, *, passed_over: bool) -> None:
+        """Each disk's leader, once the ranks agreed: set aside (``damaged-step-N``) this disk's copy of every step
+        whose own content proved damaged, and, when restore went newest first (``passed_over``), of every step
+        above the one restored (every step, if none was) that is damaged as a whole on this disk: a manifest that
+        does not parse, or a copy of a checkpoint saved into this one directory that lacks a file or holds one
+        of the wrong size (a copy set aside as ``.damaged`` above included). A part of a checkpoint saved to
+        several disks is never set aside for what it lacks: the rest is elsewhere."""
+        if not self.layout.is_leader:
+            return
+        store = self.store
+        for step in store.steps():
+            why = ""
+            if step in self.damaged:
+                try:
+                    same = checksum.digest(store.read_manifest_raw(step)[1]) == self.damaged[step][0]
+                except CorruptCheckpoint:
+                    same = False
+                why = self.damaged[step][1] if same else ""
+            if not why and passed_over and (restored is None or step > restored):
+                verdict = store.assess(step)
+                why = verdict.reason if verdict.damaged else ""
+            if why:
+                retention.quarantine(store, step, f"restore: {why}")
 
     def _verify_files(self, manifest: Manifest) -> None:
         """Checksum this rank's own shard file (or shard 0's after a resize) without keeping any tensor."""

@@ -14,11 +14,13 @@ from typing import Any, cast
 
 import torch
 
+from ftrain.checkpoint.content import RNG_VERSION
 from ftrain.errors import StateMismatch
 
 log = logging.getLogger("ftrain")
 
-VERSION = 1
+#: The layout of the state :func:`capture` writes: defined with the checks of it (``checkpoint/content.py``).
+VERSION = RNG_VERSION
 
 try:
     import numpy as np

@@ -42,7 +42,7 @@ from ftrain.session import decision, rng, teardown
 from ftrain.session.checkpointer import Checkpointer
 from ftrain.session.collectives import Collectives
 from ftrain.session.decision import StepAction, StepInputs
-from ftrain.session.liveness import Liveness, Preempted, setup_logging
+from ftrain.session.liveness import Liveness, Preempted, reports_mistakes, setup_logging
 from ftrain.session.reading import Targets
 from ftrain.session.record import WorkerEvents
 from ftrain.session.registry import Registry, resize_mode
@@ -56,6 +56,7 @@ log = logging.getLogger("ftrain")
 class Session:
     """Owns the checkpoint schedule and the save/restore protocol for one training process."""
 
+    @reports_mistakes
     def __init__(self, config: FtrainConfig | None = None, *, config_path: str | os.PathLike[str] | None = None,
                  overrides: dict[str, Any] | None = None, total_steps: int | None = None) -> None:
         """``total_steps``: how many steps the script will run, if known (``ftrain status`` shows an ETA)."""
@@ -88,6 +89,7 @@ class Session:
         teardown.install()  # first: atexit runs it after the flush below (why: teardown.py)
         atexit.register(self._flush_at_exit)
 
+    @reports_mistakes
     def register(self, name: str | None = None, obj: Stateful | None = None, *, per_rank: bool | None = None,
                  **named: Stateful) -> None:
         """Register stateful objects, by keyword (``model=m``) or as ``register("model", m)``.
@@ -101,6 +103,7 @@ class Session:
             self.registry.add(key, o, per_rank)
 
     # ----------------------------------------------------------------- restore
+    @reports_mistakes
     def restore(self) -> int:
         """Load the newest valid checkpoint into the registered objects; return its step, or 0 if none.
 
@@ -140,6 +143,7 @@ class Session:
         self.registry.check(manifest, trees, self.rank, self.world_size, self.ckpt.trainable_only,
                             on_resize=resize_mode(self.ckpt.on_resize))
 
+    @reports_mistakes
     def batch_plan(self, global_batch: int, *, max_micro_batch: int | None = None) -> BatchPlan:
         """How this rank takes its share of a constant ``global_batch`` at this run's world size.
 
@@ -189,6 +193,7 @@ class Session:
                         "data position carry over; RNG streams are derived anew per rank (README \"Resizing\")",
                         manifest.step, manifest.world_size, self.world_size)
 
+    @reports_mistakes
     def load_best(self) -> int | None:
         """Load the best checkpoint by ``checkpoint.monitor`` into the registered objects; return its step.
 
@@ -216,6 +221,7 @@ class Session:
         """True once early stopping fired (``early_stopping.patience``); stays true after a restore."""
         return self.selection.should_stop
 
+    @reports_mistakes
     def report(self, **metrics: Any) -> None:
         """Report metrics (numbers or one-element tensors) for the step about to be passed to :meth:`step`.
 
@@ -226,6 +232,7 @@ class Session:
         self.selection.report(metrics)
 
     # -------------------------------------------------------------------- save
+    @reports_mistakes
     def step(self, step: int) -> bool:
         """Call once per completed step on every rank; saves when ``every_steps``/``every_seconds`` fall due.
 
@@ -265,6 +272,7 @@ class Session:
         self._save(step)
         return True
 
+    @reports_mistakes
     def save(self, step: int, *, blocking: bool = False) -> None:
         """Checkpoint the registered state at ``step`` (every rank must call it for the same step).
 
@@ -304,6 +312,7 @@ class Session:
         self.events.save(step, started, self._last_save_time - t0)
         self.liveness.beat(STEPPING, step)
 
+    @reports_mistakes
     def close(self) -> None:
         """Wait for the in-flight save to commit; raise if it failed; undo this session's process hooks.
 

@@ -22,6 +22,7 @@ from collections.abc import Callable
 from ftrain.checkpoint import format
 from ftrain.checkpoint.assembly import Held
 from ftrain.checkpoint.checksum import digest
+from ftrain.checkpoint.remote import RemoteStorage
 from ftrain.checkpoint.store import CheckpointStore, open_store
 from ftrain.checkpoint.upload import RetryPolicy, Share, Uploader
 from ftrain.config import CheckpointConfig
@@ -41,6 +42,8 @@ class RemoteTier:
         except OSError as e:
             raise CheckpointDirError(f"checkpoint.remote {cfg.remote!r}: {e.strerror or e}") from None
         self.uploader: Uploader | None = None
+        #: The start found the remote tier unavailable (already logged: the restore does not say it again).
+        self.down = False
 
     # ------------------------------------------------------------------ save
     def start(self, layout: Layout, exchange: Exchange, on_uploaded: Callable[[int], None]) -> None:
@@ -49,6 +52,12 @@ class RemoteTier:
         remotely."""
         if not layout.is_leader or self.uploader is not None:
             return
+        try:
+            if isinstance(self.remote.storage, RemoteStorage):  # (always: checkpoint.remote is checked to be a URL)
+                self.remote.storage.check()  # a bucket that does not exist: RemoteNotFound, a mistake (exit 2)
+            down: OSError | None = None
+        except OSError as e:  # unreachable, refused credentials: an outage; training goes on
+            down = e
         share, when_busy = Share(), self.cfg.when_busy
         if not layout.shared:
             disks = len(layout.order)
@@ -89,6 +98,9 @@ class RemoteTier:
 
         self.uploader = Uploader(self.local, self.remote, keep_last=self.cfg.remote_keep_last, when_busy=when_busy,
                                  retry=RetryPolicy(attempts=self.cfg.remote_retries), share=share, on_result=result)
+        if down is not None:
+            self.down = True
+            self.uploader.unavailable(down)
         if layout.shared:
             newest = next(self.local.candidates(), None)
             if newest is not None and not self._on_remote(newest.step):
@@ -128,9 +140,10 @@ class RemoteTier:
         out: dict[int, Held] = {}
         try:
             steps = self.remote.steps()
-        except OSError as e:  # unreachable remote: restore from what the disks hold, and say so
-            log.warning("the remote tier %s cannot be listed (%s); restoring from local checkpoints only",
-                        self.remote.storage.describe(), e)
+        except OSError as e:  # unreachable remote: restore from what the disks hold, and say so (once)
+            (log.debug if self.down else log.warning)(
+                "the remote tier %s cannot be listed (%s); restoring from local checkpoints only",
+                self.remote.storage.describe(), e)
             return out
         for step in steps:
             try:

@@ -14,39 +14,31 @@ allocated, and before any object is touched. Two verdicts:
   both shapes and the fix: an older checkpoint of the same run would not fit
   either.
 
-Pure functions over the trees and the live objects (read, never modified).
+What needs no registered object (the trees' shape, the RNG state's structure, ``meta``) is checked before
+these run, by the storage leaf that ``ftrain ckpt verify`` uses too (``checkpoint/content.py``,
+``manifest.check_meta``): here only what the objects registered now decide. Pure functions over the trees and
+the live objects (read, never modified).
 """
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import nn
 
+from ftrain.checkpoint import content
+from ftrain.checkpoint.content import TensorSpec
 from ftrain.errors import CorruptCheckpoint, StateMismatch
 from ftrain.session import rng
 from ftrain.stateful import Stateful
 
+__all__ = ["PARAM_SHAPED", "TensorSpec", "check_module", "check_objects", "check_optimizer", "check_rng",
+           "check_sharded_optimizer"]
+
 #: Optimizer state entries that are known to have the parameter's shape (torch.optim's optimizers).
 PARAM_SHAPED = frozenset({"exp_avg", "exp_avg_sq", "max_exp_avg_sq", "momentum_buffer", "square_avg", "grad_avg",
                           "acc_delta", "sum", "ax", "prev", "exp_inf"})
-_MT19937_WORDS = 625  # Python's random.getstate(): 624 words of state and the position
-
-
-@dataclass(frozen=True)
-class TensorSpec:
-    """A tensor as the manifest describes it, before its bytes are read."""
-
-    shape: tuple[int, ...]
-    dtype: torch.dtype
-
-    def numpy(self) -> TensorSpec:  # a NumPy array is stored as a tensor: its description stands for it too
-        return self
-
-    def describe(self) -> str:
-        return f"{list(self.shape)} {str(self.dtype).removeprefix('torch.')}"
 
 
 def check_objects(objects: Mapping[str, tuple[Stateful, bool]], replicated: Any, mine: Any,
@@ -55,26 +47,19 @@ def check_objects(objects: Mapping[str, tuple[Stateful, bool]], replicated: Any,
     """Check every registered object's saved state (and this rank's RNG state) against the object now.
 
     ``replicated`` and ``mine`` are the decoded trees with :class:`TensorSpec`
-    leaves; ``omitted`` the state keys a trainable-only checkpoint left out;
-    ``where`` names the checkpoint in messages; ``sharded`` maps each sharded optimizer to its module (their
-    state is keyed by parameter name: ``sharding.py``).
+    leaves, which passed ``content.check_trees`` (objects, each registered object's state an object, the RNG
+    state's structure); ``omitted`` the state keys a trainable-only checkpoint left out; ``where`` names the
+    checkpoint in messages; ``sharded`` maps each sharded optimizer to its module (their state is keyed by
+    parameter name: ``sharding.py``).
     """
-    for tree, what in ((replicated, "replicated"), (mine, "per-rank")):
-        if not isinstance(tree, dict):
-            raise CorruptCheckpoint(where, f"the {what} state tree is a {type(tree).__name__}, not an object")
     for key, (obj, per_rank) in objects.items():
-        tree = mine if per_rank else replicated
-        if key not in tree:
-            raise CorruptCheckpoint(where, f"the manifest lists {key!r} but its state tree is missing")
-        state = tree[key]
+        state = (mine if per_rank else replicated)[key]
         if isinstance(obj, nn.Module):
             check_module(key, obj, state, omitted.get(key, ()), where)
         elif sharded and key in sharded:
             check_sharded_optimizer(key, sharded[key], state, where)
         elif isinstance(obj, torch.optim.Optimizer):
             check_optimizer(key, obj, state, where)
-        elif not isinstance(state, dict):
-            raise CorruptCheckpoint(where, f"the state of {key!r} is a {type(state).__name__}, not an object")
     check_rng(mine.get("rng"), where)
 
 
@@ -158,48 +143,16 @@ def check_sharded_optimizer(key: str, model: nn.Module, state: Any, where: str) 
 
 
 def check_rng(state: Any, where: str) -> None:
-    """The RNG state :func:`ftrain.session.rng.capture` writes; anything else is damage."""
-    def bad(what: str) -> CorruptCheckpoint:
-        return CorruptCheckpoint(where, f"RNG state: {what}")
-
-    if not isinstance(state, dict):
-        raise bad("missing or not an object")
-    if not _is_int(state.get("version")):
-        raise bad(f"version {state.get('version')!r} is not a number")
+    """The RNG state :func:`ftrain.session.rng.capture` writes: its structure (``content.check_rng``: damage),
+    then what this process decides (another version, another CUDA device count: a mismatch)."""
+    content.check_rng(state, where)
     if state["version"] != rng.VERSION:
         raise StateMismatch(f"checkpoint {where}: its RNG state has version {state['version']}, this ftrain reads "
                             f"{rng.VERSION}; resume it with the ftrain version that wrote it")
-    py = state.get("python")
-    if not (isinstance(py, tuple) and len(py) == 3 and _is_int(py[0]) and isinstance(py[1], (tuple, list))
-            and len(py[1]) == _MT19937_WORDS and all(_is_int(w) and 0 <= w < 1 << 32 for w in py[1])
-            and (py[2] is None or isinstance(py[2], float))):
-        raise bad("Python 'random' state is malformed")
-    if not _byte_tensor(state.get("torch"), len(torch.get_rng_state())):
-        raise bad("torch generator state is not a uint8 tensor of the generator's size")
-    if "numpy" in state:
-        n = state["numpy"]
-        if not (isinstance(n, dict) and n.get("kind") == "MT19937" and isinstance(n.get("keys"), list)
-                and len(n["keys"]) == _MT19937_WORDS - 1
-                and all(_is_int(w) and 0 <= w < 1 << 32 for w in n["keys"])
-                and _is_int(n.get("pos")) and 0 <= n["pos"] <= _MT19937_WORDS - 1 and n.get("has_gauss") in (0, 1)
-                and isinstance(n.get("cached_gaussian"), (int, float))):
-            raise bad("NumPy state is malformed")
-    if "cuda" in state:
-        cuda = state["cuda"]
-        if not (isinstance(cuda, list) and all(_byte_tensor(t) for t in cuda)):
-            raise bad("CUDA generator states are not 1-D uint8 tensors")
-        if torch.cuda.is_available() and len(cuda) != torch.cuda.device_count():
-            raise StateMismatch(f"checkpoint {where}: CUDA RNG state saved for {len(cuda)} device(s), this process "
-                                f"sees {torch.cuda.device_count()}; set CUDA_VISIBLE_DEVICES as in the original run")
-
-
-def _byte_tensor(t: Any, size: int | None = None) -> bool:
-    return (isinstance(t, TensorSpec) and t.dtype == torch.uint8 and len(t.shape) == 1
-            and (size is None or t.shape[0] == size))
-
-
-def _is_int(v: Any) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
+    cuda = state.get("cuda")
+    if cuda is not None and torch.cuda.is_available() and len(cuda) != torch.cuda.device_count():
+        raise StateMismatch(f"checkpoint {where}: CUDA RNG state saved for {len(cuda)} device(s), this process "
+                            f"sees {torch.cuda.device_count()}; set CUDA_VISIBLE_DEVICES as in the original run")
 
 
 def _few(names: list[str]) -> str:

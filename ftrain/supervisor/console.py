@@ -8,7 +8,8 @@ Python traceback, then torchrun prints its own traceback and its ChildFailedErro
 shows ("" for nothing). Normal lines pass as :func:`strip_prefix` shows them; traceback
 blocks are held back and, once their exception line arrives, either folded (a collective
 error: a consequence of a dead peer, counted for :meth:`Console.summary`), dropped
-(torchrun's own ChildFailedError: the supervisor reports its root cause) or shown as one
+(torchrun's own ChildFailedError, and permanent errors such as ``ConfigError``: the supervisor
+reports its root cause, the permanent error in one line) or shown as one
 line (any other exception: a root cause). Nothing is lost: torchrun writes every line to the
 attempt's torchrun.log and per-rank logs itself. When unsure a line belongs to a traceback,
 it is shown. ``FTRAIN_RAW_CONSOLE=1`` shows everything as before. Pure: lines in, strings out.
@@ -22,7 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ftrain import envvars
-from ftrain.errors import printable
+from ftrain.errors import permanent_types, printable
 
 _PREFIX = re.compile(r"^@@ftrain-rank(\d+)@@")  # torchrun's --tee prefix (supervisor._PREFIX_TEMPLATE)
 _TORCH_RANK = re.compile(r"^\[rank(\d+)\]: ?")  # torch's own stderr prefix inside worker lines
@@ -40,6 +41,9 @@ _COLLECTIVE_MORE = ("Last error:", "nccl", "socketProgress", *_COLLECTIVE)
 _GLOG = re.compile(r"^[IWEF]\d{4} \d\d:\d\d:\d\d\.\d+ +\d+ \S*elastic\S*\] ")
 _GLOG_NOISE = ("closing signal", "failed (exitcode:", "Unable to shutdown process", "death signal, shutting down")
 _BOX = re.compile(r"^={20,}\s*$")  # the ChildFailedError report's top and bottom rules
+# A rank's error saying it stopped because another rank failed (ftrain's own wording, session/collectives.py).
+_ELSEWHERE = ("another rank failed", "another rank's background")
+_PERMANENT = permanent_types()  # class names of the errors the supervisor stops on (and reports) itself
 _SOURCE_PATH = re.compile(r"\[([^\]\s]*/[^\]\s]*?)(?::\d+)?\]")  # gloo's "[/__w/pytorch/.../gloo/.../pair.cc:553]"
 
 
@@ -68,13 +72,18 @@ class _After:
 class Console:
     """One attempt's (or one multi-node launch's) console filter; call it with each output line."""
 
-    def __init__(self, log_path: Path | str, env: Mapping[str, str] | None = None) -> None:
+    def __init__(self, log_path: Path | str, env: Mapping[str, str] | None = None,
+                 mistakes: Callable[[], Iterable[str]] = tuple) -> None:
+        """``mistakes``: the permanent errors' messages recorded so far (``AttemptFiles.mistakes``); a worker line
+        that repeats one is dropped (a script that prints the error it caught, once per rank)."""
         self.log_path = printable(log_path)
+        self._mistakes = mistakes
         self.raw = (os.environ if env is None else env).get(envvars.RAW_CONSOLE, "") == "1"
         self._open: dict[int | None, int] = {}  # source (rank, None: torchrun) -> lines of its open traceback
         self._after: dict[int | None, _After] = {}
         self._box: str | None = None  # torchrun's ChildFailedError report: "expect" its rule, or "in" it
         self._folded: dict[int, str] = {}  # rank -> its first collective error's message
+        self._elsewhere: set[int] = set()  # ranks that raised because another rank failed
 
     def __call__(self, line: str) -> str:
         if self.raw:
@@ -116,6 +125,8 @@ class Console:
             return held
         if src is None and _GLOG.match(text) and any(p in text for p in _GLOG_NOISE):
             return held
+        if src is not None and any(m in text for m in self._mistakes()):
+            return held  # the supervisor says it, once
         return held + strip_prefix(line)
 
     def _ended(self, src: int | None, exc: str) -> str:
@@ -126,6 +137,15 @@ class Console:
                 return ""
             self._after[src] = _After(False)
             return f"torchrun: {_shorten(exc)} (traceback in {self.log_path})\n"
+        if exc.split(":", 1)[0].rsplit(".", 1)[-1].strip() in _PERMANENT:
+            # A mistake (bad config, a checkpoint of another model): every rank raises it, and the supervisor stops
+            # and says it once, in one line. Dropped here so it is not printed once per rank as well.
+            self._after[src] = _After(False)
+            return ""
+        if any(p in exc for p in _ELSEWHERE):  # this rank stopped because another one failed: that one is shown
+            self._after[src] = _After(False)
+            self._elsewhere.add(src)
+            return ""
         folded = is_collective_error(exc)
         self._after[src] = _After(folded)
         if folded:
@@ -141,12 +161,14 @@ class Console:
             first = next(iter(self._folded.values()))
             parts.append(f"{_ranks(self._folded)}: {'collective errors' if n > 1 else 'a collective error'} after "
                          f"a peer died ({first})")
+        if self._elsewhere:
+            parts.append(f"{_ranks(self._elsewhere)}: stopped because another rank failed")
         if self._open:  # tracebacks that never ended: the job was killed while they were written
             ranks = [s for s in self._open if s is not None]
             who = [_ranks(ranks)] if ranks else []
             who += ["torchrun"] if None in self._open else []
             parts.append(f"{' and '.join(who)}: traceback cut off (the job ended while it was written)")
-        self._open, self._after, self._box, self._folded = {}, {}, None, {}
+        self._open, self._after, self._box, self._folded, self._elsewhere = {}, {}, None, {}, set()
         return [f"{'; '.join(parts)}; full text in {self.log_path}"] if parts else []
 
 

@@ -15,7 +15,7 @@ import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-from ftrain.attempt import AttemptFiles
+from ftrain.attempt import SAVING, AttemptFiles
 from ftrain.events import EventLog, Tail, log_path, node_id, process_start
 from ftrain.telemetry.live import progress_line, status_of
 
@@ -40,13 +40,17 @@ class Journal:
         self._tail = Tail(path)
         self._seen: list[dict[str, Any]] = []
         self._files: AttemptFiles | None = None
+        self._group_started = 0.0  # wall clock of the current worker group's start (multi-node)
 
     def emit(self, ev: str, **fields: Any) -> None:
         self.log.emit(ev, **fields)
 
     # ------------------------------------------------------------- happenings
     def launch(self, *, nproc: int, nnodes: tuple[int, int], script: str, cfg: FtrainConfig) -> None:
-        self.emit("launch", proc_start=process_start(), nproc=nproc, nnodes=list(nnodes), script=script,
+        # ckpt_dir: where this node saw the checkpoint directory, so that a reader handed a copy or another
+        # mount of it (node-local disks) finds this node's attempt directories under it.
+        self.emit("launch", proc_start=process_start(), ckpt_dir=os.path.abspath(cfg.checkpoint.dir), nproc=nproc,
+                  nnodes=list(nnodes), script=script,
                   max_restarts=cfg.supervisor.max_restarts, every_steps=cfg.checkpoint.every_steps,
                   every_seconds=cfg.checkpoint.every_seconds, hang_timeout=cfg.supervisor.hang_timeout_seconds)
 
@@ -58,7 +62,7 @@ class Journal:
         if failure is not None:
             self.failure(result.attempt, failure)
         self.emit("attempt_end", attempt=result.attempt, outcome=result.outcome.value, exit_code=result.exit_code,
-                  detail=result.detail, newest=newest)
+                  detail=result.detail, newest=newest, saving=self._saving(0.0))
 
     def failure(self, attempt: int, failure: Failure, **more: Any) -> None:
         self.emit("failure", attempt=attempt, rank=failure.rank, exit_code=failure.exit_code,
@@ -67,8 +71,10 @@ class Journal:
 
     def hang(self, attempt: int, verdict: str, files: AttemptFiles, pids: frozenset[int] | None = None) -> None:
         beats = [b for b in files.read_heartbeats().values() if pids is None or b.pid in pids]
-        # The hang began when the silent rank last reported: the oldest heartbeat.
-        self.emit("hang", attempt=attempt, verdict=verdict, since=min((b.time for b in beats), default=None))
+        # The hang began when the silent rank last reported: the oldest heartbeat; its phase says what hung.
+        oldest = min(beats, key=lambda b: b.time, default=None)
+        self.emit("hang", attempt=attempt, verdict=verdict, since=oldest.time if oldest else None,
+                  phase=oldest.phase if oldest else None, step=oldest.step if oldest else None)
 
     def backoff(self, attempt: int, delay: float) -> None:
         self.emit("backoff", attempt=attempt, delay=delay)
@@ -81,10 +87,21 @@ class Journal:
         self.emit("notice", source=notice.source, deadline=notice.deadline, detail=notice.detail[:500])
 
     def group_start(self, group: int, workers: int) -> None:
+        self._group_started = time.time()
         self.emit("group_start", group=group, workers=workers)
 
     def group_end(self, group: int, ending: str, detail: str, counted: bool) -> None:
-        self.emit("group_end", group=group, ending=ending, detail=detail, counted=counted)
+        self.emit("group_end", group=group, ending=ending, detail=detail, counted=counted,
+                  saving=self._saving(self._group_started - 1.0))
+
+    def _saving(self, since: float) -> float | None:
+        """When the oldest save still in progress began (a rank's heartbeat left in a save by workers that are
+        gone: the save stalled or was cut short), or None. Only heartbeats written after ``since`` count: the
+        files of ranks an earlier worker group had and this one lacks stay behind."""
+        if self._files is None:
+            return None
+        starts = [b.time for b in self._files.read_heartbeats().values() if b.phase == SAVING and b.time >= since]
+        return min(starts, default=None)
 
     def finish(self, code: int, reason: str) -> None:
         if code not in (0, 75):
@@ -106,5 +123,5 @@ class Journal:
             keep = {"launch", "attempt_start", "attempt_end", "group_end", "session_start", "signal", "notice"}
             head = [e for e in self._seen[:-1000] if e["ev"] in keep]
             self._seen = head[-1000:] + self._seen[-1000:]
-        beats = {str(self._files.root): self._files.read_heartbeats()} if self._files is not None else {}
+        beats = {self.node: self._files.read_heartbeats()} if self._files is not None else {}
         self._say(progress_line(status_of(self._seen, beats, time.time(), self.run_id)))

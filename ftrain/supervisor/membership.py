@@ -16,7 +16,11 @@ why, from what the workers left in the attempt directory and torchrun's output:
 5. otherwise a *membership change*, never counted: every local error is a communication
    failure (a peer node died: gloo "Connection closed by peer"), or torchrun stopped the
    workers with SIGTERM to admit a new node (the workers saved: ``preempted.json``), or
-   the workers were stopped without any error at all.
+   the workers were stopped without any error at all;
+6. but a group that left no trace at all (no error, no failed exit, no save) *finished* if
+   torchrun itself exited 0 after it: every rank returned normally. Until torchrun exits
+   (or starts the next group) such a group looks the same as one stopped for a
+   re-rendezvous, so the caller says which it was (``finished``), if it knows.
 
 Files are attributed to a group by the writer's pid (heartbeats, error files and
 ``preempted.json`` carry it, docs/FORMAT.md "Attempt directory"): ranks are renumbered
@@ -51,6 +55,7 @@ class Ending(enum.Enum):
     """Why a worker group ended."""
 
     MEMBERSHIP = "membership change"
+    FINISHED = "finished"
     FAILED = "failed"
     HUNG = "hung"
     PREEMPTED = "preempted"
@@ -132,13 +137,16 @@ def group_errors(errors: Mapping[int, Mapping[str, Any]], pids: frozenset[int]) 
 
 def classify_group(pids: frozenset[int], errors: Mapping[int, Mapping[str, Any]], exits: Mapping[int, int],
                    preempted: Mapping[str, Any] | None, *, signalled: bool = False,
-                   hang: str | None = None) -> GroupEnd:
-    """Why the group of worker processes ``pids`` ended (rules 1-5 of the module docstring).
+                   hang: str | None = None, finished: bool | None = None) -> GroupEnd:
+    """Why the group of worker processes ``pids`` ended (rules 1-6 of the module docstring).
 
     ``errors``: every error file of the attempt (rank -> record; only the group's own count);
     ``exits``: pid -> exit code of workers torchrun reported failed (:func:`parse_worker_exits`);
     ``preempted``: the attempt's ``preempted.json`` record, or None; ``signalled``: the supervisor
-    itself received a preemption signal; ``hang``: the hang detector's verdict on this group.
+    itself received a preemption signal; ``hang``: the hang detector's verdict on this group;
+    ``finished`` (rule 6): True if torchrun exited 0 after the group ended, False if it started another
+    group (or failed), None if not known yet. Only a group that left no trace depends on it: asked with
+    True, the verdict is ``FINISHED`` exactly when it does.
     """
     if signalled:
         return GroupEnd(Ending.PREEMPTED, "the supervisor received a preemption signal")
@@ -163,7 +171,13 @@ def classify_group(pids: frozenset[int], errors: Mapping[int, Mapping[str, Any]]
     if preempted is not None and preempted.get("pid") in pids:
         return GroupEnd(Ending.MEMBERSHIP, "torchrun stopped the workers for a re-rendezvous; they saved step "
                         f"{preempted.get('step')}")
-    return GroupEnd(Ending.MEMBERSHIP, "torchrun stopped the workers for a re-rendezvous (or they finished)")
+    if finished:
+        return GroupEnd(Ending.FINISHED, "every worker exited 0, then torchrun exited 0")
+    if finished is False:
+        return GroupEnd(Ending.MEMBERSHIP, "torchrun stopped the workers for a re-rendezvous; they left no error "
+                        "and no save")
+    return GroupEnd(Ending.MEMBERSHIP, "the workers exited without an error or a save: torchrun stopped them for a "
+                    "re-rendezvous, or they finished and torchrun waits for the other nodes to finish")
 
 
 def _first_line(text: object, limit: int = 160) -> str:

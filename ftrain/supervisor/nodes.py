@@ -25,7 +25,7 @@ from ftrain.supervisor.console import Console, flush
 from ftrain.supervisor.hang import find_hung
 from ftrain.supervisor.membership import Ending, Group, GroupWatch, classify_group, group_errors, parse_worker_exits
 from ftrain.supervisor.policy import Action, AttemptResult, Decision, Outcome, decide
-from ftrain.supervisor.report import Failure, exit_text, root_cause
+from ftrain.supervisor.report import Failure, exit_text, permanent_failure, root_cause
 from ftrain.supervisor.state import State
 
 if TYPE_CHECKING:
@@ -38,6 +38,11 @@ TORCHRUN_RESTARTS = 10**6
 _GROUP_CHECK = 0.5
 #: Seconds between polls of torchrun (signals, exit).
 _POLL = 0.1
+#: Seconds a worker group that ended without a trace (no error, no failed exit, no save) waits for torchrun to
+#: exit (the workers finished) or to start the next group (a re-rendezvous) before it is reported anyway. Workers
+#: that finish leave torchrun in its exit barrier until every node's workers finished: here (2 nodes on one host)
+#: the whole finish, from the last step's line to torchrun's exit, took 2.5 s.
+_FINISH_WAIT = 5.0
 
 
 def run_nodes(sup: Supervisor) -> int:
@@ -51,6 +56,8 @@ def run_nodes(sup: Supervisor) -> int:
     guard counts local failures in a row with no checkpoint newer than at the previous local failure
     (checkpoints committed by groups in between count as progress). A preemption signal to the
     supervisor stops the current group (save, exit 75) and then torchrun; torchrun exiting 0 is success.
+    A group that ended without a trace is reported once torchrun exits (0: the ranks finished) or starts the
+    next group (a re-rendezvous), or after :data:`_FINISH_WAIT`, whichever comes first.
     """
     clock = sup.clock
     if sup._signals:
@@ -59,7 +66,7 @@ def run_nodes(sup: Supervisor) -> int:
                            [], sup._newest_step())
     number, files = AttemptFiles.next_attempt(sup.log_dir, sup.spec.run_id)
     files.create()
-    console = Console(files.torchrun_log) if sup.echo else None
+    console = Console(files.torchrun_log, mistakes=files.mistakes) if sup.echo else None
     job = sup._job = sup._start_job(sup._command(files), sup._env(files, number), files.torchrun_log,
                                     echo=console)
     lo, hi = sup.spec.nnodes
@@ -75,6 +82,7 @@ def run_nodes(sup: Supervisor) -> int:
     mark = sup._newest_step()  # the newest checkpoint at the previous local failure (the crash-loop guard)
     grace_deadline: float | None = None
     stopping: Group | None = None  # the group running when the preemption signal came
+    pending: tuple[Group, float] | None = None  # a group that ended without a trace, and until when it waits
     next_check = clock.monotonic()
     while True:
         rc = job.poll()
@@ -107,12 +115,26 @@ def run_nodes(sup: Supervisor) -> int:
             next_check = clock.monotonic() + _GROUP_CHECK
             job.tree()
             ended, started = watch.observe(job.worker_pids() if rc is None else (), clock.time())
-            if ended is not None and rc is None:  # (a group that ended with torchrun: see below)
-                if grace_deadline is not None:  # our group saved (or failed) after the stop: torchrun goes too
-                    job.kill_tree()
-                    break
-                counted, stop = _group_ended(sup, ended, files, job, hangs.pop(ended.number, None), history,
-                                              failures, lines, mark, console)
+            now = clock.monotonic()
+            resolve = pending is not None and (started is not None or ended is not None
+                                               or (rc is None and now >= pending[1]))
+            if ended is not None and rc is None and grace_deadline is not None:
+                job.kill_tree()  # our group saved (or failed) after the stop: torchrun goes too
+                break
+            reports: list[tuple[Group, bool | None]] = []  # (group, finished: see classify_group)
+            if pending is not None and resolve:
+                reports.append((pending[0], False if started is not None or ended is not None else None))
+                pending = None
+            if ended is not None and rc is None:
+                if _traceless(ended, files, job, hangs.get(ended.number)):
+                    pending = (ended, now + _FINISH_WAIT)  # finished, or a re-rendezvous: torchrun shows which
+                else:
+                    reports.append((ended, False))
+            elif ended is not None and rc == 0:  # the workers and torchrun ended together: reported below
+                pending = (ended, now)
+            for group, finished in reports:
+                counted, stop = _group_ended(sup, group, files, job, hangs.pop(group.number, None), history,
+                                              failures, lines, mark, console, finished=finished)
                 if counted:
                     mark = sup._newest_step()
                 if stop is not None:
@@ -145,6 +167,9 @@ def run_nodes(sup: Supervisor) -> int:
     job.kill_tree()
     job.close()
     flush(console, sup._say)
+    if pending is not None:  # torchrun exited (0: the ranks finished), or we stopped it
+        _group_ended(sup, pending[0], files, job, hangs.pop(pending[0].number, None), history, failures, lines,
+                     mark, console, finished=True if rc == 0 else None if sup._signals else False)
     sup._job = None
     sup._set(State.DONE)
     newest = sup._newest_step()
@@ -169,27 +194,37 @@ def run_nodes(sup: Supervisor) -> int:
 
 def _group_ended(sup: Supervisor, group: Group, files: AttemptFiles, job: Job, hang: str | None,
                  history: list[AttemptResult], failures: list[Failure], lines: list[str],
-                 mark: int | None, console: Console | None = None) -> tuple[bool, Decision | None]:
-    """Classify an ended group and record it: (was it a local failure, the policy's STOP decision or None)."""
+                 mark: int | None, console: Console | None = None, *,
+                 finished: bool | None = False) -> tuple[bool, Decision | None]:
+    """Classify an ended group and record it: (was it a local failure, the policy's STOP decision or None).
+
+    ``finished``: whether torchrun exited 0 after the group (True), started another group or failed (False),
+    or neither yet (None); see :func:`classify_group`.
+    """
     flush(console, sup._say)  # the group's folded tracebacks, before what the supervisor says of it
     verdict = classify_group(group.pids, files.read_errors(), parse_worker_exits(job.tail), files.read_preempted(),
-                             hang=hang)
+                             hang=hang, finished=finished)
     newest = sup._newest_step()
     sup.journal.group_end(group.number, verdict.ending.value, verdict.detail, verdict.ending.counted)
     lines.append(f"group {group.number} {verdict.ending.value}: {verdict.detail}; newest checkpoint: "
                  f"{'step ' + str(newest) if newest is not None else 'none'}")
+    if verdict.ending is Ending.FINISHED:
+        sup._say(f"worker group {group.number} finished ({verdict.detail})")
+        return False, None
     if not verdict.ending.counted:
         sup._say(f"worker group {group.number} ended: {verdict.ending.value} ({verdict.detail}); not counted "
-                 "as a failure; torchrun re-rendezvouses")
+                 f"as a failure{'; torchrun re-rendezvouses' if finished is False else ''}")
         return False, None
     progressed = newest is not None and (mark is None or newest > mark)
     outcome = Outcome.HUNG if verdict.ending is Ending.HUNG else Outcome.FAILED
-    history.append(AttemptResult(len(history), outcome, progressed, None, verdict.detail))
     errors = group_errors(files.read_errors(), group.pids)
+    permanent = permanent_failure(len(history), errors) if hang is None else None
+    history.append(AttemptResult(len(history), outcome, progressed, None, verdict.detail,
+                                 permanent.permanent if permanent is not None else None))
     if verdict.rank in errors:  # the local exception, not the peers' communication errors it caused
         errors = {verdict.rank: errors[verdict.rank]}
-    failure = root_cause(len(history) - 1, list(job.tail), {r: dict(e) for r, e in errors.items()}, hang,
-                         files.ranks_dir)
+    failure = permanent or root_cause(len(history) - 1, list(job.tail), {r: dict(e) for r, e in errors.items()},
+                                      hang, files.ranks_dir)
     failures.append(failure)
     sup.journal.failure(len(history) - 1, failure, group=group.number)
     decision = decide(history, sup.policy, sup._jitter())
@@ -199,6 +234,12 @@ def _group_ended(sup: Supervisor, group: Group, files: AttemptFiles, job: Job, h
              f"{len(history)} (supervisor.max_restarts={sup.policy.max_restarts}); torchrun restarts the "
              "workers at the next rendezvous")
     return True, None
+
+
+def _traceless(group: Group, files: AttemptFiles, job: Job, hang: str | None) -> bool:
+    """Whether ``group`` ended without a trace: finished, or stopped for a re-rendezvous, as torchrun shows next."""
+    return classify_group(group.pids, files.read_errors(), parse_worker_exits(job.tail), files.read_preempted(),
+                          hang=hang, finished=True).ending is Ending.FINISHED
 
 
 def _final_marker(files: AttemptFiles, stopping: Group | None) -> dict[str, Any] | None:

@@ -9,6 +9,9 @@ Rules, applied to the last attempt in ``history``:
 * ``SUCCEEDED``: stop with ``exitcodes.OK``.
 * ``PREEMPTED``: stop with ``exitcodes.PREEMPTED`` (75); the job is resumable and whoever
   preempted it (the scheduler) decides when it runs again, so we never restart it ourselves.
+* ``FAILED`` with ``permanent`` set (a worker raised a mistake no restart can fix: bad config or
+  usage, a directory held by another job, a checkpoint that does not fit the model): stop at once
+  with that exit code (2 for bad input, 1 for a mismatch), whatever budget is left.
 * ``FAILED`` or ``HUNG`` (a hang is handled exactly like a crash):
 
   1. restarts used = attempts - 1. If restarts used >= ``max_restarts``, stop with
@@ -62,6 +65,8 @@ class AttemptResult:
     exit_code: int | None = None
     #: Human text, e.g. "rank 2 exited with SIGKILL".
     detail: str = ""
+    #: A permanent error ended it (``FtrainError.permanent``): the exit code to stop with; None otherwise.
+    permanent: int | None = None
 
 
 class Action(enum.Enum):
@@ -171,6 +176,8 @@ def decide(history: Sequence[AttemptResult], policy: RestartPolicy, jitter: floa
                         f"attempt {last.attempt} was preempted{_colon(detail)}; "
                         "resumable from the newest valid checkpoint")
 
+    if last.outcome is Outcome.FAILED and last.permanent is not None:
+        return Decision(Action.STOP, last.permanent, 0.0, f"not restarted (no restart can fix this){_colon(detail)}")
     used = restarts_used(history)
     last_words = f"; last: {detail}" if detail else ""
     if used >= policy.max_restarts:

@@ -9,10 +9,13 @@ from __future__ import annotations
 
 import re
 import signal
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ftrain import exitcodes
+from ftrain.errors import printable
 from ftrain.supervisor.console import is_collective_error
 
 _ROOT = re.compile(r"Root Cause \(first observed failure\)")
@@ -30,6 +33,8 @@ class Failure:
     traceback: str | None = None
     hang: str | None = None
     extra: dict[str, Any] = field(default_factory=dict)
+    #: A permanent error (``FtrainError.permanent``) ended the attempt: the exit code the launch stops with.
+    permanent: int | None = None
 
     def describe(self) -> str:
         who = f"rank {self.rank}" if self.rank is not None else "the job"
@@ -41,6 +46,21 @@ class Failure:
         if self.exc_type:
             parts.append(f"({self.exc_type}: {self.message})")
         return " ".join(parts)
+
+
+def permanent_failure(attempt: int, errors: Mapping[int, Mapping[str, Any]]) -> Failure | None:
+    """The earliest error record marked permanent (docs/FORMAT.md, "Attempt directory"), as the attempt's root
+    cause; None if there is none. Its exit code is the record's (2 or 1), anything else read as 1."""
+    marked = [(float(rec.get("time") or 0.0), rank) for rank, rec in errors.items() if rec.get("permanent") is True]
+    if not marked:
+        return None
+    rank = min(marked)[1]
+    rec = errors[rank]
+    code = rec.get("exit_code")
+    return Failure(attempt=attempt, rank=rank, exc_type=printable(rec.get("exc_type") or "error"),
+                   message=printable(" ".join(str(rec.get("message") or "").split())),
+                   traceback=rec.get("traceback") if isinstance(rec.get("traceback"), str) else None,
+                   permanent=code if code in (exitcodes.FAILURE, exitcodes.USAGE) else exitcodes.FAILURE)
 
 
 def exit_text(code: int) -> str:
@@ -115,7 +135,12 @@ def root_cause(attempt: int, torchrun_tail: list[str], errors: dict[int, dict[st
 
 def format_report(reason: str, failures: list[Failure], attempts: list[str], log_dir: str,
                   newest_checkpoint: int | None) -> str:
-    """At most ~30 lines: what gave up, the root cause with the tail of its traceback, each attempt, where logs are."""
+    """At most ~30 lines: what gave up, the root cause with the tail of its traceback, each attempt, where logs are.
+
+    A permanent error is one line: its message names the thing and the fix, and nothing was retried."""
+    if failures and (first := failures[-1]).permanent is not None:
+        return (f"ftrain launch: {first.message} [{first.exc_type} on rank {first.rank}; not restarted, no restart "
+                f"can fix it; exit code {first.permanent}; logs in {log_dir}]")
     out = [f"ftrain launch: {reason}"]
     if failures:
         first = failures[-1]

@@ -35,6 +35,7 @@ from the kernel (PR_SET_PDEATHSIG, SIGKILL) and its workers, watching their pare
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import random
@@ -58,7 +59,7 @@ from ftrain.supervisor.journal import Journal
 from ftrain.supervisor.nodes import TORCHRUN_RESTARTS, run_nodes
 from ftrain.supervisor.notices import Notice, NoticeWatch, announce, build_watch, deadline_report
 from ftrain.supervisor.policy import Action, AttemptResult, Outcome, RestartPolicy, decide
-from ftrain.supervisor.report import Failure, format_report, root_cause
+from ftrain.supervisor.report import Failure, format_report, permanent_failure, root_cause
 from ftrain.supervisor.state import INITIAL, State, check_transition
 
 log = logging.getLogger("ftrain.launch")
@@ -185,7 +186,7 @@ class Supervisor:
             result, failure = self._run_attempt(attempt)
             after = self._newest_step()
             progressed = after is not None and (before is None or after > before)
-            result = AttemptResult(attempt, result.outcome, progressed, result.exit_code, result.detail)
+            result = dataclasses.replace(result, new_checkpoint=progressed)
             history.append(result)
             if failure:
                 failures.append(failure)
@@ -219,7 +220,7 @@ class Supervisor:
         clock = self.clock
         number, files = AttemptFiles.next_attempt(self.log_dir, self.spec.run_id)
         files.create()
-        console = Console(files.torchrun_log) if self.echo else None
+        console = Console(files.torchrun_log, mistakes=files.mistakes) if self.echo else None
         job = self._job = self._start_job(self._command(files), self._env(files, number), files.torchrun_log,
                                           echo=console)
         self._say(f"attempt {attempt}: started torchrun (pid {job.pid}) with {self.spec.nproc} worker(s) per node; "
@@ -299,7 +300,8 @@ class Supervisor:
 
         Precedence, first match wins: a preempted.json marker (the final save committed); exit code 0
         (every rank finished, even if a signal arrived first: there is nothing left to resume); any
-        signal received (preempted without a final save); a hang; else a failure whose root cause
+        signal received (preempted without a final save); a permanent error in an error file; a hang; else a
+        failure whose root cause
         comes from the error files and torchrun's output. ``new_checkpoint`` is left False: the caller
         knows the checkpoints from before the attempt.
         """
@@ -315,6 +317,10 @@ class Supervisor:
         if self._signals:
             return AttemptResult(attempt, Outcome.PREEMPTED, False, rc,
                                  f"stopped by {self._signals[0]} before a final checkpoint committed"), None
+        permanent = permanent_failure(attempt, files.read_errors())
+        if permanent is not None:  # a mistake: the policy stops at once, with its exit code
+            return AttemptResult(attempt, Outcome.FAILED, False, rc, f"{permanent.exc_type}: {permanent.message}",
+                                 permanent.permanent), permanent
         if hang:
             failure = root_cause(attempt, list(job.tail), files.read_errors(), hang, files.ranks_dir)
             return AttemptResult(attempt, Outcome.HUNG, False, rc, failure.describe()), failure

@@ -2,14 +2,16 @@
 
 The x axis is the time since the run began (seconds, minutes or hours, by its
 length). The top lane, ``job``, is the whole run painted in its buckets (see
-:mod:`ftrain.telemetry.timeline`); below it one lane per attempt (per worker
-group on a multi-node launch) of each node, painted the same way over the time
-it lasted. Each bucket has one fixed colour, so pictures of different runs
+:mod:`ftrain.telemetry.timeline`); below it one lane per attempt of a
+single-node launch, or one lane per node of a multi-node launch (``<host>
+launch <n>``), each painted with that node's own timeline over the time it
+lasted. Each bucket has one fixed colour, so pictures of different runs
 compare: green is productive, red lost, blue save, purple restore, amber
 startup, tan rendezvous, magenta hang, grey backoff, light grey other, hatched
 white down. On the lanes: black ticks are committed checkpoints, red crosses
 failures (with their cause), magenta diamonds hangs, orange triangles
-preemptions (with the signal), purple triangles restores, cyan squares resizes.
+preemptions (with the signal), purple triangles restores, cyan squares resizes
+(membership changes); a node killed whole ends in a red cross, "node lost".
 The legend gives each bucket's share of the wall time; the title, the goodput.
 
 Lane labels and mark texts come from the event log, which is untrusted: they
@@ -69,6 +71,16 @@ def clean(text: object, limit: int) -> str:
     return s if len(s) <= limit else s[:limit - 1] + "…"
 
 
+def lane_label(text: object, limit: int = 30) -> str:
+    """A lane's label cut in the middle when too long: a long host name must not cut off the ``launch <n>``
+    or ``attempt <a>`` that tells two lanes of one host apart."""
+    s = printable(text)
+    if len(s) <= limit:
+        return s
+    head = (limit - 1) // 3
+    return s[:head] + "…" + s[len(s) - (limit - 1 - head):]
+
+
 def render(tl: Timeline, path: str | os.PathLike[str], *, title: str | None = None) -> tuple[int, int]:
     """Write the timeline picture of ``tl`` to ``path`` (PNG, whatever its suffix); its (width, height) in pixels."""
     try:
@@ -109,7 +121,7 @@ def _draw(ax: Axes, tl: Timeline) -> None:
     wall = max(tl.wall, 0.0)
     unit, scale = ("hours", 3600.0) if wall >= 3 * 3600 else ("minutes", 60.0) if wall >= 180 else ("seconds", 1.0)
     lanes = tl.lanes[:MAX_LANES]
-    rows = [("job", tl.job), *((clean(lane.label, 30), lane.segments) for lane in lanes)]
+    rows = [("job", tl.job), *((lane_label(lane.label), lane.segments) for lane in lanes)]
     ax.set_xlim(0, wall / scale if wall > 0 else 1)
     ax.set_ylim(len(rows) - 0.5, -0.5)  # the job lane on top, attempts below in order
     # One collection of bars per bucket over all lanes, not one per lane and bucket: ten artists to draw

@@ -16,12 +16,20 @@ Measurement; the badput buckets (README, "Goodput") are:
   the exit after the final save, the teardown after the last step);
 * ``down``: between launches: nothing of the run was running (the scheduler's time).
 
-How: each event is turned into labelled intervals (:func:`_intervals`), and the
-wall time is painted with them, the most specific label winning where they
-overlap (:data:`PRIORITY`), and ``down``/``other`` where none applies
-(:func:`paint`); the buckets are the painted lengths, so they sum to the wall
-time by construction. The step a later attempt restored decides, for each
-attempt, where its productive time ends and its lost time begins.
+How: each event is turned into labelled intervals, and the wall time is
+painted with them, the most specific label winning where they overlap
+(:data:`PRIORITY`), and ``down``/``other`` where none applies (:func:`paint`);
+the buckets are the painted lengths, so they sum to the wall time by
+construction. The step a later attempt restored decides, for each attempt,
+where its productive time ends and its lost time begins.
+
+A multi-node job is one timeline over every node's events (the nodes' logs
+merged: :func:`ftrain.events.read_events` takes several directories). The job
+lane paints every node's intervals together; each node's lane paints only its
+own: its launcher, its rendezvous, its workers' startup, and the job's work
+(rank 0's, the same on every rank) while its workers were part of the job
+(:class:`Workers`). A node killed whole leaves no ``launch_end``: its lane
+ends where its workers' group ended.
 
 Input is untrusted (docs/FORMAT.md, "Event log"): fields of the wrong type are ignored.
 """
@@ -37,6 +45,17 @@ from typing import Any
 from ftrain.events import integer as _int
 from ftrain.events import number as _num
 from ftrain.events import text as _str
+from ftrain.telemetry.incarnations import (
+    Life,
+    Node,
+    Workers,
+    kept_steps,
+    launches,
+    node_workers,
+    or_,
+    rank0_lives,
+    stop_causes,
+)
 
 BUCKETS = ("productive", "startup", "rendezvous", "restore", "save", "lost", "hang", "backoff", "other", "down")
 #: Where intervals overlap, the first of these wins.
@@ -60,7 +79,8 @@ class Mark:
 
 @dataclass
 class Lane:
-    """One attempt (one worker group on a multi-node launch) of one node."""
+    """One attempt of a single-node launch, or one node of a multi-node launch (``<host> launch <n>``: the
+    host's n-th launch of the run), painted with that node's own timeline."""
 
     label: str
     node: str
@@ -68,6 +88,10 @@ class Lane:
     end: float
     segments: list[Segment] = field(default_factory=list)
     marks: list[Mark] = field(default_factory=list)
+
+    @property
+    def buckets(self) -> dict[str, float]:
+        return _sum(self.segments)
 
 
 @dataclass
@@ -77,7 +101,9 @@ class Timeline:
     job: list[Segment]
     lanes: list[Lane]
     buckets: dict[str, float]
-    #: attempts (worker incarnations), unplanned (ended with work lost), preemptions, saves, commits, restores
+    #: attempts (worker incarnations), unplanned (ended with work lost), preemptions (stopped by a signal or a
+    #: notice to a supervisor), membership (ended by a membership change: torchrun stopping the workers to
+    #: admit a node, or a lost peer), saves, commits, restores
     counts: dict[str, int]
     #: Each save's blocking seconds; each restart's recovery seconds (end of work to work again, ``down`` excluded)
     save_costs: list[float]
@@ -101,10 +127,6 @@ class Timeline:
 
 
 # ------------------------------------------------------------------ helpers
-def _or(value: float | None, default: float) -> float:
-    return default if value is None else value
-
-
 def duration(seconds: float) -> str:
     """A length of time for people: ``27.3s``, ``4m05s``, ``1h02m03s``."""
     s = max(0.0, seconds)
@@ -112,107 +134,6 @@ def duration(seconds: float) -> str:
         return f"{s:.1f}s"
     m, sec = divmod(round(s), 60)
     return f"{m // 60}h{m % 60:02d}m{sec:02d}s" if m >= 60 else f"{m}m{sec:02d}s"
-
-
-@dataclass
-class _Life:
-    """One incarnation of the job's rank 0: a worker process from its start to its end."""
-
-    node: str
-    pid: int | None
-    number: int | None
-    proc_start: float
-    first: float
-    last: float
-    restore_start: float | None = None
-    restore_end: float | None = None
-    restored: int = 0
-    found: bool = False
-    points: list[tuple[float, int]] = field(default_factory=list)  # (time, step completed)
-    saves: list[tuple[float, float, int]] = field(default_factory=list)  # (start, blocking, step)
-    commits: list[tuple[float, int]] = field(default_factory=list)
-    preempted: float | None = None
-    finished: tuple[float, int | None] | None = None
-    end: float = 0.0
-
-    @property
-    def work_start(self) -> float:
-        return self.restore_end if self.restore_end is not None else self.first
-
-    def time_of(self, step: int) -> float:
-        """When this incarnation completed ``step`` (its restored step: when work began)."""
-        if step <= self.restored:
-            return self.work_start
-        if self.finished is not None and self.finished[1] == step:
-            return self.finished[0]  # its last step: all of its work counts, the final save's wait included
-        for start, _, s in self.saves:
-            if s == step:
-                return start
-        pts = sorted([(self.work_start, self.restored), *self.points])
-        for (t0, s0), (t1, s1) in pairwise(pts):
-            if s0 <= step <= s1 and s1 > s0:
-                return t0 + (t1 - t0) * (step - s0) / (s1 - s0)
-        return self.end  # beyond what it reported: it got that far before it ended
-
-
-def _lives(events: Sequence[dict[str, Any]], boundaries: dict[str, list[float]]) -> list[_Life]:
-    """Rank 0's incarnations, oldest first; each ends at the first supervisor boundary of its node after it."""
-    lives: dict[tuple[str, int | None], _Life] = {}
-    for e in events:
-        if e.get("src") != "worker" or _int(e, "rank") != 0:
-            continue
-        key = (_str(e, "node"), _int(e, "pid"))
-        t, ev = e["t"], e["ev"]
-        life = lives.get(key)
-        if life is None:
-            start = _num(e, "proc_start") if ev == "session_start" else None
-            life = lives[key] = _Life(key[0], key[1], _int(e, "attempt"), min(_or(start, t), t), t, t)
-        life.last = max(life.last, t)
-        step = _int(e, "step")
-        if ev == "restore" and step is not None:
-            start = _num(e, "start")
-            seconds = _num(e, "seconds")
-            life.restore_start = start if start is not None else t
-            life.restore_end = life.restore_start + seconds if seconds is not None else t
-            life.restored, life.found = step, bool(e.get("found"))
-        elif ev in ("first_step", "progress") and step is not None:
-            life.points.append((t, step))
-        elif ev == "save" and step is not None:
-            start = _num(e, "start")
-            blocking = _num(e, "blocking")
-            if start is not None and blocking is not None and blocking >= 0:
-                life.saves.append((start, blocking, step))
-                life.points.append((start, step))
-        elif ev == "committed" and step is not None:
-            life.commits.append((t, step))
-        elif ev == "preempted":
-            life.preempted = t
-        elif ev == "finished":
-            life.finished = (t, step)
-    out = sorted(lives.values(), key=lambda x: x.first)
-    for life in out:
-        if life.finished is not None:
-            life.end = life.finished[0]
-        elif life.preempted is not None:
-            life.end = life.preempted
-        else:
-            later = boundaries.get(life.node, [])
-            i = bisect.bisect_left(later, life.last)
-            life.end = later[i] if i < len(later) else life.last
-    return out
-
-
-def _kept(lives: list[_Life], newest_commit: int | None) -> list[int]:
-    """For each incarnation, the last step of its work that counts: the step the next one restored."""
-    kept = []
-    for i, life in enumerate(lives):
-        if i + 1 < len(lives):
-            kept.append(lives[i + 1].restored)
-        elif life.finished is not None and life.finished[1] is not None:
-            kept.append(life.finished[1])
-        else:  # the last one, cut short: what a relaunch would resume from
-            kept.append(newest_commit if newest_commit is not None else life.restored)
-    return kept
 
 
 # ------------------------------------------------------------------ painting
@@ -256,86 +177,127 @@ def _sum(segments: Iterable[Segment]) -> dict[str, float]:
 
 
 # ------------------------------------------------------------------ building
+Interval = tuple[float, float, str]
+
+
 def build(events: Sequence[dict[str, Any]]) -> Timeline | None:
-    """The timeline of every run in ``events`` (one checkpoint directory's); None if there is nothing to show."""
+    """The timeline of every run in ``events`` (one job's logs, every node's); None if there is nothing to show."""
     events = sorted((e for e in events if isinstance(e.get("t"), (int, float))), key=lambda e: e["t"])
     sup = [e for e in events if e.get("src") == "supervisor"]
-    # Launches: [process start, end] per supervisor node; a node that left no launch_end ends at its last event.
-    spans: dict[str, list[float]] = {}
-    for e in sup:
-        node = _str(e, "node")
-        span = spans.setdefault(node, [e["t"], e["t"]])
-        if e["ev"] == "launch":
-            span[0] = min(span[0], _or(_num(e, "proc_start"), e["t"]))
-        span[1] = max(span[1], e["t"])
+    nodes = launches(sup)
     boundaries: dict[str, list[float]] = defaultdict(list)
     for e in sup:
         if e["ev"] in ("attempt_end", "group_end", "launch_end"):
             boundaries[_str(e, "node")].append(e["t"])
-    lives = _lives(events, boundaries)
-    if not spans and not lives:
+    regroups = [e["t"] for e in sup if e["ev"] == "group_end"]
+    lives = rank0_lives(events, boundaries, regroups)
+    if not nodes and not lives:
         return None
+    workers = node_workers(events, boundaries, lives)
+    for w in workers:  # a node killed whole left no supervisor event after its start: its workers tell more
+        if w.node in nodes:
+            nodes[w.node].end = max(nodes[w.node].end, w.end)
     newest = max((s for life in lives for _, s in life.commits), default=None)
-    kept = _kept(lives, newest)
-    starts = [a for a, _ in spans.values()] + [life.proc_start for life in lives]
-    ends = [b for _, b in spans.values()] + [life.end for life in lives] + [life.last for life in lives]
+    kept = kept_steps(lives, newest)
+    stop_causes(lives, sup, nodes)
+    starts = [n.start for n in nodes.values()] + [life.proc_start for life in lives]
+    ends = [n.end for n in nodes.values()] + [life.end for life in lives] + [life.last for life in lives]
     start = min(starts)
     end = max(start, *ends)  # (a process start stamped after its own events: a skewed or crafted log)
-    intervals = [(a, b, "other") for a, b in spans.values()]
-    if not spans:  # not run under ftrain launch: the workers' own lives are what ran
+    work = {id(life): _work_intervals(life, keep) for life, keep in zip(lives, kept, strict=True)}
+    mine, shared = _node_intervals(sup, events, nodes, workers, work)
+    intervals = [(n.start, n.end, "other") for n in nodes.values()]
+    if not nodes:  # not run under ftrain launch: the workers' own lives are what ran
         intervals += [(life.proc_start, life.end, "other") for life in lives]
-    intervals += _life_intervals(lives, kept)
-    intervals += _supervisor_intervals(sup, events, spans)
+    for life in lives:
+        intervals += [(life.proc_start, _begun(life), "startup"), *work[id(life)]]
+    for per_node in mine.values():
+        intervals += per_node
     job = paint(intervals, start, end, fill="down")
-    buckets = _sum(job)
-    lanes = _lanes(sup, lives, job, spans, events)
+    painted = {name: paint(mine[name] + shared[name], n.start, n.end) for name, n in nodes.items()}
+    lanes = _lanes(sup, nodes, painted, lives, job, events)
     recoveries = []
     for prev, nxt in pairwise(lives):
         gap = _sum(_clip(job, prev.end, nxt.work_start))
         recoveries.append(sum(v for k, v in gap.items() if k not in ("down", "productive", "lost")))
-    scheduled = [(life, [s for s in life.saves if life.preempted is None or s[0] < life.preempted - 1e-9])
-                 for life in lives]
-    gaps = [b[0] - (a[0] + a[1]) for _, saves in scheduled for a, b in pairwise(saves)]
-    counts = {"attempts": len(lives), "unplanned": sum(1 for life in lives[:-1] if life.preempted is None
+    scheduled = [[s for s in life.saves if life.stopped is None or s[0] < life.stopped - 1e-9] for life in lives]
+    gaps = [b[0] - (a[0] + a[1]) for saves in scheduled for a, b in pairwise(saves)]
+    changes = [e["t"] for e in sup if e["ev"] == "group_end" and e.get("ending") == "membership change"]
+    counts = {"attempts": len(lives), "unplanned": sum(1 for life in lives[:-1] if life.stopped is None
                                                       and life.finished is None),
-              "preemptions": sum(1 for life in lives if life.preempted is not None),
+              "preemptions": sum(1 for life in lives if life.preemption),
+              "membership": sum(1 for life in lives if _membership(life, changes)),
               "saves": sum(len(life.saves) for life in lives), "commits": sum(len(life.commits) for life in lives),
               "restores": sum(1 for life in lives if life.found)}
-    if lives and lives[-1].preempted is None and lives[-1].finished is None:
+    if lives and lives[-1].stopped is None and lives[-1].finished is None:
         counts["unplanned"] += 1  # the last one too ended without saving its work
-    return Timeline(start, end, job, lanes, buckets, counts,
+    return Timeline(start, end, job, lanes, _sum(job), counts,
                     [blocking for life in lives for _, blocking, _ in life.saves], recoveries,
                     sum(gaps) / len(gaps) if gaps else None)
 
 
-def _life_intervals(lives: list[_Life], kept: list[int]) -> list[tuple[float, float, str]]:
-    out: list[tuple[float, float, str]] = []
-    for life, keep in zip(lives, kept, strict=True):
-        begun = life.restore_start if life.restore_start is not None else life.first
-        out.append((life.proc_start, begun, "startup"))
-        if life.restore_start is not None and life.restore_end is not None:
-            out.append((life.restore_start, life.restore_end, "restore"))
-        split = min(max(life.time_of(keep), life.work_start), life.end)
-        out.append((life.work_start, split, "productive"))
-        final = life.preempted is not None and any(s == keep for _, _, s in life.saves)
-        # After the final save's snapshot, a preempted attempt only commits (and uploads) it: save time.
-        out.append((split, life.end, "save" if final else "lost"))
-        out += [(s, s + blocking, "save") for s, blocking, _ in life.saves]
+def _membership(life: Life, changes: list[float]) -> bool:
+    """Whether ``life`` ended at a membership change: stopped by torchrun to admit a node, or its group ended
+    because a peer was lost (a supervisor's ``group_end`` says so when it ended)."""
+    if life.stopped is not None:
+        return not life.preemption
+    return life.finished is None and any(life.last <= t <= life.end + 1e-6 for t in changes)
+
+
+def _begun(life: Life) -> float:
+    """When its startup ended: the restore began (its first event, if it recorded no restore)."""
+    return life.restore_start if life.restore_start is not None else life.first
+
+
+def _work_intervals(life: Life, keep: int) -> list[Interval]:
+    """The job's work in one rank-0 incarnation (restore, productive, lost, saves): the same on every rank."""
+    out: list[Interval] = []
+    if life.restore_start is not None and life.restore_end is not None:
+        out.append((life.restore_start, life.restore_end, "restore"))
+    split = min(max(life.time_of(keep), life.work_start), life.end)
+    out.append((life.work_start, split, "productive"))
+    final = life.stopped is not None and any(s == keep for _, _, s in life.saves)
+    # After the final save's snapshot, a stopped incarnation only commits (and uploads) it: save time.
+    out.append((split, life.end, "save" if final else "lost"))
+    out += [(s, s + blocking, "save") for s, blocking, _ in life.saves]
     return out
 
 
+def _node_intervals(sup: list[dict[str, Any]], events: Sequence[dict[str, Any]], nodes: dict[str, Node],
+                    workers: list[Workers], work: dict[int, list[Interval]]
+                    ) -> tuple[dict[str, list[Interval]], dict[str, list[Interval]]]:
+    """Each node's intervals: its own (its supervisor's, its workers' startup), and its share of the job's work
+    (rank 0's intervals while its workers took part in it; the job lane has them once, from rank 0)."""
+    own = _supervisor_intervals(sup, events, nodes)
+    shared: dict[str, list[Interval]] = {name: [] for name in nodes}
+    for w in workers:
+        if w.node not in nodes:
+            continue
+        begun = _begun(w.life) if w.life is not None else w.first
+        own[w.node].append((w.start, min(max(begun, w.start), w.end), "startup"))
+        if w.life is not None:
+            shared[w.node] += [(max(a, w.start), min(b, w.end), bucket) for a, b, bucket in work[id(w.life)]
+                               if b > w.start and a < w.end]
+            if w.life.stopped is not None and not w.life.preemption:
+                # torchrun stopped the workers to admit a node: the re-rendezvous began then, not when the
+                # supervisor saw the last worker gone.
+                own[w.node].append((w.life.stopped, w.end, "rendezvous"))
+    return own, shared
+
+
 def _supervisor_intervals(sup: list[dict[str, Any]], events: Sequence[dict[str, Any]],
-                          spans: dict[str, list[float]]) -> list[tuple[float, float, str]]:
-    out: list[tuple[float, float, str]] = []
+                          nodes: dict[str, Node]) -> dict[str, list[Interval]]:
+    out: dict[str, list[Interval]] = {name: [] for name in nodes}
     starts: dict[str, list[float]] = defaultdict(list)  # when each node's workers started (local rank 0)
     for e in events:
         if e.get("src") == "worker" and e["ev"] == "session_start" and _int(e, "local_rank") == 0:
-            starts[_str(e, "node")].append(_or(_num(e, "proc_start"), e["t"]))
+            starts[_str(e, "node")].append(or_(_num(e, "proc_start"), e["t"]))
     for node in starts:
         starts[node].sort()
     first_attempt: dict[str, float] = {}
     for i, e in enumerate(sup):
         node, t, ev = _str(e, "node"), e["t"], e["ev"]
+        mine = out[node]
         if ev in ("attempt_start", "group_end"):
             # torchrun starting (or re-rendezvousing) until this node's next workers start, if they start
             # before the node's next boundary; an attempt whose workers never started waited all along.
@@ -347,43 +309,58 @@ def _supervisor_intervals(sup: list[dict[str, Any]], events: Sequence[dict[str, 
             nxt = next((x["t"] for x in sup[i + 1:] if _str(x, "node") == node
                         and x["ev"] in ("attempt_start", "attempt_end", "launch_end", "group_end")), None)
             if until is not None and (nxt is None or until <= nxt):
-                out.append((t, until, "rendezvous"))
+                mine.append((t, until, "rendezvous"))
             elif ev == "attempt_start" and nxt is not None:
-                out.append((t, nxt, "rendezvous"))
+                mine.append((t, nxt, "rendezvous"))
         elif ev == "backoff" and (delay := _num(e, "delay")) is not None:
-            out.append((t, t + max(0.0, delay), "backoff"))
+            mine.append((t, t + max(0.0, delay), "backoff"))
         elif ev == "hang":
             since = _num(e, "since")
             end = next((x["t"] for x in sup[i + 1:] if _str(x, "node") == node
                         and x["ev"] in ("attempt_end", "group_end", "launch_end")), t)
-            out.append((since if since is not None and since <= t else t, end, "hang"))
-    for node, (a, _) in spans.items():
+            since = since if since is not None and since <= t else t
+            # Hung inside a save: the save stalled, and a stalled save is save time (it wins over hang).
+            mine.append((since, end, "save" if _str(e, "phase") == "saving" else "hang"))
+        if ev in ("attempt_end", "group_end") and (saving := _num(e, "saving")) is not None and saving <= t:
+            # A rank was still in a save when its workers ended: from that save's start, the save stalled
+            # (or was cut short), whatever ended it.
+            mine.append((saving, t, "save"))
+    for node, n in nodes.items():
         if node in first_attempt:
-            out.append((a, first_attempt[node], "startup"))  # the launcher's own start
+            out[node].append((n.start, first_attempt[node], "startup"))  # the launcher's own start
     return out
 
 
-def _lanes(sup: list[dict[str, Any]], lives: list[_Life], job: list[Segment], spans: dict[str, list[float]],
-           events: Sequence[dict[str, Any]]) -> list[Lane]:
-    hosts = {_str(e, "host") for e in sup if e["ev"] == "launch"}
-    concurrent = _overlapping(list(spans.values()))
+def _lanes(sup: list[dict[str, Any]], nodes: dict[str, Node], painted: dict[str, list[Segment]],
+           lives: list[Life], job: list[Segment], events: Sequence[dict[str, Any]]) -> list[Lane]:
+    """A lane per node of a multi-node launch (``<host> launch <n>``), else per attempt (``<host> attempt <a>``,
+    ``<host> launch <n> attempt <a>`` where the host launched more than once); each painted with its node's
+    own timeline."""
     lanes: list[Lane] = []
-    launches = len(spans)
-    for n, (node, (a, b)) in enumerate(sorted(spans.items(), key=lambda kv: kv[1][0])):
-        mine = [e for e in sup if _str(e, "node") == node]
-        host = next((_str(e, "host") for e in mine if _str(e, "host")), node)
-        who = node if concurrent and len(hosts) <= 1 else host
-        multi = any(e["ev"] == "group_end" or e["ev"] == "group_start" for e in mine)
-        cuts = [e for e in mine if e["ev"] == ("group_end" if multi else "attempt_start")]
-        edges = [a, *[e["t"] for e in cuts if a < e["t"] < b], b]
-        if not multi and len(edges) > 2:
-            edges = [a, *edges[2:]]  # the launcher's startup belongs to the first attempt
+    order = sorted(nodes.values(), key=lambda n: (n.start, n.node))
+    per_host: dict[str, int] = defaultdict(int)
+    for n in order:
+        per_host[n.host] += 1
+        n.label = f"{n.host} launch {per_host[n.host]}"
+    regroups = [(e["t"], _str(e, "node")) for e in sup if e["ev"] == "group_start"]
+    for n in order:
+        segments = painted[n.node]
+        if n.multi:
+            marks = _marks(events, n.node, n.start, n.end)
+            # Killed whole (no launch_end), and the others went on without it: say so where it ended.
+            if not n.ended and any(t > n.end and node != n.node for t, node in regroups):
+                marks.append(Mark(n.end, "failure", "node lost"))
+            lanes.append(Lane(n.label, n.node, n.start, n.end, segments, marks))
+            continue
+        mine = [e for e in sup if _str(e, "node") == n.node]
+        edges = [n.start, *[e["t"] for e in mine if e["ev"] == "attempt_start" and n.start < e["t"] < n.end], n.end]
+        if len(edges) > 2:
+            edges = [n.start, *edges[2:]]  # the launcher's startup belongs to the first attempt
+        who = n.label if per_host[n.host] > 1 else n.host
         for k, (x, y) in enumerate(pairwise(edges)):
-            label = f"{who} group {k}" if multi else f"{who} attempt {_attempt_number(mine, x, k)}"
-            if launches > 1 and not concurrent:
-                label += f" (launch {n + 1})"
-            lanes.append(Lane(label, node, x, y, _clip(job, x, y), _marks(events, node, x, y)))
-    if not spans:  # plain torchrun: one lane per incarnation
+            lanes.append(Lane(f"{who} attempt {_attempt_number(mine, x, k)}", n.node, x, y, _clip(segments, x, y),
+                              _marks(events, n.node, x, y)))
+    if not nodes:  # plain torchrun: one lane per incarnation
         for k, life in enumerate(lives):
             lanes.append(Lane(f"attempt {k}", life.node, life.proc_start, life.end,
                               _clip(job, life.proc_start, life.end), _marks(events, life.node, life.proc_start,
@@ -398,29 +375,25 @@ def _attempt_number(events: list[dict[str, Any]], start: float, default: int) ->
     return default
 
 
-def _overlapping(spans: list[list[float]]) -> bool:
-    spans = sorted(spans)
-    return any(b[0] < a[1] for a, b in pairwise(spans))
-
-
 def _marks(events: Sequence[dict[str, Any]], node: str, a: float, b: float) -> list[Mark]:
     """The marks of one lane: ``events`` are sorted by time, so only its span is looked at."""
     out = []
     lo = bisect.bisect_left(events, a, key=lambda e: e["t"])
     hi = bisect.bisect_right(events, b, key=lambda e: e["t"])
     for e in events[lo:hi]:
-        t = e["t"]
-        ev, mine = e["ev"], _str(e, "node") == node
-        if ev == "committed" and mine:
+        if _str(e, "node") != node:
+            continue
+        t, ev = e["t"], e["ev"]
+        if ev == "committed":
             out.append(Mark(t, "commit", f"step {_int(e, 'step')}"))
-        elif ev == "failure" and mine:
+        elif ev == "failure":
             out.append(Mark(t, "failure", _str(e, "detail")[:120]))
-        elif ev == "group_end" and mine and e.get("ending") == "membership change":
+        elif ev == "group_end" and e.get("ending") == "membership change":
             out.append(Mark(t, "resize", "membership change"))
-        elif ev == "hang" and mine:
+        elif ev == "hang":
             out.append(Mark(t, "hang", _str(e, "verdict")[:120]))
-        elif ev in ("signal", "notice") and mine:
+        elif ev in ("signal", "notice"):
             out.append(Mark(t, "preemption", _str(e, "name") or f"{_str(e, 'source')} notice"))
-        elif ev == "restore" and mine and e.get("found"):
+        elif ev == "restore" and e.get("found"):
             out.append(Mark(t, "restore", f"restored step {_int(e, 'step')}"))
     return out

@@ -1,7 +1,8 @@
 """Chaos on a simulated 2-node cluster running an FSDP2 model: a node SIGKILLed whole inside a save, the survivor
 going on at 2 ranks, the node rejoining at 4, then a random node SIGKILLed whole at a random step and the survivor
 finishing at 2; every sample consumed exactly once, at the same global step as in an uninterrupted run (from
-examples/train.py's consumed-sample logs), and no survivor counting a crash.
+examples/train.py's consumed-sample logs), and no survivor counting a crash. `ftrain status` and `ftrain goodput`
+tell the truth about it (issue 22): every node's launch and heartbeats, a lane per node, no preemption.
 
 Nodes are `ftrain launch --nnodes 1:2 --nproc 2` processes over an `ftrain rendezvous` store on 127.0.0.1
 (examples/cluster.py).
@@ -17,8 +18,10 @@ import time
 from pathlib import Path
 
 import pytest
+from job_views import check_goodput, node_states, wait_for_ranks
 
 from ftrain.data import samplelog
+from ftrain.telemetry.live import read_status
 
 from helpers import EXAMPLE, ROOT, assert_no_orphans, child_env, processes_mentioning
 
@@ -39,7 +42,8 @@ def printed_step(procs: list[cluster.Process]) -> int:
     return max((int(m) for p in procs for m in re.findall(r"^step (\d+) ", p.output, re.M)), default=0)
 
 
-def test_nodes_killed_whole_then_rejoining_consume_every_sample_once(tmp_path: Path) -> None:
+def test_nodes_killed_whole_then_rejoining_consume_every_sample_once(tmp_path: Path,
+                                                                   capsys: pytest.CaptureFixture[str]) -> None:
     seed = int(os.environ.get("FTRAIN_TEST_SEED", time.time_ns() % 10_000))
     rng = random.Random(seed)
     # The model is the example's transformer sharded by FSDP2: each resize reshards its parameters and AdamW
@@ -72,6 +76,9 @@ def test_nodes_killed_whole_then_rejoining_consume_every_sample_once(tmp_path: P
         nodes = [survivor, cluster.node(store.endpoint, run_id, ckpt, job, environ=env)]  # the node comes back at once
         back = time.monotonic()
         cluster.wait_until(lambda: any(n.first(r"^world 4:", after=back) for n in nodes), "4 ranks again", nodes)
+        # ftrain status: the job, not one node: both running nodes' ranks, and the first one lost.
+        st = wait_for_ranks([ckpt], 4, 2)
+        assert node_states(st) == ["lost", "running", "running"], st.nodes
         # The second loss: a random node, a few steps later (random), killed from outside; no rejoin this time.
         kill_at = printed_step(nodes) + rng.randint(2, 6)
         assert kill_at < STEPS - 4, f"{info}: the rejoin came too late to test a second loss (step {kill_at})"
@@ -93,6 +100,16 @@ def test_nodes_killed_whole_then_rejoining_consume_every_sample_once(tmp_path: P
     assert len(list(once.iterdir())) == 1, "the in-save node kill must have fired"
     assert_no_orphans(run_id)
     assert not processes_mentioning(str(ckpt))
+
+    tl, events = check_goodput([ckpt], capsys)
+    assert len(tl.lanes) == 3, info  # two nodes, the first back as a third launch
+    assert any(e["ev"] == "preempted" for e in events), "torchrun's stop at the rejoin: the workers saved"
+    assert tl.counts["preemptions"] == 0 and tl.counts["membership"] >= 3, (info, tl.counts)
+    first = next(lane for lane in tl.lanes if lane.node.endswith(f"/{dead[0].proc.pid}"))  # type: ignore[index]
+    assert first.buckets["productive"] > 0, f"{info}: the node killed first trained before it died"
+    lost = [lane.node for lane in tl.lanes if any(m.text == "node lost" for m in lane.marks)]
+    assert sorted(lost) == sorted(lane.node for lane in tl.lanes if not lane.node.endswith(f"/{survivor.proc.pid}"))
+    assert node_states(read_status(ckpt)) == ["exited 0", "lost", "lost"]
 
     got, want = samplelog.history(tmp_path / "logs"), samplelog.history(tmp_path / "ref-logs")
     assert samplelog.audit(got, want, STEPS_PER_EPOCH, 2048) == [], info

@@ -10,6 +10,9 @@ lost node's disk is wiped before it comes back.
   exactly once, at the same global step as in an uninterrupted run;
 * both, with the surviving node's replica of the lost node's files damaged: the restore falls through to the
   remote tier's copy, and the job still ends bit-identical.
+
+`ftrain status` and `ftrain goodput` over every node's disk are the job's (issue 22): what the disks still hold
+(a wiped disk takes its node's event log with it).
 """
 from __future__ import annotations
 
@@ -23,14 +26,16 @@ import time
 from pathlib import Path
 
 import pytest
+from job_views import check_goodput, node_states, wait_for_ranks
+from remote_servers import s3_server
 
 from ftrain.checkpoint import format
 from ftrain.checkpoint.store import CheckpointStore, open_store
 from ftrain.cli import main as cli
 from ftrain.data import samplelog
+from ftrain.telemetry.live import Status, read_status
 
 from helpers import EXAMPLE, ROOT, Launch, assert_no_orphans, child_env, final_hash, launch_env
-from remote_servers import s3_server
 
 sys.path.insert(0, str(ROOT / "examples"))
 import cluster
@@ -150,7 +155,8 @@ def verify_disks(c: Cluster) -> None:
         assert cli(["ckpt", "verify", str(disk)]) == 0, disk
 
 
-def test_nodes_lost_with_their_disks_rejoin_empty_and_end_bit_exact(tmp_path: Path, reference: str) -> None:
+def test_nodes_lost_with_their_disks_rejoin_empty_and_end_bit_exact(tmp_path: Path, reference: str,
+                                                                    capsys: pytest.CaptureFixture[str]) -> None:
     seed = int(os.environ.get("FTRAIN_TEST_SEED", time.time_ns() % 10_000))
     rng = random.Random(seed)
     save_step, rank = rng.choice([8, 12]), rng.randrange(4)
@@ -167,6 +173,8 @@ def test_nodes_lost_with_their_disks_rejoin_empty_and_end_bit_exact(tmp_path: Pa
         lost = c.lose(dead[0])  # type: ignore[index]
         assert c.committed(lost) == save_step - SAVE_EVERY, info  # the save it died in never committed
         assert c.resumed_after(lost) == save_step - SAVE_EVERY, f"{info}\n{c.output()}"
+        # ftrain status over both disks: both nodes' ranks, each node's heartbeats read from its own disk.
+        wait_for_ranks(c.disks, 4, 2)
         # The second loss: a random node at a random step, from outside; it comes back empty too.
         kill_at = c.step() + rng.randint(3, 6)
         cluster.wait_until(lambda: c.step() >= kill_at, f"step {kill_at}", c.nodes)
@@ -180,12 +188,22 @@ def test_nodes_lost_with_their_disks_rejoin_empty_and_end_bit_exact(tmp_path: Pa
     assert final_hash(c.output()) == reference, f"{info}: the final state differs from the uninterrupted run's"
     verify_disks(c)
     assert_no_orphans(c.run_id)
+    tl, _ = check_goodput(c.disks, capsys)  # one lane per node launch whose disk was not wiped since
+    assert len(tl.lanes) == 2 and tl.counts["attempts"] >= 1
+    assert len(check_goodput(c.disks[:1], capsys)[0].lanes) == 1
+    assert node_states(cli_status(c.disks)) == ["exited 0", "exited 0"]
+
+
+def cli_status(dirs: list[Path]) -> Status:
+    assert cli(["status", *map(str, dirs)]) == 0
+    return read_status(*dirs)
 
 
 STEPS_PER_EPOCH = 32  # 2048 samples in global batches of 64
 
 
-def test_remote_tier_alone_carries_a_lost_disk_through_resizes_exactly_once(tmp_path: Path) -> None:
+def test_remote_tier_alone_carries_a_lost_disk_through_resizes_exactly_once(tmp_path: Path,
+                                                                           capsys: pytest.CaptureFixture[str]) -> None:
     """No replicas: the survivor gets the lost node's files from the remote tier (what was uploaded before the
     loss), at half the world size; the node rejoins empty; then a node is lost again."""
     seed = int(os.environ.get("FTRAIN_TEST_SEED", time.time_ns() % 10_000))
@@ -224,6 +242,7 @@ def test_remote_tier_alone_carries_a_lost_disk_through_resizes_exactly_once(tmp_
         finally:
             c.close()
     assert c.fresh_starts() == 0, c.output()  # never over a checkpoint
+    check_goodput(c.disks, capsys)  # no preemption: torchrun's stop when the node came back is a membership change
     got, want = samplelog.history(tmp_path / "logs"), samplelog.history(tmp_path / "ref-logs")
     assert samplelog.audit(got, want, STEPS_PER_EPOCH, 2048) == [], info
     worlds = [g.world_size for g in samplelog.read(tmp_path / "logs")]

@@ -507,3 +507,20 @@ def test_finetune_yaml() -> None:
     cfg = load_config(CONFIGS / "finetune.yaml", env={})
     assert cfg.checkpoint.monitor == "val_loss" and cfg.checkpoint.keep_best == 2 and cfg.checkpoint.trainable_only
     assert cfg.early_stopping.patience == 5 and cfg.early_stopping.min_delta == 0.001
+
+
+@pytest.mark.parametrize("url, why", [
+    ("s3:/bucket/run", "no SCHEME://"), ("/shared/ckpt", "no SCHEME://"), ("s3://", "nothing follows"),
+    ("s3:///run", "no bucket name"), ("s3://bucket /run", "white space"), ("3s://bucket", "no SCHEME://"),
+])
+def test_a_malformed_remote_url_is_a_config_error_naming_it(url: str, why: str) -> None:
+    with pytest.raises(ConfigError) as caught:
+        load_config(None, overrides={"checkpoint.remote": url})
+    assert f"checkpoint.remote: invalid value {url!r}" in str(caught.value) and why in str(caught.value)
+    assert caught.value.permanent and caught.value.exit_code == 2
+
+
+@pytest.mark.parametrize("url", ["", "s3://bucket", "s3://bucket/runs/exp", "file:///shared/ckpt", "gs://b/p",
+                                 "az://container/p", "s3a://bucket/p"])
+def test_well_formed_remote_urls_load(url: str) -> None:
+    assert load_config(None, overrides={"checkpoint.remote": url}).checkpoint.remote == url

@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import socket
 from pathlib import Path
 
 import pytest
@@ -19,13 +20,16 @@ from ftrain.checkpoint.download import download_files
 from ftrain.checkpoint.storage import LocalStorage
 from ftrain.checkpoint.store import open_store
 from ftrain.checkpoint.upload import RetryPolicy, upload_step
-from ftrain.errors import CorruptCheckpoint
+from ftrain import exitcodes
+from ftrain.checkpoint.remote import RemoteUnavailable
+from ftrain.errors import CorruptCheckpoint, RemoteNotFound
 from ftrain.events import read_events
 
 from helpers import Job, cfg, job_state
 
 pytest.importorskip("moto")
 pytest.importorskip("boto3")
+botocore = pytest.importorskip("botocore")
 
 
 def run(root: Path, url: str, steps: int, *, every: int = 2, job: Job | None = None, **ckpt) -> Job:
@@ -96,11 +100,93 @@ def test_a_persistent_outage_is_recorded_and_training_goes_on(tmp_path, remote, 
     assert local[-1] == 4  # local checkpoints committed as usual
     status = json.loads((tmp_path / "a" / format.REMOTE_STATUS).read_text())
     assert status["failing"] and "step" in status["failing"]["error"], status
-    assert any("uploading checkpoint step" in r.message and "failed" in r.message for r in caplog.records)
+    outage = [r for r in caplog.records if "is unavailable" in r.getMessage()]
+    assert len(outage) == 1 and "training goes on" in outage[0].getMessage()  # logged once, not per step or file
     assert remote_steps(remote) == []
     failed = [e for e in read_events(tmp_path / "a") if e["ev"] == "upload_failed"]
     assert [e["step"] for e in failed] == [2, 4] and all(e["error"] for e in failed)
     assert not any(e["ev"] == "uploaded" for e in read_events(tmp_path / "a"))
+
+
+def test_a_missing_bucket_is_refused_at_start_naming_it(tmp_path, remote, s3):
+    missing = remote.replace("s3://", "s3://no-such-").split("/runs")[0] + "/runs/exp"
+    session = ftrain.Session(cfg(tmp_path / "a", every_steps=1, remote=missing))
+    with pytest.raises(RemoteNotFound, match="the bucket 'no-such-ftrain-[0-9a-f]+' does not exist") as caught:
+        session.restore()
+    assert caught.value.permanent and caught.value.exit_code == exitcodes.USAGE
+    session.close()
+    assert [s for s, _ in open_store(tmp_path / "a").step_dirs()] == []
+
+
+def _outage_run(tmp_path, remote, caplog, steps: int = 6) -> list[str]:
+    """Train ``steps`` steps saving every 2 with the remote tier down; the outage's log lines."""
+    with caplog.at_level("INFO", logger="ftrain"):
+        run(tmp_path, remote, steps, every=2, remote_wait_seconds=30)
+    assert [s for s, _ in open_store(tmp_path).step_dirs()][-1] == steps  # local checkpoints went on
+    status = json.loads((tmp_path / format.REMOTE_STATUS).read_text())
+    assert status["failing"]["error"], status
+    return [r.getMessage() for r in caplog.records if "remote" in r.getMessage()]
+
+
+def test_an_unreachable_endpoint_is_an_outage_logged_once_and_training_goes_on(tmp_path, remote, monkeypatch,
+                                                                                caplog):
+    with socket.socket() as s:  # a loopback port nothing listens on: connections are refused at once
+        s.bind(("127.0.0.1", 0))
+        monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{s.getsockname()[1]}")
+    lines = _outage_run(tmp_path / "a", remote, caplog)
+    outage = [m for m in lines if "is unavailable" in m]
+    assert len(outage) == 1 and "EndpointConnectionError" in outage[0], lines
+    assert not any("Traceback" in m for m in lines)
+    status = json.loads((tmp_path / "a" / format.REMOTE_STATUS).read_text())
+    assert "EndpointConnectionError" in status["failing"]["error"]
+
+
+def test_refused_credentials_are_an_outage_and_the_tier_comes_back(tmp_path, remote, s3, caplog):
+    # Every call refused (403, as for a revoked key), the start's check included; then the service answers again.
+    s3.proxy.inject(errors=10**6, status=403, only_methods=("GET", "HEAD", "PUT", "POST", "DELETE"))
+    session = ftrain.Session(cfg(tmp_path / "a", every_steps=2, remote=remote, remote_retries=1))
+    job = Job()
+    job.register(session)
+    with caplog.at_level("INFO", logger="ftrain"):
+        session.restore()  # the remote tier's listing is refused too: restore goes on from the local disk
+        for step in range(1, 7):
+            job.train(1)
+            session.step(step)
+        session.checkpointer.wait()
+        s3.proxy.inject(errors=0, status=503, only_methods=("PUT", "POST"))
+        for step in range(7, 9):
+            job.train(1)
+            session.step(step)
+        session.close()  # waits for the last upload
+    messages = [r.getMessage() for r in caplog.records]
+    assert len([m for m in messages if "is unavailable" in m]) == 1, messages
+    assert any("reachable again" in m for m in messages), messages
+    assert remote_steps(remote)[0] == 8  # the newest step reached the remote tier once it answered
+    status = json.loads((tmp_path / "a" / format.REMOTE_STATUS).read_text())
+    assert status["uploaded"] == 8 and status["failing"] is None
+
+
+@pytest.mark.parametrize("make, expect", [
+    (lambda: _client_error("NoSuchBucket"), RemoteNotFound),
+    (lambda: _client_error("AccessDenied"), RemoteUnavailable),
+    (lambda: _client_error("InvalidAccessKeyId"), RemoteUnavailable),
+    (lambda: botocore.exceptions.EndpointConnectionError(endpoint_url="http://127.0.0.1:9"), RemoteUnavailable),
+    (lambda: botocore.exceptions.NoCredentialsError(), RemoteUnavailable),
+    (lambda: botocore.exceptions.ReadTimeoutError(endpoint_url="http://127.0.0.1:9"), OSError),  # (is one)
+    (lambda: RuntimeError("an fsspec backend's own error"), RemoteUnavailable),
+    (lambda: FileNotFoundError(2, "no such object"), FileNotFoundError),
+])
+def test_client_library_errors_become_the_two_kinds_callers_handle(make, expect):
+    from ftrain.checkpoint.remote import _client_errors
+
+    with pytest.raises(expect) as caught:
+        with _client_errors("s3://b/p"):
+            raise make()
+    assert isinstance(caught.value, OSError) or caught.value.permanent  # an outage, or a mistake: nothing else
+
+
+def _client_error(code: str) -> Exception:
+    return botocore.exceptions.ClientError({"Error": {"Code": code, "Message": code}}, "ListObjectsV2")
 
 
 def test_local_damage_since_the_commit_is_never_published(tmp_path, remote):

@@ -15,6 +15,7 @@ from ftrain.checkpoint.shard import ShardRecord
 from ftrain.checkpoint.storage import Entry, LocalStorage, Storage, TooLarge
 from ftrain.checkpoint.store import CheckpointStore
 from ftrain.errors import CorruptCheckpoint
+from ftrain.session import rng
 
 
 class MemoryStorage:
@@ -106,14 +107,18 @@ def write_checkpoint(storage: Storage, step: int, value: float, nonce: str = "n0
     tmp = format.tmp_dirname(step, nonce)
     storage.makedir(tmp)
     weight = torch.full((2, 3), value)
-    tree, _ = codec.encode({"model": {"w": weight}}, format.REPLICATED)
-    data = codec.tensor_bytes(weight).tobytes()
+    tree, tensors = codec.encode({"model": {"w": weight}}, format.REPLICATED)
+    own, own_tensors = codec.encode({"rng": rng.capture()}, format.rank_key(0))  # every rank's tree holds one
     json_name, bin_name = format.shard_names(0)
+    data, entries = b"", {}
+    for name, t in {**tensors, **own_tensors}.items():
+        data += bytes(format.align_up(len(data)) - len(data))
+        raw = codec.tensor_bytes(t).tobytes()
+        entries[name] = TensorEntry(bin_name, len(data), len(raw), codec.dtype_name(t.dtype), tuple(t.shape))
+        data += raw
     storage.write(f"{tmp}/{bin_name}", data)
-    entry = TensorEntry(bin_name, 0, len(data), "float32", (2, 3))
-    record = ShardRecord(0, step, nonce, bin_name, len(data), checksum.digest(data),
-                         {f"{format.REPLICATED}/model/w": entry},
-                         {format.REPLICATED: tree, format.rank_key(0): {}})
+    record = ShardRecord(0, step, nonce, bin_name, len(data), checksum.digest(data), entries,
+                         {format.REPLICATED: tree, format.rank_key(0): own})
     storage.write(f"{tmp}/{json_name}", json.dumps(record.to_json()).encode())
     return tmp
 

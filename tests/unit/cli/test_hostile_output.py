@@ -96,16 +96,30 @@ def pristine(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def hostile_meta(body: dict[str, Any], value: float) -> None:
+    """Hostile text in every field a command prints, the checkpoint still consistent (verify checks that too):
+    the object EVIL names is in the tree (:func:`add_evil_object`), the parameter it omits is recorded frozen."""
     meta = body["meta"]
     meta["metrics"] = {NAME: value, "note": EVIL}
     meta["monitor"] = {"name": NAME, "mode": "min"}
     meta["replicated"] = [*meta["replicated"], EVIL]
     meta["config"] = {EVIL: {EVIL: EVIL}}
     meta["trainable_only"] = True  # so that export prints its note, which quotes the base fingerprint
+    meta["frozen"] = {"model": ["frozen.weight"]}
     meta["omitted"] = {"model": ["frozen.weight"]}
     meta["base_fingerprint"] = {"model": EVIL}
     body["ftrain_version"] = EVIL
     body["torch_version"] = EVIL
+
+
+def add_evil_object(step_dir: Path) -> None:
+    """An object named EVIL in the replicated tree (rank 0's shard record), its new size and checksum resealed."""
+    path = step_dir / "shard-00000.json"
+    record = json.loads(path.read_text())
+    record["trees"]["replicated"][EVIL] = {}
+    data = json.dumps(record).encode()
+    path.write_bytes(data)
+    reseal(step_dir, lambda b: b["files"]["shard-00000.json"].update(size=len(data),
+                                                                      checksum=xxhash.xxh3_128_hexdigest(data)))
 
 
 def add_evil_tensor(body: dict[str, Any]) -> None:
@@ -119,6 +133,8 @@ def hostile(pristine: Path, tmp_path: Path) -> Path:
     """Steps 1 and 2 valid with hostile fields; step 3 corrupt: a format version string carrying the payload."""
     root = tmp_path / "ckpt"
     shutil.copytree(pristine, root)
+    for step in (1, 2):
+        add_evil_object(step_dir(root, step))
     reseal(step_dir(root, 1), lambda b: (hostile_meta(b, 0.7), add_evil_tensor(b)))
     reseal(step_dir(root, 2), lambda b: hostile_meta(b, 0.5))
     reseal(step_dir(root, 3), lambda b: b.update(format_version="1" + EVIL))

@@ -15,7 +15,7 @@ import torch
 
 import ftrain
 from ftrain import faults
-from ftrain.checkpoint import format
+from ftrain.checkpoint import codec, format
 from ftrain.checkpoint.format import REPLICATED, rank_key
 from ftrain.checkpoint.manifest import Manifest
 from ftrain.checkpoint.snapshot import StagingArena, take_snapshot
@@ -23,6 +23,7 @@ from ftrain.checkpoint.store import CheckpointStore, open_store
 from ftrain.cli import main as cli
 from ftrain.config import CheckpointConfig
 from ftrain.errors import CheckpointError, IncompleteCheckpoints, LeaseError
+from ftrain.session import rng
 from ftrain.session.commit import SaveProtocol
 from ftrain.session.exchange import LocalExchange
 from ftrain.session.layout import Layout
@@ -81,12 +82,12 @@ class Job:
 
         def one(rank: int) -> None:
             p = self.protocols[rank]
-            weight = torch.full((3,), float(rank))
-            trees = {rank_key(rank): {"w": {"$t": "tensor", "ref": f"{rank_key(rank)}/w"}}}
+            # Every per-rank tree holds an RNG state, as a Session's does (verify checks it, like restore).
+            own, tensors = codec.encode({"w": torch.full((3,), float(rank)), "rng": rng.capture()}, rank_key(rank))
+            trees = {rank_key(rank): own}
             if rank == 0:
                 trees[REPLICATED] = {}
-            snap = take_snapshot(trees, {f"{rank_key(rank)}/w": weight}, rank=rank, step=step, nonce=NONCE,
-                                 arena=StagingArena())
+            snap = take_snapshot(trees, tensors, rank=rank, step=step, nonce=NONCE, arena=StagingArena())
             tmp = format.tmp_dirname(step, NONCE)
             p.store.storage.makedir(tmp)
             try:

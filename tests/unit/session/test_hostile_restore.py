@@ -17,25 +17,15 @@ import pytest
 import torch
 
 import ftrain
-from ftrain.checkpoint import checksum
+from ftrain.checkpoint import checksum, retention
 from ftrain.checkpoint import format as fmt
 from ftrain.checkpoint.store import CheckpointStore
 from ftrain.cli import main as cli
 from ftrain.errors import CorruptCheckpoint, FtrainError, StateMismatch
 
-from helpers import Job, cfg, job_state, reseal, reseal_file
+from helpers import Job, cfg, job_state, reseal, reseal_file, run_job
 
-
-def run(root: Path, steps: int, every: int = 10, **kw: Any) -> Job:
-    job = Job()
-    session = ftrain.Session(cfg(root, every_steps=every, **kw))
-    job.register(session)
-    start = session.restore()
-    for step in range(start + 1, steps + 1):
-        job.train(1)
-        session.step(step)
-    session.close()
-    return job
+run = run_job
 
 
 def restore_into_fresh(root: Path, **kw: Any) -> tuple[Job, int]:
@@ -67,9 +57,12 @@ def test_a_shard_linked_outside_the_root_is_never_read(root: Path, tmp_path: Pat
     shutil.copy(shard, outside)  # the same bytes: only the link itself is wrong
     shard.unlink()
     shard.symlink_to(outside)
+    assert cli(["ckpt", "verify", str(root)]) == 1
     _, step = restore_into_fresh(root)
     assert step == 10
-    assert cli(["ckpt", "verify", str(root)]) == 1
+    # Restore set the damaged directory aside: it was saved here whole and its shard is not readable here.
+    assert CheckpointStore(root).steps() == [10] and (root / fmt.quarantine_dirname(20) / shard.name).is_symlink()
+    assert cli(["ckpt", "verify", str(root)]) == 0
 
 
 def test_a_linked_step_directory_is_ignored_and_reported(root: Path, tmp_path: Path, capsys) -> None:
@@ -255,9 +248,10 @@ def test_retention_never_counts_checkpoints_that_do_not_validate(tmp_path: Path)
         (step_dir(root, step) / fmt.MANIFEST).write_text("{garbage")
     run(root, 35, every=1, keep_last=2)  # resumes at 20, saves 21..35
     store = CheckpointStore(root)
-    good = [s for s in store.steps() if store.intact(s)]
-    assert good[-2:] == [34, 35] and len(good) == 2
-    assert {40, 50, 60} <= set(store.steps())  # newer damaged ones are left for the run to overwrite
+    assert store.steps() == [34, 35] and all(store.intact(s) for s in (34, 35))
+    # Passed over by the restore, the newer damaged ones were set aside, not deleted and never counted.
+    assert [(q.step, q.name) for q in retention.quarantined(store)] == [
+        (s, fmt.quarantine_dirname(s)) for s in (40, 50, 60)]
 
 
 # ------------------------------------------------------------- save errors

@@ -1,12 +1,11 @@
 """Which checkpoints of another world size a run takes (Registry's layout check), without processes."""
 from __future__ import annotations
 
-from types import SimpleNamespace
-
 import pytest
 import torch
 
 import ftrain
+from ftrain.checkpoint.manifest import Manifest
 from ftrain.data import ResumableLoader
 from ftrain.errors import StateMismatch
 from ftrain.session import rng
@@ -30,10 +29,11 @@ def registry(**objects: tuple[object, bool | None]) -> Registry:
     return reg
 
 
-def manifest(world_size: int, reg: Registry) -> SimpleNamespace:
+def manifest(world_size: int, reg: Registry) -> Manifest:
+    """The layout part of a manifest: only its step, world size and object names matter here."""
     rep = sorted(k for k, (_, p) in reg.objects.items() if not p)
     own = sorted(k for k, (_, p) in reg.objects.items() if p)
-    return SimpleNamespace(step=40, world_size=world_size, meta={"replicated": rep, "per_rank": own})
+    return Manifest(step=40, world_size=world_size, files={}, tensors={}, meta={"replicated": rep, "per_rank": own})
 
 
 def test_refused_unless_on_resize_is_resume():

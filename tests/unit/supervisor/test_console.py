@@ -159,3 +159,32 @@ def test_messages_are_sanitised_and_shortened() -> None:
     [line] = _feed(console, ["@@ftrain-rank1@@Traceback (most recent call last):",
                              "@@ftrain-rank1@@ValueError: \x1b]0;evil\x07" + "x" * 300])
     assert "\x1b" not in line and "\x07" not in line and "\\x1b" in line and len(line) < 200
+
+
+def test_permanent_errors_are_left_to_the_supervisor_and_stopped_ranks_are_one_line() -> None:
+    """Every rank raising one mistake would print it once per rank; the supervisor says it once instead."""
+    console = Console(LOG, env={})
+    mistake = "ftrain.errors.UsageError: the global batch of 64 cannot be split evenly over 3 ranks"
+    raw = [*_traceback(0, mistake), *_traceback(2, mistake),
+           *_traceback(1, "ftrain.errors.CheckpointError: another rank failed while handling checkpoints; see its "
+                          "log"), "@@ftrain-rank0@@a normal line"]
+    assert _feed(console, raw) == ["a normal line"]
+    assert console.summary() == [f"rank 1: stopped because another rank failed; full text in {LOG}"]
+    # Any other error is still shown.
+    assert _feed(console, _traceback(1, "KeyError: 'x'")) == [f"[rank 1] KeyError: 'x' (traceback in {LOG})"]
+
+
+def test_a_caught_mistake_printed_by_every_rank_is_left_to_the_supervisor(tmp_path) -> None:
+    """A script that catches the error, prints it and exits with its code: the printed lines repeat the recorded
+    permanent error (the attempt's error files), so they are dropped; other lines pass."""
+    from ftrain.attempt import AttemptFiles, write_error_file
+    from ftrain.errors import UsageError
+
+    files = AttemptFiles(tmp_path)
+    files.create()
+    console = Console(LOG, env={}, mistakes=files.mistakes)
+    message = "the global batch of 64 cannot be split evenly over 3 ranks"
+    assert _feed(console, [f"@@ftrain-rank1@@ftrain: error: {message}"]) == [f"[rank 1] ftrain: error: {message}"]
+    write_error_file(files.error(2), 2, UsageError(message))
+    raw = [f"@@ftrain-rank{r}@@ftrain: error: {message}" for r in (2, 0)] + ["@@ftrain-rank0@@step 5 loss 1.0"]
+    assert _feed(console, raw) == ["step 5 loss 1.0"]

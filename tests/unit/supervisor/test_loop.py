@@ -28,6 +28,7 @@ from ftrain import envvars, exitcodes
 from ftrain.attempt import STEPPING, AttemptFiles, write_error_file
 from ftrain.checkpoint.format import step_dirname
 from ftrain.config import CheckpointConfig, FtrainConfig, SupervisorConfig
+from ftrain.errors import ConfigError, LeaseError, StateMismatch, UsageError
 from ftrain.supervisor.job import _handles
 from ftrain.supervisor.policy import Outcome
 from ftrain.supervisor.state import INITIAL, TRANSITIONS, IllegalTransition, State, check_transition
@@ -80,6 +81,7 @@ class Script:
     stalls: dict[int, float] = field(default_factory=dict)  # rank -> when it stops heartbeating
     commits: tuple[tuple[float, int], ...] = ()  # (when, step): a checkpoint committed
     errors: tuple[tuple[int, float], ...] = ()   # (rank, error time) error files written at exit
+    raises: BaseException | None = None          # what those ranks raised (default: a ValueError of their own)
     signals: tuple[tuple[float, str], ...] = ()  # (when, name) signals delivered to the supervisor
     signal_on_start: str | None = None           # a signal that arrives while the job is being started
     # "save": once every rank got the signal, final save, preempted.json, exit 0; "marker": the ranks never
@@ -143,7 +145,7 @@ class FakeJob:
         elif s.exit_at is not None and t >= s.exit_at:
             for rank, when in s.errors:
                 path = self.files.error(rank)
-                write_error_file(path, rank, _raised(ValueError(f"rank {rank} diverged")))
+                write_error_file(path, rank, _raised(s.raises or ValueError(f"rank {rank} diverged")))
                 record = json.loads(path.read_text())
                 path.write_text(json.dumps({**record, "time": when}))  # scripted order, not real time
             self._exit(s.rc)
@@ -405,6 +407,33 @@ def test_crash_loop_gives_up_with_a_root_cause_report(tmp_path: Path, capsys: py
     assert "  #0 failed: rank 1 (ValueError: rank 1 diverged); newest checkpoint: step 5" in err
     assert "newest valid checkpoint: step 5" in err
     assert f"logs, error files and stack dumps: {tmp_path / 'logs' / 'run'}" in err
+
+
+@pytest.mark.parametrize("error, code", [
+    (ConfigError("checkpoint.every_steps: invalid value -1; expected a value >= 0"), exitcodes.USAGE),
+    (UsageError("the global batch of 64 cannot be split evenly over 3 ranks; run at 1, 2 or 4"), exitcodes.USAGE),
+    (LeaseError("checkpoint dir /c is held by job j (pid 7); stop it or pass --force"), exitcodes.USAGE),
+    (StateMismatch("checkpoint step 4 does not fit module 'model': shape [8] vs [16]"), exitcodes.FAILURE),
+])
+def test_a_permanent_error_stops_at_once_with_its_code_in_one_line(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str], error: Exception, code: int) -> None:
+    mistake = Script(exit_at=1.0, rc=1, errors=((0, 10.0), (1, 10.5)), raises=error)
+    rig = Rig(tmp_path, mistake, Script(), max_restarts=10)
+    assert rig.run() == code
+    assert len(rig.jobs) == 1  # no restart: none can fix it
+    err = capsys.readouterr().err
+    said = [line for line in err.splitlines() if str(error) in line]
+    assert len(said) == 1, err  # once, not per rank or attempt
+    assert f"{type(error).__name__} on rank 0" in said[0] and "not restarted" in said[0]
+    assert "root cause" not in err and "attempts:" not in err  # no report: the one line is the report
+
+
+def test_a_permanent_error_on_a_later_attempt_stops_too(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    crash = Script(exit_at=1.0, rc=1, errors=((1, 10.0),))
+    mistake = Script(exit_at=1.0, rc=2, errors=((1, 10.0),), raises=ConfigError("bad value"))
+    rig = Rig(tmp_path, crash, mistake, Script(), max_restarts=10)
+    assert rig.run() == exitcodes.USAGE
+    assert len(rig.jobs) == 2
 
 
 # ------------------------------------------------------------------ signals

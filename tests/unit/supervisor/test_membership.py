@@ -33,6 +33,25 @@ def test_no_error_at_all_is_a_membership_change() -> None:
     assert end.ending is Ending.MEMBERSHIP and not end.ending.counted
 
 
+def test_a_group_without_a_trace_finished_if_torchrun_exited_0() -> None:
+    # Workers that finish look like workers stopped for a re-rendezvous until torchrun exits (or restarts them).
+    done = classify_group(frozenset({10, 11}), {}, {}, None, finished=True)
+    assert done.ending is Ending.FINISHED and not done.ending.counted
+    assert "membership" not in done.detail and "re-rendezvous" not in done.detail
+    again = classify_group(frozenset({10, 11}), {}, {}, None, finished=False)
+    assert again.ending is Ending.MEMBERSHIP and "finished" not in again.detail
+    assert "or they finished" in classify_group(frozenset({10, 11}), {}, {}, None).detail  # not known yet
+
+
+def test_finished_only_decides_a_group_without_a_trace() -> None:
+    lost = {0: err(10, "RuntimeError", GLOO_LOST)}
+    assert classify_group(frozenset({10, 11}), lost, {}, None, finished=True).ending is Ending.MEMBERSHIP
+    saved = classify_group(frozenset({10, 11}), {}, {}, {"pid": 10, "step": 15}, finished=True)
+    assert saved.ending is Ending.MEMBERSHIP and "saved step 15" in saved.detail
+    crashed = classify_group(frozenset({10, 11}), {}, {11: -9}, None, finished=True)
+    assert crashed.ending is Ending.FAILED
+
+
 def test_only_lost_peers_is_a_membership_change() -> None:
     errors = {0: err(10, "RuntimeError", GLOO_LOST, 2.0), 1: err(11, "RuntimeError", GLOO_LOST, 1.0)}
     end = classify_group(frozenset({10, 11}), errors, {10: 1}, None)

@@ -54,6 +54,7 @@ class G:
     commit: int | None = None
     stall: float | None = None
     on_signal: bool = False  # saves and exits 1 s after the supervisor forwards a signal
+    permanent: int | None = None  # the errors are permanent ones (FtrainError.permanent), with this exit code
 
 
 @dataclass
@@ -90,6 +91,8 @@ class NodeJob:
         for rank, exc_type, message in g.errors:
             rec = {"rank": rank, "pid": g.pids[rank % len(g.pids)], "group": i, "time": WALL0 + self._now(),
                    "exc_type": exc_type, "message": message, "traceback": f"{exc_type}: {message}"}
+            if g.permanent is not None:
+                rec.update(permanent=True, exit_code=g.permanent)
             self.files.error(rank).write_text(json.dumps(rec))
         if g.saved is not None or (g.on_signal and self.signalled_at is not None):
             step = g.saved if g.saved is not None else 99
@@ -214,6 +217,32 @@ def test_membership_changes_are_not_counted(tmp_path: Path, capsys: pytest.Captu
     assert "worker group 3: 2 worker(s) started" in err
 
 
+def test_a_normal_finish_reads_as_success(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    # The workers exit 0; torchrun follows half a second later (its exit barrier): not a membership change.
+    rig = Rig(tmp_path, [G(1.0, 3.0, (10, 11))], (3.5, 0))
+    assert rig.sup.run() == exitcodes.OK
+    err = capsys.readouterr().err
+    assert "worker group 0 finished (every worker exited 0, then torchrun exited 0)" in err
+    assert "finished: all ranks finished" in err
+    assert "membership" not in err and "re-rendezvous" not in err
+
+
+def test_a_group_without_a_trace_is_judged_by_what_torchrun_does_next(tmp_path: Path,
+                                                                      capsys: pytest.CaptureFixture[str]) -> None:
+    # Group 0 leaves no trace and torchrun starts group 1: a re-rendezvous, said before group 1's start. Group 1
+    # leaves no trace and torchrun starts nothing within _FINISH_WAIT: said then, with both possibilities.
+    groups = [G(1.0, 3.0, (10, 11)), G(5.0, 8.0, (20, 21)), G(30.0, 32.0, (30, 31))]
+    rig = Rig(tmp_path, groups, (32.5, 0))
+    assert rig.sup.run() == exitcodes.OK
+    err = capsys.readouterr().err
+    first = ("worker group 0 ended: membership change (torchrun stopped the workers for a re-rendezvous; they left "
+             "no error and no save); not counted as a failure; torchrun re-rendezvouses")
+    assert first in err and err.index(first) < err.index("worker group 1: 2 worker(s) started")
+    second = err.index("worker group 1 ended: membership change (the workers exited without an error or a save")
+    assert second < err.index("worker group 2: 2 worker(s) started")
+    assert "worker group 2 finished" in err and "local failure" not in err
+
+
 def test_local_crashes_are_counted_and_stop_after_max_restarts(tmp_path: Path,
                                                                 capsys: pytest.CaptureFixture[str]) -> None:
     groups = [crash(1.0, 2.0, (10, 11)), lost_peers(3.0, 4.0, (20, 21)), crash(5.0, 6.0, (30, 31)),
@@ -229,6 +258,19 @@ def test_local_crashes_are_counted_and_stop_after_max_restarts(tmp_path: Path,
     assert "ftrain launch: gave up: 3 attempts failed (supervisor.max_restarts=2)" in err
     assert "root cause (attempt 2): rank 1 (ValueError: loss is nan)" in err
     assert "group 1 membership change: a peer was lost" in err  # the report lists every group
+
+
+def test_a_permanent_error_stops_this_node_at_once_with_its_code(tmp_path: Path,
+                                                                   capsys: pytest.CaptureFixture[str]) -> None:
+    message = "checkpoint step 5 does not fit module 'model': shape [8] vs [16]"
+    groups = [G(1.0, 2.0, (10, 11), errors=((0, "StateMismatch", message), (1, "StateMismatch", message)),
+                permanent=exitcodes.FAILURE), G(3.0, None, (20, 21))]
+    rig = Rig(tmp_path, groups, None, max_restarts=5)
+    assert rig.sup.run() == exitcodes.FAILURE
+    assert rig.jobs[0].killed and rig.jobs[0].killed[0] <= 3.0  # before torchrun's next group
+    err = capsys.readouterr().err
+    assert len([line for line in err.splitlines() if message in line]) == 1, err
+    assert "StateMismatch on rank 0; not restarted" in err and "local failure" not in err
 
 
 def test_a_hang_is_judged_per_group_and_counted(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

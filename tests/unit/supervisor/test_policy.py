@@ -229,3 +229,14 @@ def test_from_config() -> None:
     cfg = SupervisorConfig(max_restarts=7, max_attempts_without_progress=0,
                            backoff_seconds=0.5, backoff_max_seconds=8)
     assert RestartPolicy.from_config(cfg) == RestartPolicy(7, 0, 0.5, 8.0)
+
+
+@pytest.mark.parametrize("code", [exitcodes.USAGE, exitcodes.FAILURE])
+def test_a_permanent_error_stops_at_once_whatever_budget_is_left(code: int) -> None:
+    mistake = AttemptResult(0, Outcome.FAILED, False, exit_code=1, detail="ConfigError: bad\nvalue", permanent=code)
+    decision = decide([mistake], ROOMY, 0.5)
+    assert decision == Decision(Action.STOP, code, 0.0, "not restarted (no restart can fix this): ConfigError: "
+                                "bad value")
+    # Only the last attempt counts: an earlier permanent failure followed by a plain one restarts as usual.
+    later = AttemptResult(1, Outcome.FAILED, False, exit_code=1, detail="crash")
+    assert decide([mistake, later], ROOMY, 0.5).action is Action.RESTART

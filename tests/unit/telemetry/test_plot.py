@@ -148,6 +148,15 @@ def test_text_from_the_log_is_one_printable_line_of_bounded_length() -> None:
     assert plot.clean("a\nb\u202e", 40).isprintable()
 
 
+def test_a_long_host_name_keeps_the_launch_that_tells_its_lanes_apart() -> None:
+    host = "ip-10-0-12-34.us-west-2.compute.internal"
+    one, two = plot.lane_label(f"{host} launch 1"), plot.lane_label(f"{host} launch 2")
+    assert len(one) == len(two) == 30 and one != two
+    assert one.startswith("ip-10-0") and one.endswith("internal launch 1") and "…" in one
+    assert plot.lane_label("vm launch 3") == "vm launch 3"
+    assert plot.lane_label("\x1b[2J" * 20).isprintable()
+
+
 def test_more_lanes_than_the_cap_are_cut_and_still_drawn(tmp_path: Path) -> None:
     tl = timeline(run_events(["kill"] * plot.MAX_LANES + ["ok"]))
     assert len(tl.lanes) == plot.MAX_LANES + 1

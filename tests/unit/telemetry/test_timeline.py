@@ -69,7 +69,8 @@ def test_buckets_of_a_crash_and_a_resume() -> None:
     assert b["down"] == b["hang"] == 0
     assert sum(b.values()) == pytest.approx(tl.wall)
     assert tl.goodput == pytest.approx(b["productive"] / 46.2)
-    assert tl.counts == {"attempts": 2, "unplanned": 1, "preemptions": 0, "saves": 4, "commits": 4, "restores": 1}
+    assert tl.counts == {"attempts": 2, "unplanned": 1, "preemptions": 0, "membership": 0, "saves": 4, "commits": 4,
+                         "restores": 1}
     assert tl.recoveries == [pytest.approx(25 - 25 + 1 + 2 + 2 + 1)]  # backoff, rendezvous, startup, restore
     assert [lane.label for lane in tl.lanes] == ["hostA attempt 0", "hostA attempt 1"]
     first = tl.lanes[0]
@@ -124,7 +125,9 @@ def test_a_preemption_loses_nothing_and_the_gap_between_launches_is_down() -> No
     assert any(m.kind == "preemption" and m.text == "SIGTERM" for m in tl.lanes[0].marks)
 
 
-def test_multi_node_lanes_per_node_and_group() -> None:
+def test_multi_node_lanes_per_node_with_a_failed_group() -> None:
+    """Two nodes; B's rank 2 fails at 10 (counted on B), A's group ends as a membership change; both restart.
+    More (a lost node, a scale-up, several directories): test_job_timeline.py."""
     b_node = "hostB/200"
     ev = [
         sup(1, "launch", proc_start=0.0), sup(1, "launch", node=b_node, proc_start=0.0),
@@ -136,18 +139,24 @@ def test_multi_node_lanes_per_node_and_group() -> None:
         sup(10, "group_end", node=b_node, group=0, ending="failed", detail="rank 2 died", counted=True),
         sup(10, "group_end", group=0, ending="membership change", detail="a node left", counted=False),
         work(13, "session_start", 21, proc_start=12.0, local_rank=0),
+        work(13, "session_start", 22, node=b_node, rank=2, proc_start=12.0, local_rank=0),
         work(13.5, "restore", 21, step=8, start=13.0, seconds=0.5, found=True),
         work(20, "finished", 21, step=15),
         sup(21, "launch_end", exit_code=0), sup(21, "launch_end", node=b_node, exit_code=0),
     ]
     tl = build(ev)
     assert tl is not None
-    assert [lane.label for lane in tl.lanes] == ["hostA group 0", "hostA group 1", "hostB group 0",
-                                                 "hostB group 1"]
+    assert [lane.label for lane in tl.lanes] == ["hostA launch 1", "hostB launch 1"]
     assert tl.buckets["rendezvous"] == pytest.approx((3 - 1) + (12 - 10))
     assert tl.buckets["lost"] == pytest.approx(10 - 8 - 0.1)
     assert sum(tl.buckets.values()) == pytest.approx(tl.wall)
+    for lane in tl.lanes:  # both nodes took part in all of it: the same timeline
+        assert [(s.start, s.end, s.bucket) for s in lane.segments] == [
+            (0, 1, "startup"), (1, 3, "rendezvous"), (3, 4, "startup"), (4, 8, "productive"), (8, 8.1, "save"),
+            (8.1, 10, "lost"), (10, 12, "rendezvous"), (12, 13, "startup"), (13, 13.5, "restore"),
+            (13.5, 20, "productive"), (20, 21, "other")]
     assert any(m.kind == "resize" for m in tl.lanes[0].marks)
+    assert tl.counts["unplanned"] == 1 and tl.counts["membership"] == 1 and tl.counts["preemptions"] == 0
 
 
 def test_paint_resolves_overlaps_by_priority_and_fills_gaps() -> None:
