@@ -6,7 +6,9 @@ restore).
 """
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
+from pathlib import Path
 
 from ftrain.attempt import EXITING, RESTORING, SAVING, STARTING, Heartbeat
 
@@ -43,3 +45,20 @@ def find_hung(beats: dict[int, Heartbeat], expected: int, started_at: float, now
     _, rank, beat = worst
     return (f"rank {rank} made no progress for {now - beat.time:.0f}s (last: {beat.phase} at step {beat.step}; "
             f"supervisor.hang_timeout_seconds={limits.hang_timeout:g})")
+
+
+_IMPORTS_FTRAIN = re.compile(rb"^[ \t]*(?:import|from)[ \t]+ftrain\b", re.M)
+
+
+def reports_progress(script: str | Path) -> bool:
+    """Whether the workers of ``script`` are expected to report through ``ftrain.Session`` (heartbeats): True
+    unless its source can be read and imports nothing of ftrain. A script that never reports (a plain torchrun
+    script) is not judged against the startup allowance, which would kill it as hung once it ran that long, and
+    its attempts count as progress (see ``policy.AttemptResult.new_checkpoint``). One that imports ftrain only
+    through another module is seen as reporting as soon as its first heartbeat arrives."""
+    try:
+        with open(script, "rb") as f:
+            source = f.read(1 << 20)
+    except OSError:
+        return True  # unknown: keep every check
+    return bool(_IMPORTS_FTRAIN.search(source))

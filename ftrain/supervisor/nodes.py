@@ -150,7 +150,7 @@ def run_nodes(sup: Supervisor) -> int:
             current = watch.current
             if current is not None and grace_deadline is None:
                 beats = {rank: b for rank, b in files.read_heartbeats().items() if b.pid in current.pids}
-                hang = find_hung(beats, sup.spec.nproc, current.started, clock.time(), sup.limits)
+                hang = find_hung(beats, sup.expected_reports(beats), current.started, clock.time(), sup.limits)
                 if hang:
                     sup.journal.hang(current.number, hang, files, current.pids)
                     sup._say(f"hang detected in worker group {current.number}: {hang}; dumping Python stacks "
@@ -215,7 +215,7 @@ def _group_ended(sup: Supervisor, group: Group, files: AttemptFiles, job: Job, h
         sup._say(f"worker group {group.number} ended: {verdict.ending.value} ({verdict.detail}); not counted "
                  f"as a failure{'; torchrun re-rendezvouses' if finished is False else ''}")
         return False, None
-    progressed = newest is not None and (mark is None or newest > mark)
+    progressed = (newest is not None and (mark is None or newest > mark)) or not sup.reports
     outcome = Outcome.HUNG if verdict.ending is Ending.HUNG else Outcome.FAILED
     errors = group_errors(files.read_errors(), group.pids)
     permanent = permanent_failure(len(history), errors) if hang is None else None

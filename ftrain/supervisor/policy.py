@@ -20,12 +20,14 @@ Rules, applied to the last attempt in ``history``:
   2. Else, if ``max_attempts_without_progress`` > 0 and the trailing run of attempts that
      committed no new checkpoint is at least that long, stop with ``exitcodes.FAILURE``:
      a crash loop, where restarting again would only repeat the same failure.
-  3. Else restart after ``delay = d/2 + jitter * d/2`` ("equal jitter": never less than half
+  3. Else, if the last attempt made progress (committed a new checkpoint, or, for a script
+     without ``ftrain.Session``, see ``AttemptResult.new_checkpoint``), restart at once: a job
+     that makes progress between crashes loses nothing by restarting now, and every second of
+     backoff is a second of lost goodput.
+  4. Else restart after ``delay = d/2 + jitter * d/2`` ("equal jitter": never less than half
      the backoff, so ranks of many jobs restarting together spread out without restarting
      instantly), where ``d = min(backoff_max_seconds, backoff_seconds * 2 ** (k - 1))`` and
-     ``k`` is the trailing run of attempts without progress, at least 1. An attempt that
-     committed a checkpoint resets ``k``: a job that makes progress between crashes is
-     restarted quickly.
+     ``k`` is the trailing run of attempts without progress (at least 1 here).
 """
 from __future__ import annotations
 
@@ -59,7 +61,9 @@ class AttemptResult:
     #: 0-based attempt number.
     attempt: int
     outcome: Outcome
-    #: Did this attempt commit a checkpoint newer than any before it?
+    #: Did this attempt make progress: commit a checkpoint newer than any before it? For a script that never
+    #: reports through ``ftrain.Session`` (no heartbeat) the supervisor cannot tell, and sets it True: the
+    #: crash-loop guard and the backoff then leave it alone, and only ``max_restarts`` limits its restarts.
     new_checkpoint: bool
     #: Exit code of the job (torchrun), or None if it has none (e.g. killed as hung).
     exit_code: int | None = None
@@ -142,9 +146,11 @@ def attempts_without_progress(history: Sequence[AttemptResult]) -> int:
 
 
 def backoff_delay(history: Sequence[AttemptResult], policy: RestartPolicy, jitter: float) -> float:
-    """Seconds to wait before the next restart (rule 3 of the module docstring)."""
+    """Seconds to wait before the next restart (rules 3 and 4 of the module docstring)."""
     _check_jitter(jitter)
-    k = max(attempts_without_progress(history), 1)
+    k = attempts_without_progress(history)
+    if k == 0:  # rule 3: the last attempt made progress
+        return 0.0
     # Cap the exponent's effect before it overflows: beyond ~1000 doublings any positive
     # base exceeds every float cap, and 2.0 ** 1100 would raise OverflowError.
     growth = 2.0 ** min(k - 1, 1000)

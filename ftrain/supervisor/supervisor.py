@@ -41,7 +41,7 @@ import os
 import random
 import signal
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import FrameType
@@ -53,7 +53,7 @@ from ftrain.config import FtrainConfig, config_to_env
 from ftrain.signals import STACK_DUMP_SIGNAL
 from ftrain.supervisor.clock import SYSTEM_CLOCK, Clock
 from ftrain.supervisor.console import Console, flush, strip_prefix  # noqa: F401 (strip_prefix: still importable here)
-from ftrain.supervisor.hang import HangLimits, find_hung
+from ftrain.supervisor.hang import HangLimits, find_hung, reports_progress
 from ftrain.supervisor.job import Job, JobFactory, JobProcess
 from ftrain.supervisor.journal import Journal
 from ftrain.supervisor.nodes import TORCHRUN_RESTARTS, run_nodes
@@ -137,6 +137,15 @@ class Supervisor:
         self._final: dict[str, object] | None = None
         #: The run's event log (docs/FORMAT.md, "Event log") and the console's progress line.
         self.journal = Journal(cfg, spec.run_id, self._say, clock.monotonic)
+        #: Whether the workers report through ftrain.Session (heartbeats): from the script's imports, and True
+        #: for good once any heartbeat arrives (hang.reports_progress).
+        self.reports = reports_progress(spec.script)
+
+    def expected_reports(self, beats: Mapping[int, object]) -> int:
+        """How many local ranks the hang detector expects heartbeats from: none for a script that never reports."""
+        if beats:
+            self.reports = True
+        return self.spec.nproc if self.reports else 0
 
     # ------------------------------------------------------------------ public
     def run(self) -> int:
@@ -185,7 +194,8 @@ class Supervisor:
             before = self._newest_step()
             result, failure = self._run_attempt(attempt)
             after = self._newest_step()
-            progressed = after is not None and (before is None or after > before)
+            # A script that never reports has no ftrain checkpoints to judge by: max_restarts alone limits it.
+            progressed = (after is not None and (before is None or after > before)) or not self.reports
             result = dataclasses.replace(result, new_checkpoint=progressed)
             history.append(result)
             if failure:
@@ -201,8 +211,9 @@ class Supervisor:
             if decision.action is Action.STOP:
                 self._set(State.DONE)
                 return self._finish(decision.exit_code, decision.reason, failures, lines, after)
-            self._say(f"attempt {attempt} {result.outcome.value} ({result.detail}); restarting in "
-                      f"{decision.delay:.1f}s from the newest valid checkpoint")
+            when = f"in {decision.delay:.1f}s" if decision.delay > 0 else "at once (it made progress)"
+            self._say(f"attempt {attempt} {result.outcome.value} ({result.detail}); restarting {when} from the "
+                      "newest valid checkpoint")
             self._set(State.BACKOFF)
             self.journal.backoff(attempt, decision.delay)
             if self._sleep(decision.delay):
@@ -265,7 +276,8 @@ class Supervisor:
             if grace_deadline is None and clock.monotonic() >= next_hang_check:
                 next_hang_check = clock.monotonic() + 1.0
                 job.tree()  # remember every descendant, so they can be killed even if torchrun dies first
-                hang = find_hung(files.read_heartbeats(), self.spec.nproc, started, clock.time(), self.limits)
+                beats = files.read_heartbeats()
+                hang = find_hung(beats, self.expected_reports(beats), started, clock.time(), self.limits)
                 if hang:
                     self.journal.hang(attempt, hang, files)
                     self._handle_hang(job, files, hang)

@@ -158,3 +158,29 @@ def test_bad_input_is_one_line_and_exit_2(tmp_path, case):
     expected = {"bad_key": "checkpoint.evry_steps", "bad_value": "checkpoint.keep_last",
                 "missing_script": "nope.py", "unwritable_dir": "not writable"}[case]
     assert expected in lines[0]
+
+
+def test_a_plain_torchrun_script_survives_as_many_kills_as_max_restarts(tmp_path):
+    """No ftrain.Session: no heartbeats, no ftrain checkpoints. Its own torch.save progress is invisible to the
+    supervisor, so the crash-loop guard must not stop it: three kills, max_restarts 3, then it finishes."""
+    script = tmp_path / "plain.py"
+    script.write_text(
+        "import os, signal, sys\n"
+        "import torch\nimport torch.distributed as dist\n"
+        "dist.init_process_group('gloo')\n"
+        "kills = os.path.join(sys.argv[1], 'kills')\n"
+        "done = len(os.listdir(kills)) if os.path.isdir(kills) else 0\n"
+        "dist.barrier()\n"
+        "if dist.get_rank() == 1 and done < 3:\n"
+        "    os.makedirs(kills, exist_ok=True)\n"
+        "    open(os.path.join(kills, str(done)), 'w').close()\n"
+        "    os.kill(os.getpid(), signal.SIGKILL)\n"
+        "dist.barrier()\n"
+        "print('plain script finished', flush=True)\n"
+        "dist.destroy_process_group()\n")
+    run = Launch(["--nproc", "2", "--ckpt-dir", str(tmp_path / "c"), "--rdzv-id", "plain", "--max-restarts", "3",
+                  str(script), str(tmp_path)], launch_env(FTRAIN_SUPERVISOR_MAX_ATTEMPTS_WITHOUT_PROGRESS="2"))
+    assert run.wait(300) == 0, run.output[-4000:]
+    assert len(os.listdir(tmp_path / "kills")) == 3
+    assert run.output.count("restarting at once") == 3 and "crash loop" not in run.output
+    assert_no_orphans("plain")

@@ -114,3 +114,14 @@ def test_rank_prefix_is_stripped_for_rank_0_only():
     assert strip_prefix("@@ftrain-rank0@@final_state_sha256=ab\n") == "final_state_sha256=ab\n"
     assert strip_prefix("@@ftrain-rank3@@hello\n") == "[rank 3] hello\n"
     assert strip_prefix("torchrun says\n") == "torchrun says\n"
+
+
+def test_a_script_reports_when_it_imports_ftrain(tmp_path) -> None:
+    from ftrain.supervisor.hang import reports_progress
+
+    cases = {"a.py": "import ftrain\n", "b.py": "import os\nfrom ftrain.session import Session\n",
+             "c.py": "import torch\n# import ftrain (a comment)\nx = 'import ftrain'\n", "d.py": "import ftrainer\n"}
+    for name, text in cases.items():
+        (tmp_path / name).write_text(text)
+    assert [reports_progress(tmp_path / n) for n in cases] == [True, True, False, False]
+    assert reports_progress(tmp_path / "missing.py")  # unknown: every check stays on

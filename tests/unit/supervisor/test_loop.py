@@ -30,6 +30,7 @@ from ftrain.checkpoint.format import step_dirname
 from ftrain.config import CheckpointConfig, FtrainConfig, SupervisorConfig
 from ftrain.errors import ConfigError, LeaseError, StateMismatch, UsageError
 from ftrain.supervisor.job import _handles
+from ftrain.supervisor.hang import reports_progress
 from ftrain.supervisor.policy import Outcome
 from ftrain.supervisor.state import INITIAL, TRANSITIONS, IllegalTransition, State, check_transition
 from ftrain.supervisor.supervisor import LaunchSpec, Supervisor
@@ -82,6 +83,7 @@ class Script:
     commits: tuple[tuple[float, int], ...] = ()  # (when, step): a checkpoint committed
     errors: tuple[tuple[int, float], ...] = ()   # (rank, error time) error files written at exit
     raises: BaseException | None = None          # what those ranks raised (default: a ValueError of their own)
+    silent: bool = False                         # writes no heartbeat: a script without ftrain.Session
     signals: tuple[tuple[float, str], ...] = ()  # (when, name) signals delivered to the supervisor
     signal_on_start: str | None = None           # a signal that arrives while the job is being started
     # "save": once every rank got the signal, final save, preempted.json, exit 0; "marker": the ranks never
@@ -129,7 +131,7 @@ class FakeJob:
         for when, step in s.commits:
             if when <= t:
                 self._commit(step)
-        for rank in range(NPROC):
+        for rank in range(NPROC if not s.silent else 0):
             if t < s.stalls.get(rank, math.inf):
                 line = f"{STEPPING} {int(t)} {self.clock.time():.3f}".ljust(79) + "\n"
                 self.files.heartbeat(rank).write_text(line)
@@ -232,7 +234,7 @@ class Rig:
     def start_job(self, cmd: list[str], env: dict[str, str], log_path: Path, *,
                   echo: Callable[[str], str] | None) -> FakeJob:
         assert self.scripts, f"attempt {len(self.jobs)} started, but only {len(self.jobs)} were scripted"
-        assert cmd[-3:] == ["train.py", "--lr", "1"] and "--max-restarts" in cmd
+        assert cmd[-2:] == ["--lr", "1"] and cmd[-3].endswith(".py") and "--max-restarts" in cmd
         job = FakeJob(self, self.scripts.pop(0), env, log_path)
         self.jobs.append(job)
         if job.script.signal_on_start:
@@ -316,24 +318,46 @@ def test_supervisor_refuses_an_illegal_transition(tmp_path: Path) -> None:
 
 
 # ------------------------------------------------------------------ restarts
-def test_crash_then_success_restarts_after_backoff(tmp_path: Path, capsys: pytest.CaptureFixture[str],
-                                                   caplog: pytest.LogCaptureFixture) -> None:
+def test_crash_after_progress_restarts_at_once(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                              caplog: pytest.LogCaptureFixture) -> None:
     rig = Rig(tmp_path, Script(exit_at=2.0, rc=1, commits=((1.0, 10),), errors=((0, 5.0),)),
               Script(exit_at=1.0, commits=((0.5, 20),)))
     assert rig.run() == exitcodes.OK
     first, second = rig.jobs
     assert (first.env[envvars.ATTEMPT], second.env[envvars.ATTEMPT]) == ("0", "1")
     assert first.files.root != second.files.root  # each attempt gets fresh files
-    # Attempt 0 committed step 10, so the no-progress run is 0 -> k=1: d=1, delay = d/2 + 0.5*d/2.
-    assert rig.gaps() == [pytest.approx(0.75)]
+    assert rig.gaps() == [pytest.approx(0.0)]  # attempt 0 committed step 10: no backoff
     for job in rig.jobs:  # each torn down once after its exit (stragglers), never signalled
         assert job.kills == [(job.ended_at, 0.0)] and job.closed and job.signals_sent == []
         assert job.forward_calls == 0 and not job.files.stop.exists()  # no stop marker without a signal
     err = capsys.readouterr().err
-    assert "attempt 0 failed (rank 0 (ValueError: rank 0 diverged)); restarting in 0.8s" in err
+    assert "attempt 0 failed (rank 0 (ValueError: rank 0 diverged)); restarting at once (it made progress)" in err
     assert "finished: attempt 1 succeeded" in err
     assert states(caplog) == ["running", "backoff", "starting", "running", "done"]
     assert rig.sup.state is State.DONE
+
+
+def test_a_crash_without_progress_backs_off(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    rig = Rig(tmp_path, Script(exit_at=2.0, rc=1, errors=((0, 5.0),)), Script(exit_at=1.0))
+    assert rig.run() == exitcodes.OK
+    assert rig.gaps() == [pytest.approx(0.75)]  # no new checkpoint: k=1, d=1, delay = d/2 + 0.5*d/2
+    assert "restarting in 0.8s" in capsys.readouterr().err
+
+
+def test_a_script_without_a_session_is_limited_by_max_restarts_alone(tmp_path: Path,
+                                                                     capsys: pytest.CaptureFixture[str]) -> None:
+    # No heartbeats (a plain torchrun script): the supervisor cannot see its checkpoints, so every attempt counts
+    # as progress: restarted at once each time, and stopped by max_restarts, never by the crash-loop guard.
+    plain = Script(exit_at=2.0, rc=1, silent=True)
+    script = tmp_path / "plain.py"
+    script.write_text("import torch.distributed as dist\n\ndist.init_process_group('gloo')\n")
+    rig = Rig(tmp_path, *[plain] * 6, max_restarts=4, max_attempts_without_progress=2, startup_timeout_seconds=1.0)
+    rig.sup.spec.script = str(script)
+    rig.sup.reports = reports_progress(script)
+    assert rig.run() == exitcodes.FAILURE
+    assert len(rig.jobs) == 5 and rig.gaps() == [pytest.approx(0.0)] * 4
+    err = capsys.readouterr().err
+    assert "gave up: 5 attempts failed (supervisor.max_restarts=4)" in err and "crash loop" not in err
 
 
 def test_a_job_whose_checkpoint_dir_was_taken_over_is_not_restarted(tmp_path: Path,

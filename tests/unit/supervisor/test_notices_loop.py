@@ -14,6 +14,7 @@ from typing import Any
 
 import pytest
 import test_loop
+from ftrain.checkpoint.format import step_dirname
 import test_nodes_loop
 from test_loop import WALL0, Rig, Script, _debug_states, _no_real_time_or_signals, states  # noqa: F401 (fixtures)
 from test_nodes_loop import G
@@ -135,7 +136,8 @@ def test_no_ack_when_the_grace_runs_out(tmp_path: Path, capsys: pytest.CaptureFi
 
 
 def test_a_notice_during_backoff_stops_without_restarting(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    rig = Rig(tmp_path, Script(exit_at=1.0, rc=1, commits=((0.5, 5),)), Script())
+    rig = Rig(tmp_path, Script(exit_at=1.0, rc=1), Script())  # no progress: it backs off
+    (rig.ckpt_dir / step_dirname(5)).mkdir()  # from an earlier launch
     watch = with_watch(rig, at=1.3)
     assert rig.run() == exitcodes.PREEMPTED
     assert len(rig.jobs) == 1 and watch.stopped == 1

@@ -109,7 +109,7 @@ def test_progress_resets_the_exponent() -> None:
     stalled = history(Outcome.FAILED, Outcome.FAILED, Outcome.FAILED)
     assert decide(stalled, ROOMY, 1.0).delay == 4.0
     progressed = history(Outcome.FAILED, Outcome.FAILED, (Outcome.FAILED, True))
-    assert decide(progressed, ROOMY, 1.0).delay == 1.0  # k counts as 1, not 0
+    assert decide(progressed, ROOMY, 1.0).delay == 0.0  # the first restart after progress is immediate
     one_after = history(Outcome.FAILED, (Outcome.FAILED, True), Outcome.FAILED)
     assert decide(one_after, ROOMY, 1.0).delay == 1.0
     two_after = history((Outcome.FAILED, True), Outcome.FAILED, Outcome.FAILED)
