@@ -2,6 +2,10 @@
 
     .venv/bin/python benchmarks/recovery.py [--nproc 4] [--repeat 2]
 
+Each measurement is taken twice: with warm starts (the default: workers forked from the launch's zygote, which
+imported torch once) and with `supervisor.warm_start: false` (every worker imports torch), so the ratios compare
+with the cold-start job of the same run.
+
 * cold start: `ftrain launch` started -> rank 0 reports step 1;
 * SIGKILL recovery: a rank SIGKILLed -> the restarted job reports its first step
   after the restore (includes failure detection, teardown, backoff of 0 s,
@@ -31,9 +35,9 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 class Job:
-    def __init__(self, ckpt: Path, nproc: int) -> None:
+    def __init__(self, ckpt: Path, nproc: int, warm: bool) -> None:
         env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "GLOO_SOCKET_IFNAME": "lo",
-               "FTRAIN_SUPERVISOR_BACKOFF_SECONDS": "0"}
+               "FTRAIN_SUPERVISOR_BACKOFF_SECONDS": "0", "FTRAIN_SUPERVISOR_WARM_START": "1" if warm else "0"}
         cmd = [sys.executable, "-m", "ftrain", "launch", "--nproc", str(nproc), "--ckpt-dir", str(ckpt),
                "--save-every-steps", "10", "--max-restarts", "5", "examples/train.py", "--steps", "100000",
                "--print-every", "1", "--step-sleep", "0.005"]
@@ -51,14 +55,26 @@ class Job:
         raise RuntimeError(f"job ended before {pattern!r}")
 
 
-def measure(nproc: int) -> dict[str, float]:
+def rank_process(supervisor: psutil.Process) -> psutil.Process:
+    """A rank's real worker process: a child of the zygote when warm (torchrun's child is its thin entry), else
+    torchrun's child."""
+    for child in supervisor.children():
+        if "ftrain.supervisor.zygote" in " ".join(child.cmdline()):
+            # Its children: torchrun (forked warm too; its own children are the ranks' entries) and the ranks.
+            ranks = [w for w in child.children() if not any("ftrain.supervisor.entry" in " ".join(c.cmdline())
+                                                            for c in w.children())]
+            if ranks:
+                return ranks[-1]
+    return [c for c in supervisor.children() if "torch.distributed.run" in " ".join(c.cmdline())][0].children()[-1]
+
+
+def measure(nproc: int, warm: bool) -> dict[str, float]:
     ckpt = Path(tempfile.mkdtemp(prefix="ftrain-recovery-"))
-    job = Job(ckpt, nproc)
+    job = Job(ckpt, nproc, warm)
     t_first, _ = job.until(r"^step 1 ")
     out = {"cold start -> first step": t_first - job.t0}
     job.until(r"^step 25 ")
-    torchrun = psutil.Process(job.proc.pid).children()[0]
-    victim = torchrun.children()[-1]
+    victim = rank_process(psutil.Process(job.proc.pid))
     t_kill = time.monotonic()
     victim.kill()
     job.until(r"restored step \d+")
@@ -79,13 +95,18 @@ def main() -> None:
     p.add_argument("--nproc", type=int, default=4)
     p.add_argument("--repeat", type=int, default=2)
     args = p.parse_args()
-    runs = [measure(args.nproc) for _ in range(args.repeat)]
-    cold = statistics.median(r["cold start -> first step"] for r in runs)
-    print(f"example job, ftrain launch --nproc {args.nproc}, median of {args.repeat}")
-    print(f"{'what':<34} {'seconds':>8} {'vs cold start':>14}")
-    for key in runs[0]:
-        value = statistics.median(r[key] for r in runs)
-        print(f"{key:<34} {value:>8.2f} {value / cold:>13.2f}x")
+    runs: dict[bool, list[dict[str, float]]] = {True: [], False: []}
+    for _ in range(args.repeat):  # interleaved, so both modes see the same machine load
+        for warm in (False, True):
+            runs[warm].append(measure(args.nproc, warm))
+    cold = statistics.median(r["cold start -> first step"] for r in runs[False])
+    print(f"example job, ftrain launch --nproc {args.nproc}, median of {args.repeat}; ratios against the cold "
+          f"start with warm starts off ({cold:.2f} s)")
+    print(f"{'what':<34} {'warm s':>8} {'ratio':>7} {'cold s':>8} {'ratio':>7}")
+    for key in runs[True][0]:
+        w = statistics.median(r[key] for r in runs[True])
+        c = statistics.median(r[key] for r in runs[False])
+        print(f"{key:<34} {w:>8.2f} {w / cold:>6.2f}x {c:>8.2f} {c / cold:>6.2f}x")
 
 
 if __name__ == "__main__":

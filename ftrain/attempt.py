@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ftrain import exitcodes
+from ftrain import envvars, exitcodes
 from ftrain.errors import FtrainError
 
 #: Phases a worker reports in its heartbeat. The hang detector gives each its own allowance.
@@ -35,6 +35,23 @@ class Heartbeat:
     #: the supervisor judges only heartbeats whose ``pid`` is a worker of the current group.
     group: int | None = None
     pid: int | None = None
+
+
+def entry_pid() -> int | None:
+    """In a warm worker (forked by the zygote: docs/FORMAT.md, "Warm starts (zygote)"), the pid of its entry
+    process; None in any other process, the worker's own children included."""
+    try:
+        if int(os.environ.get(envvars.FORKED_PID, "")) == os.getpid():
+            return int(os.environ[envvars.ENTRY_PID])
+    except (KeyError, ValueError):
+        pass
+    return None
+
+
+def worker_pid() -> int:
+    """The pid torchrun and the supervisor know this worker by, written into its heartbeats and error files:
+    its entry's in a warm worker (torchrun started the entry), its own otherwise."""
+    return entry_pid() or os.getpid()
 
 
 class AttemptFiles:
@@ -177,7 +194,7 @@ class HeartbeatWriter:
         self._fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
         self._last = 0.0
         self._phase = ""
-        self._tail = f"{group} {os.getpid()}"
+        self._tail = f"{group} {worker_pid()}"
 
     def beat(self, phase: str, step: int, *, min_interval: float = 0.5) -> None:
         now = time.time()
@@ -203,7 +220,7 @@ def write_error_file(path: Path, rank: int, exc: BaseException, group: int = 0) 
     the supervisor stops on it at once."""
     permanent = isinstance(exc, FtrainError) and exc.permanent
     record = {
-        "rank": rank, "pid": os.getpid(), "group": group, "host": socket.gethostname(), "time": time.time(),
+        "rank": rank, "pid": worker_pid(), "group": group, "host": socket.gethostname(), "time": time.time(),
         "exc_type": type(exc).__name__, "message": str(exc),
         "traceback": "".join(traceback.format_exception(type(exc), exc, exc.__traceback__)),
         "permanent": permanent, "exit_code": exit_code_of(exc),

@@ -27,6 +27,8 @@ import yaml
 
 from ftrain import envvars
 from ftrain.config_values import (
+    _HTTP_URL,
+    _MODULE_NAMES,
     _NON_EMPTY,
     _NON_NEGATIVE,
     _POSITIVE,
@@ -35,6 +37,7 @@ from ftrain.config_values import (
     _TYPE_NAMES,
     Rule,
     _check,
+    _distinct_among,
     _format_text,
     _one_of,
     _parse_text,
@@ -58,18 +61,7 @@ GCP_METADATA_URL = "http://metadata.google.internal"
 AZURE_METADATA_URL = "http://169.254.169.254"
 
 
-def _notices_problem(names: list[str]) -> str | None:
-    for name in names:
-        if name not in NOTICE_SOURCES:
-            return f"a list of sources among {', '.join(NOTICE_SOURCES)} ({name!r} is not one of them)"
-    if len(set(names)) != len(names):
-        return f"a list of sources among {', '.join(NOTICE_SOURCES)}, each at most once"
-    return None
-
-
-_NOTICE_NAMES: Rule = (lambda v: _notices_problem(v) is None, lambda v: _notices_problem(v) or "")
-_HTTP_URL: Rule = (lambda v: v.startswith(("http://", "https://")) and len(v) > len("https://"),
-                   "an http:// or https:// URL")
+_NOTICE_NAMES = _distinct_among(NOTICE_SOURCES, "sources")
 
 
 def _option(default: Any, help: str, rule: Rule | None = None) -> Any:
@@ -244,6 +236,12 @@ class SupervisorConfig(_Section):
     drain_file: str = _option(
         "", "For notices: drain, the file whose appearance stops the job (e.g. touched by a preStop hook);"
         " if it exists at launch the job does not start (exit 75); empty means <checkpoint.dir>/DRAIN.")
+    warm_start: bool = _option(
+        True, "Fork workers from a zygote that imported supervisor.preload once, so a restart costs a fork, not a"
+        " torch import; cold starts, with one line saying why, where that is unsafe; false: always cold.")
+    preload: list[str] = _option(
+        ["torch", "numpy", "ftrain"], "Modules the zygote imports for warm starts, besides the script's own"
+        " top-level imports of modules outside its directory; -NAME: never NAME.", _MODULE_NAMES)
 
 
 @dataclass(frozen=True)

@@ -57,6 +57,24 @@ def _remote_problem(url: str) -> str | None:
 _REMOTE_URL: Rule = (lambda v: _remote_problem(v) is None, lambda v: _remote_problem(v) or "")
 
 
+_HTTP_URL: Rule = (lambda v: v.startswith(("http://", "https://")) and len(v) > len("https://"),
+                   "an http:// or https:// URL")
+_MODULE_NAMES: Rule = (lambda v: all(all(p.isidentifier() for p in m.removeprefix("-").split(".")) for m in v),
+                       "a list of module names, such as torch, numpy.random or -wandb")
+
+
+def _distinct_among(choices: tuple[str, ...], what: str) -> Rule:
+    """A list of ``what`` drawn from ``choices``, each at most once; the message names the first offender."""
+    def problem(names: list[str]) -> str | None:
+        for name in names:
+            if name not in choices:
+                return f"a list of {what} among {', '.join(choices)} ({name!r} is not one of them)"
+        if len(set(names)) != len(names):
+            return f"a list of {what} among {', '.join(choices)}, each at most once"
+        return None
+    return (lambda v: problem(v) is None, lambda v: problem(v) or "")
+
+
 #: SIGKILL and SIGSTOP cannot be caught; SIGUSR2 is taken by ftrain's stack dumps, so a preemption on it
 #: would be misread (see ``signals.py``).
 PREEMPTION_SIGNALS = CATCHABLE_PREEMPTION_SIGNALS

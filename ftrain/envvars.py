@@ -34,6 +34,17 @@ LEASE_DIR = "FTRAIN_LEASE_DIR"
 #: means resume.
 ELASTIC = "FTRAIN_ELASTIC"
 
+# Warm starts (docs/FORMAT.md, "Warm starts (zygote)").
+#: Set by `ftrain launch` for torchrun: the zygote's Unix socket, where `python -m ftrain.supervisor.entry` asks
+#: for a warm (forked) worker. Unset or unreachable: the entry starts the script cold.
+ZYGOTE_SOCKET = "FTRAIN_ZYGOTE_SOCKET"
+#: Set by the zygote in each warm worker: the pid of its entry process, the process torchrun started and knows as
+#: the rank. The worker's heartbeats, error files and preempted.json carry this pid (``attempt.worker_pid``).
+ENTRY_PID = "FTRAIN_ENTRY_PID"
+#: Set with ENTRY_PID: the warm worker's own pid. A process of another pid (a child of the worker, such as a
+#: DataLoader worker, inherits both) ignores ENTRY_PID.
+FORKED_PID = "FTRAIN_FORKED_PID"
+
 # Set by torchrun for each worker; read, never written, by ftrain.
 RANK = "RANK"
 WORLD_SIZE = "WORLD_SIZE"

@@ -19,7 +19,8 @@
   heartbeats for the hang detector, an error file on an uncaught exception,
   Python stack dumps on the stack-dump signal, and a watch on the parent process: if torchrun
   disappears, the worker treats it as a preemption and, failing that, exits
-  after the grace period, so no worker outlives its job. The files are the
+  after the grace period, so no worker outlives its job. (A warm worker, forked by the zygote, watches the
+  zygote and its entry's parent instead: see :func:`_parents`.) The files are the
   attempt-directory contract (docs/FORMAT.md, "Attempt directory").
 
 Every process-global hook (signal handlers, ``sys.excepthook``, faulthandler,
@@ -44,7 +45,16 @@ from types import FrameType, TracebackType
 from typing import IO, Any, ParamSpec, TypeVar
 
 from ftrain import envvars, exitcodes
-from ftrain.attempt import EXITING, STEPPING, AttemptFiles, HeartbeatWriter, exit_code_of, write_error_file
+from ftrain.attempt import (
+    EXITING,
+    STEPPING,
+    AttemptFiles,
+    HeartbeatWriter,
+    entry_pid,
+    exit_code_of,
+    worker_pid,
+    write_error_file,
+)
 from ftrain.errors import FtrainError
 from ftrain.signals import STACK_DUMP_SIGNAL
 
@@ -153,7 +163,7 @@ class Liveness:
             return
         tmp = self.attempt.preempted.with_name("preempted.json.partial")
         record = {"step": step, "rank": self.rank, "time": time.time(), "reason": self.preempt_reason,
-                  "pid": os.getpid(), "group": self.group}
+                  "pid": worker_pid(), "group": self.group}
         if remote_time is not None:
             record["remote_time"] = remote_time
         tmp.write_text(json.dumps(record))
@@ -171,8 +181,8 @@ class Liveness:
                 self.check_stop_marker()
 
     def _watch_parent(self) -> None:
-        parent = os.getppid()
-        while os.getppid() == parent:
+        parents = _parents()
+        while _parents() == parents:
             if self._closed.wait(1.0):
                 return
         # torchrun is gone (killed with its supervisor, or crashed): save if the other ranks can, then leave.
@@ -260,6 +270,24 @@ def setup_logging(rank: int) -> None:
     if logger.level == logging.NOTSET:
         logger.setLevel(logging.INFO)
     logger.propagate = False
+
+
+def _parents() -> tuple[int, int | None]:
+    """What the parent watch compares: this process's parent, and in a warm worker its entry's parent.
+
+    A cold worker's parent is torchrun. A warm worker's parent is the zygote (which dies with the supervisor, as
+    torchrun does) and torchrun is its entry's parent: either one changing means the job is gone, and the worker
+    saves and leaves exactly as a cold worker whose torchrun died. The entry itself dying needs no watch: the
+    zygote kills the worker then (docs/FORMAT.md, "Warm starts (zygote)").
+    """
+    entry = entry_pid()
+    if entry is None:
+        return os.getppid(), None
+    try:
+        with open(f"/proc/{entry}/stat") as f:
+            return os.getppid(), int(f.read().rsplit(")", 1)[1].split()[1])
+    except (OSError, ValueError, IndexError):
+        return os.getppid(), -1  # the entry is gone (or /proc unreadable: then nothing ever changes)
 
 
 def _int_env(name: str) -> int:

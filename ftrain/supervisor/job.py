@@ -14,7 +14,7 @@ in tests, without processes.
 from __future__ import annotations
 
 import collections
-import ctypes
+import functools
 import logging
 import os
 import signal
@@ -22,29 +22,15 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Protocol
 
 import psutil
 
+from ftrain.supervisor.pdeath import die_with_parent
+
 log = logging.getLogger("ftrain.launch")
-
-_PR_SET_PDEATHSIG = 1
-
-
-def _die_with_parent() -> None:
-    """In the child, before exec: torchrun dies with the supervisor, even when the supervisor is SIGKILLed.
-
-    SIGKILL, not SIGTERM: on SIGTERM torchrun forwards the signal but then hangs in its own interpreter
-    shutdown, joining its --tee TailLog threads, with nobody left to kill it (observed in about 1 run of 5).
-    The workers do not need the forwarded signal: each watches its parent and, once torchrun is gone, saves
-    a final checkpoint at its next step and exits (ftrain/session/liveness.py).
-    """
-    if sys.platform.startswith("linux"):
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
-
 
 class Job(Protocol):
     """What the supervisor's loop needs of one attempt's job.
@@ -108,15 +94,17 @@ class JobFactory(Protocol):
     """
 
     def __call__(self, cmd: list[str], env: dict[str, str], log_path: Path, *,
-                 echo: Callable[[str], str] | None) -> Job: ...
+                 echo: Callable[[str], str] | None, warm: Callable[[], Mapping[int, int]] | None = None) -> Job: ...
 
 
 class JobProcess:
     """One attempt's torchrun process and everything under it: the real :class:`Job`."""
 
     def __init__(self, cmd: list[str], env: dict[str, str], log_path: Path, *,
-                 echo: Callable[[str], str] | None = None) -> None:
-        """``echo`` (if given) maps each output line to what is shown on our stdout."""
+                 echo: Callable[[str], str] | None = None, warm: Callable[[], Mapping[int, int]] | None = None) -> None:
+        """``echo`` (if given) maps each output line to what is shown on our stdout. ``warm`` (warm starts): the
+        zygote's entry pid -> real worker pid map; a warm worker is the zygote's child, not torchrun's, so it is
+        found through it (``Zygote.workers``)."""
         # torchrun writes to the attempt log itself, a regular file, never to a pipe of ours: if this process dies
         # (even by SIGKILL) torchrun's writes neither block nor fail with EPIPE. (With a pipe, torchrun sometimes
         # hung in interpreter shutdown, joining a --tee TailLog thread, after its supervisor was SIGKILLed.)
@@ -127,7 +115,8 @@ class JobProcess:
         self.tail: collections.deque[str] = collections.deque(maxlen=400)
         self.proc = subprocess.Popen(cmd, env=env, stdin=subprocess.DEVNULL, stdout=self._log,
                                      stderr=subprocess.STDOUT, start_new_session=True,
-                                     preexec_fn=_die_with_parent)
+                                     preexec_fn=functools.partial(die_with_parent, os.getpid()))
+        self._warm = warm
         self._ps = psutil.Process(self.proc.pid)
         self._known: dict[int, psutil.Process] = {}
         self._stopped: set[int] = set()  # workers signal_new_workers already reached
@@ -181,12 +170,35 @@ class JobProcess:
                 self._known.setdefault(p.pid, p)
         except psutil.Error:
             pass
+        warm = self._warm() if self._warm is not None else {}
+        grew = bool(warm)
+        while grew:  # torchrun's entry -> torchrun -> the ranks' entries -> their workers -> their children
+            grew = False
+            for entry, worker in warm.items():
+                if entry in self._known and worker not in self._known:  # a worker forked for one of our entries
+                    try:
+                        real = psutil.Process(worker)
+                        self._known[worker] = real
+                        self._known.update((c.pid, c) for c in real.children(recursive=True))
+                        grew = True
+                    except psutil.Error:
+                        pass
         return [p for p in self._known.values() if _alive(p)]
 
+    def _torchrun(self) -> psutil.Process:
+        """torchrun itself: our child, or, warm, the process the zygote forked for our child (its entry)."""
+        real = self._warm().get(self.proc.pid) if self._warm is not None else None
+        if real is not None:
+            try:
+                return self._known.setdefault(real, psutil.Process(real))
+            except psutil.Error:
+                pass
+        return self._ps
+
     def workers(self) -> list[psutil.Process]:
-        """The rank processes: torchrun's direct children."""
+        """The rank processes: torchrun's direct children (warm: the ranks' entries)."""
         try:
-            kids = self._ps.children(recursive=False)
+            kids = self._torchrun().children(recursive=False)
         except psutil.Error:
             return []
         for p in kids:
@@ -209,7 +221,9 @@ class JobProcess:
     def signal_new_workers(self, sig: int) -> int:
         n = 0
         for p in self.workers():
-            if p.pid in self._stopped or not _handles(p.pid, sig):
+            # A warm worker's entry always handles the signal (it forwards it): ask the worker itself.
+            real = self._warm().get(p.pid) if self._warm is not None else None
+            if p.pid in self._stopped or not _handles(real or p.pid, sig):
                 continue
             try:
                 p.send_signal(sig)

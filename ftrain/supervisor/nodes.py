@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any
 from ftrain import exitcodes
 from ftrain.attempt import AttemptFiles
 from ftrain.signals import STACK_DUMP_SIGNAL
+from ftrain.supervisor.command import TORCHRUN_RESTARTS as TORCHRUN_RESTARTS  # (re-exported)
 from ftrain.supervisor.console import Console, flush
 from ftrain.supervisor.hang import find_hung
 from ftrain.supervisor.membership import Ending, Group, GroupWatch, classify_group, group_errors, parse_worker_exits
@@ -32,8 +33,6 @@ if TYPE_CHECKING:
     from ftrain.supervisor.job import Job
     from ftrain.supervisor.supervisor import Supervisor
 
-#: torchrun's --max-restarts in a multi-node launch: in effect unlimited; the supervisor's policy decides.
-TORCHRUN_RESTARTS = 10**6
 #: Seconds between looks at torchrun's workers (a psutil scan).
 _GROUP_CHECK = 0.5
 #: Seconds between polls of torchrun (signals, exit).
@@ -67,8 +66,9 @@ def run_nodes(sup: Supervisor) -> int:
     number, files = AttemptFiles.next_attempt(sup.log_dir, sup.spec.run_id)
     files.create()
     console = Console(files.torchrun_log, mistakes=files.mistakes) if sup.echo else None
+    zygote = sup.warm()  # one for the launch: torchrun restarts its groups itself, forking from it each time
     job = sup._job = sup._start_job(sup._command(files), sup._env(files, number), files.torchrun_log,
-                                    echo=console)
+                                    echo=console, warm=zygote.workers if zygote is not None else None)
     lo, hi = sup.spec.nnodes
     sup._say(f"started torchrun (pid {job.pid}) for {lo}:{hi} node(s), {sup.spec.nproc} worker(s) on this "
              f"node; worker groups are restarted by torchrun at each rendezvous; logs in {files.root}")

@@ -40,56 +40,34 @@ import logging
 import os
 import random
 import signal
+import socket
 import sys
+import tempfile
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
 from pathlib import Path
 from types import FrameType
 
-from ftrain import envvars, exitcodes
+from ftrain import exitcodes
 from ftrain.attempt import AttemptFiles
 from ftrain.checkpoint.store import CheckpointStore
-from ftrain.config import FtrainConfig, config_to_env
 from ftrain.signals import STACK_DUMP_SIGNAL
+from ftrain.supervisor import command
 from ftrain.supervisor.clock import SYSTEM_CLOCK, Clock
+from ftrain.supervisor.command import LaunchSpec
 from ftrain.supervisor.console import Console, flush, strip_prefix  # noqa: F401 (strip_prefix: still importable here)
 from ftrain.supervisor.hang import HangLimits, find_hung, reports_progress
 from ftrain.supervisor.job import Job, JobFactory, JobProcess
 from ftrain.supervisor.journal import Journal
-from ftrain.supervisor.nodes import TORCHRUN_RESTARTS, run_nodes
+from ftrain.supervisor.nodes import run_nodes
 from ftrain.supervisor.notices import Notice, NoticeWatch, announce, build_watch, deadline_report
 from ftrain.supervisor.policy import Action, AttemptResult, Outcome, RestartPolicy, decide
 from ftrain.supervisor.report import Failure, format_report, permanent_failure, root_cause
 from ftrain.supervisor.state import INITIAL, State, check_transition
+from ftrain.supervisor.zygote import Zygote
 
 log = logging.getLogger("ftrain.launch")
 
 _POLL = 0.1
-#: torchrun prefixes each tee'd worker line with this (we set the template), so we can strip it for rank 0.
-_PREFIX_TEMPLATE = "@@ftrain-rank${rank}@@"
-
-
-@dataclass
-class LaunchSpec:
-    """Everything needed to start one attempt."""
-
-    script: str
-    script_args: list[str]
-    nproc: int
-    torchrun_args: list[str]
-    run_id: str
-    config: FtrainConfig
-    extra_env: dict[str, str] = field(default_factory=dict)
-    #: (MIN, MAX) of ``--nnodes``; MAX > 1 is a multi-node launch (see :mod:`ftrain.supervisor.nodes`).
-    nnodes: tuple[int, int] = (1, 1)
-
-    @property
-    def multinode(self) -> bool:
-        return self.nnodes[1] > 1
-
-    @property
-    def elastic(self) -> bool:
-        return self.nnodes[0] < self.nnodes[1]
 
 
 class Supervisor:
@@ -137,6 +115,9 @@ class Supervisor:
         self._final: dict[str, object] | None = None
         #: The run's event log (docs/FORMAT.md, "Event log") and the console's progress line.
         self.journal = Journal(cfg, spec.run_id, self._say, clock.monotonic)
+        #: Warm starts (supervisor.warm_start): the zygote workers are forked from, while it runs.
+        self.zygote: Zygote | None = None
+        self._cold = False  # the zygote could not start: cold starts for the rest of the launch
         #: Whether the workers report through ftrain.Session (heartbeats): from the script's imports, and True
         #: for good once any heartbeat arrives (hang.reports_progress).
         self.reports = reports_progress(spec.script)
@@ -176,7 +157,11 @@ class Supervisor:
                     if self._job is not None and self._job.poll() is None:
                         self._job.kill_tree(graceful=0.0 if self.spec.multinode else 2.0)
                 finally:
-                    self._notices.stop()
+                    try:
+                        if self.zygote is not None:  # after the job: it kills whatever workers it still has
+                            self.zygote.stop()
+                    finally:
+                        self._notices.stop()
         finally:
             self.journal.close()
 
@@ -232,8 +217,9 @@ class Supervisor:
         number, files = AttemptFiles.next_attempt(self.log_dir, self.spec.run_id)
         files.create()
         console = Console(files.torchrun_log, mistakes=files.mistakes) if self.echo else None
+        zygote = self.warm()
         job = self._job = self._start_job(self._command(files), self._env(files, number), files.torchrun_log,
-                                          echo=console)
+                                          echo=console, warm=zygote.workers if zygote is not None else None)
         self._say(f"attempt {attempt}: started torchrun (pid {job.pid}) with {self.spec.nproc} worker(s) per node; "
                   f"logs in {files.root}")
         self.journal.attempt_start(attempt, number, files, job.pid)
@@ -341,47 +327,40 @@ class Supervisor:
             failure.exit_code = rc
         return AttemptResult(attempt, Outcome.FAILED, False, rc, failure.describe()), failure
 
+    # ------------------------------------------------------------ warm starts
+    def warm(self) -> Zygote | None:
+        """The zygote to fork this attempt's workers from, started (or restarted, if it died) now; None when warm
+        starts are off or it cannot start (then workers start cold; said once). Called before each torchrun."""
+        if not self.sup.warm_start or self._cold:
+            return None
+        if self.zygote is not None and self.zygote.alive():
+            return self.zygote
+        if self.zygote is not None:
+            self._say("the zygote (warm starts) died: starting a new one")
+            self.zygote.stop()
+            self.zygote = None
+        host_dir = self.log_dir / self.spec.run_id / socket.gethostname()
+        try:
+            host_dir.mkdir(parents=True, exist_ok=True)
+            private = Path(tempfile.mkdtemp(prefix="ftrain-zy-"))  # the socket: a short path, only ours
+            with open(host_dir / "zygote.log", "ab") as log_file:
+                self.zygote = Zygote.start(private / "z.sock", self.sup.preload, script=os.path.abspath(
+                    self.spec.script), env=self._base_env(), stderr=log_file)
+        except OSError as e:
+            self._cold = True
+            self._say(f"warm starts off: could not start the zygote ({e}); workers start cold")
+            return None
+        return self.zygote
+
     # ----------------------------------------------------------- environment
     def _command(self, files: AttemptFiles) -> list[str]:
-        args = list(self.spec.torchrun_args)
-        if not any(a.startswith(("--rdzv-endpoint", "--rdzv_endpoint", "--master-addr", "--master_addr",
-                                 "--standalone")) for a in args):
-            # Single node: rendezvous on loopback with a free port, never another address.
-            args += ["--rdzv-backend", "c10d", "--rdzv-endpoint", "127.0.0.1:0"]
-        if not any(a.startswith(("--rdzv-id", "--rdzv_id")) for a in args):
-            args += ["--rdzv-id", self.spec.run_id]
-        return [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(self.spec.nproc), *args,
-                # Single node: restarts are ours (whole job, with backoff and a crash-loop guard), not torchrun's.
-                # Multi-node: torchrun's, so the rendezvous stays open (an agent that runs out of restarts closes
-                # it for every node); we count only the local failures among them (see _run_nodes).
-                "--max-restarts", str(TORCHRUN_RESTARTS if self.spec.multinode else 0),
-                "--log-dir", str(files.ranks_dir), "--redirects", "3", "--tee", "3",
-                self.spec.script, *self.spec.script_args]
+        return command.torchrun_command(self.spec, files, warm=self.zygote is not None)
+
+    def _base_env(self) -> dict[str, str]:
+        return command.base_env(self.spec)
 
     def _env(self, files: AttemptFiles, attempt: int) -> dict[str, str]:
-        env = dict(os.environ)
-        env.update(config_to_env(self.spec.config))
-        env.update(self.spec.extra_env)
-        env.update({
-            envvars.RUN_ID: self.spec.run_id, envvars.ATTEMPT: str(attempt), envvars.ATTEMPT_DIR: str(files.root),
-            envvars.LAUNCHER_PID: str(os.getpid()),
-            "TORCHELASTIC_LOG_LINE_PREFIX_TEMPLATE": _PREFIX_TEMPLATE,
-            # If a preemption signal reaches torchrun itself (a whole-cgroup kill), it must forward it
-            # (SLURM's SIGUSR1 included) and wait our grace period, not its default 30 s, before SIGKILL.
-            "TORCHELASTIC_SIGNALS_TO_HANDLE": ",".join(sorted({"SIGTERM", "SIGINT", "SIGHUP", "SIGQUIT",
-                                                              *self.sup.preemption_signals})),
-            "TORCH_ELASTIC_SHUTDOWN_TIMEOUT": str(int(self.sup.grace_seconds) + 5),
-        })
-        if self.spec.multinode:
-            # Without this, workers share a store hosted in the group-rank-0 agent across worker groups, and a new
-            # group reads the dead group's gloo addresses from it (measured, torch 2.13: after a node loss the
-            # survivors fail "connectFullMesh ... Connection refused" over and over). With it, each group's rank 0
-            # hosts a fresh store.
-            env["TORCH_DISABLE_SHARE_RDZV_TCP_STORE"] = "1"
-        if self.spec.elastic:
-            env[envvars.ELASTIC] = "1"
-        env.setdefault("OMP_NUM_THREADS", "1")
-        return env
+        return command.worker_env(self.spec, files, attempt, self.zygote.env() if self.zygote is not None else {})
 
     # ---------------------------------------------------------------- signals
     def _install_signal_handlers(self) -> None:

@@ -103,12 +103,15 @@ def test_fsdp_job_under_launch_survives_sigkills_bit_exact(tmp_path: Path) -> No
               f"kill@step:step={rng.randint(32, 38)}:rank={rng.randrange(2)}"]
     once = tmp_path / "once"
     once.mkdir()
-    env = launch_env(FTRAIN_FAULTS=",".join(faults), FTRAIN_FAULTS_ONCE_DIR=str(once))
+    # The one chaos test with warm starts off (supervisor.warm_start: false): cold workers, as before the zygote;
+    # every other chaos test forks its workers warm (the default).
+    env = launch_env(FTRAIN_FAULTS=",".join(faults), FTRAIN_FAULTS_ONCE_DIR=str(once), FTRAIN_SUPERVISOR_WARM_START="0")
     ckpt = tmp_path / "ckpt"
     run_ = Launch([*common, "--ckpt-dir", str(ckpt), "--rdzv-id", "fsdp-chaos", *script], env)
     rc = run_.wait(timeout=400)
     info = f"seed {seed}, faults {faults}:\n{run_.output[-5000:]}"
     assert rc == exitcodes.OK, info
+    assert not list((ckpt / "logs" / "fsdp-chaos").glob("*/zygote.log")), "warm starts were not off"
     assert len(list(once.iterdir())) == 4, info
     assert len(re.findall(r"attempt \d+: started torchrun", run_.output)) == 5, info
     assert final_hash(run_.output) == final_hash(ref.output), f"seed {seed}: final state differs"

@@ -61,6 +61,9 @@ def test_chaos_kills_hang_and_preemption_resume_bit_exact(tmp_path):
     assert len(list(once.iterdir())) == 4, info
     assert len(re.findall(r"attempt \d+: started torchrun", run.output)) == 5, info
     assert "hang detected: rank" in run.output, info
+    # Warm starts (the default): every worker of every attempt forked from the launch's one zygote.
+    [zlog] = (ckpt / "logs" / "chaos").glob("*/zygote.log")
+    assert "warm after" in zlog.read_text() and "starting cold" not in run.output, info
     stacks = list((ckpt / "logs" / "chaos").glob(f"*/attempt-*/stacks/rank-{r[3]:05d}.txt"))
     assert any("faults.py" in s.read_text() for s in stacks), "the hung rank's Python stack was not dumped"
     assert_no_orphans("chaos")

@@ -7,6 +7,9 @@ closed (it installs signal handlers, an excepthook, faulthandler and a watcher t
 """
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 import time
 import types
 from collections.abc import Iterator
@@ -15,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from ftrain import envvars
-from ftrain.attempt import RESTORING, SAVING, STEPPING, AttemptFiles
+from ftrain.attempt import RESTORING, SAVING, STEPPING, AttemptFiles, worker_pid
 from ftrain.session import liveness as liveness_mod
 from ftrain.session.liveness import STOP_CHECK_INTERVAL, Liveness
 
@@ -151,3 +154,21 @@ def test_the_marker_round_trips(files: AttemptFiles) -> None:
     files.write_stop("SIGTERM", 1700000000.5)
     assert files.read_stop() == {"signal": "SIGTERM", "time": 1700000000.5}
     assert sorted(p.name for p in files.root.iterdir() if p.is_file()) == ["stop.json"]  # no .partial left
+
+
+def test_a_warm_worker_reports_and_watches_through_its_entry(monkeypatch: pytest.MonkeyPatch) -> None:
+    """docs/FORMAT.md, "Warm starts (zygote)": the entry's pid in the worker's records, only in the worker itself,
+    and the parent watch also follows the entry's parent (torchrun)."""
+    assert worker_pid() == os.getpid() and liveness_mod._parents() == (os.getppid(), None)
+    stand_in = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])  # "the entry"
+    try:
+        monkeypatch.setenv(envvars.ENTRY_PID, str(stand_in.pid))
+        monkeypatch.setenv(envvars.FORKED_PID, str(os.getpid() + 1))  # a child of the worker inherits both
+        assert worker_pid() == os.getpid() and liveness_mod._parents() == (os.getppid(), None)
+        monkeypatch.setenv(envvars.FORKED_PID, str(os.getpid()))
+        assert worker_pid() == stand_in.pid
+        assert liveness_mod._parents() == (os.getppid(), os.getpid())  # the entry's parent: here, this process
+    finally:
+        stand_in.kill()
+        stand_in.wait()
+    assert liveness_mod._parents() == (os.getppid(), -1)  # the entry is gone: a change the watch sees

@@ -220,7 +220,7 @@ class Rig:
         self.jobs: list[FakeJob] = []
         self.ckpt_dir = tmp_path / "ckpt"
         self.ckpt_dir.mkdir()
-        knobs: dict[str, Any] = dict(grace_seconds=5.0, hang_timeout_seconds=5.0, startup_timeout_seconds=10.0,
+        knobs: dict[str, Any] = dict(warm_start=False, grace_seconds=5.0, hang_timeout_seconds=5.0, startup_timeout_seconds=10.0,
                                      backoff_seconds=1.0, backoff_max_seconds=30.0, max_restarts=3,
                                      max_attempts_without_progress=3)
         cfg = FtrainConfig(checkpoint=CheckpointConfig(dir=str(self.ckpt_dir)),
@@ -232,7 +232,7 @@ class Rig:
                               clock=self.clock, lease_lost=lease_lost, **extra)
 
     def start_job(self, cmd: list[str], env: dict[str, str], log_path: Path, *,
-                  echo: Callable[[str], str] | None) -> FakeJob:
+                  echo: Callable[[str], str] | None, warm: object = None) -> FakeJob:
         assert self.scripts, f"attempt {len(self.jobs)} started, but only {len(self.jobs)} were scripted"
         assert cmd[-2:] == ["--lr", "1"] and cmd[-3].endswith(".py") and "--max-restarts" in cmd
         job = FakeJob(self, self.scripts.pop(0), env, log_path)

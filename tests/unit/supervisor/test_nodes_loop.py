@@ -20,7 +20,8 @@ from ftrain import envvars, exitcodes
 from ftrain.attempt import STEPPING, AttemptFiles
 from ftrain.checkpoint.format import step_dirname
 from ftrain.config import CheckpointConfig, FtrainConfig, SupervisorConfig
-from ftrain.supervisor.supervisor import TORCHRUN_RESTARTS, LaunchSpec, Supervisor
+from ftrain.supervisor.command import TORCHRUN_RESTARTS, LaunchSpec
+from ftrain.supervisor.supervisor import Supervisor
 
 WALL0 = 1_000_000_000.0
 GLOO_LOST = "[gloo/transport/tcp/pair.cc:553] Connection closed by peer [127.0.0.1]:1234"
@@ -148,7 +149,7 @@ class Rig:
         self.clock = Clock()
         self.ckpt_dir = tmp_path / "ckpt"
         self.ckpt_dir.mkdir()
-        knobs: dict[str, Any] = dict(grace_seconds=5.0, hang_timeout_seconds=5.0, startup_timeout_seconds=10.0,
+        knobs: dict[str, Any] = dict(warm_start=False, grace_seconds=5.0, hang_timeout_seconds=5.0, startup_timeout_seconds=10.0,
                                      max_restarts=2, max_attempts_without_progress=0)
         cfg = FtrainConfig(checkpoint=CheckpointConfig(dir=str(self.ckpt_dir)),
                            supervisor=SupervisorConfig(**{**knobs, "log_dir": str(tmp_path / "logs"), **supervisor}))
@@ -161,7 +162,7 @@ class Rig:
         self.sup = Supervisor(spec, echo=False, start_job=self.start, clock=self.clock, jitter=lambda: 0.5)
 
     def start(self, cmd: list[str], env: dict[str, str], log_path: Path, *,
-              echo: Callable[[str], str] | None) -> NodeJob:
+              echo: Callable[[str], str] | None, warm: object = None) -> NodeJob:
         assert not self.jobs, "a multi-node launch starts torchrun once"
         self.cmds.append(cmd)
         self.envs.append(env)
