@@ -263,7 +263,7 @@ def test_a_worker_killed_by_a_signal_kills_its_entry_with_it(h: Harness) -> None
     os.killpg(proc.pid, signal.SIGTERM)  # no handler in the worker: it dies of it, and so does the entry
     assert proc.wait(timeout=10) == -signal.SIGTERM
     wait_until(lambda: gone(worker), 10)
-    assert z.workers() == {}
+    wait_until(lambda: z.workers() == {}, 10)  # the workers file is rewritten just after the reap
 
 
 def test_sigkill_of_the_entry_kills_the_worker_and_its_children(h: Harness) -> None:
