@@ -39,6 +39,7 @@ import dataclasses
 import logging
 import os
 import random
+import shutil
 import signal
 import socket
 import sys
@@ -159,7 +160,7 @@ class Supervisor:
                 finally:
                     try:
                         if self.zygote is not None:  # after the job: it kills whatever workers it still has
-                            self.zygote.stop()
+                            self._stop_zygote()
                     finally:
                         self._notices.stop()
         finally:
@@ -337,13 +338,14 @@ class Supervisor:
             return self.zygote
         if self.zygote is not None:
             self._say("the zygote (warm starts) died: starting a new one")
-            self.zygote.stop()
-            self.zygote = None
+            self._stop_zygote()
         host_dir = self.log_dir / self.spec.run_id / socket.gethostname()
         try:
             host_dir.mkdir(parents=True, exist_ok=True)
             private = Path(tempfile.mkdtemp(prefix="ftrain-zy-"))  # the socket: a short path, only ours
             with open(host_dir / "zygote.log", "ab") as log_file:
+                log_file.write(f"[ftrain launch] zygote socket directory {private} (removed at the end)\n".encode())
+                log_file.flush()
                 self.zygote = Zygote.start(private / "z.sock", self.sup.preload, script=os.path.abspath(
                     self.spec.script), env=self._base_env(), stderr=log_file)
         except OSError as e:
@@ -351,6 +353,14 @@ class Supervisor:
             self._say(f"warm starts off: could not start the zygote ({e}); workers start cold")
             return None
         return self.zygote
+
+    def _stop_zygote(self) -> None:
+        assert self.zygote is not None
+        try:
+            self.zygote.stop()
+        finally:
+            shutil.rmtree(self.zygote.socket_path.parent, ignore_errors=True)  # the private directory warm() made
+            self.zygote = None
 
     # ----------------------------------------------------------- environment
     def _command(self, files: AttemptFiles) -> list[str]:

@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import psutil
 import pytest
@@ -64,6 +65,8 @@ def test_chaos_kills_hang_and_preemption_resume_bit_exact(tmp_path):
     # Warm starts (the default): every worker of every attempt forked from the launch's one zygote.
     [zlog] = (ckpt / "logs" / "chaos").glob("*/zygote.log")
     assert "warm after" in zlog.read_text() and "starting cold" not in run.output, info
+    [private] = re.findall(r"zygote socket directory (\S+)", zlog.read_text())
+    assert not Path(private).exists(), "the zygote's socket directory was left behind"
     stacks = list((ckpt / "logs" / "chaos").glob(f"*/attempt-*/stacks/rank-{r[3]:05d}.txt"))
     assert any("faults.py" in s.read_text() for s in stacks), "the hung rank's Python stack was not dumped"
     assert_no_orphans("chaos")
