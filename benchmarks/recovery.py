@@ -75,7 +75,7 @@ def measure(nproc: int, warm: bool) -> dict[str, float]:
     out = {"cold start -> first step": t_first - job.t0}
     job.until(r"^step 25 ")
     victim = rank_process(psutil.Process(job.proc.pid))
-    t_kill = time.monotonic()
+    t_kill, wall_kill = time.monotonic(), time.time()
     victim.kill()
     job.until(r"restored step \d+")
     t_back, _ = job.until(r"^step \d+ ")
@@ -87,7 +87,28 @@ def measure(nproc: int, warm: bool) -> dict[str, float]:
     out["SIGTERM -> checkpoint committed"] = t_commit - t_term
     job.proc.wait()
     out["SIGTERM -> supervisor exited"] = time.monotonic() - t_term
+    out.update(breakdown(ckpt, wall_kill))
     return out
+
+
+def breakdown(ckpt: Path, kill: float) -> dict[str, float]:
+    """Where the SIGKILL's recovery went, from the run's event log (docs/FORMAT.md, "Event log"; wall clock)."""
+    from ftrain.events import read_events
+
+    events = [e for e in read_events(ckpt) if e["t"] >= kill or e["ev"] == "session_start"]
+
+    def first(ev: str, after: float, key: str = "t") -> float:
+        return min(float(e[key]) for e in events if e["ev"] == ev and float(e[key]) >= after)
+
+    ended = first("attempt_end", kill)  # the failure seen and the old job torn down
+    started = first("attempt_start", ended)  # (backoff) and the new torchrun started
+    worker = first("session_start", started, "proc_start")  # rank 0's new process (forked, or a fresh python)
+    restore = next(e for e in events if e["ev"] == "restore" and e["t"] >= worker)
+    step = first("first_step", restore["t"])
+    return {"  detection + teardown": ended - kill, "  restart decision + torchrun start": started - ended,
+            "  torchrun + rendezvous -> rank 0 process": worker - started,
+            "  rank 0 process -> restore begins": float(restore["start"]) - worker,
+            "  restore": float(restore["seconds"]), "  restore -> first step done": step - float(restore["t"])}
 
 
 def main() -> None:
@@ -102,11 +123,11 @@ def main() -> None:
     cold = statistics.median(r["cold start -> first step"] for r in runs[False])
     print(f"example job, ftrain launch --nproc {args.nproc}, median of {args.repeat}; ratios against the cold "
           f"start with warm starts off ({cold:.2f} s)")
-    print(f"{'what':<34} {'warm s':>8} {'ratio':>7} {'cold s':>8} {'ratio':>7}")
+    print(f"{'what':<40} {'warm s':>8} {'ratio':>7} {'cold s':>8} {'ratio':>7}")
     for key in runs[True][0]:
         w = statistics.median(r[key] for r in runs[True])
         c = statistics.median(r[key] for r in runs[False])
-        print(f"{key:<34} {w:>8.2f} {w / cold:>6.2f}x {c:>8.2f} {c / cold:>6.2f}x")
+        print(f"{key:<40} {w:>8.2f} {w / cold:>6.2f}x {c:>8.2f} {c / cold:>6.2f}x")
 
 
 if __name__ == "__main__":
