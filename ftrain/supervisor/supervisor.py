@@ -64,7 +64,7 @@ from ftrain.supervisor.notices import Notice, NoticeWatch, announce, build_watch
 from ftrain.supervisor.policy import Action, AttemptResult, Outcome, RestartPolicy, decide
 from ftrain.supervisor.report import Failure, format_report, permanent_failure, root_cause
 from ftrain.supervisor.state import INITIAL, State, check_transition
-from ftrain.supervisor.zygote import Zygote
+from ftrain.supervisor.zygote import SOCKET_DIR_PREFIX, SOCKET_NAME, Zygote, sweep_stale
 
 log = logging.getLogger("ftrain.launch")
 
@@ -342,11 +342,12 @@ class Supervisor:
         host_dir = self.log_dir / self.spec.run_id / socket.gethostname()
         try:
             host_dir.mkdir(parents=True, exist_ok=True)
-            private = Path(tempfile.mkdtemp(prefix="ftrain-zy-"))  # the socket: a short path, only ours
+            sweep_stale(tempfile.gettempdir())  # what SIGKILLed launches left behind
+            private = Path(tempfile.mkdtemp(prefix=SOCKET_DIR_PREFIX))  # the socket: a short path, only ours
             with open(host_dir / "zygote.log", "ab") as log_file:
                 log_file.write(f"[ftrain launch] zygote socket directory {private} (removed at the end)\n".encode())
                 log_file.flush()
-                self.zygote = Zygote.start(private / "z.sock", self.sup.preload, script=os.path.abspath(
+                self.zygote = Zygote.start(private / SOCKET_NAME, self.sup.preload, script=os.path.abspath(
                     self.spec.script), env=self._base_env(), stderr=log_file)
         except OSError as e:
             self._cold = True

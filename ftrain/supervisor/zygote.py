@@ -26,6 +26,7 @@ import functools
 import json
 import os
 import select
+import shutil
 import signal
 import socket
 import struct
@@ -425,6 +426,33 @@ class Zygote:
         for path in (self.socket_path, table_path(self.socket_path)):
             with contextlib.suppress(OSError):
                 path.unlink()
+
+
+#: The prefix of the private directory a supervisor makes for its zygote's socket (in the temporary directory:
+#: a socket path must be short), and the socket's name in it.
+SOCKET_DIR_PREFIX, SOCKET_NAME = "ftrain-zy-", "z.sock"
+
+
+def sweep_stale(tmp: str | os.PathLike[str], min_age: float = 60.0) -> list[Path]:
+    """Remove the socket directories that supervisors SIGKILLed before their cleanup left in ``tmp`` (their
+    zygote died with them): ours, older than ``min_age`` seconds, whose socket no longer accepts a connection.
+    A live zygote's directory is never touched. Returns the directories removed."""
+    removed = []
+    for d in Path(tmp).glob(f"{SOCKET_DIR_PREFIX}*"):
+        try:
+            st = d.lstat()
+            if not d.is_dir() or d.is_symlink() or st.st_uid != os.getuid() or time.time() - st.st_mtime < min_age:
+                continue
+            with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+                s.settimeout(1.0)
+                s.connect(str(d / SOCKET_NAME))
+            continue  # a zygote answers there
+        except (ConnectionRefusedError, FileNotFoundError):
+            shutil.rmtree(d, ignore_errors=True)
+            removed.append(d)
+        except OSError:
+            continue
+    return removed
 
 
 def _kill_if_same(pid: int, started: float) -> psutil.Process | None:

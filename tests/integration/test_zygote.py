@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -496,3 +497,29 @@ def test_with_torch_preloaded(h: Harness) -> None:
         seen.append((seed, draw))
         assert float(import_time) < 0.05 and cuda == "False"
     assert seen[0] != seen[1]
+
+
+def test_stale_socket_directories_of_sigkilled_launches_are_swept_live_ones_kept(tmp_path: Path) -> None:
+    from ftrain.supervisor.zygote import SOCKET_DIR_PREFIX, SOCKET_NAME, listen, sweep_stale
+
+    def made(name: str, *, live: bool, age: float) -> tuple[Path, socket.socket | None]:
+        d = tmp_path / f"{SOCKET_DIR_PREFIX}{name}"
+        d.mkdir()
+        sock = listen(d / SOCKET_NAME)  # a real socket file, as a zygote leaves it
+        if not live:
+            sock.close()  # its zygote died (SIGKILL with its supervisor): the file stays, nobody listens
+        (d / f"{SOCKET_NAME}.workers").write_text("{}")
+        os.utime(d, (time.time() - age, time.time() - age))
+        return d, sock if live else None
+
+    dead, _ = made("dead", live=False, age=600)
+    young, _ = made("young", live=False, age=1)  # maybe a launch that is starting its zygote right now
+    alive, sock = made("alive", live=True, age=600)
+    other = tmp_path / "not-ours"
+    other.mkdir()
+    try:
+        assert sweep_stale(tmp_path) == [dead]
+        assert not dead.exists() and young.exists() and alive.exists() and other.exists()
+    finally:
+        assert sock is not None
+        sock.close()
