@@ -26,17 +26,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
 import cluster
 
 
-def rank0_step(nodes: list[cluster.Process], world: int, after: float) -> float | None:
-    """When the first ``step N`` line arrived after ``after`` from a process that printed ``world W:`` last."""
-    for node in nodes:
-        banner = node.first(rf"^world {world}:", after=after)
-        if banner:
-            step = node.first(r"^step \d+ ", after=banner[0])
-            if step:
-                return step[0]
-    return None
-
-
 def measure() -> dict[str, float]:
     work = Path(tempfile.mkdtemp(prefix="ftrain-elastic-"))
     store = cluster.Store()
@@ -48,18 +37,18 @@ def measure() -> dict[str, float]:
     nodes = [a, b]
     out: dict[str, float] = {}
     try:
-        first = cluster.wait_until(lambda: rank0_step(nodes, 4, t0), "the first step at 4 ranks", nodes)
+        first = cluster.wait_until(lambda: cluster.first_step(nodes, 4, t0), "the first step at 4 ranks", nodes)
         out["cold start -> first step (4 ranks)"] = float(first) - t0  # type: ignore[arg-type]
         time.sleep(3)
         lost = time.monotonic()
         b.kill_tree()
-        down = cluster.wait_until(lambda: rank0_step([a], 2, lost), "the first step at 2 ranks", [a])
+        down = cluster.wait_until(lambda: cluster.first_step([a], 2, lost), "the first step at 2 ranks", [a])
         out["node loss -> first step (2 ranks)"] = float(down) - lost  # type: ignore[arg-type]
         time.sleep(3)
         back = time.monotonic()
         b = cluster.node(store.endpoint, "bench", work / "ckpt", script)
         nodes = [a, b]
-        up = cluster.wait_until(lambda: rank0_step(nodes, 4, back), "the first step at 4 ranks again", nodes)
+        up = cluster.wait_until(lambda: cluster.first_step(nodes, 4, back), "the first step at 4 ranks again", nodes)
         out["node rejoin -> first step (4 ranks)"] = float(up) - back  # type: ignore[arg-type]
     finally:
         for node in nodes:

@@ -71,16 +71,6 @@ def worker(mib: int) -> int:
         session.step(step)
 
 
-def first_step(nodes: list[cluster.Process], world: int, after: float) -> float | None:
-    for node in nodes:
-        banner = node.first(rf"^world {world}:", after=after)
-        if banner:
-            step = node.first(r"^step \d+ ", after=banner[0])
-            if step:
-                return step[0]
-    return None
-
-
 def steps_between(nodes: list[cluster.Process], t0: float, t1: float) -> int:
     return sum(1 for n in nodes for t, line in list(n.lines) if t0 <= t < t1 and re.match(r"^step \d+ ", line))
 
@@ -104,7 +94,7 @@ def measure(layout: str, mib: int, seconds: float, s3: object | None) -> dict[st
     nodes = [a, b]
     out: dict[str, float] = {}
     try:
-        first = cluster.wait_until(lambda: first_step(nodes, 4, t0), "the first step at 4 ranks", nodes, 300)
+        first = cluster.wait_until(lambda: cluster.first_step(nodes, 4, t0), "the first step at 4 ranks", nodes, 300)
         out["cold start"] = float(first) - t0  # type: ignore[arg-type]
         time.sleep(5)
         t1 = time.monotonic()
@@ -116,13 +106,13 @@ def measure(layout: str, mib: int, seconds: float, s3: object | None) -> dict[st
         b.kill_tree()
         if disks[1] is not None:
             cluster.wipe(disks[1])
-        down = cluster.wait_until(lambda: first_step([a], 2, lost), "the first step at 2 ranks", [a], 300)
+        down = cluster.wait_until(lambda: cluster.first_step([a], 2, lost), "the first step at 2 ranks", [a], 300)
         out["node loss"] = float(down) - lost  # type: ignore[arg-type]
         time.sleep(4)
         back = time.monotonic()
         b = start(1)
         nodes = [a, b]
-        up = cluster.wait_until(lambda: first_step(nodes, 4, back), "the first step at 4 ranks again", nodes, 300)
+        up = cluster.wait_until(lambda: cluster.first_step(nodes, 4, back), "the first step at 4 ranks again", nodes, 300)
         out["rejoin (empty disk)"] = float(up) - back  # type: ignore[arg-type]
         text = "".join(n.output for n in nodes)
         fetched = re.findall(r"fetched (\d+) file\(s\) of checkpoint step \d+ from (.*) in ([\d.]+)s", text)

@@ -147,6 +147,18 @@ def wipe(disk: Path) -> None:
     disk.mkdir(parents=True)
 
 
+def first_step(nodes: Sequence[Process], world: int, after: float) -> float | None:
+    """When the first ``step N`` line arrived after ``after`` from a node that printed ``world W:`` last (the
+    example's banner once it restored at world size ``world``)."""
+    for node in nodes:
+        banner = node.first(rf"^world {world}:", after=after)
+        if banner:
+            step = node.first(r"^step \d+ ", after=banner[0])
+            if step:
+                return step[0]
+    return None
+
+
 def wait_until(check: Callable[[], object], what: str, procs: Sequence[Process], timeout: float = 180) -> object:
     """Poll ``check`` until it returns something truthy; on timeout raise with every process's output tail."""
     deadline = time.monotonic() + timeout

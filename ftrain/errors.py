@@ -95,6 +95,11 @@ class CorruptCheckpoint(CheckpointError):
         super().__init__(f"{self.path}: {self.reason}")
 
 
+class PeerFailed(CheckpointError):
+    """This rank stops because another rank failed (a save or a checkpoint setup the ranks agree on): the cause
+    is in that rank's error, not here. The supervisor's console folds these into one line by this type."""
+
+
 class NoValidCheckpoint(CheckpointError):
     """A resume was required but no checkpoint validates."""
 

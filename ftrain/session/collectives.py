@@ -12,7 +12,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from ftrain.errors import CheckpointError, FtrainError
+from ftrain.errors import FtrainError, PeerFailed
 
 
 class Collectives:
@@ -126,4 +126,4 @@ class Collectives:
     def check_all(self, err: FtrainError | None) -> None:
         """Raise on every rank if any rank failed, so no rank is left waiting in a collective."""
         if self.any(err is not None)[0]:
-            raise err or CheckpointError("another rank failed while handling checkpoints; see its log")
+            raise err or PeerFailed("another rank failed while handling checkpoints; see its log")

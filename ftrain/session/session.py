@@ -37,7 +37,7 @@ from ftrain.checkpoint.format import REPLICATED, rank_key
 from ftrain.checkpoint.manifest import Manifest
 from ftrain.config import FtrainConfig, config_to_dict, load_config
 from ftrain.data.batching import BatchPlan, plan_batches
-from ftrain.errors import CheckpointError, FtrainError, NoValidCheckpoint, StateMismatch
+from ftrain.errors import FtrainError, NoValidCheckpoint, PeerFailed, StateMismatch
 from ftrain.session import decision, rng, teardown
 from ftrain.session.checkpointer import Checkpointer
 from ftrain.session.collectives import Collectives
@@ -336,7 +336,7 @@ class Session:
     def _raise_failed_save(self) -> None:
         """Every rank raises once the ranks agreed a background save failed: its own error, or a pointer."""
         self.checkpointer.raise_pending()
-        raise CheckpointError("another rank's background checkpoint write failed; see its log")
+        raise PeerFailed("another rank's background checkpoint write failed; see its log")
 
     def _previous_save_failed(self) -> bool:
         """Wait for the in-flight save; True on every rank if it failed on any (collective)."""

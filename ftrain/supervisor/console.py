@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ftrain import envvars
-from ftrain.errors import permanent_types, printable
+from ftrain.errors import PeerFailed, permanent_types, printable
 
 _PREFIX = re.compile(r"^@@ftrain-rank(\d+)@@")  # torchrun's --tee prefix (supervisor._PREFIX_TEMPLATE)
 _TORCH_RANK = re.compile(r"^\[rank(\d+)\]: ?")  # torch's own stderr prefix inside worker lines
@@ -41,8 +41,6 @@ _COLLECTIVE_MORE = ("Last error:", "nccl", "socketProgress", *_COLLECTIVE)
 _GLOG = re.compile(r"^[IWEF]\d{4} \d\d:\d\d:\d\d\.\d+ +\d+ \S*elastic\S*\] ")
 _GLOG_NOISE = ("closing signal", "failed (exitcode:", "Unable to shutdown process", "death signal, shutting down")
 _BOX = re.compile(r"^={20,}\s*$")  # the ChildFailedError report's top and bottom rules
-# A rank's error saying it stopped because another rank failed (ftrain's own wording, session/collectives.py).
-_ELSEWHERE = ("another rank failed", "another rank's background")
 _PERMANENT = permanent_types()  # class names of the errors the supervisor stops on (and reports) itself
 _SOURCE_PATH = re.compile(r"\[([^\]\s]*/[^\]\s]*?)(?::\d+)?\]")  # gloo's "[/__w/pytorch/.../gloo/.../pair.cc:553]"
 
@@ -137,12 +135,13 @@ class Console:
                 return ""
             self._after[src] = _After(False)
             return f"torchrun: {_shorten(exc)} (traceback in {self.log_path})\n"
-        if exc.split(":", 1)[0].rsplit(".", 1)[-1].strip() in _PERMANENT:
+        exc_type = exc.split(":", 1)[0].rsplit(".", 1)[-1].strip()
+        if exc_type in _PERMANENT:
             # A mistake (bad config, a checkpoint of another model): every rank raises it, and the supervisor stops
             # and says it once, in one line. Dropped here so it is not printed once per rank as well.
             self._after[src] = _After(False)
             return ""
-        if any(p in exc for p in _ELSEWHERE):  # this rank stopped because another one failed: that one is shown
+        if exc_type == PeerFailed.__name__:  # this rank stopped because another one failed: that one is shown
             self._after[src] = _After(False)
             self._elsewhere.add(src)
             return ""

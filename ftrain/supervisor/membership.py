@@ -35,11 +35,14 @@ from dataclasses import dataclass
 from typing import Any
 
 from ftrain import exitcodes
+from ftrain.errors import PeerFailed
 from ftrain.supervisor.report import exit_text
 
 #: Exception types torch raises when a peer or the store went away (torch.distributed's errors).
+#: (``PeerFailed``: ftrain's own "another rank failed" error, raised by the ranks that did not fail themselves.)
 COMMUNICATION_TYPES = frozenset({"DistNetworkError", "DistBackendError", "DistStoreError", "ConnectionResetError",
-                                 "ConnectionRefusedError", "ConnectionAbortedError", "BrokenPipeError"})
+                                 "ConnectionRefusedError", "ConnectionAbortedError", "BrokenPipeError",
+                                 PeerFailed.__name__})
 #: Message fragments of a lost peer, lower case. Measured with torch 2.13 gloo on CPU: a SIGKILLed peer node
 #: makes the survivors' pending collective raise ``RuntimeError: [.../gloo/transport/tcp/pair.cc:553]
 #: Connection closed by peer [127.0.0.1]:PORT``; a group whose peer died during setup raises ``RuntimeError:

@@ -300,8 +300,7 @@ class Supervisor:
         Precedence, first match wins: a preempted.json marker (the final save committed); exit code 0
         (every rank finished, even if a signal arrived first: there is nothing left to resume); any
         signal received (preempted without a final save); a permanent error in an error file; a hang; else a
-        failure whose root cause
-        comes from the error files and torchrun's output. ``new_checkpoint`` is left False: the caller
+        failure whose root cause comes from the error files and torchrun's output. ``new_checkpoint`` is left False: the caller
         knows the checkpoints from before the attempt.
         """
         marker = files.read_preempted()
@@ -316,14 +315,15 @@ class Supervisor:
         if self._signals:
             return AttemptResult(attempt, Outcome.PREEMPTED, False, rc,
                                  f"stopped by {self._signals[0]} before a final checkpoint committed"), None
-        permanent = permanent_failure(attempt, files.read_errors())
+        errors = files.read_errors()
+        permanent = permanent_failure(attempt, errors)
         if permanent is not None:  # a mistake: the policy stops at once, with its exit code
             return AttemptResult(attempt, Outcome.FAILED, False, rc, f"{permanent.exc_type}: {permanent.message}",
                                  permanent.permanent), permanent
         if hang:
-            failure = root_cause(attempt, list(job.tail), files.read_errors(), hang, files.ranks_dir)
+            failure = root_cause(attempt, list(job.tail), errors, hang, files.ranks_dir)
             return AttemptResult(attempt, Outcome.HUNG, False, rc, failure.describe()), failure
-        failure = root_cause(attempt, list(job.tail), files.read_errors(), None, files.ranks_dir)
+        failure = root_cause(attempt, list(job.tail), errors, None, files.ranks_dir)
         if failure.rank is None and failure.exit_code is None and rc is not None:
             failure.exit_code = rc
         return AttemptResult(attempt, Outcome.FAILED, False, rc, failure.describe()), failure

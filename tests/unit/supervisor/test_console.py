@@ -166,7 +166,7 @@ def test_permanent_errors_are_left_to_the_supervisor_and_stopped_ranks_are_one_l
     console = Console(LOG, env={})
     mistake = "ftrain.errors.UsageError: the global batch of 64 cannot be split evenly over 3 ranks"
     raw = [*_traceback(0, mistake), *_traceback(2, mistake),
-           *_traceback(1, "ftrain.errors.CheckpointError: another rank failed while handling checkpoints; see its "
+           *_traceback(1, "ftrain.errors.PeerFailed: another rank failed while handling checkpoints; see its "
                           "log"), "@@ftrain-rank0@@a normal line"]
     assert _feed(console, raw) == ["a normal line"]
     assert console.summary() == [f"rank 1: stopped because another rank failed; full text in {LOG}"]

@@ -66,6 +66,17 @@ def test_a_local_exception_is_a_counted_failure_even_among_lost_peers() -> None:
     assert end.detail == "rank 1 (ValueError: loss is nan)"
 
 
+def test_ranks_that_stopped_because_another_failed_are_not_a_local_fault() -> None:
+    # A save that failed on a rank of another node: this node's ranks raise PeerFailed; the other node counts it.
+    peer = "another rank failed while handling checkpoints; see its log"
+    errors = {0: err(10, "PeerFailed", peer, 1.0), 1: err(11, "PeerFailed", peer, 1.1)}
+    assert classify_group(frozenset({10, 11}), errors, {}, None).ending is Ending.MEMBERSHIP
+    # With the failing rank on this node, its own error is the counted cause.
+    errors[1] = err(11, "OSError", "No space left on device", 0.9)
+    end = classify_group(frozenset({10, 11}), errors, {}, None)
+    assert end.ending is Ending.FAILED and end.rank == 1
+
+
 def test_errors_of_earlier_groups_do_not_count() -> None:
     errors = {1: err(99, "ValueError", "old group's crash")}  # rank 1's file, written by a dead group's pid
     assert classify_group(frozenset({10, 11}), errors, {}, None).ending is Ending.MEMBERSHIP
