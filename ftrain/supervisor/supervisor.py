@@ -300,8 +300,8 @@ class Supervisor:
         Precedence, first match wins: a preempted.json marker (the final save committed); exit code 0
         (every rank finished, even if a signal arrived first: there is nothing left to resume); any
         signal received (preempted without a final save); a permanent error in an error file; a hang; else a
-        failure whose root cause comes from the error files and torchrun's output. ``new_checkpoint`` is left False: the caller
-        knows the checkpoints from before the attempt.
+        failure whose root cause comes from the error files and torchrun's output. ``new_checkpoint`` is left
+        False: the caller knows the checkpoints from before the attempt.
         """
         marker = files.read_preempted()
         self._see_final(marker)

@@ -48,7 +48,8 @@ from ftrain.supervisor.zygote_preload import Preloaded, cuda_initialized, env_mi
 
 #: How long a connected peer may take to send its request.
 REQUEST_TIMEOUT = 10.0
-_STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGQUIT, signal.SIGUSR1, signal.SIGUSR2)
+#: Ignored by the zygote (see Server.__init__): a stop sent to every process must reach the workers, not it.
+_IGNORED_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGQUIT, signal.SIGUSR1, signal.SIGUSR2)
 
 
 def _say(msg: str) -> None:
@@ -76,7 +77,7 @@ class Server:
         listener.setblocking(False)
         signal.set_wakeup_fd(self._wake_w, warn_on_full_buffer=False)
         signal.signal(signal.SIGCHLD, lambda s, f: None)  # the wakeup byte is what matters
-        for sig in _STOP_SIGNALS:
+        for sig in _IGNORED_SIGNALS:
             # Ignored: a stop sent to every process at once (systemd's control-group kill, a node shutdown, the
             # scheduler's signal to the job's cgroup) must leave the workers to save their final checkpoint, as a
             # cold worker's torchrun does; the zygote is stopped by its supervisor (Zygote.stop: SIGKILL).
