@@ -28,6 +28,7 @@ from typing import Protocol
 
 import psutil
 
+from ftrain.supervisor.entry import MODULE as ENTRY_MODULE
 from ftrain.supervisor.pdeath import die_with_parent
 
 log = logging.getLogger("ftrain.launch")
@@ -212,26 +213,38 @@ class JobProcess:
         n = 0
         for p in self.workers():
             try:
-                p.send_signal(sig)
+                os.kill(self._addressee(p.pid, sig), sig)
                 n += 1
-            except psutil.Error:
+            except OSError:
                 pass
         return n
 
     def signal_new_workers(self, sig: int) -> int:
         n = 0
         for p in self.workers():
-            # A warm worker's entry always handles the signal (it forwards it): ask the worker itself.
-            real = self._warm().get(p.pid) if self._warm is not None else None
-            if p.pid in self._stopped or not _handles(real or p.pid, sig):
+            target = self._addressee(p.pid, sig)
+            # Warm, an entry still waiting for its worker is not ready either: it would pass the signal on the
+            # instant the worker is forked, before the worker handles it (it reads the stop marker anyway).
+            if p.pid in self._stopped or _is_entry(target) or not _handles(target, sig):
                 continue
             try:
-                p.send_signal(sig)
-            except psutil.Error:
+                os.kill(target, sig)
+            except OSError:
                 continue
             self._stopped.add(p.pid)
             n += 1
         return n
+
+    def _addressee(self, rank_pid: int, sig: int) -> int:
+        """Whom a signal for the rank ``rank_pid`` (torchrun's child) goes to: that process, or, warm, the real
+        worker. Not the entry: it forwards to the worker's whole process group (it cannot tell torchrun's
+        ``killpg`` from a kill), which would also reach the worker's DataLoader processes, and SIGTERM kills
+        those (the rank then fails with "DataLoader worker ... killed by signal"). A cold rank gets the signal
+        alone; so does a warm one. SIGKILL still goes to the entry: the zygote then kills the worker's group,
+        as torchrun's would be."""
+        if sig == signal.SIGKILL or self._warm is None:
+            return rank_pid
+        return self._warm().get(rank_pid, rank_pid)
 
     def kill_tree(self, *, graceful: float = 0.0) -> None:
         """SIGTERM everything (if ``graceful``), wait up to that long, then SIGKILL what is left.
@@ -293,6 +306,16 @@ def _handles(pid: int, sig: int) -> bool:
     except (OSError, ValueError, IndexError):
         pass  # gone already: nothing to signal
     return False
+
+
+def _is_entry(pid: int) -> bool:
+    """Whether ``pid`` is still a warm start's entry (``-m ftrain.supervisor.entry``), not a worker: one that
+    started cold exec'd the script in place."""
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return ENTRY_MODULE.encode() in f.read().split(b"\0")
+    except OSError:
+        return False
 
 
 def _send(p: psutil.Process, sig: int) -> None:

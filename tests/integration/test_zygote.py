@@ -25,6 +25,7 @@ import pytest
 
 from ftrain import envvars
 from ftrain.supervisor import zygote_protocol as wire
+from ftrain.supervisor.job import JobProcess
 from ftrain.supervisor.zygote import Zygote
 
 ROOT = Path(__file__).resolve().parents[3]
@@ -250,6 +251,38 @@ def test_signals_to_the_entry_reach_the_worker(h: Harness) -> None:
     os.killpg(proc.pid, signal.SIGTERM)  # torchrun's way: to the entry's process group
     assert proc.wait(timeout=10) == 42
     assert got.read_text() == "SIGUSR1\nSIGTERM\n"
+
+
+def test_the_supervisors_signal_reaches_the_worker_alone_not_its_children(h: Harness) -> None:
+    """A stop for one rank is the worker's to handle: its DataLoader-like children (same process group, default
+    SIGTERM) must not be killed under it. (The entry forwards to the whole group, as torchrun's killpg reaches a
+    cold rank's; seen in CI: the rank then failed with "DataLoader worker ... killed by signal: Terminated".)"""
+    z = h.start()
+    got = h.sockdir / "got"
+    worker = h.script("import signal, subprocess, sys, time\n"
+                      "child = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)'])\n"
+                      "def handler(signum, frame):\n"
+                      "    time.sleep(0.3)  # a killed child would be dead by now\n"
+                      f"    open({str(got)!r}, 'w').write(repr(child.poll()))\n"
+                      "    child.kill()\n    child.wait()\n    sys.exit(0)\n"
+                      "signal.signal(signal.SIGTERM, handler)\n"
+                      "print('ready', flush=True)\nwhile True:\n    time.sleep(0.05)\n")
+    torchrun = h.script("import subprocess, sys\n"  # torchrun's shape: one entry per rank, in its own session
+                        "entry = subprocess.Popen([sys.executable, '-u', '-m', 'ftrain.supervisor.entry', sys.argv[1]],"
+                        " start_new_session=True)\nsys.exit(entry.wait())\n", name="torchrun.py")
+    log = h.sockdir / "job.log"
+    job = JobProcess([sys.executable, str(torchrun), str(worker)], {**h.env, **z.env()}, log, warm=z.workers)
+    try:
+        wait_until(lambda: "ready" in log.read_text(), 30, "the worker started")
+        wait_until(lambda: job.signal_new_workers(signal.SIGTERM) == 1, 10, "the rank signalled once it handles it")
+        deadline = time.monotonic() + 10
+        while job.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert job.poll() == 0, log.read_text()
+        assert got.read_text() == "None"  # the child was still running when the worker handled the stop
+    finally:
+        job.kill_tree()
+        job.close()
 
 
 def test_a_worker_killed_by_a_signal_kills_its_entry_with_it(h: Harness) -> None:
