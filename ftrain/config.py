@@ -240,8 +240,9 @@ class SupervisorConfig(_Section):
         True, "Fork workers from a zygote that imported supervisor.preload once, so a restart costs a fork, not a"
         " torch import; cold starts, with one line saying why, where that is unsafe; false: always cold.")
     preload: list[str] = _option(
-        ["torch", "numpy", "ftrain"], "Modules the zygote imports for warm starts, besides the script's own"
-        " top-level imports of modules outside its directory; -NAME: never NAME.", _MODULE_NAMES)
+        ["torch", "torch._dynamo", "numpy", "ftrain"], "Modules the zygote imports for warm starts, besides the"
+        " script's own top-level imports of modules outside its directory; -NAME: never NAME. (torch._dynamo:"
+        " DistributedDataParallel and the optimizers import it on first use, 1.2 s here.)", _MODULE_NAMES)
 
 
 @dataclass(frozen=True)

@@ -514,11 +514,14 @@ def test_records_are_typed_and_checked() -> None:
 
 # ------------------------------------------------------------------------------------------------ torch
 def test_with_torch_preloaded(h: Harness) -> None:
-    """The real preload: CUDA untouched and one thread in the zygote; each worker's torch generator freshly seeded
-    (a fresh torch seeds it non-deterministically); and the start costs a fork, not an import."""
-    z = h.start(("torch", "numpy", "ftrain"))
+    """The real (default) preload: CUDA untouched and one thread in the zygote, torch._dynamo included; each worker's
+    torch generator freshly seeded (a fresh torch seeds it non-deterministically); the start costs a fork."""
+    from ftrain.config import SupervisorConfig
+
+    z = h.start(tuple(SupervisorConfig().preload))
     status = z.status()
     assert (status.state, status.threads, status.cuda_initialized) == ("warm", 1, False)
+    assert "torch._dynamo" in status.preloaded, status
     script = h.script("import time\nt0 = time.time()\nimport torch, sys\n"
                       "print(torch.initial_seed(), torch.rand(1).item(), time.time() - t0,"
                       " torch.cuda.is_initialized())\n")

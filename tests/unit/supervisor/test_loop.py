@@ -93,6 +93,7 @@ class Script:
     save_step: int = 0
     save_takes: float = 1.0
     tail: tuple[str, ...] = ()                   # torchrun's last output lines
+    reports_at: float | None = None              # torchrun prints its failure summary (SUMMARY) then, and lives on
     raise_in_tree: bool = False                  # tree() raises: an exception inside the loop
 
 
@@ -128,6 +129,8 @@ class FakeJob:
 
     def _act(self, t: float) -> None:
         s = self.script
+        if s.reports_at is not None and t >= s.reports_at and SUMMARY[0] not in self.tail:
+            self.tail.extend(SUMMARY)
         for when, step in s.commits:
             if when <= t:
                 self._commit(step)
@@ -335,6 +338,23 @@ def test_crash_after_progress_restarts_at_once(tmp_path: Path, capsys: pytest.Ca
     assert "finished: attempt 1 succeeded" in err
     assert states(caplog) == ["running", "backoff", "starting", "running", "done"]
     assert rig.sup.state is State.DONE
+
+
+#: The end of torchrun's ChildFailedError summary, as it prints it once every worker of the group has stopped.
+SUMMARY = ("Root Cause (first observed failure):", "[0]:", "  time      : 2026-12-07_18:38:35",
+           "  host      : localhost", "  rank      : 1 (local_rank: 1)", "  exitcode  : -9 (pid: 16116)",
+           "  error_file: <N/A>", "=" * 60)
+
+
+def test_once_torchrun_reported_the_failure_its_own_exit_is_not_waited_for(tmp_path: Path,
+                                                                        capsys: pytest.CaptureFixture[str]) -> None:
+    # torchrun lives on for 0.6-0.7 s after its summary (rendezvous shutdown, interpreter teardown): not our wait.
+    rig = Rig(tmp_path, Script(exit_at=None, reports_at=2.0, commits=((1.0, 10),)), Script(exit_at=1.0))
+    assert rig.run() == exitcodes.OK
+    first, _ = rig.jobs
+    assert first.kills == [(pytest.approx(first.started + 2.0, abs=0.11), 0.0)]  # at the next poll, not at its exit
+    assert rig.gaps() == [pytest.approx(0.0, abs=0.11)]
+    assert "attempt 0 failed (rank 1 exited with signal SIGKILL); restarting at once" in capsys.readouterr().err
 
 
 def test_a_crash_without_progress_backs_off(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
