@@ -10,6 +10,9 @@ with the cold-start job of the same run.
 * SIGKILL recovery: a rank SIGKILLed -> the restarted job reports its first step
   after the restore (includes failure detection, teardown, backoff of 0 s,
   torchrun + imports, rendezvous, restore);
+* hang: a rank SIGSTOPped -> the restarted job reports its first step, less
+  ``supervisor.hang_timeout_seconds`` (3 s here): detection's lateness, the stack
+  dump, teardown and the restart;
 * SIGTERM to committed checkpoint: SIGTERM to the supervisor -> rank 0 logs the
   preemption checkpoint as committed; and -> the supervisor has exited.
 
@@ -32,12 +35,14 @@ from pathlib import Path
 import psutil
 
 ROOT = Path(__file__).resolve().parents[1]
+HANG_TIMEOUT = 3.0  # supervisor.hang_timeout_seconds for the hang measurement
 
 
 class Job:
     def __init__(self, ckpt: Path, nproc: int, warm: bool) -> None:
         env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "GLOO_SOCKET_IFNAME": "lo",
-               "FTRAIN_SUPERVISOR_BACKOFF_SECONDS": "0", "FTRAIN_SUPERVISOR_WARM_START": "1" if warm else "0"}
+               "FTRAIN_SUPERVISOR_BACKOFF_SECONDS": "0", "FTRAIN_SUPERVISOR_WARM_START": "1" if warm else "0",
+               "FTRAIN_SUPERVISOR_HANG_TIMEOUT_SECONDS": str(HANG_TIMEOUT)}
         cmd = [sys.executable, "-m", "ftrain", "launch", "--nproc", str(nproc), "--ckpt-dir", str(ckpt),
                "--save-every-steps", "10", "--max-restarts", "5", "examples/train.py", "--steps", "100000",
                "--print-every", "1", "--step-sleep", "0.005"]
@@ -55,17 +60,18 @@ class Job:
         raise RuntimeError(f"job ended before {pattern!r}")
 
 
-def rank_process(supervisor: psutil.Process) -> psutil.Process:
-    """A rank's real worker process: a child of the zygote when warm (torchrun's child is its thin entry), else
-    torchrun's child."""
-    for child in supervisor.children():
-        if "ftrain.supervisor.zygote" in " ".join(child.cmdline()):
-            # Its children: torchrun (forked warm too; its own children are the ranks' entries) and the ranks.
-            ranks = [w for w in child.children() if not any("ftrain.supervisor.entry" in " ".join(c.cmdline())
-                                                            for c in w.children())]
-            if ranks:
-                return ranks[-1]
-    return [c for c in supervisor.children() if "torch.distributed.run" in " ".join(c.cmdline())][0].children()[-1]
+def rank_processes(supervisor: psutil.Process) -> list[psutil.Process]:
+    """The ranks' real worker processes: children of the zygote when warm (torchrun's children are their thin
+    entries; torchrun itself is the zygote's child too, told apart by its entries), else torchrun's children."""
+    try:
+        for child in supervisor.children():
+            if "ftrain.supervisor.zygote" in " ".join(child.cmdline()):
+                return [w for w in child.children()
+                        if not any("ftrain.supervisor.entry" in " ".join(c.cmdline()) for c in w.children())]
+        return [w for c in supervisor.children() if "torch.distributed.run" in " ".join(c.cmdline())
+                for w in c.children()]
+    except psutil.Error:
+        return []  # the job is between attempts: nothing to kill now
 
 
 def measure(nproc: int, warm: bool) -> dict[str, float]:
@@ -74,13 +80,20 @@ def measure(nproc: int, warm: bool) -> dict[str, float]:
     t_first, _ = job.until(r"^step 1 ")
     out = {"cold start -> first step": t_first - job.t0}
     job.until(r"^step 25 ")
-    victim = rank_process(psutil.Process(job.proc.pid))
+    victim = rank_processes(psutil.Process(job.proc.pid))[-1]
     t_kill, wall_kill = time.monotonic(), time.time()
     victim.kill()
     job.until(r"restored step \d+")
     t_back, _ = job.until(r"^step \d+ ")
     out["SIGKILL -> first resumed step"] = t_back - t_kill
     job.until(r"^step 45 ")
+    victim = rank_processes(psutil.Process(job.proc.pid))[-1]
+    t_stop = time.monotonic()
+    victim.suspend()  # SIGSTOP: a hang, as a deadlock would be (its stacks cannot be dumped either)
+    job.until(r"restored step \d+")
+    t_back, _ = job.until(r"^step \d+ ")
+    out["hang -> first resumed step, less the timeout"] = t_back - t_stop - HANG_TIMEOUT
+    job.until(r"^step 70 ")
     t_term = time.monotonic()
     job.proc.send_signal(signal.SIGTERM)
     t_commit, _ = job.until(r"preempted .*checkpoint of step \d+ committed")

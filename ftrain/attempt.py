@@ -94,6 +94,16 @@ class AttemptFiles:
     def stacks(self, rank: int) -> Path:
         return self.root / "stacks" / f"rank-{rank:05d}.txt"
 
+    def stack_sizes(self) -> dict[str, int]:
+        """File name -> size of every stack dump file now (they are appended to)."""
+        sizes = {}
+        for path in (self.root / "stacks").glob("rank-*.txt"):
+            try:
+                sizes[path.name] = path.stat().st_size
+            except OSError:
+                pass
+        return sizes
+
     @property
     def ranks_dir(self) -> Path:
         return self.root / "ranks"

@@ -20,7 +20,6 @@ from typing import TYPE_CHECKING, Any
 
 from ftrain import exitcodes
 from ftrain.attempt import AttemptFiles
-from ftrain.signals import STACK_DUMP_SIGNAL
 from ftrain.supervisor.command import TORCHRUN_RESTARTS as TORCHRUN_RESTARTS  # (re-exported)
 from ftrain.supervisor.console import Console, flush
 from ftrain.supervisor.hang import find_hung
@@ -155,8 +154,7 @@ def run_nodes(sup: Supervisor) -> int:
                     sup.journal.hang(current.number, hang, files, current.pids)
                     sup._say(f"hang detected in worker group {current.number}: {hang}; dumping Python stacks "
                              f"to {files.root / 'stacks'}, then killing this node's workers")
-                    job.signal_workers(int(getattr(signal, STACK_DUMP_SIGNAL)))
-                    clock.sleep(2.0)
+                    sup.dump_stacks(job, files)
                     job.signal_workers(int(signal.SIGKILL))  # torchrun sees the failure and re-rendezvouses
                     hangs[current.number] = hang
         if rc is not None:

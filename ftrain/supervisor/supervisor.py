@@ -69,6 +69,11 @@ from ftrain.supervisor.zygote import SOCKET_DIR_PREFIX, SOCKET_NAME, Zygote, swe
 log = logging.getLogger("ftrain.launch")
 
 _POLL = 0.1
+#: Seconds between hang checks (reads of the heartbeat files): a hang's detection is late by at most this.
+_HANG_CHECK = 0.25
+#: The longest wait for the stacks of a hung job, and how long without a new one ends it early (dump_stacks).
+_STACKS_WAIT = 2.0
+_STACKS_SETTLE = 0.3
 
 
 class Supervisor:
@@ -228,7 +233,7 @@ class Supervisor:
         started = clock.time()
         grace_deadline: float | None = None
         hang: str | None = None
-        next_hang_check = clock.monotonic() + 1.0
+        next_hang_check = clock.monotonic() + _HANG_CHECK
         while job.poll() is None:
             if self._stop_now():
                 self._say(f"second signal ({self._signals[-1]}): stopping now")
@@ -266,7 +271,7 @@ class Supervisor:
                 # 0.6-0.7 s here, that the next attempt need not wait for. (exit code None: killed, as a hang)
                 break
             if grace_deadline is None and clock.monotonic() >= next_hang_check:
-                next_hang_check = clock.monotonic() + 1.0
+                next_hang_check = clock.monotonic() + _HANG_CHECK
                 job.tree()  # remember every descendant, so they can be killed even if torchrun dies first
                 beats = files.read_heartbeats()
                 hang = find_hung(beats, self.expected_reports(beats), started, clock.time(), self.limits)
@@ -294,9 +299,31 @@ class Supervisor:
 
     def _handle_hang(self, job: Job, files: AttemptFiles, hang: str) -> None:
         self._say(f"hang detected: {hang}; dumping Python stacks of every rank to {files.root / 'stacks'}")
-        job.signal_workers(int(getattr(signal, STACK_DUMP_SIGNAL)))
-        self.clock.sleep(2.0)  # faulthandler writes from a signal handler; give it a moment before the kill
+        self.dump_stacks(job, files)
         job.kill_tree()
+
+    def dump_stacks(self, job: Job, files: AttemptFiles) -> None:
+        """Ask every worker for its Python stacks, and wait until they are written (before a kill).
+
+        faulthandler writes from a C signal handler, within milliseconds even in a rank blocked in a collective;
+        the wait ends once every stack file grew, or none grew for :data:`_STACKS_SETTLE` seconds after one did (a
+        rank that cannot answer: SIGSTOPped, in uninterruptible sleep), and after :data:`_STACKS_WAIT` at most.
+        """
+        before = files.stack_sizes()
+        job.signal_workers(int(getattr(signal, STACK_DUMP_SIGNAL)))
+        clock = self.clock
+        deadline = clock.monotonic() + _STACKS_WAIT
+        last_growth: float | None = None
+        grown: set[str] = set()
+        while clock.monotonic() < deadline:
+            now = files.stack_sizes()
+            new = {name for name, size in now.items() if size > before.get(name, 0)} - grown
+            if new:
+                grown |= new
+                last_growth = clock.monotonic()
+            if grown and (grown >= set(now) or clock.monotonic() - (last_growth or 0.0) >= _STACKS_SETTLE):
+                return
+            clock.sleep(0.05)
 
     def _classify(self, attempt: int, files: AttemptFiles, job: Job, rc: int | None,
                   hang: str | None) -> tuple[AttemptResult, Failure | None]:
