@@ -43,7 +43,7 @@ import psutil
 from ftrain import envvars
 from ftrain.supervisor import warm_worker
 from ftrain.supervisor import zygote_protocol as wire
-from ftrain.supervisor.pdeath import die_with_parent
+from ftrain.supervisor.pdeath import become_subreaper, die_with_parent
 from ftrain.supervisor.zygote_preload import Preloaded, cuda_initialized, env_mismatch, open_fds, preload, threads
 
 #: How long a connected peer may take to send its request.
@@ -306,6 +306,7 @@ def main(argv: Sequence[str] | None = None) -> int | str | None:
         _say(f"not preloaded: {line}")
     _say(f"cold ({state.reason}) after {took:.1f} s" if state.reason
          else f"warm after {took:.1f} s: {', '.join(state.modules) or 'nothing'} preloaded")
+    become_subreaper()
     spawn = Server(listener, state, table_path(args.socket), env).serve()
     if spawn is None:
         return 0
@@ -417,13 +418,19 @@ class Zygote:
             deadline = time.monotonic() + 1.0
             while self.workers() and time.monotonic() < deadline and self.proc.poll() is None:
                 time.sleep(0.01)
+        adopted: list[psutil.Process] = []
         if self.proc.poll() is None:
+            with contextlib.suppress(psutil.Error):  # what it adopted (become_subreaper) goes with it
+                adopted = psutil.Process(self.proc.pid).children(recursive=True)
             self.proc.kill()  # (it ignores the stop signals: see Server.__init__)
             self.proc.wait()
+        for child in adopted:
+            with contextlib.suppress(psutil.Error):
+                child.kill()
         # Workers a zygote that could not clean up (SIGKILLed) left behind.
         left = [p for worker, started in (table.workers.values() if table else ())
                 if (p := _kill_if_same(int(worker), started)) is not None]
-        psutil.wait_procs(left, timeout=timeout)
+        psutil.wait_procs([*left, *adopted], timeout=timeout)
         for path in (self.socket_path, table_path(self.socket_path)):
             with contextlib.suppress(OSError):
                 path.unlink()

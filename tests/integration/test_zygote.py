@@ -315,6 +315,25 @@ def test_sigkill_of_the_entry_kills_the_worker_and_its_children(h: Harness) -> N
     wait_until(lambda: gone(worker) and gone(grandchild), 10, "worker and its child killed with the entry")
 
 
+def test_the_zygote_adopts_and_reaps_what_its_workers_leave(h: Harness) -> None:
+    """A killed worker's children (its DataLoader processes) are reaped by the zygote at once, not left as zombies
+    to the machine's init, which everyone's teardown would then wait for (1.7 s seen here); and what is still
+    running when the zygote stops goes with it (the fixture checks that none is left)."""
+    z = h.start()
+    script = h.script("import subprocess, sys\n"
+                      "for _ in range(2):\n"
+                      "    child = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)'],"
+                      " start_new_session=True)\n    print(child.pid, flush=True)\n")  # they outlive the worker
+    proc = h.entry(script)
+    assert proc.stdout is not None
+    orphans = [int(proc.stdout.readline()) for _ in range(2)]
+    assert proc.wait(timeout=10) == 0
+    for orphan in orphans:
+        wait_until(lambda: psutil.Process(orphan).ppid() == z.pid, 10, "adopted by the zygote")
+    os.kill(orphans[0], signal.SIGKILL)
+    wait_until(lambda: not psutil.pid_exists(orphans[0]), 10, "reaped, not left a zombie")
+
+
 # ------------------------------------------------------------------------------------------------ cold starts
 def test_a_module_that_starts_a_thread_at_import_means_cold_starts(h: Harness) -> None:
     h.module("threaded", "import threading, time\nthreading.Thread(target=time.sleep, args=(600,), daemon=True)"
