@@ -39,13 +39,19 @@ HANG_TIMEOUT = 3.0  # supervisor.hang_timeout_seconds for the hang measurement
 
 
 class Job:
-    def __init__(self, ckpt: Path, nproc: int, warm: bool) -> None:
+    def __init__(self, ckpt: Path, nproc: int, warm: bool, *, torchrun: bool = False) -> None:
+        """``ftrain launch`` of the example job, or with ``torchrun`` the same job under plain ``torchrun
+        --max-restarts 5`` (the anchor: it restarts its workers inside a live agent; the Session restores)."""
         env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "GLOO_SOCKET_IFNAME": "lo",
                "FTRAIN_SUPERVISOR_BACKOFF_SECONDS": "0", "FTRAIN_SUPERVISOR_WARM_START": "1" if warm else "0",
-               "FTRAIN_SUPERVISOR_HANG_TIMEOUT_SECONDS": str(HANG_TIMEOUT)}
-        cmd = [sys.executable, "-m", "ftrain", "launch", "--nproc", str(nproc), "--ckpt-dir", str(ckpt),
-               "--save-every-steps", "10", "--max-restarts", "5", "examples/train.py", "--steps", "100000",
-               "--print-every", "1", "--step-sleep", "0.005"]
+               "FTRAIN_SUPERVISOR_HANG_TIMEOUT_SECONDS": str(HANG_TIMEOUT),
+               "TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1"}  # without it torchrun's restarts failed or hung here
+        script = ["examples/train.py", "--steps", "100000", "--print-every", "1", "--step-sleep", "0.005",
+                  "--ckpt-dir", str(ckpt), "--save-every", "10"]
+        cmd = ([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc), "--max-restarts", "5",
+                "--rdzv-backend", "c10d", "--rdzv-endpoint", "127.0.0.1:0", *script] if torchrun else
+               [sys.executable, "-m", "ftrain", "launch", "--nproc", str(nproc), "--ckpt-dir", str(ckpt),
+                "--max-restarts", "5", *script])
         self.t0 = time.monotonic()
         self.proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                      text=True)
@@ -104,6 +110,27 @@ def measure(nproc: int, warm: bool) -> dict[str, float]:
     return out
 
 
+def measure_torchrun(nproc: int) -> dict[str, float]:
+    """The anchor: the same job's cold start and SIGKILL recovery under plain torchrun."""
+    job = Job(Path(tempfile.mkdtemp(prefix="ftrain-recovery-")), nproc, False, torchrun=True)
+    try:
+        t_first, _ = job.until(r"^step 1 ")
+        out = {"cold start -> first step": t_first - job.t0}
+        job.until(r"^step 25 ")
+        victim = psutil.Process(job.proc.pid).children()[-1]
+        t_kill = time.monotonic()
+        victim.kill()
+        job.until(r"restored step \d+")
+        t_back, _ = job.until(r"^step \d+ ")
+        out["SIGKILL -> first resumed step"] = t_back - t_kill
+        return out
+    finally:
+        for p in psutil.Process(job.proc.pid).children(recursive=True):
+            p.kill()
+        job.proc.kill()
+        job.proc.wait()
+
+
 def breakdown(ckpt: Path, kill: float) -> dict[str, float]:
     """Where the SIGKILL's recovery went, from the run's event log (docs/FORMAT.md, "Event log"; wall clock)."""
     from ftrain.events import read_events
@@ -130,17 +157,21 @@ def main() -> None:
     p.add_argument("--repeat", type=int, default=2)
     args = p.parse_args()
     runs: dict[bool, list[dict[str, float]]] = {True: [], False: []}
-    for _ in range(args.repeat):  # interleaved, so both modes see the same machine load
+    anchor: list[dict[str, float]] = []
+    for _ in range(args.repeat):  # interleaved, so every mode sees the same machine load
         for warm in (False, True):
             runs[warm].append(measure(args.nproc, warm))
+        anchor.append(measure_torchrun(args.nproc))
     cold = statistics.median(r["cold start -> first step"] for r in runs[False])
     print(f"example job, ftrain launch --nproc {args.nproc}, median of {args.repeat}; ratios against the cold "
-          f"start with warm starts off ({cold:.2f} s)")
-    print(f"{'what':<40} {'warm s':>8} {'ratio':>7} {'cold s':>8} {'ratio':>7}")
+          f"start with warm starts off ({cold:.2f} s); plain torchrun --max-restarts 5 of the same job beside")
+    print(f"{'what':<48} {'warm s':>7} {'ratio':>6} {'cold s':>7} {'ratio':>6} {'torchrun s':>10} {'ratio':>6}")
     for key in runs[True][0]:
         w = statistics.median(r[key] for r in runs[True])
         c = statistics.median(r[key] for r in runs[False])
-        print(f"{key:<40} {w:>8.2f} {w / cold:>6.2f}x {c:>8.2f} {c / cold:>6.2f}x")
+        t = f"{statistics.median(r[key] for r in anchor):>10.2f} {statistics.median(r[key] for r in anchor) / cold:>5.2f}x" \
+            if key in anchor[0] else ""
+        print(f"{key:<48} {w:>7.2f} {w / cold:>5.2f}x {c:>7.2f} {c / cold:>5.2f}x {t}")
 
 
 if __name__ == "__main__":

@@ -68,7 +68,8 @@ from ftrain.supervisor.zygote import SOCKET_DIR_PREFIX, SOCKET_NAME, Zygote, swe
 
 log = logging.getLogger("ftrain.launch")
 
-_POLL = 0.1
+#: Seconds between polls of the job (signals, exit, torchrun's failure report): detection is late by at most this.
+_POLL = 0.05
 #: Seconds between hang checks (reads of the heartbeat files): a hang's detection is late by at most this.
 _HANG_CHECK = 0.25
 #: The longest wait for the stacks of a hung job, and how long without a new one ends it early (dump_stacks).
