@@ -65,7 +65,7 @@ class AttemptResult:
     #: reports through ``ftrain.Session`` (no heartbeat) the supervisor cannot tell, and sets it True: the
     #: crash-loop guard and the backoff then leave it alone, and only ``max_restarts`` limits its restarts.
     new_checkpoint: bool
-    #: Exit code of the job (torchrun), or None if it has none (e.g. killed as hung).
+    #: Exit code of the job (torchrun), or None if it has none (killed: as hung, or once it had reported a failure).
     exit_code: int | None = None
     #: Human text, e.g. "rank 2 exited with SIGKILL".
     detail: str = ""
