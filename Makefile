@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 # The CPU wheel of this version lies on the machine's disk; a looser requirement would download a CUDA build.
 TORCH_PIN := torch==2.13.0
 
-.PHONY: venv lint test test-fast demo demo-cluster bench clean
+.PHONY: venv lint test test-fast demo demo-cluster bench bench-anchors clean
 
 venv: $(STAMP)
 
@@ -50,5 +50,18 @@ bench: venv
 	$(BIN)/python benchmarks/remote.py
 	$(BIN)/python benchmarks/sharded.py
 
+# Other launchers to compare recovery with, in a venv of their own (never ftrain's dependencies): NVRx's
+# ft_launcher. (DLRover 0.6.1's dlrover-run does not start under torch 2.13: its agent calls torchrun's
+# SubprocessHandler without the numa_options argument torch 2.13 requires.)
+ANCHORS := .venv-anchors
+$(ANCHORS)/.installed: pyproject.toml
+	test -x $(ANCHORS)/bin/python || $(PY) -m venv $(ANCHORS)
+	$(ANCHORS)/bin/python -c "import torch" 2>/dev/null || $(ANCHORS)/bin/pip install -q "$(TORCH_PIN)"
+	$(ANCHORS)/bin/pip install -q -e . "nvidia-resiliency-ext==0.4.1"
+	touch $@
+
+bench-anchors: venv $(ANCHORS)/.installed
+	$(BIN)/python benchmarks/recovery.py --nproc 2 --repeat 3 --anchors $(ANCHORS)/bin
+
 clean:
-	rm -rf $(VENV) build *.egg-info .pytest_cache
+	rm -rf $(VENV) $(ANCHORS) build *.egg-info .pytest_cache

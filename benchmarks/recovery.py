@@ -39,23 +39,20 @@ HANG_TIMEOUT = 3.0  # supervisor.hang_timeout_seconds for the hang measurement
 
 
 class Job:
-    def __init__(self, ckpt: Path, nproc: int, warm: bool, *, torchrun: bool = False) -> None:
-        """``ftrain launch`` of the example job, or with ``torchrun`` the same job under plain ``torchrun
-        --max-restarts 5`` (the anchor: it restarts its workers inside a live agent; the Session restores)."""
+    def __init__(self, ckpt: Path, nproc: int, warm: bool, *, launcher: list[str] | None = None) -> None:
+        """``ftrain launch`` of the example job, or with ``launcher`` the same job under another launcher
+        (torchrun's command line: an anchor that restarts its workers inside a live agent; the Session restores)."""
         env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "GLOO_SOCKET_IFNAME": "lo",
                "FTRAIN_SUPERVISOR_BACKOFF_SECONDS": "0", "FTRAIN_SUPERVISOR_WARM_START": "1" if warm else "0",
                "FTRAIN_SUPERVISOR_HANG_TIMEOUT_SECONDS": str(HANG_TIMEOUT),
                "TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1"}  # without it torchrun's restarts failed or hung here
         script = ["examples/train.py", "--steps", "100000", "--print-every", "1", "--step-sleep", "0.005",
                   "--ckpt-dir", str(ckpt), "--save-every", "10"]
-        cmd = ([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc), "--max-restarts", "5",
-                "--rdzv-backend", "c10d", "--rdzv-endpoint", "127.0.0.1:0", *script] if torchrun else
+        cmd = ([*launcher, "--nproc-per-node", str(nproc), "--max-restarts", "5", "--rdzv-backend", "c10d",
+                "--rdzv-endpoint", "127.0.0.1:0", *script] if launcher is not None else
                [sys.executable, "-m", "ftrain", "launch", "--nproc", str(nproc), "--ckpt-dir", str(ckpt),
                 "--max-restarts", "5", *script])
         self.t0 = time.monotonic()
-        self.proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                     text=True)
-
     def until(self, pattern: str) -> tuple[float, re.Match[str]]:
         rx = re.compile(pattern)
         assert self.proc.stdout is not None
@@ -110,14 +107,26 @@ def measure(nproc: int, warm: bool) -> dict[str, float]:
     return out
 
 
-def measure_torchrun(nproc: int) -> dict[str, float]:
-    """The anchor: the same job's cold start and SIGKILL recovery under plain torchrun."""
-    job = Job(Path(tempfile.mkdtemp(prefix="ftrain-recovery-")), nproc, False, torchrun=True)
+def anchor_ranks(launcher: psutil.Process) -> list[psutil.Process]:
+    """The rank processes under another launcher: the script's processes whose parent is not one (DataLoader
+    workers are), skipping the launcher's own helpers (NVRx forks its store host and rank monitors)."""
+    def runs_script(p: psutil.Process) -> bool:
+        cmd = " ".join(p.cmdline())
+        return "train.py" in cmd and not any(x in cmd for x in ("ft_launcher", "torch.distributed.run"))
+    try:
+        return [p for p in launcher.children(recursive=True) if runs_script(p) and not runs_script(p.parent())]
+    except psutil.Error:
+        return []
+
+
+def measure_anchor(nproc: int, launcher: list[str]) -> dict[str, float]:
+    """The same job's cold start and SIGKILL recovery under another launcher."""
+    job = Job(Path(tempfile.mkdtemp(prefix="ftrain-recovery-")), nproc, False, launcher=launcher)
     try:
         t_first, _ = job.until(r"^step 1 ")
         out = {"cold start -> first step": t_first - job.t0}
         job.until(r"^step 25 ")
-        victim = psutil.Process(job.proc.pid).children()[-1]
+        victim = anchor_ranks(psutil.Process(job.proc.pid))[-1]
         t_kill = time.monotonic()
         victim.kill()
         job.until(r"restored step \d+")
@@ -155,23 +164,33 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--nproc", type=int, default=4)
     p.add_argument("--repeat", type=int, default=2)
+    p.add_argument("--anchors", type=Path, help="a bin directory with NVRx's ft_launcher (`make anchors`: "
+                   ".venv-anchors/bin): also measure the job under it")
     args = p.parse_args()
+    launchers = {"torchrun": [sys.executable, "-m", "torch.distributed.run"]}
+    if args.anchors is not None:
+        launchers["ft_launcher"] = [str(args.anchors / "ft_launcher")]
     runs: dict[bool, list[dict[str, float]]] = {True: [], False: []}
-    anchor: list[dict[str, float]] = []
+    anchors: dict[str, list[dict[str, float]]] = {name: [] for name in launchers}
     for _ in range(args.repeat):  # interleaved, so every mode sees the same machine load
         for warm in (False, True):
             runs[warm].append(measure(args.nproc, warm))
-        anchor.append(measure_torchrun(args.nproc))
+        for name, launcher in launchers.items():
+            anchors[name].append(measure_anchor(args.nproc, launcher))
     cold = statistics.median(r["cold start -> first step"] for r in runs[False])
     print(f"example job, ftrain launch --nproc {args.nproc}, median of {args.repeat}; ratios against the cold "
-          f"start with warm starts off ({cold:.2f} s); plain torchrun --max-restarts 5 of the same job beside")
-    print(f"{'what':<48} {'warm s':>7} {'ratio':>6} {'cold s':>7} {'ratio':>6} {'torchrun s':>10} {'ratio':>6}")
+          f"start with warm starts off ({cold:.2f} s); other launchers (--max-restarts 5) of the same job beside")
+    print(f"{'what':<48} {'warm s':>7} {'ratio':>6} {'cold s':>7} {'ratio':>6}"
+          + "".join(f" {name + ' s':>14} {'ratio':>6}" for name in launchers))
     for key in runs[True][0]:
         w = statistics.median(r[key] for r in runs[True])
         c = statistics.median(r[key] for r in runs[False])
-        t = f"{statistics.median(r[key] for r in anchor):>10.2f} {statistics.median(r[key] for r in anchor) / cold:>5.2f}x" \
-            if key in anchor[0] else ""
-        print(f"{key:<48} {w:>7.2f} {w / cold:>5.2f}x {c:>7.2f} {c / cold:>5.2f}x {t}")
+        line = f"{key:<48} {w:>7.2f} {w / cold:>5.2f}x {c:>7.2f} {c / cold:>5.2f}x"
+        for name in launchers:
+            if key in anchors[name][0]:
+                a = statistics.median(r[key] for r in anchors[name])
+                line += f" {a:>14.2f} {a / cold:>5.2f}x"
+        print(line)
 
 
 if __name__ == "__main__":

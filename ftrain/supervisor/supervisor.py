@@ -1,4 +1,6 @@
-"""The supervisor: an explicit state machine around one torchrun child per attempt.
+"""The supervisor: an explicit state machine around torchrun (one per attempt on a single node, one per launch on
+several). Its one loop over a running torchrun is :func:`ftrain.supervisor.watch.watch`, with a mode per launch:
+:mod:`ftrain.supervisor.single` (below) and :mod:`ftrain.supervisor.nodes` (torchrun's worker groups).
 
 ::
 
@@ -35,7 +37,6 @@ from the kernel (PR_SET_PDEATHSIG, SIGKILL) and its workers, watching their pare
 """
 from __future__ import annotations
 
-import dataclasses
 import logging
 import os
 import random
@@ -56,22 +57,20 @@ from ftrain.supervisor import command
 from ftrain.supervisor.clock import SYSTEM_CLOCK, Clock
 from ftrain.supervisor.command import LaunchSpec
 from ftrain.supervisor.console import Console, flush, strip_prefix  # noqa: F401 (strip_prefix: still importable here)
-from ftrain.supervisor.hang import HangLimits, find_hung, reports_progress
+from ftrain.supervisor.hang import HangLimits, reports_progress
 from ftrain.supervisor.job import Job, JobFactory, JobProcess
 from ftrain.supervisor.journal import Journal
 from ftrain.supervisor.nodes import run_nodes
 from ftrain.supervisor.notices import Notice, NoticeWatch, announce, build_watch, deadline_report
-from ftrain.supervisor.policy import Action, AttemptResult, Outcome, RestartPolicy, decide
-from ftrain.supervisor.report import Failure, format_report, permanent_failure, root_cause, torchrun_reported_failure
+from ftrain.supervisor.policy import RestartPolicy
+from ftrain.supervisor.report import Failure, format_report
+from ftrain.supervisor.single import run_single
 from ftrain.supervisor.state import INITIAL, State, check_transition
+from ftrain.supervisor.watch import POLL
 from ftrain.supervisor.zygote import SOCKET_DIR_PREFIX, SOCKET_NAME, Zygote, sweep_stale
 
 log = logging.getLogger("ftrain.launch")
 
-#: Seconds between polls of the job (signals, exit, torchrun's failure report): detection is late by at most this.
-_POLL = 0.05
-#: Seconds between hang checks (reads of the heartbeat files): a hang's detection is late by at most this.
-_HANG_CHECK = 0.25
 #: The longest wait for the stacks of a hung job, and how long without a new one ends it early (dump_stacks).
 _STACKS_WAIT = 2.0
 _STACKS_SETTLE = 0.3
@@ -105,23 +104,23 @@ class Supervisor:
         self.echo = echo
         self._start_job = start_job
         self.clock = clock
-        self._jitter = jitter
+        self.jitter = jitter
         #: Why this job no longer owns the checkpoint root (another job took it over), or None.
-        self._lease_lost = lease_lost
+        self.lease_lost = lease_lost
         # Signals received before run() (see cli.launch) count as if they arrived now. Only ever appended to
         # (by notify), never cleared: the first is what stopped us, the second means "stop now".
-        self._signals: list[str] = early_signals if early_signals is not None else []
-        self._job: Job | None = None
+        self.signals: list[str] = early_signals if early_signals is not None else []
+        self.job: Job | None = None
         sup = self.sup
         self._notices = notices if notices is not None else build_watch(
             sup.notices, interval=sup.notice_poll_seconds, aws_url=sup.aws_metadata_url, gcp_url=sup.gcp_metadata_url,
             azure_url=sup.azure_metadata_url, rebalance_stops=sup.aws_rebalance == "stop", clock=clock.time,
             drain_file=Path(sup.drain_file or os.path.join(cfg.checkpoint.dir, "DRAIN")))
         #: The first notice received (it carries the deadline), and the final save's preempted.json once seen.
-        self._notice: Notice | None = None
+        self.notice: Notice | None = None
         self._final: dict[str, object] | None = None
         #: The run's event log (docs/FORMAT.md, "Event log") and the console's progress line.
-        self.journal = Journal(cfg, spec.run_id, self._say, clock.monotonic)
+        self.journal = Journal(cfg, spec.run_id, self.say, clock.monotonic)
         #: Warm starts (supervisor.warm_start): the zygote workers are forked from, while it runs.
         self.zygote: Zygote | None = None
         self._cold = False  # the zygote could not start: cold starts for the rest of the launch
@@ -145,24 +144,24 @@ class Supervisor:
         self._install_signal_handlers()
         self.journal.launch(nproc=self.spec.nproc, nnodes=self.spec.nnodes, script=self.spec.script,
                             cfg=self.spec.config)
-        for name in self._signals:  # arrived before run()
+        for name in self.signals:  # arrived before run()
             self.journal.signal(name)
         try:
             drain = self._notices.drain_file()
             if drain is not None:  # an operator (or a preStop hook) asked this job not to run: start nothing
-                self._set(State.DONE)
-                self._say(f"drain file {drain} exists: not starting the job; remove it and relaunch to resume from "
-                          f"{'step ' + str(n) if (n := self._newest_step()) is not None else 'the start'}; "
+                self.set_state(State.DONE)
+                self.say(f"drain file {drain} exists: not starting the job; remove it and relaunch to resume from "
+                          f"{'step ' + str(n) if (n := self.newest_step()) is not None else 'the start'}; "
                           f"exiting with code {exitcodes.PREEMPTED}")
                 self.journal.finish(exitcodes.PREEMPTED, f"drain file {drain} exists")
                 return exitcodes.PREEMPTED
             self._notices.start(self._on_notice)
             try:
-                return run_nodes(self) if self.spec.multinode else self._run_single()
+                return run_nodes(self) if self.spec.multinode else run_single(self)
             finally:
                 try:
-                    if self._job is not None and self._job.poll() is None:
-                        self._job.kill_tree(graceful=0.0 if self.spec.multinode else 2.0)
+                    if self.job is not None and self.job.poll() is None:
+                        self.job.kill_tree(graceful=0.0 if self.spec.multinode else 2.0)
                 finally:
                     try:
                         if self.zygote is not None:  # after the job: it kills whatever workers it still has
@@ -172,136 +171,14 @@ class Supervisor:
         finally:
             self.journal.close()
 
-    def _run_single(self) -> int:
-        """The single-node loop: one torchrun per attempt, restarted by us (see the module docstring)."""
-        history: list[AttemptResult] = []
-        failures: list[Failure] = []
-        lines: list[str] = []
-        while True:
-            if self._signals and self._job is None and not history:
-                self._set(State.DONE)
-                return self._finish(exitcodes.PREEMPTED, f"stopped by {self._signals[0]} before the job started",
-                                    failures, lines, self._newest_step())
-            attempt = len(history)
-            before = self._newest_step()
-            result, failure = self._run_attempt(attempt)
-            after = self._newest_step()
-            # A script that never reports has no ftrain checkpoints to judge by: max_restarts alone limits it.
-            progressed = (after is not None and (before is None or after > before)) or not self.reports
-            result = dataclasses.replace(result, new_checkpoint=progressed)
-            history.append(result)
-            if failure:
-                failures.append(failure)
-            self.journal.attempt_end(result, failure, after)
-            lines.append(f"#{attempt} {result.outcome.value}: {result.detail}; newest checkpoint: "
-                         f"{'step ' + str(after) if after is not None else 'none'}")
-            decision = decide(history, self.policy, self._jitter())
-            lost = self._lease_lost() if decision.action is Action.RESTART else None
-            if lost is not None:  # restarting would only be refused at the lease, attempt after attempt
-                self._set(State.DONE)
-                return self._finish(exitcodes.FAILURE, f"not restarting: {lost}", failures, lines, after)
-            if decision.action is Action.STOP:
-                self._set(State.DONE)
-                return self._finish(decision.exit_code, decision.reason, failures, lines, after)
-            when = f"in {decision.delay:.1f}s" if decision.delay > 0 else "at once (it made progress)"
-            self._say(f"attempt {attempt} {result.outcome.value} ({result.detail}); restarting {when} from the "
-                      "newest valid checkpoint")
-            self._set(State.BACKOFF)
-            self.journal.backoff(attempt, decision.delay)
-            if self._sleep(decision.delay):
-                self._set(State.DONE)
-                return self._finish(exitcodes.PREEMPTED, f"stopped by {self._signals[0]} while waiting to "
-                                    "restart", failures, lines, after)
-            self._set(State.STARTING)
-
-    # --------------------------------------------------------------- attempts
-    def _run_attempt(self, attempt: int) -> tuple[AttemptResult, Failure | None]:
-        """Start one attempt's job and watch it until it ends; how it ended (its outcome's checkpoint flag unset).
-
-        Entered in STARTING; leaves RUNNING or STOPPING, and no job running (``self._job`` None).
-        """
-        clock = self.clock
-        number, files = AttemptFiles.next_attempt(self.log_dir, self.spec.run_id)
-        files.create()
-        console = Console(files.torchrun_log, mistakes=files.mistakes) if self.echo else None
-        zygote = self.warm()
-        job = self._job = self._start_job(self._command(files), self._env(files, number), files.torchrun_log,
-                                          echo=console, warm=zygote.workers if zygote is not None else None)
-        self._say(f"attempt {attempt}: started torchrun (pid {job.pid}) with {self.spec.nproc} worker(s) per node; "
-                  f"logs in {files.root}")
-        self.journal.attempt_start(attempt, number, files, job.pid)
-        self._set(State.RUNNING)
-        started = clock.time()
-        grace_deadline: float | None = None
-        hang: str | None = None
-        next_hang_check = clock.monotonic() + _HANG_CHECK
-        while job.poll() is None:
-            if self._stop_now():
-                self._say(f"second signal ({self._signals[-1]}): stopping now")
-                job.kill_tree()
-                break
-            if self._signals and grace_deadline is None:
-                self._set(State.STOPPING)
-                # The grace period is the outside world's deadline: it starts now, not when our workers exist.
-                grace_deadline = clock.monotonic() + self.sup.grace_seconds
-                # The marker first: a worker that starts from here on finds it, whatever the signal misses.
-                stop_note = self._write_stop(files)
-                n = job.signal_new_workers(self._forward_signal())
-                later = (f"; the {self.spec.nproc - n} not started (or not ready) yet are asked once they are"
-                         if n < self.spec.nproc else "")
-                self._say(f"{self._signals[0]}: asked {n} worker(s) to save and exit within "
-                          f"{self.sup.grace_seconds:g}s{later}{stop_note}")
-            elif grace_deadline is not None:
-                n = job.signal_new_workers(self._forward_signal())
-                if n:
-                    self._say(f"asked {n} more worker(s), started after the stop, to save and exit")
-                marker = files.read_preempted()
-                self._see_final(marker if self._notice is not None else None)
-                if marker is not None and not job.worker_pids():
-                    # Every worker saved and left: torchrun has nothing left to do but its own exit, which
-                    # takes it about a second (interpreter teardown with torch loaded); the relaunch need not wait.
-                    break
-            if grace_deadline is not None and clock.monotonic() > grace_deadline:
-                self._say(f"grace period of {self.sup.grace_seconds:g}s ran out: killing the job "
-                          "(the previous checkpoint stays valid)")
-                job.kill_tree()
-                break
-            if grace_deadline is None and torchrun_reported_failure(list(job.tail)):
-                # torchrun has stopped every worker and printed why (what the root cause reads); all it has left
-                # is its own exit: the rendezvous' shutdown and the teardown of an interpreter with torch loaded,
-                # 0.6-0.7 s here, that the next attempt need not wait for. (exit code None: killed, as a hang)
-                break
-            if grace_deadline is None and clock.monotonic() >= next_hang_check:
-                next_hang_check = clock.monotonic() + _HANG_CHECK
-                job.tree()  # remember every descendant, so they can be killed even if torchrun dies first
-                beats = files.read_heartbeats()
-                hang = find_hung(beats, self.expected_reports(beats), started, clock.time(), self.limits)
-                if hang:
-                    self.journal.hang(attempt, hang, files)
-                    self._handle_hang(job, files, hang)
-                    break
-            self.journal.tick()
-            clock.sleep(_POLL)
-        rc = job.poll()
-        job.kill_tree()  # workers or their DataLoader children may linger after torchrun exits
-        job.close()
-        flush(console, self._say)  # the attempt's folded tracebacks, before the supervisor says how it ended
-        self._job = None
-        return self._classify(attempt, files, job, rc, hang)
-
-    def _write_stop(self, files: AttemptFiles) -> str:
+    def write_stop(self, files: AttemptFiles) -> str:
         """Leave the stop marker for workers that start later; "" or, if it could not be written, a note why."""
         try:
-            files.write_stop(self._signals[0], self.clock.time())
+            files.write_stop(self.signals[0], self.clock.time())
         except OSError as e:
             # Workers already running still get the signal; only late starters depend on the marker.
             return f" (could not write the stop marker {files.stop}: {e.strerror or e})"
         return ""
-
-    def _handle_hang(self, job: Job, files: AttemptFiles, hang: str) -> None:
-        self._say(f"hang detected: {hang}; dumping Python stacks of every rank to {files.root / 'stacks'}")
-        self.dump_stacks(job, files)
-        job.kill_tree()
 
     def dump_stacks(self, job: Job, files: AttemptFiles) -> None:
         """Ask every worker for its Python stacks, and wait until they are written (before a kill).
@@ -326,41 +203,6 @@ class Supervisor:
                 return
             clock.sleep(0.05)
 
-    def _classify(self, attempt: int, files: AttemptFiles, job: Job, rc: int | None,
-                  hang: str | None) -> tuple[AttemptResult, Failure | None]:
-        """How an ended attempt ended, from its files, its output, its exit code and the hang verdict.
-
-        Precedence, first match wins: a preempted.json marker (the final save committed); exit code 0
-        (every rank finished, even if a signal arrived first: there is nothing left to resume); any
-        signal received (preempted without a final save); a permanent error in an error file; a hang; else a
-        failure whose root cause comes from the error files and torchrun's output. ``new_checkpoint`` is left
-        False: the caller knows the checkpoints from before the attempt.
-        """
-        marker = files.read_preempted()
-        self._see_final(marker)
-        if marker is not None:
-            return AttemptResult(attempt, Outcome.PREEMPTED, False, rc,
-                                 f"final checkpoint at step {marker.get('step')}"), None
-        if rc == 0 and hang is None:
-            detail = (f"all ranks finished before the stop ({self._signals[0]}) took effect" if self._signals
-                      else "all ranks finished")
-            return AttemptResult(attempt, Outcome.SUCCEEDED, False, rc, detail), None
-        if self._signals:
-            return AttemptResult(attempt, Outcome.PREEMPTED, False, rc,
-                                 f"stopped by {self._signals[0]} before a final checkpoint committed"), None
-        errors = files.read_errors()
-        permanent = permanent_failure(attempt, errors)
-        if permanent is not None:  # a mistake: the policy stops at once, with its exit code
-            return AttemptResult(attempt, Outcome.FAILED, False, rc, f"{permanent.exc_type}: {permanent.message}",
-                                 permanent.permanent), permanent
-        if hang:
-            failure = root_cause(attempt, list(job.tail), errors, hang, files.ranks_dir)
-            return AttemptResult(attempt, Outcome.HUNG, False, rc, failure.describe()), failure
-        failure = root_cause(attempt, list(job.tail), errors, None, files.ranks_dir)
-        if failure.rank is None and failure.exit_code is None and rc is not None:
-            failure.exit_code = rc
-        return AttemptResult(attempt, Outcome.FAILED, False, rc, failure.describe()), failure
-
     # ------------------------------------------------------------ warm starts
     def warm(self) -> Zygote | None:
         """The zygote to fork this attempt's workers from, started (or restarted, if it died) now; None when warm
@@ -370,7 +212,7 @@ class Supervisor:
         if self.zygote is not None and self.zygote.alive():
             return self.zygote
         if self.zygote is not None:
-            self._say("the zygote (warm starts) died: starting a new one")
+            self.say("the zygote (warm starts) died: starting a new one")
             self._stop_zygote()
         host_dir = self.log_dir / self.spec.run_id / socket.gethostname()
         try:
@@ -384,7 +226,7 @@ class Supervisor:
                     self.spec.script), env=self._base_env(), stderr=log_file)
         except OSError as e:
             self._cold = True
-            self._say(f"warm starts off: could not start the zygote ({e}); workers start cold")
+            self.say(f"warm starts off: could not start the zygote ({e}); workers start cold")
             return None
         return self.zygote
 
@@ -397,6 +239,14 @@ class Supervisor:
             self.zygote = None
 
     # ----------------------------------------------------------- environment
+    def start_job(self, files: AttemptFiles, number: int, console: Console | None) -> Job:
+        """Start torchrun for the attempt directory ``files`` (attempt ``number``), warm if the zygote is up (it
+        is started, or restarted, now): the job, also kept as ``self.job`` for the teardown on every exit path."""
+        zygote = self.warm()
+        self.job = self._start_job(self._command(files), self._env(files, number), files.torchrun_log, echo=console,
+                                   warm=zygote.workers if zygote is not None else None)
+        return self.job
+
     def _command(self, files: AttemptFiles) -> list[str]:
         return command.torchrun_command(self.spec, files, warm=self.zygote is not None)
 
@@ -420,72 +270,72 @@ class Supervisor:
         Called from the signal handlers (so it only appends: safe in a handler, and list.append is atomic)
         and by tests to inject signals without sending real ones.
         """
-        self._signals.append(signame)
+        self.signals.append(signame)
         if signame.startswith("SIG"):
             self.journal.signal(signame)
 
     def _on_notice(self, notice: Notice) -> None:
         """A watcher thread's notice: log it with its deadline, then stop as for a signal (see :meth:`notify`)."""
-        if self._notice is None:
-            self._notice = notice
+        if self.notice is None:
+            self.notice = notice
         self.journal.notice(notice)
-        self._say(announce(notice, self.clock.time(), self.sup.grace_seconds))
+        self.say(announce(notice, self.clock.time(), self.sup.grace_seconds))
         self.notify(notice.name)
 
-    def _see_final(self, marker: dict[str, object] | None) -> None:
+    def see_final(self, marker: dict[str, object] | None) -> None:
         """The final save's preempted.json (None: not yet): once seen after a notice, acknowledge the notice."""
         if marker is not None and self._final is None:
             self._final = marker
-            if self._notice is not None:
+            if self.notice is not None:
                 self._notices.acknowledge()  # e.g. Azure's StartRequests: the machine may go now
 
-    def _stop_now(self) -> bool:
+    def stop_now(self) -> bool:
         """A second preemption signal arrived ("stop now"); notices are not signals and never count."""
-        return sum(1 for s in self._signals if s.startswith("SIG")) >= 2
+        return sum(1 for s in self.signals if s.startswith("SIG")) >= 2
 
-    def _forward_signal(self) -> int:
-        first = self._signals[0]
+    def forward_signal(self) -> int:
+        first = self.signals[0]
         name = first if first in self.sup.preemption_signals else self.sup.preemption_signals[0]
         return int(getattr(signal, name))
 
-    def _sleep(self, seconds: float) -> bool:
+    def backoff_sleep(self, seconds: float) -> bool:
         """Back off; True if a signal arrived meanwhile (then do not restart)."""
         clock = self.clock
         deadline = clock.monotonic() + seconds
         while clock.monotonic() < deadline:
-            if self._signals:
+            if self.signals:
                 return True
-            clock.sleep(min(_POLL, max(0.0, deadline - clock.monotonic())))
-        return bool(self._signals)
+            clock.sleep(min(POLL, max(0.0, deadline - clock.monotonic())))
+        return bool(self.signals)
 
     # ---------------------------------------------------------------- output
-    def _finish(self, code: int, reason: str, failures: list[Failure], lines: list[str], newest: int | None) -> int:
+    def finish(self, code: int, reason: str, failures: list[Failure], lines: list[str], newest: int | None) -> int:
         self.journal.finish(code, reason)
         if code == exitcodes.OK:
-            late = (f" (the job finished before the stop ({self._signals[0]}) took effect: nothing to resume)"
-                    if self._signals else "")
-            self._say(f"finished: {reason}{late}")
+            late = (f" (the job finished before the stop ({self.signals[0]}) took effect: nothing to resume)"
+                    if self.signals else "")
+            self.say(f"finished: {reason}{late}")
         elif code == exitcodes.PREEMPTED:
-            if self._notice is not None:
-                self._say(deadline_report(self._notice, self._final, newest))
-            self._say(f"preempted ({reason}); exiting with code {code}. Relaunch the same command to resume from "
+            if self.notice is not None:
+                self.say(deadline_report(self.notice, self._final, newest))
+            self.say(f"preempted ({reason}); exiting with code {code}. Relaunch the same command to resume from "
                       f"{'step ' + str(newest) if newest is not None else 'the start'}")
         else:
             print(format_report(reason, failures, lines, str(self.log_dir / self.spec.run_id), newest),
                   file=sys.stderr, flush=True)
         return code
 
-    def _newest_step(self) -> int | None:
+    def newest_step(self) -> int | None:
         steps = self.store.steps()
         return steps[-1] if steps else None
 
-    def _set(self, state: State) -> None:
+    def set_state(self, state: State) -> None:
         """Enter ``state``; an illegal transition (see ftrain.supervisor.state) raises IllegalTransition."""
         check_transition(self.state, state)
         self.state = state
         log.debug("supervisor state: %s", state.value)
 
-    def _say(self, msg: str) -> None:
+    def say(self, msg: str) -> None:
         print(f"[ftrain launch] {msg}", file=sys.stderr, flush=True)
 
 

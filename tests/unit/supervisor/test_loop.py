@@ -1,4 +1,4 @@
-"""The supervisor's loop (``Supervisor.run`` and ``_classify``) driven by a scripted job on fake time.
+"""The supervisor's single-node loop (``Supervisor.run``, ``single.py`` over ``watch.py``, and ``classify``) driven by a scripted job on fake time.
 
 No processes and no real signals: each attempt's job is a :class:`FakeJob` replaying a
 :class:`Script`, writing the files real workers write (heartbeats, error files, stacks,
@@ -32,6 +32,7 @@ from ftrain.errors import ConfigError, LeaseError, StateMismatch, UsageError
 from ftrain.supervisor.job import _handles
 from ftrain.supervisor.hang import reports_progress
 from ftrain.supervisor.policy import Outcome
+from ftrain.supervisor.single import classify
 from ftrain.supervisor.state import INITIAL, TRANSITIONS, IllegalTransition, State, check_transition
 from ftrain.supervisor.supervisor import LaunchSpec, Supervisor
 
@@ -318,9 +319,9 @@ def test_every_legal_edge_is_accepted_and_every_other_refused(old: State, new: S
 def test_supervisor_refuses_an_illegal_transition(tmp_path: Path) -> None:
     sup = Rig(tmp_path).sup
     assert sup.state is State.STARTING
-    sup._set(State.DONE)
+    sup.set_state(State.DONE)
     with pytest.raises(RuntimeError, match="DONE -> RUNNING"):
-        sup._set(State.RUNNING)
+        sup.set_state(State.RUNNING)
     assert sup.state is State.DONE  # a refused transition changes nothing
 
 
@@ -654,7 +655,7 @@ def test_signal_handler_feeds_notify(tmp_path: Path, _no_real_time_or_signals: d
     sup._install_signal_handlers()
     assert set(_no_real_time_or_signals) == {SIGTERM, SIGUSR1, int(signal.SIGINT)}
     _no_real_time_or_signals[SIGUSR1](SIGUSR1, None)
-    assert sup._signals == ["SIGUSR1"]
+    assert sup.signals == ["SIGUSR1"]
 
 
 def test_an_exception_in_the_loop_still_tears_the_job_down(tmp_path: Path) -> None:
@@ -665,7 +666,7 @@ def test_an_exception_in_the_loop_still_tears_the_job_down(tmp_path: Path) -> No
     assert job.kills == [(pytest.approx(0.25, abs=0.11), 2.0)]  # the finally's graceful teardown, at the first check
 
 
-# ------------------------------------------------------------------ _classify
+# ------------------------------------------------------------------ classify
 @dataclass
 class Tail:
     tail: list[str]
@@ -686,7 +687,7 @@ def test_classify_preempted_marker_wins(tmp_path: Path, files: AttemptFiles) -> 
     sup = Rig(tmp_path).sup
     files.preempted.write_text(json.dumps({"step": 40}))
     sup.notify("SIGTERM")
-    result, failure = sup._classify(2, files, Tail(TORCHRUN_SIGKILL), -9, "rank 0 made no progress")
+    result, failure = classify(sup, 2, files, Tail(TORCHRUN_SIGKILL), -9, "rank 0 made no progress")
     assert (result.attempt, result.outcome, result.exit_code) == (2, Outcome.PREEMPTED, -9)
     assert result.detail == "final checkpoint at step 40" and failure is None
 
@@ -694,7 +695,7 @@ def test_classify_preempted_marker_wins(tmp_path: Path, files: AttemptFiles) -> 
 def test_classify_signal_without_marker_is_preempted_not_failed(tmp_path: Path, files: AttemptFiles) -> None:
     sup = Rig(tmp_path).sup
     sup.notify("SIGUSR1")
-    result, failure = sup._classify(0, files, Tail(TORCHRUN_SIGKILL), -9, None)
+    result, failure = classify(sup, 0, files, Tail(TORCHRUN_SIGKILL), -9, None)
     assert result.outcome is Outcome.PREEMPTED and failure is None
     assert result.detail == "stopped by SIGUSR1 before a final checkpoint committed"
 
@@ -702,35 +703,35 @@ def test_classify_signal_without_marker_is_preempted_not_failed(tmp_path: Path, 
 def test_classify_exit_0_after_a_signal_is_success(tmp_path: Path, files: AttemptFiles) -> None:
     sup = Rig(tmp_path).sup
     sup.notify("SIGTERM")
-    result, failure = sup._classify(0, files, Tail([]), 0, None)
+    result, failure = classify(sup, 0, files, Tail([]), 0, None)
     assert (result.outcome, failure) == (Outcome.SUCCEEDED, None)
     assert result.detail == "all ranks finished before the stop (SIGTERM) took effect"
     files.preempted.write_text(json.dumps({"step": 9}))  # ranks that saved on the stop exit 0 too: preempted
-    result, _ = sup._classify(0, files, Tail([]), 0, None)
+    result, _ = classify(sup, 0, files, Tail([]), 0, None)
     assert result.outcome is Outcome.PREEMPTED and result.detail == "final checkpoint at step 9"
 
 
 def test_classify_hang_success_and_failures(tmp_path: Path, files: AttemptFiles) -> None:
     sup = Rig(tmp_path).sup
-    result, failure = sup._classify(1, files, Tail([]), None, "rank 0 made no progress for 9s")
+    result, failure = classify(sup, 1, files, Tail([]), None, "rank 0 made no progress for 9s")
     assert result.outcome is Outcome.HUNG and failure is not None and failure.hang
     assert result.detail == "hang: rank 0 made no progress for 9s"
 
-    result, failure = sup._classify(1, files, Tail([]), 0, None)
+    result, failure = classify(sup, 1, files, Tail([]), 0, None)
     assert (result.outcome, result.detail, failure) == (Outcome.SUCCEEDED, "all ranks finished", None)
 
-    result, failure = sup._classify(1, files, Tail(["bye"]), 7, None)  # nothing names a rank: the job's code
+    result, failure = classify(sup, 1, files, Tail(["bye"]), 7, None)  # nothing names a rank: the job's code
     assert result.outcome is Outcome.FAILED and failure is not None and failure.exit_code == 7
     assert result.detail == "the job exited with code 7"
 
-    result, failure = sup._classify(1, files, Tail(TORCHRUN_SIGKILL), 1, None)  # torchrun names the rank
+    result, failure = classify(sup, 1, files, Tail(TORCHRUN_SIGKILL), 1, None)  # torchrun names the rank
     assert result.detail == "rank 3 exited with signal SIGKILL"
 
     # An error file beats torchrun's summary when that names a plain non-zero exit (a bystander)...
     write_error_file(files.error(2), 2, _raised(KeyError("lr")))
     exit1 = [ln.replace("-9 (pid: 9083)  (SIGKILL)", "1 (pid: 9083)") for ln in TORCHRUN_SIGKILL]
-    result, failure = sup._classify(1, files, Tail(exit1), 1, None)
+    result, failure = classify(sup, 1, files, Tail(exit1), 1, None)
     assert result.detail == "rank 2 (KeyError: 'lr')" and failure is not None and failure.traceback
     # ...but not when it names a rank killed by a signal: the error files are then from stranded ranks.
-    result, failure = sup._classify(1, files, Tail(TORCHRUN_SIGKILL), 1, None)
+    result, failure = classify(sup, 1, files, Tail(TORCHRUN_SIGKILL), 1, None)
     assert result.detail == "rank 3 exited with signal SIGKILL"
