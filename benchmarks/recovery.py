@@ -53,6 +53,8 @@ class Job:
                [sys.executable, "-m", "ftrain", "launch", "--nproc", str(nproc), "--ckpt-dir", str(ckpt),
                 "--max-restarts", "5", *script])
         self.t0 = time.monotonic()
+        self.proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                     text=True)
     def until(self, pattern: str) -> tuple[float, re.Match[str]]:
         rx = re.compile(pattern)
         assert self.proc.stdout is not None
