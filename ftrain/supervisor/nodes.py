@@ -220,7 +220,7 @@ def _group_ended(sup: Supervisor, group: Group, files: AttemptFiles, job: Job, h
         return False, None
     if not verdict.ending.counted:
         sup.say(f"worker group {group.number} ended: {verdict.ending.value} ({verdict.detail}); not counted "
-                 f"as a failure{'; torchrun re-rendezvouses' if finished is False else ''}")
+                f"as a failure{'; torchrun re-rendezvouses' if finished is False else ''}")
         return False, None
     progressed = (newest is not None and (mark is None or newest > mark)) or not sup.reports
     outcome = Outcome.HUNG if verdict.ending is Ending.HUNG else Outcome.FAILED
@@ -238,8 +238,8 @@ def _group_ended(sup: Supervisor, group: Group, files: AttemptFiles, job: Job, h
     if decision.action is Action.STOP:
         return True, decision
     sup.say(f"worker group {group.number} {verdict.ending.value} ({verdict.detail}): local failure "
-             f"{len(history)} (supervisor.max_restarts={sup.policy.max_restarts}); torchrun restarts the "
-             "workers at the next rendezvous")
+            f"{len(history)} (supervisor.max_restarts={sup.policy.max_restarts}); torchrun restarts the "
+            "workers at the next rendezvous")
     return True, None
 
 

@@ -151,8 +151,8 @@ class Supervisor:
             if drain is not None:  # an operator (or a preStop hook) asked this job not to run: start nothing
                 self.set_state(State.DONE)
                 self.say(f"drain file {drain} exists: not starting the job; remove it and relaunch to resume from "
-                          f"{'step ' + str(n) if (n := self.newest_step()) is not None else 'the start'}; "
-                          f"exiting with code {exitcodes.PREEMPTED}")
+                         f"{'step ' + str(n) if (n := self.newest_step()) is not None else 'the start'}; "
+                         f"exiting with code {exitcodes.PREEMPTED}")
                 self.journal.finish(exitcodes.PREEMPTED, f"drain file {drain} exists")
                 return exitcodes.PREEMPTED
             self._notices.start(self._on_notice)
@@ -319,7 +319,7 @@ class Supervisor:
             if self.notice is not None:
                 self.say(deadline_report(self.notice, self._final, newest))
             self.say(f"preempted ({reason}); exiting with code {code}. Relaunch the same command to resume from "
-                      f"{'step ' + str(newest) if newest is not None else 'the start'}")
+                     f"{'step ' + str(newest) if newest is not None else 'the start'}")
         else:
             print(format_report(reason, failures, lines, str(self.log_dir / self.spec.run_id), newest),
                   file=sys.stderr, flush=True)

@@ -351,8 +351,8 @@ SUMMARY = ("Root Cause (first observed failure):", "[0]:", "  time      : 2026-1
            "  error_file: <N/A>", "=" * 60)
 
 
-def test_once_torchrun_reported_the_failure_its_own_exit_is_not_waited_for(tmp_path: Path,
-                                                                        capsys: pytest.CaptureFixture[str]) -> None:
+def test_once_torchrun_reported_the_failure_its_own_exit_is_not_waited_for(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     # torchrun lives on for 0.6-0.7 s after its summary (rendezvous shutdown, interpreter teardown): not our wait.
     rig = Rig(tmp_path, Script(exit_at=None, reports_at=2.0, commits=((1.0, 10),)), Script(exit_at=1.0))
     assert rig.run() == exitcodes.OK
