@@ -8,7 +8,7 @@ in a session of its own. So this process stands in for it, both ways (docs/FORMA
   state, umask and CPU affinity, and gets the worker's pid back;
 * it forwards every signal torchrun or a user may send (:data:`FORWARDED`: stop, preemption...) to the worker's
   process group, as torchrun's ``killpg`` would reach a cold one (the supervisor signals the worker itself,
-  ``JobProcess._addressee``: a stop for a rank must not reach its DataLoader processes);
+  ``JobProcess._addressees``: a stop for a rank must not reach its DataLoader processes);
 * it exits as the worker did: the same exit code, or killed by the same signal;
 * if it is killed (SIGKILL), the zygote sees its connection close and SIGKILLs the worker's group.
 

@@ -211,9 +211,9 @@ class JobProcess:
 
     def signal_workers(self, sig: int) -> int:
         n = 0
-        for p in self.workers():
+        for _, target in self._addressees(sig):
             try:
-                os.kill(self._addressee(p.pid, sig), sig)
+                os.kill(target, sig)
                 n += 1
             except OSError:
                 pass
@@ -221,30 +221,31 @@ class JobProcess:
 
     def signal_new_workers(self, sig: int) -> int:
         n = 0
-        for p in self.workers():
-            target = self._addressee(p.pid, sig)
+        for rank, target in self._addressees(sig):
             # Warm, an entry still waiting for its worker is not ready either: it would pass the signal on the
             # instant the worker is forked, before the worker handles it (it reads the stop marker anyway).
-            if p.pid in self._stopped or _is_entry(target) or not _handles(target, sig):
+            if rank in self._stopped or _is_entry(target) or not _handles(target, sig):
                 continue
             try:
                 os.kill(target, sig)
             except OSError:
                 continue
-            self._stopped.add(p.pid)
+            self._stopped.add(rank)
             n += 1
         return n
 
-    def _addressee(self, rank_pid: int, sig: int) -> int:
-        """Whom a signal for the rank ``rank_pid`` (torchrun's child) goes to: that process, or, warm, the real
-        worker. Not the entry: it forwards to the worker's whole process group (it cannot tell torchrun's
-        ``killpg`` from a kill), which would also reach the worker's DataLoader processes, and SIGTERM kills
-        those (the rank then fails with "DataLoader worker ... killed by signal"). A cold rank gets the signal
-        alone; so does a warm one. SIGKILL still goes to the entry: the zygote then kills the worker's group,
-        as torchrun's would be."""
+    def _addressees(self, sig: int) -> list[tuple[int, int]]:
+        """(rank process, whom a signal for it goes to) for each rank process (torchrun's child): that process, or,
+        warm, the real worker. Not the entry: it forwards to the worker's whole process group (it cannot tell
+        torchrun's ``killpg`` from a kill), which would also reach the worker's DataLoader processes, and SIGTERM
+        kills those (the rank then fails with "DataLoader worker ... killed by signal"). A cold rank gets the
+        signal alone; so does a warm one. SIGKILL still goes to the entry: the zygote then kills the worker's
+        group, as torchrun's would be."""
+        ranks = [p.pid for p in self.workers()]
         if sig == signal.SIGKILL or self._warm is None:
-            return rank_pid
-        return self._warm().get(rank_pid, rank_pid)
+            return [(pid, pid) for pid in ranks]
+        warm = self._warm()  # the zygote's workers file, read once
+        return [(pid, warm.get(pid, pid)) for pid in ranks]
 
     def kill_tree(self, *, graceful: float = 0.0) -> None:
         """SIGTERM everything (if ``graceful``), wait up to that long, then SIGKILL what is left.

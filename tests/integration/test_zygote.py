@@ -88,6 +88,15 @@ class Harness:
                                 env=full, cwd=cwd or self.sockdir / "work", text=True, start_new_session=True,
                                 **popen)
 
+    def ready_worker(self, body: str = "import time\ntime.sleep(60)\n") -> tuple[subprocess.Popen[str], int]:
+        """An entry running a script that prints "ready" then runs ``body``; once ready, the entry and its worker."""
+        proc = self.entry(self.script("print('ready', flush=True)\n" + body))
+        assert proc.stdout is not None and proc.stdout.readline() == "ready\n"
+        assert self.zygote is not None
+        worker = self.zygote.worker_of(proc.pid)
+        assert worker is not None
+        return proc, worker
+
     def run(self, target: Path | str, *args: str, **kw: Any) -> tuple[int, str, str]:
         proc = self.entry(target, *args, **kw)
         out, err = proc.communicate(timeout=60)
@@ -286,14 +295,9 @@ def test_the_supervisors_signal_reaches_the_worker_alone_not_its_children(h: Har
 
 
 def test_a_worker_killed_by_a_signal_kills_its_entry_with_it(h: Harness) -> None:
-    h.start()
-    script = h.script("import time\nprint('ready', flush=True)\ntime.sleep(60)\n")
-    proc = h.entry(script)
-    assert proc.stdout is not None and proc.stdout.readline() == "ready\n"
-    z = h.zygote
-    assert z is not None
-    worker = z.worker_of(proc.pid)
-    assert worker is not None and psutil.Process(worker).ppid() == z.pid
+    z = h.start()
+    proc, worker = h.ready_worker()
+    assert psutil.Process(worker).ppid() == z.pid
     os.killpg(proc.pid, signal.SIGTERM)  # no handler in the worker: it dies of it, and so does the entry
     assert proc.wait(timeout=10) == -signal.SIGTERM
     wait_until(lambda: gone(worker), 10)
@@ -417,10 +421,7 @@ def test_no_usable_zygote_means_one_line_and_a_cold_start(h: Harness, setup: str
 # ------------------------------------------------------------------------------------------------ lifetimes
 def test_stopping_the_zygote_kills_its_workers(h: Harness) -> None:
     z = h.start()
-    proc = h.entry(h.script("import time\nprint('ready', flush=True)\ntime.sleep(60)\n"))
-    assert proc.stdout is not None and proc.stdout.readline() == "ready\n"
-    worker = z.worker_of(proc.pid)
-    assert worker is not None
+    proc, worker = h.ready_worker()
     z.stop()
     assert proc.wait(timeout=10) == -signal.SIGKILL
     assert gone(worker) and not z.socket_path.exists()
@@ -429,11 +430,8 @@ def test_stopping_the_zygote_kills_its_workers(h: Harness) -> None:
 def test_a_worker_outlives_a_dead_zygote_and_its_entry_waits_for_it(h: Harness) -> None:
     z = h.start()
     release = h.sockdir / "release"
-    proc = h.entry(h.script(f"import os, time\nprint('ready', flush=True)\n"
-                            f"while not os.path.exists({str(release)!r}):\n    time.sleep(0.02)\n"))
-    assert proc.stdout is not None and proc.stdout.readline() == "ready\n"
-    worker = z.worker_of(proc.pid)
-    assert worker is not None
+    proc, worker = h.ready_worker(f"import os, time\nwhile not os.path.exists({str(release)!r}):\n"
+                                  "    time.sleep(0.02)\n")
     os.kill(z.pid, signal.SIGKILL)  # as with its supervisor: the worker must get the chance to save
     z.proc.wait()
     time.sleep(0.3)
@@ -458,10 +456,7 @@ def test_the_zygote_dies_with_its_supervisor(h: Harness) -> None:
 
 def test_stop_also_kills_what_a_dead_zygote_left(h: Harness) -> None:
     z = h.start()
-    proc = h.entry(h.script("import time\nprint('ready', flush=True)\ntime.sleep(60)\n"))
-    assert proc.stdout is not None and proc.stdout.readline() == "ready\n"
-    worker = z.worker_of(proc.pid)
-    assert worker is not None
+    proc, worker = h.ready_worker()
     os.kill(z.pid, signal.SIGKILL)
     z.proc.wait()
     z.stop()  # from the workers file the dead zygote left
