@@ -8,8 +8,8 @@ with the cold-start job of the same run.
 
 * cold start: `ftrain launch` started -> rank 0 reports step 1;
 * SIGKILL recovery: a rank SIGKILLed -> the restarted job reports its first step
-  after the restore (includes failure detection, teardown, backoff of 0 s,
-  torchrun + imports, rendezvous, restore);
+  after the restore (torchrun's failure detection, stopping the survivors, its
+  re-rendezvous, the workers' start (forked or imports), the restore);
 * hang: a rank SIGSTOPped -> the restarted job reports its first step, less
   ``supervisor.hang_timeout_seconds`` (3 s here): detection's lateness, the stack
   dump, teardown and the restart;
@@ -151,13 +151,12 @@ def breakdown(ckpt: Path, kill: float) -> dict[str, float]:
     def first(ev: str, after: float, key: str = "t") -> float:
         return min(float(e[key]) for e in events if e["ev"] == ev and float(e[key]) >= after)
 
-    ended = first("attempt_end", kill)  # the failure seen and the old job torn down
-    started = first("attempt_start", ended)  # (backoff) and the new torchrun started
-    worker = first("session_start", started, "proc_start")  # rank 0's new process (forked, or a fresh python)
+    judged = first("group_end", kill)  # the supervisor classified the killed group's end (not on the restart's path)
+    worker = first("session_start", kill, "proc_start")  # rank 0's new process (forked, or a fresh python)
     restore = next(e for e in events if e["ev"] == "restore" and e["t"] >= worker)
     step = first("first_step", restore["t"])
-    return {"  detection + teardown": ended - kill, "  restart decision + torchrun start": started - ended,
-            "  torchrun + rendezvous -> rank 0 process": worker - started,
+    return {"  kill -> the supervisor judged the group's end": judged - kill,
+            "  kill -> rank 0's new process (torchrun: detection, stop, rendezvous, start)": worker - kill,
             "  rank 0 process -> restore begins": float(restore["start"]) - worker,
             "  restore": float(restore["seconds"]), "  restore -> first step done": step - float(restore["t"])}
 

@@ -15,7 +15,7 @@ from ftrain.config import FtrainConfig, config_to_env
 
 #: torchrun prefixes each tee'd worker line with this (we set the template), so we can strip it for rank 0.
 PREFIX_TEMPLATE = "@@ftrain-rank${rank}@@"
-#: torchrun's --max-restarts in a multi-node launch: in effect unlimited; the supervisor's policy decides.
+#: torchrun's --max-restarts: in effect unlimited; the supervisor's policy decides (ftrain/supervisor/groups.py).
 TORCHRUN_RESTARTS = 10**6
 
 
@@ -30,7 +30,7 @@ class LaunchSpec:
     run_id: str
     config: FtrainConfig
     extra_env: dict[str, str] = field(default_factory=dict)
-    #: (MIN, MAX) of ``--nnodes``; MAX > 1 is a multi-node launch (see :mod:`ftrain.supervisor.nodes`).
+    #: (MIN, MAX) of ``--nnodes``; MAX > 1 is a multi-node launch (see :mod:`ftrain.supervisor.groups`).
     nnodes: tuple[int, int] = (1, 1)
 
     @property
@@ -56,10 +56,11 @@ def torchrun_command(spec: LaunchSpec, files: AttemptFiles, *, warm: bool) -> li
     # and torchrun starts a thin entry per rank, which has the zygote fork the real worker.
     entry = ["-m", "ftrain.supervisor.entry"] if warm else []
     return [sys.executable, *entry, "-m", "torch.distributed.run", "--nproc-per-node", str(spec.nproc), *args,
-            # Single node: restarts are ours (whole job, with backoff and a crash-loop guard), not torchrun's.
-            # Multi-node: torchrun's, so the rendezvous stays open (an agent that runs out of restarts closes
-            # it for every node); we count only the local failures among them (see nodes.py).
-            "--max-restarts", str(TORCHRUN_RESTARTS if spec.multinode else 0),
+            # torchrun restarts its worker group itself, at once (a restart costs no new torchrun), and on
+            # several nodes the rendezvous stays open (an agent that runs out of restarts closes it for every
+            # node). Our policy decides whether to go on: it counts local failures, backs off after failures
+            # that made no progress (a new torchrun after the delay) and gives up (see groups.py).
+            "--max-restarts", str(TORCHRUN_RESTARTS),
             "--log-dir", str(files.ranks_dir), "--redirects", "3", "--tee", "3",
             *entry, spec.script, *spec.script_args]
 
@@ -88,12 +89,11 @@ def worker_env(spec: LaunchSpec, files: AttemptFiles, attempt: int, zygote: dict
                                                           *sup.preemption_signals})),
         "TORCH_ELASTIC_SHUTDOWN_TIMEOUT": str(int(sup.grace_seconds) + 5),
     })
-    if spec.multinode:
-        # Without this, workers share a store hosted in the group-rank-0 agent across worker groups, and a new
-        # group reads the dead group's gloo addresses from it (measured, torch 2.13: after a node loss the
-        # survivors fail "connectFullMesh ... Connection refused" over and over). With it, each group's rank 0
-        # hosts a fresh store.
-        env["TORCH_DISABLE_SHARE_RDZV_TCP_STORE"] = "1"
+    # Without this, workers share a store hosted in the group-rank-0 agent across worker groups, and a new group
+    # reads the dead group's gloo addresses from it (measured, torch 2.13: after a node loss the survivors fail
+    # "connectFullMesh ... Connection refused" over and over; on one node, restarts failed or hung). With it,
+    # each group's rank 0 hosts a fresh store.
+    env["TORCH_DISABLE_SHARE_RDZV_TCP_STORE"] = "1"
     if spec.elastic:
         env[envvars.ELASTIC] = "1"
     return env

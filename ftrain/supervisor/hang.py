@@ -47,7 +47,9 @@ def find_hung(beats: dict[int, Heartbeat], expected: int, started_at: float, now
             f"supervisor.hang_timeout_seconds={limits.hang_timeout:g})")
 
 
-_IMPORTS_FTRAIN = re.compile(rb"^[ \t]*(?:import|from)[ \t]+ftrain\b", re.M)
+#: ``import ftrain``, ``import os, ftrain as f``, ``from ftrain import Session``, ``from ftrain.x import y``.
+_IMPORTS_FTRAIN = re.compile(rb"^[ \t]*(?:from[ \t]+ftrain\b|import[ \t]+(?:[\w.]+(?:[ \t]+as[ \t]+\w+)?[ \t]*,[ \t]*)*"
+                             rb"ftrain\b)", re.M)
 
 
 def reports_progress(script: str | Path) -> bool:

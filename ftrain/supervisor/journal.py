@@ -22,7 +22,6 @@ from ftrain.telemetry.live import progress_line, status_of
 if TYPE_CHECKING:
     from ftrain.config import FtrainConfig
     from ftrain.supervisor.notices import Notice
-    from ftrain.supervisor.policy import AttemptResult
     from ftrain.supervisor.report import Failure
 
 
@@ -40,7 +39,7 @@ class Journal:
         self._tail = Tail(path)
         self._seen: list[dict[str, Any]] = []
         self._files: AttemptFiles | None = None
-        self._group_started = 0.0  # wall clock of the current worker group's start (multi-node)
+        self._group_started = 0.0  # wall clock of the current worker group's start
 
     def emit(self, ev: str, **fields: Any) -> None:
         self.log.emit(ev, **fields)
@@ -57,12 +56,6 @@ class Journal:
     def attempt_start(self, attempt: int, number: int, files: AttemptFiles, pid: int) -> None:
         self._files = files
         self.emit("attempt_start", attempt=attempt, number=number, dir=str(files.root), pid=pid)
-
-    def attempt_end(self, result: AttemptResult, failure: Failure | None, newest: int | None) -> None:
-        if failure is not None:
-            self.failure(result.attempt, failure)
-        self.emit("attempt_end", attempt=result.attempt, outcome=result.outcome.value, exit_code=result.exit_code,
-                  detail=result.detail, newest=newest, saving=self._saving(0.0))
 
     def failure(self, attempt: int, failure: Failure, **more: Any) -> None:
         self.emit("failure", attempt=attempt, rank=failure.rank, exit_code=failure.exit_code,

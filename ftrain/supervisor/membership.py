@@ -96,9 +96,10 @@ class GroupWatch:
     Not thread-safe; one per launch.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, first: int = 0) -> None:
         self.current: Group | None = None
-        self._count = 0
+        #: The number the next group gets (``first`` for the first: groups are numbered across torchruns).
+        self.count = first
 
     def observe(self, pids: Iterable[int], now: float) -> tuple[Group | None, Group | None]:
         """Record torchrun's workers at ``now``: (the group that ended, the group that started), each or None."""
@@ -110,8 +111,8 @@ class GroupWatch:
         elif cur is not None and live - cur.pids:
             self.current = Group(cur.number, cur.pids | live, cur.started)
         if self.current is None and live:
-            self.current = started = Group(self._count, live, now)
-            self._count += 1
+            self.current = started = Group(self.count, live, now)
+            self.count += 1
         return ended, started
 
 
@@ -140,7 +141,8 @@ def group_errors(errors: Mapping[int, Mapping[str, Any]], pids: frozenset[int]) 
 
 def classify_group(pids: frozenset[int], errors: Mapping[int, Mapping[str, Any]], exits: Mapping[int, int],
                    preempted: Mapping[str, Any] | None, *, signalled: bool = False,
-                   hang: str | None = None, finished: bool | None = None) -> GroupEnd:
+                   hang: str | None = None, finished: bool | None = None, local_only: bool = False,
+                   ranks: Mapping[int, int] | None = None) -> GroupEnd:
     """Why the group of worker processes ``pids`` ended (rules 1-6 of the module docstring).
 
     ``errors``: every error file of the attempt (rank -> record; only the group's own count);
@@ -149,7 +151,12 @@ def classify_group(pids: frozenset[int], errors: Mapping[int, Mapping[str, Any]]
     itself received a preemption signal; ``hang``: the hang detector's verdict on this group;
     ``finished`` (rule 6): True if torchrun exited 0 after the group ended, False if it started another
     group (or failed), None if not known yet. Only a group that left no trace depends on it: asked with
-    True, the verdict is ``FINISHED`` exactly when it does.
+    True, the verdict is ``FINISHED`` exactly when it does. ``local_only``: a single-node launch, where no
+    membership changes: a lost peer is a local rank that died (rule 7). ``ranks``: pid -> rank, to name workers.
+
+    7. On a single node, a group that rules 1-4 do not explain and that did not finish is ``FAILED``: its root
+       cause is the first worker that left no error file (a rank killed by a signal: torchrun logs only the first
+       failed exit it saw, often a peer's), else the earliest error.
     """
     if signalled:
         return GroupEnd(Ending.PREEMPTED, "the supervisor received a preemption signal")
@@ -164,9 +171,27 @@ def classify_group(pids: frozenset[int], errors: Mapping[int, Mapping[str, Any]]
     erred = {rec.get("pid") for rec in mine.values()}
     silent = {pid: code for pid, code in exits.items()
               if pid in pids and pid not in erred and code not in (0, exitcodes.PREEMPTED)}
+    names = ranks or {}
+
+    def who(pid: int) -> str:
+        return f"rank {names[pid]}" if pid in names else f"worker pid {pid}"
+
     if silent:
         pid, code = min(silent.items())
-        return GroupEnd(Ending.FAILED, f"worker pid {pid} exited with {exit_text(code)} without an error file")
+        return GroupEnd(Ending.FAILED, f"{who(pid)} exited with {exit_text(code)} without an error file",
+                        names.get(pid))
+    saved = preempted is not None and preempted.get("pid") in pids
+    if local_only and not saved and (mine or finished is False):
+        dead = sorted(pid for pid in pids if pid not in erred)
+        if dead:
+            lost = f"; the other ranks lost it ({_first_line(min(mine.values(), key=_time).get('message'))})" \
+                if mine else ""
+            return GroupEnd(Ending.FAILED, f"{who(dead[0])} died without an error file (killed by a signal?){lost}",
+                            names.get(dead[0]))
+        if mine:
+            rank, rec = min(mine.items(), key=lambda kv: _time(kv[1]))
+            return GroupEnd(Ending.FAILED, f"rank {rank} ({rec.get('exc_type')}: {_first_line(rec.get('message'))})",
+                            rank)
     if mine:
         rank, rec = min(mine.items(), key=lambda kv: float(kv[1].get("time", 0.0)))
         return GroupEnd(Ending.MEMBERSHIP, f"a peer was lost (rank {rank}: {rec.get('exc_type')}: "
@@ -181,6 +206,10 @@ def classify_group(pids: frozenset[int], errors: Mapping[int, Mapping[str, Any]]
                         "and no save")
     return GroupEnd(Ending.MEMBERSHIP, "the workers exited without an error or a save: torchrun stopped them for a "
                     "re-rendezvous, or they finished and torchrun waits for the other nodes to finish")
+
+
+def _time(record: Mapping[str, Any]) -> float:
+    return float(record.get("time", 0.0))
 
 
 def _first_line(text: object, limit: int = 160) -> str:

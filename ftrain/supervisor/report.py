@@ -86,12 +86,6 @@ def parse_torchrun_root_cause(lines: list[str]) -> tuple[int | None, int | None,
     return rank, local, code
 
 
-def torchrun_reported_failure(lines: list[str]) -> bool:
-    """Whether torchrun's ChildFailedError summary is complete in ``lines``: its failures, then the root cause
-    with its exit code. torchrun prints it once every worker of the group is stopped."""
-    return parse_torchrun_root_cause(lines)[2] is not None
-
-
 def parse_torchrun_failures(lines: list[str]) -> list[tuple[int, int | None, int]]:
     """(rank, local rank, exit code) of every failed worker torchrun's ChildFailedError summary lists."""
     out = []

@@ -1,12 +1,13 @@
-"""The supervisor: an explicit state machine around torchrun (one per attempt on a single node, one per launch on
-several). Its one loop over a running torchrun is :func:`ftrain.supervisor.watch.watch`, with a mode per launch:
-:mod:`ftrain.supervisor.single` (below) and :mod:`ftrain.supervisor.nodes` (torchrun's worker groups).
+"""The supervisor: an explicit state machine around torchrun, which restarts its worker groups itself. Its one loop
+over a running torchrun is :func:`ftrain.supervisor.watch.watch`, in the mode of :mod:`ftrain.supervisor.groups`
+(each worker group's end classified, and decided on by the policy).
 
 ::
 
     STARTING --> RUNNING --(exit 0)------------------------------> DONE (0)
-                    |--(crash / hang: kill tree)--> decide() --> BACKOFF --> STARTING
-                    |                                   `--> DONE (1, with a root-cause report)
+                    |--(crash / hang)--> decide() --(restart after progress: torchrun restarts the group)--> RUNNING
+                    |                       |--(no progress: kill torchrun)--> BACKOFF --> STARTING (new torchrun)
+                    |                       `--> DONE (1, with a root-cause report)
                     `--(preemption signal)--> STOPPING --(workers saved and exited,
                                                           or grace ran out: kill)--> DONE (75)
                                                        `--(job finished anyway: exit 0)--> DONE (0)
@@ -57,14 +58,13 @@ from ftrain.supervisor import command
 from ftrain.supervisor.clock import SYSTEM_CLOCK, Clock
 from ftrain.supervisor.command import LaunchSpec
 from ftrain.supervisor.console import Console, flush, strip_prefix  # noqa: F401 (strip_prefix: still importable here)
+from ftrain.supervisor.groups import run_launch
 from ftrain.supervisor.hang import HangLimits, reports_progress
 from ftrain.supervisor.job import Job, JobFactory, JobProcess
 from ftrain.supervisor.journal import Journal
-from ftrain.supervisor.nodes import run_nodes
 from ftrain.supervisor.notices import Notice, NoticeWatch, announce, build_watch, deadline_report
 from ftrain.supervisor.policy import RestartPolicy
 from ftrain.supervisor.report import Failure, format_report
-from ftrain.supervisor.single import run_single
 from ftrain.supervisor.state import INITIAL, State, check_transition
 from ftrain.supervisor.watch import POLL
 from ftrain.supervisor.zygote import SOCKET_DIR_PREFIX, SOCKET_NAME, Zygote, sweep_stale
@@ -157,7 +157,7 @@ class Supervisor:
                 return exitcodes.PREEMPTED
             self._notices.start(self._on_notice)
             try:
-                return run_nodes(self) if self.spec.multinode else run_single(self)
+                return run_launch(self)
             finally:
                 try:
                     if self.job is not None and self.job.poll() is None:

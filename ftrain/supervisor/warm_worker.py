@@ -41,7 +41,11 @@ from dataclasses import dataclass
 from typing import Any
 
 from ftrain import envvars
+from ftrain.supervisor.pdeath import die_with_parent
 from ftrain.supervisor.zygote_protocol import SpawnRequest
+
+#: The module torchrun runs as (``python -m torch.distributed.run``).
+TORCHRUN_MODULE = "torch.distributed.run"
 
 
 @dataclass
@@ -55,6 +59,8 @@ class Spawn:
     handlers: dict[int, Any]
     #: ``sys.path`` without its first entry: the script's directory goes there (the cwd for ``-m``).
     sys_path: list[str]
+    #: The zygote's pid: the child dies with it.
+    zygote: int
 
 
 def run(spawn: Spawn) -> int | str | None:
@@ -79,6 +85,11 @@ def run(spawn: Spawn) -> int | str | None:
 def _become(spawn: Spawn) -> None:
     req = spawn.request
     os.setsid()  # first: until then the entry's killpg(worker) falls back to kill(worker)
+    if req.module and req.target == TORCHRUN_MODULE:
+        # torchrun dies with the zygote, which dies with the supervisor: with its unlimited restarts, a torchrun
+        # orphaned by a SIGKILLed supervisor would start its workers again forever. (A rank's worker outlives the
+        # zygote instead: it notices its launcher is gone, saves and exits.)
+        die_with_parent(spawn.zygote)
     _restore_signals(spawn.handlers, set(req.ignored_signals))
     _adopt_stdio(req.stdio, spawn.fds)
     os.chdir(req.cwd)

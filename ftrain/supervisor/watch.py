@@ -4,14 +4,9 @@ Like torch.distributed.elastic's agent, which runs one monitor loop whatever the
 every torchrun with :func:`watch`: a second stop signal kills at once; the first starts the grace period, leaves
 the stop marker for workers that start later and asks every worker that handles the signal to save and exit
 (again at each poll, for those that start later); the grace period's end kills. Everything else belongs to the
-launch's :class:`Mode`:
-
-* a single-node launch (:class:`ftrain.supervisor.single.AttemptWatch`) runs one torchrun per attempt: the loop
-  ends with torchrun, or as soon as torchrun reported a failed worker, or at a hang (after the stack dump and the
-  kill), or once every worker saved after a stop;
-* a multi-node launch (:class:`ftrain.supervisor.nodes.GroupsWatch`) runs one torchrun for the whole launch,
-  which restarts its worker groups at each rendezvous: the mode classifies each group's end and kills only this
-  node's workers at a hang, and the loop ends with torchrun or when the policy gives up.
+launch's :class:`Mode`: :class:`ftrain.supervisor.groups.GroupsWatch`, for single-node and multi-node launches
+alike (one torchrun that restarts its worker groups; the mode classifies each group's end, kills this node's
+workers at a hang, and ends the loop when the policy gives up or, on a single node, asks for a backoff).
 
 The loop touches the supervisor only through its public members, and the job only through the
 :class:`~ftrain.supervisor.job.Job` interface, so it runs on a fake clock and a scripted job in the unit tests.
@@ -27,7 +22,7 @@ if TYPE_CHECKING:
     from ftrain.supervisor.job import Job
     from ftrain.supervisor.supervisor import Supervisor
 
-#: Seconds between polls of the job (signals, exit, torchrun's failure report): detection is late by at most this.
+#: Seconds between polls of the job (signals, exit, the stop's progress): a stop is late by at most this.
 POLL = 0.05
 
 

@@ -174,10 +174,11 @@ class Server:
         # All signals blocked across the fork: a signal the entry forwards before the child restored its
         # dispositions stays pending until the child unblocks, instead of reaching the zygote's handlers.
         mask = signal.pthread_sigmask(signal.SIG_BLOCK, signal.valid_signals())
+        zygote = os.getpid()
         pid = os.fork()
         if pid == 0:
             self._close_in_child(conn, fds)
-            return warm_worker.Spawn(req, fds, entry, self.state.handlers, self.state.sys_path)
+            return warm_worker.Spawn(req, fds, entry, self.state.handlers, self.state.sys_path, zygote)
         signal.pthread_sigmask(signal.SIG_SETMASK, mask)
         for fd in fds:
             os.close(fd)

@@ -140,7 +140,7 @@ class Node:
     start: float
     end: float
     ended: bool = False  # it recorded launch_end (a node killed whole did not)
-    multi: bool = False  # a multi-node launch: one torchrun that restarts its worker groups
+    multi: bool = False  # a multi-node launch (its launch event's nnodes), where groups change with membership
     label: str = ""
 
 
@@ -170,8 +170,6 @@ def launches(sup: list[dict[str, Any]]) -> dict[str, Node]:
         if ev == "launch":
             n.start = min(n.start, or_(_num(e, "proc_start"), t))
             n.multi = n.multi or multi_node(e.get("nnodes"))
-        elif ev in ("group_start", "group_end"):
-            n.multi = True
         elif ev == "launch_end":
             n.ended = True
     return nodes

@@ -134,7 +134,7 @@ def _launches(mine: Sequence[dict[str, Any]]) -> list[_Launch]:
         elif ev == "attempt_start" and text(e, "dir"):
             n.dir = text(e, "dir")
         elif ev == "group_start":
-            n.multi, n.group, n.group_start = True, _int(e, "group"), t
+            n.group, n.group_start = _int(e, "group"), t
         elif ev == "launch_end":
             n.end = e
     launches = sorted(out.values(), key=lambda n: (n.start, n.node))

@@ -43,11 +43,11 @@ def test_event_log_accounts_for_every_attempt_of_a_chaos_run(tmp_path: Path,
     env = launch_env(FTRAIN_FAULTS=f"kill@save.mid_write:step={kill_at}:rank=1", FTRAIN_FAULTS_ONCE_DIR=str(once),
                      FTRAIN_SUPERVISOR_PROGRESS_SECONDS="1")
     run = launch(ckpt, "gp-a", env)
-    run.wait_for(r"attempt 1: started torchrun")
+    run.wait_for(r"worker group 1: 2 worker\(s\) started")  # torchrun restarted the group itself
     run.wait_for(r"^step (3[5-9]|4\d) ", timeout=120)
-    # ftrain status against the live run: the second attempt, stepping, both ranks' heartbeats fresh.
+    # ftrain status against the live run: one restart, stepping, both ranks' heartbeats fresh.
     st = read_status(ckpt)
-    assert (st.run, st.attempt, st.state, st.restarts, st.total_steps) == ("gp-a", 1, "running", 1, STEPS)
+    assert (st.run, st.attempt, st.state, st.restarts, st.total_steps) == ("gp-a", 0, "running", 1, STEPS)
     assert st.step is not None and st.step >= 30 and st.steps_per_s and st.eta is not None
     assert st.newest_step is not None and st.newest_step >= 30
     assert sorted(r.rank for r in st.ranks) == [0, 1] and all(r.age < 60 for r in st.ranks)
@@ -65,13 +65,15 @@ def test_event_log_accounts_for_every_attempt_of_a_chaos_run(tmp_path: Path,
     events = read_events(ckpt)
     dirs = sorted(str(p) for p in (ckpt / "logs").glob("*/*/attempt-*"))
     starts = [e for e in events if e["ev"] == "attempt_start"]
-    ends = [e for e in events if e["ev"] == "attempt_end"]
-    assert sorted(e["dir"] for e in starts) == dirs and len(dirs) == 3  # every attempt, each once
-    assert [(e["run"], e["outcome"]) for e in ends] == [("gp-a", "failed"), ("gp-a", "preempted"),
-                                                        ("gp-b", "succeeded")]
+    ends = [e for e in events if e["ev"] == "group_end"]
+    assert sorted(e["dir"] for e in starts) == dirs and len(dirs) == 2  # one torchrun per launch, each once
+    assert [(e["run"], e["ending"]) for e in ends] == [("gp-a", "failed"), ("gp-a", "preempted"),
+                                                       ("gp-b", "finished")]
     assert [e["exit_code"] for e in events if e["ev"] == "launch_end"] == [exitcodes.PREEMPTED, 0]
     (failure,) = [e for e in events if e["ev"] == "failure"]
-    assert failure["rank"] == 1 and failure["exit_code"] == -signal.SIGKILL
+    # The killed rank, named though it left no error file; torchrun logs only the first failed exit it saw (often a
+    # survivor's), so its exit code is known only when it was first.
+    assert failure["rank"] == 1 and failure["exit_code"] in (None, -signal.SIGKILL)
     restores = [e["step"] for e in events if e["ev"] == "restore"]
     (final,) = [e["step"] for e in events if e["ev"] == "preempted"]
     assert restores[0] == 0 and restores[1] == kill_at - EVERY and restores[2] == final
@@ -88,8 +90,8 @@ def test_event_log_accounts_for_every_attempt_of_a_chaos_run(tmp_path: Path,
     assert b["productive"] > 0 and b["lost"] > 0 and b["startup"] > 0 and b["restore"] > 0 and b["save"] > 0
     assert b["down"] > 0  # between the two launches
     host = socket.gethostname()  # two launches of one host: the lanes say which
-    assert [lane.label for lane in tl.lanes] == [f"{host} launch 1 attempt 0", f"{host} launch 1 attempt 1",
-                                                 f"{host} launch 2 attempt 0"]
+    # One lane per torchrun (attempt): the kill's restart was torchrun's own, inside attempt 0.
+    assert [lane.label for lane in tl.lanes] == [f"{host} launch 1 attempt 0", f"{host} launch 2 attempt 0"]
     assert tl.counts["membership"] == 0  # a single node: its stop was the SIGTERM's preemption
 
     png = tmp_path / "timeline.png"

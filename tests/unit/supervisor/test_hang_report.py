@@ -120,8 +120,10 @@ def test_a_script_reports_when_it_imports_ftrain(tmp_path) -> None:
     from ftrain.supervisor.hang import reports_progress
 
     cases = {"a.py": "import ftrain\n", "b.py": "import os\nfrom ftrain.session import Session\n",
-             "c.py": "import torch\n# import ftrain (a comment)\nx = 'import ftrain'\n", "d.py": "import ftrainer\n"}
+             "c.py": "import torch\n# import ftrain (a comment)\nx = 'import ftrain'\n", "d.py": "import ftrainer\n",
+             "e.py": "import os, torch.distributed as dist, ftrain\n", "f.py": "import numpy as np, ftrain.session\n",
+             "g.py": "import os, ftrainer\n"}
     for name, text in cases.items():
         (tmp_path / name).write_text(text)
-    assert [reports_progress(tmp_path / n) for n in cases] == [True, True, False, False]
+    assert [reports_progress(tmp_path / n) for n in cases] == [True, True, False, False, True, True, False]
     assert reports_progress(tmp_path / "missing.py")  # unknown: every check stays on

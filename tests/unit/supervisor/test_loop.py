@@ -1,7 +1,7 @@
-"""The supervisor's single-node loop (``Supervisor.run``, ``single.py`` over ``watch.py``, and ``classify``) driven by a scripted job on fake time.
+"""The supervisor's loop on a single node (``Supervisor.run``: ``groups.py`` over ``watch.py``) driven by a scripted torchrun on fake time.
 
-No processes and no real signals: each attempt's job is a :class:`FakeJob` replaying a
-:class:`Script`, writing the files real workers write (heartbeats, error files, stacks,
+No processes and no real signals: each torchrun is a :class:`FakeJob` replaying :class:`Script` s as its
+worker groups, writing the files real workers write (heartbeats, error files, stacks,
 preempted.json, committed checkpoint directories); time is a :class:`FakeClock` whose ``sleep``
 advances it; signals are injected through ``Supervisor.notify``. The real-process behaviour is
 covered by tests/test_launch.py; these pin the loop's decisions exactly and run in milliseconds.
@@ -31,9 +31,8 @@ from ftrain.config import CheckpointConfig, FtrainConfig, SupervisorConfig
 from ftrain.errors import ConfigError, LeaseError, StateMismatch, UsageError
 from ftrain.supervisor.job import _handles
 from ftrain.supervisor.hang import reports_progress
-from ftrain.supervisor.policy import Outcome
-from ftrain.supervisor.single import classify
 from ftrain.supervisor.state import INITIAL, TRANSITIONS, IllegalTransition, State, check_transition
+from ftrain.supervisor.command import TORCHRUN_RESTARTS
 from ftrain.supervisor.supervisor import LaunchSpec, Supervisor
 
 #: The fake wall clock at fake time 0. Far from the real time on purpose: a heartbeat compared
@@ -76,130 +75,189 @@ class FakeClock:
 
 @dataclass(frozen=True)
 class Script:
-    """What one attempt's job does; times are seconds after the job started."""
+    """What one worker group does; times are seconds after the group started."""
 
-    exit_at: float | None = 1.0                 # exits by itself then (None: runs until signalled or killed)
-    rc: int = 0                                 # its exit code then
+    exit_at: float | None = 1.0                 # its workers exit by themselves then (None: run until stopped)
+    rc: int = 0                                 # with this code (0: torchrun exits 0 after them; else it restarts)
     stalls: dict[int, float] = field(default_factory=dict)  # rank -> when it stops heartbeating
     commits: tuple[tuple[float, int], ...] = ()  # (when, step): a checkpoint committed
     errors: tuple[tuple[int, float], ...] = ()   # (rank, error time) error files written at exit
     raises: BaseException | None = None          # what those ranks raised (default: a ValueError of their own)
     silent: bool = False                         # writes no heartbeat: a script without ftrain.Session
     signals: tuple[tuple[float, str], ...] = ()  # (when, name) signals delivered to the supervisor
-    signal_on_start: str | None = None           # a signal that arrives while the job is being started
-    # "save": once every rank got the signal, final save, preempted.json, exit 0; "marker": the ranks never
+    signal_on_start: str | None = None           # a signal that arrives while torchrun is being started
+    # "save": once every rank got the signal, final save, preempted.json, exit 75; "marker": the ranks never
     # handle the signal (signal_new_workers skips them) but, once all started, see stop.json and save; "ignore"
     on_preempt: str = "save"
     workers_at: tuple[float, ...] = (0.0,) * NPROC  # when each rank's process appears (and handles signals)
     save_step: int = 0
     save_takes: float = 1.0
-    tail: tuple[str, ...] = ()                   # torchrun's last output lines
-    reports_at: float | None = None              # torchrun prints its failure summary (SUMMARY) then, and lives on
+    tail: tuple[str, ...] = ()                   # torchrun's output lines when the group ends
     mute: tuple[int, ...] = ()                   # ranks that write no stacks when asked (SIGSTOPped, say)
     raise_in_tree: bool = False                  # tree() raises: an exception inside the loop
 
 
-class FakeJob:
-    """A job that replays a :class:`Script` when polled, and records what the supervisor asked of it."""
+#: Seconds torchrun takes from a failed group to the next one's workers (its monitor interval, stopping the
+#: survivors, the re-rendezvous): the supervisor's policy has decided before then (it checks every 0.1 s).
+RESTART_TAKES = 0.3
 
-    def __init__(self, rig: Rig, script: Script, env: dict[str, str], log_path: Path) -> None:
-        self.rig, self.script, self.clock = rig, script, rig.clock
+
+@dataclass
+class FakeGroup:
+    """One worker group of a :class:`FakeJob`, replaying its :class:`Script`, and what it was asked."""
+
+    number: int
+    script: Script
+    started: float
+    pids: tuple[int, ...]
+    ended_at: float | None = None
+    rc: int | None = None
+    signals_sent: list[tuple[float, int]] = field(default_factory=list)  # (fake time, signal) reaching a worker
+    stopped_at: dict[int, float] = field(default_factory=dict)           # rank -> when signal_new_workers got it
+    preempted_at: float | None = None
+    pending: list[tuple[float, str]] = field(default_factory=list)
+    committed: set[int] = field(default_factory=set)
+
+
+class FakeJob:
+    """A torchrun that replays :class:`Script` s as its worker groups, in order: when a group's workers fail, it
+    starts the next script's group :data:`RESTART_TAKES` later (torchrun's own restart); when they exit 0, it
+    exits 0. A kill ends it, and the supervisor's next torchrun (after a backoff) goes on with the next script.
+    Unscripted restarts run until stopped. It writes the files real workers write (heartbeats, error files,
+    stacks, preempted.json, committed checkpoint directories) and records what the supervisor asked of it."""
+
+    def __init__(self, rig: Rig, env: dict[str, str], log_path: Path) -> None:
+        self.rig, self.clock = rig, rig.clock
         self.files = AttemptFiles(env[envvars.ATTEMPT_DIR])
         self.env, self.log_path = env, log_path
         self.started = self.clock.now
-        self.pid = 4000 + len(rig.jobs)
-        self.tail = list(script.tail)
+        self.pid = 4000 + 100 * len(rig.jobs)
+        self.tail: list[str] = []
         self.rc: int | None = None
         self.ended_at: float | None = None
-        self.signals_sent: list[tuple[float, int]] = []    # (fake time, signal number), when it reached a worker
-        self.stopped_at: dict[int, float] = {}             # rank -> fake time signal_new_workers reached it
         self.forward_calls = 0
         self.kills: list[tuple[float, float]] = []         # (fake time, graceful)
         self.tree_calls = 0
         self.closed = False
-        self._preempted_at: float | None = None
-        self._pending = sorted(script.signals)
-        self._committed: set[int] = set()
+        self.groups: list[FakeGroup] = []
+        self.restart_at: float | None = None
+        self._start_group()
+
+    @property
+    def current(self) -> FakeGroup | None:
+        g = self.groups[-1] if self.groups else None
+        return g if g is not None and g.ended_at is None else None
+
+    def _start_group(self) -> None:
+        script = self.rig.scripts.pop(0) if self.rig.scripts else Script(exit_at=None)
+        number = len(self.rig.groups)
+        g = FakeGroup(number, script, self.clock.now, tuple(self.pid + 10 * (len(self.groups) + 1) + r
+                                                            for r in range(NPROC)), pending=sorted(script.signals))
+        self.groups.append(g)
+        self.rig.groups.append(g)
+        self.restart_at = None
         for rank in range(NPROC):  # each rank's Session opens its stack file at its start
             self.files.stacks(rank).touch()
 
-    def _t(self) -> float:
-        return self.clock.now - self.started
-
     def poll(self) -> int | None:
         if self.rc is None:
-            self._act(self._t())
+            if self.restart_at is not None and self.clock.now >= self.restart_at:
+                self._start_group()
+            g = self.current
+            if g is not None:
+                self._act(g, self.clock.now - g.started)
         return self.rc
 
-    def _act(self, t: float) -> None:
-        s = self.script
-        if s.reports_at is not None and t >= s.reports_at and SUMMARY[0] not in self.tail:
-            self.tail.extend(SUMMARY)
+    def _act(self, g: FakeGroup, t: float) -> None:
+        s = g.script
         for when, step in s.commits:
             if when <= t:
-                self._commit(step)
+                self._commit(g, step)
         for rank in range(NPROC if not s.silent else 0):
-            if t < s.stalls.get(rank, math.inf):
-                line = f"{STEPPING} {int(t)} {self.clock.time():.3f}".ljust(79) + "\n"
+            if t < s.stalls.get(rank, math.inf) and t >= s.workers_at[rank]:
+                line = f"{STEPPING} {int(t)} {self.clock.time():.3f} {g.number} {g.pids[rank]}".ljust(79) + "\n"
                 self.files.heartbeat(rank).write_text(line)
-        while self._pending and self._pending[0][0] <= t:
-            self.rig.sup.notify(self._pending.pop(0)[1])
-        if (s.on_preempt == "marker" and self._preempted_at is None and t >= max(s.workers_at)
+        while g.pending and g.pending[0][0] <= t:
+            self.rig.sup.notify(g.pending.pop(0)[1])
+        if (s.on_preempt == "marker" and g.preempted_at is None and t >= max(s.workers_at)
                 and self.files.stop.exists()):
-            self._preempted_at = t  # every rank read the marker at its first step
-        if self._preempted_at is not None and t >= self._preempted_at + s.save_takes:
-            self._commit(s.save_step)
-            self.files.preempted.write_text(json.dumps({"step": s.save_step}))
-            self._exit(0)
+            g.preempted_at = t  # every rank read the marker at its first step
+        if g.preempted_at is not None and t >= g.preempted_at + s.save_takes:
+            self._commit(g, s.save_step)
+            self.files.preempted.write_text(json.dumps({"step": s.save_step, "pid": g.pids[0]}))
+            self._group_exit(g, exitcodes.PREEMPTED)
         elif s.exit_at is not None and t >= s.exit_at:
             for rank, when in s.errors:
                 path = self.files.error(rank)
                 write_error_file(path, rank, _raised(s.raises or ValueError(f"rank {rank} diverged")))
-                record = json.loads(path.read_text())
-                path.write_text(json.dumps({**record, "time": when}))  # scripted order, not real time
-            self._exit(s.rc)
+                record = json.loads(path.read_text())  # scripted order, not real time; the group's pid
+                path.write_text(json.dumps({**record, "time": when, "pid": g.pids[rank]}))
+            self._group_exit(g, s.rc)
 
-    def _commit(self, step: int) -> None:
-        if step not in self._committed:
+    def _commit(self, g: FakeGroup, step: int) -> None:
+        if step not in g.committed:
             (self.rig.ckpt_dir / step_dirname(step)).mkdir(exist_ok=True)
-            self._committed.add(step)
+            g.committed.add(step)
 
-    def _exit(self, rc: int) -> None:
-        self.rc, self.ended_at = rc, self.clock.now
+    def _group_exit(self, g: FakeGroup, rc: int) -> None:
+        """The group's workers exit with ``rc``: torchrun logs each failed one and restarts, or exits 0."""
+        g.ended_at, g.rc = self.clock.now, rc
+        self.tail.extend(g.script.tail)
+        if rc == 0:
+            self.rc, self.ended_at = 0, self.clock.now
+            return
+        self.tail.extend(f"[W] failed (exitcode: {rc}) local_rank: {r} (pid: {pid}) of binary: python"
+                         for r, pid in enumerate(g.pids))
+        self.restart_at = self.clock.now + RESTART_TAKES
+
+    def worker_pids(self) -> frozenset[int]:
+        g = self.current if self.rc is None else None
+        if g is None:
+            return frozenset()
+        t = self.clock.now - g.started
+        return frozenset(pid for pid, at in zip(g.pids, g.script.workers_at, strict=True) if at <= t)
 
     def signal_workers(self, sig: int) -> int:
-        self.signals_sent.append((self.clock.now, sig))
-        if self.rc is not None:
+        g = self.current if self.rc is None else None
+        if g is None:
             return 0
+        g.signals_sent.append((self.clock.now, sig))
         if sig == SIGUSR2:
             for rank in range(NPROC):
-                if rank not in self.script.mute:
+                if rank not in g.script.mute:
                     self.files.stacks(rank).write_text(f"stacks of rank {rank}\n")
+        elif sig == int(signal.SIGKILL):
+            self._group_exit(g, -int(signal.SIGKILL))
         return NPROC
 
     def signal_new_workers(self, sig: int) -> int:
         """Like the real job: only ranks whose process exists, handles ``sig`` and was not reached yet."""
         self.forward_calls += 1
-        if self.rc is not None or self.script.on_preempt == "marker":
+        g = self.current if self.rc is None else None
+        if g is None or g.script.on_preempt == "marker":
             return 0
-        t = self._t()
-        new = [r for r, at in enumerate(self.script.workers_at) if at <= t and r not in self.stopped_at]
+        t = self.clock.now - g.started
+        new = [r for r, at in enumerate(g.script.workers_at) if at <= t and r not in g.stopped_at]
         if not new:
             return 0
-        self.signals_sent.append((self.clock.now, sig))
-        self.stopped_at.update({r: self.clock.now for r in new})
-        if self.script.on_preempt == "save" and len(self.stopped_at) == NPROC and self._preempted_at is None:
-            self._preempted_at = t  # every rank's flag is set: they agree at the next step and save
+        g.signals_sent.append((self.clock.now, sig))
+        g.stopped_at.update({r: self.clock.now for r in new})
+        if g.script.on_preempt == "save" and len(g.stopped_at) == NPROC and g.preempted_at is None:
+            g.preempted_at = t  # every rank's flag is set: they agree at the next step and save
         return len(new)
 
     def kill_tree(self, *, graceful: float = 0.0) -> None:
         self.kills.append((self.clock.now, graceful))
         if self.rc is None:
-            self._exit(-int(signal.SIGKILL))
+            g = self.current
+            if g is not None:
+                g.ended_at, g.rc = self.clock.now, -int(signal.SIGKILL)
+            self.rc, self.ended_at = -int(signal.SIGKILL), self.clock.now
 
     def tree(self) -> list[int]:
         self.tree_calls += 1
-        if self.script.raise_in_tree:
+        g = self.current
+        if g is not None and g.script.raise_in_tree:
             raise RuntimeError("psutil exploded")
         return [self.pid]
 
@@ -218,7 +276,8 @@ def _raised(exc: BaseException) -> BaseException:
 
 
 class Rig:
-    """A supervisor wired to fakes: scripted jobs (one per attempt, in order), a fake clock, fixed jitter."""
+    """A supervisor wired to fakes: scripted worker groups (in order, across torchruns), a fake clock, fixed
+    jitter."""
 
     def __init__(self, tmp_path: Path, *scripts: Script, jitter: Callable[[], float] | None = lambda: 0.5,
                  early_signals: list[str] | None = None, lease_lost: Callable[[], str | None] = lambda: None,
@@ -226,11 +285,12 @@ class Rig:
         self.clock = FakeClock()
         self.scripts = list(scripts)
         self.jobs: list[FakeJob] = []
+        self.groups: list[FakeGroup] = []
         self.ckpt_dir = tmp_path / "ckpt"
         self.ckpt_dir.mkdir()
-        knobs: dict[str, Any] = dict(warm_start=False, grace_seconds=5.0, hang_timeout_seconds=5.0, startup_timeout_seconds=10.0,
-                                     backoff_seconds=1.0, backoff_max_seconds=30.0, max_restarts=3,
-                                     max_attempts_without_progress=3)
+        knobs: dict[str, Any] = dict(warm_start=False, grace_seconds=5.0, hang_timeout_seconds=5.0,
+                                     startup_timeout_seconds=10.0, backoff_seconds=1.0, backoff_max_seconds=30.0,
+                                     max_restarts=3, max_attempts_without_progress=3)
         cfg = FtrainConfig(checkpoint=CheckpointConfig(dir=str(self.ckpt_dir)),
                            supervisor=SupervisorConfig(**{**knobs, "log_dir": str(tmp_path / "logs"), **supervisor}))
         spec = LaunchSpec(script="train.py", script_args=["--lr", "1"], nproc=NPROC, torchrun_args=[],
@@ -241,22 +301,23 @@ class Rig:
 
     def start_job(self, cmd: list[str], env: dict[str, str], log_path: Path, *,
                   echo: Callable[[str], str] | None, warm: object = None) -> FakeJob:
-        assert self.scripts, f"attempt {len(self.jobs)} started, but only {len(self.jobs)} were scripted"
-        assert cmd[-2:] == ["--lr", "1"] and cmd[-3].endswith(".py") and "--max-restarts" in cmd
-        job = FakeJob(self, self.scripts.pop(0), env, log_path)
+        assert cmd[-2:] == ["--lr", "1"] and cmd[-3].endswith(".py")
+        assert cmd[cmd.index("--max-restarts") + 1] == str(TORCHRUN_RESTARTS)  # torchrun restarts its groups
+        job = FakeJob(self, env, log_path)
         self.jobs.append(job)
-        if job.script.signal_on_start:
-            self.sup.notify(job.script.signal_on_start)
+        if job.groups[0].script.signal_on_start:
+            self.sup.notify(job.groups[0].script.signal_on_start)
         return job
 
     def run(self) -> int:
         return self.sup.run()
 
     def gaps(self) -> list[float]:
-        """Fake seconds between each attempt's end and the next one's start: the backoff slept."""
+        """Fake seconds between each worker group's end and the next one's start (torchrun's restart, or the
+        supervisor's backoff and a new torchrun)."""
         out = []
-        for a, b in zip(self.jobs, self.jobs[1:], strict=False):
-            assert a.ended_at is not None, "a later attempt started while an earlier one still ran"
+        for a, b in zip(self.groups, self.groups[1:], strict=False):
+            assert a.ended_at is not None, "a later group started while an earlier one still ran"
             out.append(b.started - a.ended_at)
         return out
 
@@ -326,52 +387,44 @@ def test_supervisor_refuses_an_illegal_transition(tmp_path: Path) -> None:
 
 
 # ------------------------------------------------------------------ restarts
-def test_crash_after_progress_restarts_at_once(tmp_path: Path, capsys: pytest.CaptureFixture[str],
-                                              caplog: pytest.LogCaptureFixture) -> None:
+def test_crash_after_progress_is_restarted_by_torchrun_at_once(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                                              caplog: pytest.LogCaptureFixture) -> None:
     rig = Rig(tmp_path, Script(exit_at=2.0, rc=1, commits=((1.0, 10),), errors=((0, 5.0),)),
               Script(exit_at=1.0, commits=((0.5, 20),)))
     assert rig.run() == exitcodes.OK
-    first, second = rig.jobs
-    assert (first.env[envvars.ATTEMPT], second.env[envvars.ATTEMPT]) == ("0", "1")
-    assert first.files.root != second.files.root  # each attempt gets fresh files
-    assert rig.gaps() == [pytest.approx(0.0)]  # attempt 0 committed step 10: no backoff
-    for job in rig.jobs:  # each torn down once after its exit (stragglers), never signalled
-        assert job.kills == [(job.ended_at, 0.0)] and job.closed and job.signals_sent == []
-        assert job.forward_calls == 0 and not job.files.stop.exists()  # no stop marker without a signal
+    [job] = rig.jobs  # no new torchrun: it restarted the group itself
+    assert len(rig.groups) == 2 and rig.gaps() == [pytest.approx(RESTART_TAKES, abs=0.051)]  # step 10 committed: no backoff
+    assert job.kills == [(job.ended_at, 0.0)] and job.closed  # torn down once after its exit (stragglers)
+    assert all(g.signals_sent == [] for g in rig.groups)  # never signalled
+    assert job.forward_calls == 0 and not job.files.stop.exists()  # no stop marker without a signal
     err = capsys.readouterr().err
-    assert "attempt 0 failed (rank 0 (ValueError: rank 0 diverged)); restarting at once (it made progress)" in err
-    assert "finished: attempt 1 succeeded" in err
-    assert states(caplog) == ["running", "backoff", "starting", "running", "done"]
+    assert ("worker group 0 failed (rank 0 (ValueError: rank 0 diverged)): local failure 1 "
+            "(supervisor.max_restarts=3); torchrun restarts the workers at once (it made progress)") in err
+    assert "finished: all ranks finished" in err
+    assert states(caplog) == ["running", "done"]
     assert rig.sup.state is State.DONE
 
 
-#: The end of torchrun's ChildFailedError summary, as it prints it once every worker of the group has stopped.
-SUMMARY = ("Root Cause (first observed failure):", "[0]:", "  time      : 2026-12-07_18:38:35",
-           "  host      : localhost", "  rank      : 1 (local_rank: 1)", "  exitcode  : -9 (pid: 16116)",
-           "  error_file: <N/A>", "=" * 60)
-
-
-def test_once_torchrun_reported_the_failure_its_own_exit_is_not_waited_for(
-        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    # torchrun lives on for 0.6-0.7 s after its summary (rendezvous shutdown, interpreter teardown): not our wait.
-    rig = Rig(tmp_path, Script(exit_at=None, reports_at=2.0, commits=((1.0, 10),)), Script(exit_at=1.0))
-    assert rig.run() == exitcodes.OK
-    first, _ = rig.jobs
-    assert first.kills == [(pytest.approx(first.started + 2.0, abs=0.11), 0.0)]  # at the next poll, not at its exit
-    assert rig.gaps() == [pytest.approx(0.0, abs=0.11)]
-    assert "attempt 0 failed (rank 1 exited with signal SIGKILL); restarting at once" in capsys.readouterr().err
-
-
-def test_a_crash_without_progress_backs_off(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_a_crash_without_progress_backs_off_with_a_new_torchrun(tmp_path: Path,
+                                                                capsys: pytest.CaptureFixture[str],
+                                                                caplog: pytest.LogCaptureFixture) -> None:
     rig = Rig(tmp_path, Script(exit_at=2.0, rc=1, errors=((0, 5.0),)), Script(exit_at=1.0))
     assert rig.run() == exitcodes.OK
-    assert rig.gaps() == [pytest.approx(0.75)]  # no new checkpoint: k=1, d=1, delay = d/2 + 0.5*d/2
-    assert "restarting in 0.8s" in capsys.readouterr().err
+    first, second = rig.jobs
+    assert (first.env[envvars.ATTEMPT], second.env[envvars.ATTEMPT]) != ("0", "0")
+    assert first.files.root != second.files.root  # each torchrun gets fresh files
+    # Killed at the check that saw the failure (every 0.1 s), before torchrun's own restart: no group wasted.
+    assert len(rig.groups) == 2 and first.kills[0][0] - 2.0 < 0.11
+    # no new checkpoint: k=1, d=1, delay = d/2 + 0.5*d/2 = 0.75, after the detection
+    assert rig.gaps() == [pytest.approx(0.75, abs=0.11)] and rig.gaps()[0] >= 0.75
+    err = capsys.readouterr().err
+    assert "stopping torchrun, restarting in 0.8s (no progress since the previous failure)" in err
+    assert states(caplog) == ["running", "backoff", "starting", "running", "done"]
 
 
 def test_a_script_without_a_session_is_limited_by_max_restarts_alone(tmp_path: Path,
                                                                      capsys: pytest.CaptureFixture[str]) -> None:
-    # No heartbeats (a plain torchrun script): the supervisor cannot see its checkpoints, so every attempt counts
+    # No heartbeats (a plain torchrun script): the supervisor cannot see its checkpoints, so every failure counts
     # as progress: restarted at once each time, and stopped by max_restarts, never by the crash-loop guard.
     plain = Script(exit_at=2.0, rc=1, silent=True)
     script = tmp_path / "plain.py"
@@ -380,7 +433,7 @@ def test_a_script_without_a_session_is_limited_by_max_restarts_alone(tmp_path: P
     rig.sup.spec.script = str(script)
     rig.sup.reports = reports_progress(script)
     assert rig.run() == exitcodes.FAILURE
-    assert len(rig.jobs) == 5 and rig.gaps() == [pytest.approx(0.0)] * 4
+    assert len(rig.jobs) == 1 and len(rig.groups) == 5 and rig.gaps() == [pytest.approx(RESTART_TAKES, abs=0.051)] * 4
     err = capsys.readouterr().err
     assert "gave up: 5 attempts failed (supervisor.max_restarts=4)" in err and "crash loop" not in err
 
@@ -391,7 +444,7 @@ def test_a_job_whose_checkpoint_dir_was_taken_over_is_not_restarted(tmp_path: Pa
     rig = Rig(tmp_path, Script(exit_at=2.0, rc=1), Script(exit_at=1.0), lease_lost=lambda: taken[0] if taken else None)
     rig.clock.at(1.0, lambda: taken.append("run other took the lease over (--force)"))
     assert rig.run() == exitcodes.FAILURE
-    assert len(rig.jobs) == 1  # restarted workers would only be refused at the lease
+    assert len(rig.groups) == 1  # restarted workers would only be refused at the lease
     assert "not restarting: run other took the lease over (--force)" in capsys.readouterr().err
 
 
@@ -400,33 +453,33 @@ def test_backoff_with_random_jitter_stays_within_policy_bounds(tmp_path: Path,
     random.seed(1234)
     rig = Rig(tmp_path, *[Script(exit_at=0.5, rc=3)] * 4, jitter=None, max_attempts_without_progress=0)
     assert rig.run() == exitcodes.FAILURE
-    assert len(rig.jobs) == 4  # exactly max_restarts=3 restarts
-    for gap, d in zip(rig.gaps(), [1.0, 2.0, 4.0], strict=True):  # doubling: no attempt made progress
-        assert d / 2 - EPS <= gap <= d + EPS
+    assert len(rig.groups) == 4 and len(rig.jobs) == 4  # exactly max_restarts=3 restarts, each after a backoff
+    for gap, d in zip(rig.gaps(), [1.0, 2.0, 4.0], strict=True):  # doubling: no failure made progress
+        assert d / 2 - EPS <= gap <= d + 0.11  # the delay, after the detection (every 0.1 s)
     err = capsys.readouterr().err
     assert "ftrain launch: gave up: 4 attempts failed (supervisor.max_restarts=3)" in err
-    assert "root cause (attempt 3): the job exited with code 3" in err
+    assert "root cause (attempt 3): rank 0 exited with code 3" in err
 
 
-def test_hang_dumps_stacks_then_kills_and_restarts(tmp_path: Path, capsys: pytest.CaptureFixture[str],
-                                                  caplog: pytest.LogCaptureFixture) -> None:
-    rig = Rig(tmp_path, Script(exit_at=None, stalls={1: 3.0}), Script(exit_at=1.0))
+def test_hang_dumps_stacks_then_kills_the_workers_and_torchrun_restarts_them(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str], caplog: pytest.LogCaptureFixture) -> None:
+    rig = Rig(tmp_path, Script(exit_at=None, stalls={1: 3.0}, commits=((1.0, 4),)), Script(exit_at=1.0))
     assert rig.run() == exitcodes.OK
-    hung = rig.jobs[0]
-    [(asked_at, sig)] = hung.signals_sent
-    assert sig == SIGUSR2  # the stack-dump signal, never a preemption signal
+    [job] = rig.jobs
+    hung = rig.groups[0]
+    [(asked_at, sig), (killed_at, kill)] = hung.signals_sent
+    assert sig == SIGUSR2 and kill == int(signal.SIGKILL)  # the stack dump, then the workers' kill
     last_beat = 2.9  # rank 1's last poll before it stalled at 3.0
-    assert last_beat + 5.0 < asked_at <= last_beat + 5.0 + 1.2  # hang_timeout after it, at a ~1 s check
-    assert hung.tree_calls >= 5  # descendants remembered at every check before the kill
-    # Killed as soon as every rank's stacks are written (here at once), then the usual teardown.
-    assert hung.kills == [(pytest.approx(asked_at), 0.0), (pytest.approx(asked_at), 0.0)]
-    assert all(hung.files.stacks(r).exists() for r in range(NPROC))
-    assert rig.gaps() == [pytest.approx(0.75)]
+    assert last_beat + 5.0 < asked_at <= last_beat + 5.0 + 0.2  # hang_timeout after it, at a 0.1 s check
+    assert job.tree_calls >= 5  # descendants remembered at every check before the kill
+    assert killed_at == pytest.approx(asked_at)  # as soon as every rank's stacks are written (here at once)
+    assert all(job.files.stacks(r).exists() for r in range(NPROC))
+    assert rig.gaps() == [pytest.approx(RESTART_TAKES, abs=0.051)]  # step 4 committed: torchrun restarts the group
     err = capsys.readouterr().err
-    assert re.search(r"hang detected: rank 1 made no progress for \d+s \(last: step at step 2; "
+    assert re.search(r"hang detected in worker group 0: rank 1 made no progress for \d+s \(last: step at step 2; "
                      r"supervisor.hang_timeout_seconds=5\); dumping Python stacks", err)
-    assert "attempt 0 hung (hang: rank 1 made no progress" in err
-    assert states(caplog) == ["running", "backoff", "starting", "running", "done"]
+    assert "worker group 0 hung (hang: rank 1 made no progress" in err
+    assert states(caplog) == ["running", "done"]
 
 
 @pytest.mark.parametrize("mute, wait", [((1,), 0.3), ((0, 1), 2.0)])
@@ -435,20 +488,19 @@ def test_a_rank_that_cannot_dump_its_stacks_delays_the_kill_only_briefly(tmp_pat
     # Once one rank's stacks are in, a silent one is given 0.3 s more; if none answers, the 2 s cap.
     rig = Rig(tmp_path, Script(exit_at=None, stalls={1: 3.0}, mute=mute), Script(exit_at=1.0))
     assert rig.run() == exitcodes.OK
-    hung = rig.jobs[0]
-    [(asked_at, _)] = hung.signals_sent
-    assert hung.kills[0] == (pytest.approx(asked_at + wait, abs=0.051), 0.0)
+    [(asked_at, _), (killed_at, _)] = rig.groups[0].signals_sent
+    assert killed_at == pytest.approx(asked_at + wait, abs=0.051)
 
 
 def test_ranks_that_never_report_are_hung_after_the_startup_allowance(tmp_path: Path,
                                                                     capsys: pytest.CaptureFixture[str]) -> None:
-    # Judged from the attempt's start on the injected wall clock (a real-clock start would never time out).
+    # Judged from the group's start on the injected wall clock (a real-clock start would never time out).
     rig = Rig(tmp_path, Script(exit_at=None, stalls={0: 0.0, 1: 0.0}), Script(), startup_timeout_seconds=10.0)
     assert rig.run() == exitcodes.OK
-    [(asked_at, sig)] = rig.jobs[0].signals_sent
-    assert sig == SIGUSR2 and 10.0 < asked_at <= 11.2
-    assert ("hang detected: 2 rank(s) never reported progress within supervisor.startup_timeout_seconds=10"
-            in capsys.readouterr().err)
+    [(asked_at, sig), _] = rig.groups[0].signals_sent
+    assert sig == SIGUSR2 and 10.0 < asked_at <= 10.3
+    assert ("hang detected in worker group 0: 2 rank(s) never reported progress within "
+            "supervisor.startup_timeout_seconds=10") in capsys.readouterr().err
 
 
 def test_crash_loop_gives_up_with_a_root_cause_report(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -456,16 +508,27 @@ def test_crash_loop_gives_up_with_a_root_cause_report(tmp_path: Path, capsys: py
     rig = Rig(tmp_path, crash, crash, crash, crash, max_restarts=10, max_attempts_without_progress=3)
     (rig.ckpt_dir / step_dirname(5)).mkdir()  # from an earlier launch: not progress
     assert rig.run() == exitcodes.FAILURE
-    assert len(rig.jobs) == 3 and len(rig.scripts) == 1
-    assert rig.gaps() == [pytest.approx(0.75), pytest.approx(1.5)]
+    assert len(rig.groups) == 3 and len(rig.scripts) == 1
+    # The backoffs (0.75, 1.5 s), each after the check that saw the failure (every 0.1 s).
+    assert rig.gaps() == [pytest.approx(0.75, abs=0.11), pytest.approx(1.5, abs=0.11)]
     err = capsys.readouterr().err
     assert ("ftrain launch: crash loop: 3 attempts in a row committed no new checkpoint "
             "(supervisor.max_attempts_without_progress=3)") in err
     assert "root cause (attempt 2): rank 1 (ValueError: rank 1 diverged)" in err
     assert "    ValueError: rank 1 diverged" in err  # the traceback's last line
-    assert "  #0 failed: rank 1 (ValueError: rank 1 diverged); newest checkpoint: step 5" in err
+    assert "  group 2 failed: rank 1 (ValueError: rank 1 diverged); newest checkpoint: step 5" in err
     assert "newest valid checkpoint: step 5" in err
     assert f"logs, error files and stack dumps: {tmp_path / 'logs' / 'run'}" in err
+
+
+def test_torchrun_dying_by_itself_is_a_failure_and_a_new_one_starts(tmp_path: Path,
+                                                                     capsys: pytest.CaptureFixture[str]) -> None:
+    rig = Rig(tmp_path, Script(exit_at=None, commits=((1.0, 3),)), Script(exit_at=1.0))
+    rig.clock.at(2.0, lambda: setattr(rig.jobs[0], "rc", -int(signal.SIGKILL)))  # the OOM killer took torchrun
+    assert rig.run() == exitcodes.OK
+    assert len(rig.jobs) == 2  # step 3 was new: at once, with a new torchrun
+    assert "torchrun exited with signal SIGKILL outside a worker group; starting a new one at once" in \
+        capsys.readouterr().err
 
 
 @pytest.mark.parametrize("error, code", [
@@ -512,10 +575,9 @@ def test_signal_while_the_job_starts_is_forwarded_at_once(tmp_path: Path,
     rig = Rig(tmp_path, Script(exit_at=None, signal_on_start="SIGTERM", save_step=7), Script())
     assert rig.run() == exitcodes.PREEMPTED
     [job] = rig.jobs
-    assert job.signals_sent == [(0.0, SIGTERM)]
+    assert job.groups[0].signals_sent == [(0.0, SIGTERM)]
     err = capsys.readouterr().err
-    assert ("preempted (attempt 0 was preempted: final checkpoint at step 7; resumable from the newest valid "
-            "checkpoint); exiting with code 75. Relaunch the same command to resume from step 7") in err
+    assert ("preempted (stopped by SIGTERM: final checkpoint at step 7); exiting with code 75. Relaunch the same command to resume from step 7") in err
 
 
 @pytest.mark.parametrize(("received", "forwarded"), [("SIGTERM", SIGTERM), ("SIGUSR1", SIGUSR1),
@@ -526,13 +588,14 @@ def test_preemption_while_running_forwards_the_signal_and_never_restarts(
     rig = Rig(tmp_path, Script(exit_at=None, signals=((2.0, received),), save_step=20, save_takes=1.5), Script())
     assert rig.run() == exitcodes.PREEMPTED
     [job] = rig.jobs
-    [(at, sig)] = job.signals_sent
+    [(at, sig)] = job.groups[0].signals_sent
     assert sig == forwarded and 2.0 <= at <= 2.1 + EPS
     assert job.kills == [(job.ended_at, 0.0)] and job.ended_at == pytest.approx(at + 1.5, abs=0.11)
     assert (rig.ckpt_dir / step_dirname(20)).is_dir()
+    assert len(rig.groups) == 1  # the saved workers exit 75: torchrun is stopped before it restarts them
     err = capsys.readouterr().err
     assert f"{received}: asked 2 worker(s) to save and exit within 5s" in err
-    assert "attempt 0 was preempted: final checkpoint at step 20" in err and "resume from step 20" in err
+    assert f"stopped by {received}: final checkpoint at step 20" in err and "resume from step 20" in err
     assert states(caplog) == ["running", "stopping", "done"]
 
 
@@ -540,12 +603,11 @@ def test_second_signal_kills_at_once(tmp_path: Path, capsys: pytest.CaptureFixtu
     rig = Rig(tmp_path, Script(exit_at=None, on_preempt="ignore", signals=((1.0, "SIGTERM"), (2.0, "SIGINT"))))
     assert rig.run() == exitcodes.PREEMPTED
     [job] = rig.jobs
-    assert [sig for _, sig in job.signals_sent] == [SIGTERM]  # the second is not forwarded: we kill
+    assert [sig for _, sig in job.groups[0].signals_sent] == [SIGTERM]  # the second is not forwarded: we kill
     assert job.kills[0] == (pytest.approx(2.0, abs=0.11), 0.0)  # long before the 5 s grace ran out
     err = capsys.readouterr().err
     assert "second signal (SIGINT): stopping now" in err
-    assert ("preempted (attempt 0 was preempted: stopped by SIGTERM before a final checkpoint committed; "
-            "resumable from the newest valid checkpoint)") in err
+    assert "preempted (stopped by SIGTERM: no final checkpoint committed)" in err
 
 
 def test_grace_expiry_kills_a_job_that_ignores_the_signal(tmp_path: Path, capsys: pytest.CaptureFixture[str],
@@ -556,13 +618,12 @@ def test_grace_expiry_kills_a_job_that_ignores_the_signal(tmp_path: Path, capsys
                                stalls={0: 1.0, 1: 1.0}), hang_timeout_seconds=2.0)
     assert rig.run() == exitcodes.PREEMPTED
     [job] = rig.jobs
-    assert [sig for _, sig in job.signals_sent] == [SIGTERM]
+    assert [sig for _, sig in job.groups[0].signals_sent] == [SIGTERM]
     killed_at = job.kills[0][0]
     assert 1.0 + 5.0 < killed_at <= 1.0 + 5.0 + 0.21
     err = capsys.readouterr().err
     assert "grace period of 5s ran out: killing the job (the previous checkpoint stays valid)" in err
-    assert ("preempted (attempt 0 was preempted: stopped by SIGTERM before a final checkpoint committed; "
-            "resumable from the newest valid checkpoint)") in err
+    assert "preempted (stopped by SIGTERM: no final checkpoint committed)" in err
     assert states(caplog) == ["running", "stopping", "done"]
 
 
@@ -573,8 +634,8 @@ def test_workers_that_start_after_the_signal_are_signalled_when_they_appear(
     assert rig.run() == exitcodes.PREEMPTED
     [job] = rig.jobs
     # Each rank exactly once, at the first poll it exists; polled all along while stopping.
-    assert job.stopped_at == {0: pytest.approx(2.0, abs=0.11), 1: pytest.approx(3.0, abs=0.11)}
-    assert [sig for _, sig in job.signals_sent] == [SIGTERM, SIGTERM] and job.forward_calls >= 30
+    assert job.groups[0].stopped_at == {0: pytest.approx(2.0, abs=0.11), 1: pytest.approx(3.0, abs=0.11)}
+    assert [sig for _, sig in job.groups[0].signals_sent] == [SIGTERM, SIGTERM] and job.forward_calls >= 30
     assert job.ended_at == pytest.approx(3.0 + 1.0, abs=0.21)  # saved and exited: never killed by the grace
     assert job.kills == [(job.ended_at, 0.0)]
     assert (rig.ckpt_dir / step_dirname(1)).is_dir()
@@ -582,7 +643,7 @@ def test_workers_that_start_after_the_signal_are_signalled_when_they_appear(
     assert ("SIGTERM: asked 0 worker(s) to save and exit within 5s; the 2 not started (or not ready) yet are "
             "asked once they are") in err
     assert err.count("asked 1 more worker(s), started after the stop, to save and exit") == 2
-    assert "attempt 0 was preempted: final checkpoint at step 1" in err
+    assert "stopped by SIGTERM: final checkpoint at step 1" in err
     assert states(caplog) == ["running", "stopping", "done"]
 
 
@@ -592,12 +653,12 @@ def test_stop_marker_is_written_and_reaches_workers_the_signal_never_does(
                                workers_at=(2.0, 2.0), save_step=3))
     assert rig.run() == exitcodes.PREEMPTED
     [job] = rig.jobs
-    assert job.signals_sent == []  # the ranks never handled the signal: only the marker reached them
+    assert job.groups[0].signals_sent == []  # the ranks never handled the signal: only the marker reached them
     marker = json.loads(job.files.stop.read_text())
     assert marker == {"signal": "SIGUSR1", "time": pytest.approx(WALL0 + 0.5, abs=0.11)}  # the injected clock
     assert not job.files.stop.with_name("stop.json.partial").exists()  # renamed into place
     assert job.ended_at == pytest.approx(2.0 + 1.0, abs=0.21)
-    assert "attempt 0 was preempted: final checkpoint at step 3" in capsys.readouterr().err
+    assert "stopped by SIGUSR1: final checkpoint at step 3" in capsys.readouterr().err
 
 
 def test_grace_counts_from_the_signal_not_from_when_the_workers_appear(
@@ -606,7 +667,7 @@ def test_grace_counts_from_the_signal_not_from_when_the_workers_appear(
                                workers_at=(4.0, 4.0)))
     assert rig.run() == exitcodes.PREEMPTED
     [job] = rig.jobs
-    assert job.stopped_at == {0: pytest.approx(4.0, abs=0.11), 1: pytest.approx(4.0, abs=0.11)}
+    assert job.groups[0].stopped_at == {0: pytest.approx(4.0, abs=0.11), 1: pytest.approx(4.0, abs=0.11)}
     assert 1.0 + 5.0 < job.kills[0][0] <= 1.0 + 5.0 + 0.21  # the cloud's deadline does not wait for our workers
     assert "grace period of 5s ran out" in capsys.readouterr().err
 
@@ -618,9 +679,9 @@ def test_a_job_that_finishes_after_the_signal_exits_0(tmp_path: Path, capsys: py
     rig = Rig(tmp_path, Script(exit_at=2.0, rc=0, on_preempt="ignore", signals=((1.0, "SIGTERM"),)), Script())
     assert rig.run() == exitcodes.OK
     [job] = rig.jobs
-    assert [sig for _, sig in job.signals_sent] == [SIGTERM] and job.files.stop.exists()
+    assert [sig for _, sig in job.groups[0].signals_sent] == [SIGTERM] and job.files.stop.exists()
     err = capsys.readouterr().err
-    assert ("finished: attempt 0 succeeded (the job finished before the stop (SIGTERM) took effect: nothing to "
+    assert ("finished: all ranks finished (the job finished before the stop (SIGTERM) took effect: nothing to "
             "resume)") in err
     assert "preempted" not in err
     assert states(caplog) == ["running", "stopping", "done"]
@@ -645,7 +706,7 @@ def test_signal_during_backoff_stops_without_restarting(tmp_path: Path, capsys: 
     rig = Rig(tmp_path, Script(exit_at=1.0, rc=1), Script())
     rig.clock.at(1.3, lambda: rig.sup.notify("SIGTERM"))  # attempt 0 ends at 1.0; the backoff is 0.75 s
     assert rig.run() == exitcodes.PREEMPTED
-    assert len(rig.jobs) == 1 and rig.jobs[0].signals_sent == []
+    assert len(rig.jobs) == 1 and rig.groups[0].signals_sent == []
     assert "preempted (stopped by SIGTERM while waiting to restart)" in capsys.readouterr().err
     assert states(caplog) == ["running", "backoff", "done"]
 
@@ -663,75 +724,4 @@ def test_an_exception_in_the_loop_still_tears_the_job_down(tmp_path: Path) -> No
     with pytest.raises(RuntimeError, match="psutil exploded"):
         rig.run()
     [job] = rig.jobs
-    assert job.kills == [(pytest.approx(0.25, abs=0.11), 2.0)]  # the finally's graceful teardown, at the first check
-
-
-# ------------------------------------------------------------------ classify
-@dataclass
-class Tail:
-    tail: list[str]
-
-
-@pytest.fixture
-def files(tmp_path: Path) -> AttemptFiles:
-    f = AttemptFiles(tmp_path / "attempt-000")
-    f.create()
-    return f
-
-
-TORCHRUN_SIGKILL = ["Root Cause (first observed failure):", "[0]:", "  rank      : 3 (local_rank: 1)",
-                    "  exitcode  : -9 (pid: 9083)  (SIGKILL)"]
-
-
-def test_classify_preempted_marker_wins(tmp_path: Path, files: AttemptFiles) -> None:
-    sup = Rig(tmp_path).sup
-    files.preempted.write_text(json.dumps({"step": 40}))
-    sup.notify("SIGTERM")
-    result, failure = classify(sup, 2, files, Tail(TORCHRUN_SIGKILL), -9, "rank 0 made no progress")
-    assert (result.attempt, result.outcome, result.exit_code) == (2, Outcome.PREEMPTED, -9)
-    assert result.detail == "final checkpoint at step 40" and failure is None
-
-
-def test_classify_signal_without_marker_is_preempted_not_failed(tmp_path: Path, files: AttemptFiles) -> None:
-    sup = Rig(tmp_path).sup
-    sup.notify("SIGUSR1")
-    result, failure = classify(sup, 0, files, Tail(TORCHRUN_SIGKILL), -9, None)
-    assert result.outcome is Outcome.PREEMPTED and failure is None
-    assert result.detail == "stopped by SIGUSR1 before a final checkpoint committed"
-
-
-def test_classify_exit_0_after_a_signal_is_success(tmp_path: Path, files: AttemptFiles) -> None:
-    sup = Rig(tmp_path).sup
-    sup.notify("SIGTERM")
-    result, failure = classify(sup, 0, files, Tail([]), 0, None)
-    assert (result.outcome, failure) == (Outcome.SUCCEEDED, None)
-    assert result.detail == "all ranks finished before the stop (SIGTERM) took effect"
-    files.preempted.write_text(json.dumps({"step": 9}))  # ranks that saved on the stop exit 0 too: preempted
-    result, _ = classify(sup, 0, files, Tail([]), 0, None)
-    assert result.outcome is Outcome.PREEMPTED and result.detail == "final checkpoint at step 9"
-
-
-def test_classify_hang_success_and_failures(tmp_path: Path, files: AttemptFiles) -> None:
-    sup = Rig(tmp_path).sup
-    result, failure = classify(sup, 1, files, Tail([]), None, "rank 0 made no progress for 9s")
-    assert result.outcome is Outcome.HUNG and failure is not None and failure.hang
-    assert result.detail == "hang: rank 0 made no progress for 9s"
-
-    result, failure = classify(sup, 1, files, Tail([]), 0, None)
-    assert (result.outcome, result.detail, failure) == (Outcome.SUCCEEDED, "all ranks finished", None)
-
-    result, failure = classify(sup, 1, files, Tail(["bye"]), 7, None)  # nothing names a rank: the job's code
-    assert result.outcome is Outcome.FAILED and failure is not None and failure.exit_code == 7
-    assert result.detail == "the job exited with code 7"
-
-    result, failure = classify(sup, 1, files, Tail(TORCHRUN_SIGKILL), 1, None)  # torchrun names the rank
-    assert result.detail == "rank 3 exited with signal SIGKILL"
-
-    # An error file beats torchrun's summary when that names a plain non-zero exit (a bystander)...
-    write_error_file(files.error(2), 2, _raised(KeyError("lr")))
-    exit1 = [ln.replace("-9 (pid: 9083)  (SIGKILL)", "1 (pid: 9083)") for ln in TORCHRUN_SIGKILL]
-    result, failure = classify(sup, 1, files, Tail(exit1), 1, None)
-    assert result.detail == "rank 2 (KeyError: 'lr')" and failure is not None and failure.traceback
-    # ...but not when it names a rank killed by a signal: the error files are then from stranded ranks.
-    result, failure = classify(sup, 1, files, Tail(TORCHRUN_SIGKILL), 1, None)
-    assert result.detail == "rank 3 exited with signal SIGKILL"
+    assert job.kills == [(0.0, 2.0)]  # the finally's graceful teardown, at the first check

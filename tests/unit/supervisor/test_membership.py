@@ -120,3 +120,22 @@ def test_group_watch_tracks_starts_ends_and_late_workers() -> None:
     assert ended is None and started is not None and started.number == 1 and started.started == 9.0
     ended, started = w.observe([30, 31], 20.0)  # replaced between two looks
     assert ended is not None and ended.number == 1 and started is not None and started.number == 2
+
+
+def test_on_a_single_node_a_rank_killed_among_lost_peers_is_the_failure() -> None:
+    # 4 ranks, rank 2 SIGKILLed: the others' collectives fail (their error files), and torchrun logged only the first
+    # failed exit it saw, a survivor's. On several nodes that reads as a lost peer; on one node it is a local failure.
+    pids = frozenset({10, 11, 12, 13})
+    errors = {r: err(pid, "RuntimeError", GLOO_LOST, 1.0 + r) for r, pid in ((0, 10), (1, 11), (3, 13))}
+    ranks = {10: 0, 11: 1, 12: 2, 13: 3}
+    assert classify_group(pids, errors, {11: 1}, None, ranks=ranks).ending is Ending.MEMBERSHIP
+    end = classify_group(pids, errors, {11: 1}, None, local_only=True, ranks=ranks)
+    assert end.ending is Ending.FAILED and end.rank == 2
+    assert end.detail.startswith("rank 2 died without an error file (killed by a signal?); the other ranks lost it")
+    # Without a trace at all, and torchrun restarted the group: a failure too, named by its pid if no rank is known.
+    bare = classify_group(frozenset({10, 11}), {}, {}, None, finished=False, local_only=True)
+    assert bare.ending is Ending.FAILED and bare.detail.startswith("worker pid 10 died without an error file")
+    # A group that saved (a stop) or finished is still not a failure.
+    assert classify_group(frozenset({10, 11}), {}, {}, {"pid": 10, "step": 3}, finished=False,
+                          local_only=True).ending is Ending.MEMBERSHIP
+    assert classify_group(frozenset({10, 11}), {}, {}, None, finished=True, local_only=True).ending is Ending.FINISHED

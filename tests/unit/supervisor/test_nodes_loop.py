@@ -1,4 +1,4 @@
-"""The supervisor's multi-node loop (``Supervisor._run_nodes``) driven by a scripted torchrun on fake time.
+"""The supervisor's multi-node loop (``groups.py`` over ``watch.py``, multi-node) driven by a scripted torchrun on fake time.
 
 One :class:`NodeJob` is one torchrun for the whole launch: a timeline of worker groups (their pids) and what
 the workers leave behind when a group ends (error files, preempted.json, checkpoints). Membership changes

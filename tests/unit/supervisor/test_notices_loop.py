@@ -63,13 +63,13 @@ class TimedJob(test_loop.FakeJob):
 
     remote: float | None = None
 
-    def _exit(self, rc: int) -> None:
+    def _group_exit(self, g: test_loop.FakeGroup, rc: int) -> None:
         if self.files.preempted.exists():
             marker = {**json.loads(self.files.preempted.read_text()), "time": self.clock.time()}
             if self.remote is not None:
                 marker["remote_time"] = self.clock.time() + self.remote
             self.files.preempted.write_text(json.dumps(marker))
-        super()._exit(rc)
+        super()._group_exit(g, rc)
 
 
 @pytest.fixture
@@ -85,8 +85,8 @@ def test_a_notice_stops_like_a_signal_and_logs_the_deadline(tmp_path: Path, caps
     watch = with_watch(rig)
     assert rig.run() == exitcodes.PREEMPTED
     [job] = rig.jobs
-    assert [sig for _, sig in job.signals_sent] == [int(signal.SIGTERM)]  # mapped to the first preemption signal
-    assert job.signals_sent[0][0] == pytest.approx(2.0, abs=0.11)
+    assert [sig for _, sig in job.groups[0].signals_sent] == [int(signal.SIGTERM)]  # mapped to the first preemption signal
+    assert job.groups[0].signals_sent[0][0] == pytest.approx(2.0, abs=0.11)
     assert json.loads(job.files.stop.read_text())["signal"] == "aws notice"
     assert states(caplog) == ["running", "stopping", "done"]
     assert watch.acks == [True] and watch.stopped == 1  # acknowledged once, after the final save's marker

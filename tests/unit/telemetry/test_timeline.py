@@ -130,7 +130,8 @@ def test_multi_node_lanes_per_node_with_a_failed_group() -> None:
     More (a lost node, a scale-up, several directories): test_job_timeline.py."""
     b_node = "hostB/200"
     ev = [
-        sup(1, "launch", proc_start=0.0), sup(1, "launch", node=b_node, proc_start=0.0),
+        # (nnodes says multi-node: a single-node launch has worker groups too, one lane per attempt)
+        sup(1, "launch", proc_start=0.0, nnodes=[1, 2]), sup(1, "launch", node=b_node, proc_start=0.0, nnodes=[1, 2]),
         sup(1, "attempt_start", attempt=0, number=0), sup(1, "attempt_start", node=b_node, attempt=0, number=0),
         work(4, "session_start", 11, proc_start=3.0, local_rank=0),
         work(4, "session_start", 12, node=b_node, rank=2, proc_start=3.0, local_rank=0),
