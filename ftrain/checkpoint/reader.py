@@ -26,7 +26,7 @@ from ftrain.checkpoint.shard import chunk_key, read_shard_record, read_shard_ten
 from ftrain.checkpoint.store import CheckpointStore, open_store
 from ftrain.errors import CheckpointError, CorruptCheckpoint
 
-#: Orders a root's manifests best first (``ftrain.session.ranking.rank_manifests``); the storage layer
+#: Orders a root's manifests best first (``ftrain.checkpoint.ranking.rank_manifests``); the storage layer
 #: does not know what "best" means.
 Ranking = Callable[[list[Manifest]], list[Manifest]]
 

@@ -154,7 +154,7 @@ def _remote_status(store: CheckpointStore) -> None:
 def _selection(store: CheckpointStore, infos: list[CheckpointInfo]
                ) -> tuple[dict[str, str] | None, dict[int, Any], int | None]:
     """(monitor, {step: meta.metrics}, best valid step) for ``ls``; no monitor means no best, not an error."""
-    from ftrain.session.ranking import best_ranking
+    from ftrain.checkpoint.ranking import best_ranking
 
     values: dict[int, Any] = {}
     manifests: list[Manifest] = []

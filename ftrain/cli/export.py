@@ -86,7 +86,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     try:
         with warnings_to_stderr():
             from ftrain.checkpoint import reader, storage
-            from ftrain.session.ranking import rank_manifests
+            from ftrain.checkpoint.ranking import rank_manifests
 
             manifest, objects = reader.load(store, which, name=args.obj, rank=rank_manifests)
             if templated:

@@ -78,7 +78,7 @@ def _pick(store: CheckpointStore, which: int | str, verify: bool) -> tuple[Manif
     restore do: cheap checks (manifest + sizes), or full checksums with ``verify``.
     """
     from ftrain.checkpoint import reader
-    from ftrain.session.ranking import rank_manifests
+    from ftrain.checkpoint.ranking import rank_manifests
 
     if isinstance(which, int):
         manifest = reader.candidates(store, which)[0]

@@ -37,9 +37,9 @@ import torch
 from torch import nn
 
 from ftrain.checkpoint import reader
+from ftrain.checkpoint.ranking import rank_manifests
 from ftrain.errors import CheckpointError, CorruptCheckpoint, FtrainError, StateMismatch
 from ftrain.finetune import dcp
-from ftrain.session.ranking import rank_manifests
 
 log = logging.getLogger("ftrain")
 

@@ -22,7 +22,7 @@ if TYPE_CHECKING:
 
 
 def __getattr__(name: str) -> object:
-    # Lazily: ``ftrain.session.ranking`` is used by the `ftrain ckpt` tools, which must not import torch.
+    # Lazily: importing the package must not import torch (the session imports it).
     if name == "Session":
         from ftrain.session.session import Session
 

@@ -16,10 +16,10 @@ from collections.abc import Callable
 from typing import Any
 
 from ftrain.checkpoint.manifest import Manifest
+from ftrain.checkpoint.ranking import Selection, SelectionSpec, json_metrics, rank_manifests, resolve_mode
 from ftrain.checkpoint.store import CheckpointStore
 from ftrain.config import FtrainConfig
 from ftrain.errors import CheckpointError, FtrainError
-from ftrain.session.ranking import Selection, SelectionSpec, json_metrics, rank_manifests, resolve_mode
 
 log = logging.getLogger("ftrain")
 

@@ -1,8 +1,8 @@
 """Model selection's pure part: the monitored metric, keep-best ranking and early stopping.
 
-Worker side, also used by the ``ftrain ckpt`` tools to rank checkpoints (no
-torch). Pure logic, no I/O and no collectives, so it is unit-tested directly. The
-session feeds it rank 0's value of the monitored metric (the same on every rank,
+Storage leaf: the session (worker side) ranks its checkpoints with it, and the ``ftrain ckpt`` tools and
+fine-tuning rank checkpoints from their manifests (no torch). Pure logic, no I/O and no collectives, so it is
+unit-tested directly. The session feeds it rank 0's value of the monitored metric (the same on every rank,
 broadcast in the per-step collective), so every rank takes the same decisions.
 
 Its state is written into every checkpoint's manifest (``meta.selection``) and

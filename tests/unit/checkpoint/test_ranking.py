@@ -7,7 +7,7 @@ import math
 import pytest
 
 from ftrain.errors import StateMismatch
-from ftrain.session.ranking import Selection, SelectionSpec, improves, rank_steps, resolve_mode
+from ftrain.checkpoint.ranking import Selection, SelectionSpec, improves, rank_steps, resolve_mode
 
 
 @pytest.mark.parametrize("name,mode", [
