@@ -93,3 +93,15 @@ def test_test_modules_have_unique_basenames() -> None:
     # break collection of the whole suite (only visible when both tiers run).
     names = [p.name for p in (PKG.parent / "tests").rglob("test_*.py")]
     assert sorted({n for n in names if names.count(n) > 1}) == []
+
+
+def test_no_test_module_imports_another() -> None:
+    # Shared fakes and helpers live in plain modules (tests/helpers.py, tests/unit/*/..._fakes.py, conftest.py): a
+    # test module imported by another runs its module-level code twice and couples two test files' internals.
+    bad = []
+    for path in (PKG.parent / "tests").rglob("test_*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = ([a.name for a in node.names] if isinstance(node, ast.Import)
+                     else [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
+            bad += [f"{path.relative_to(PKG.parent)}: {n}" for n in names if n.split(".")[-1].startswith("test_")]
+    assert not bad, sorted(bad)

@@ -12,12 +12,13 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import loop_fakes
+import nodes_fakes
 import pytest
-import test_loop
+from loop_fakes import WALL0, Rig, Script, _debug_states, _no_real_time_or_signals, states  # noqa: F401 (fixtures)
+from nodes_fakes import G
+
 from ftrain.checkpoint.format import step_dirname
-import test_nodes_loop
-from test_loop import WALL0, Rig, Script, _debug_states, _no_real_time_or_signals, states  # noqa: F401 (fixtures)
-from test_nodes_loop import G
 
 from ftrain import exitcodes
 from ftrain.supervisor.notices import Notice
@@ -58,12 +59,12 @@ def with_watch(rig: Rig, **kw: Any) -> FakeWatch:
     return watch
 
 
-class TimedJob(test_loop.FakeJob):
+class TimedJob(loop_fakes.FakeJob):
     """Writes preempted.json as real workers do: with the commit ``time`` (and, if asked, ``remote_time``)."""
 
     remote: float | None = None
 
-    def _group_exit(self, g: test_loop.FakeGroup, rc: int) -> None:
+    def _group_exit(self, g: loop_fakes.FakeGroup, rc: int) -> None:
         if self.files.preempted.exists():
             marker = {**json.loads(self.files.preempted.read_text()), "time": self.clock.time()}
             if self.remote is not None:
@@ -74,7 +75,7 @@ class TimedJob(test_loop.FakeJob):
 
 @pytest.fixture
 def timed(monkeypatch: pytest.MonkeyPatch) -> type[TimedJob]:
-    monkeypatch.setattr(test_loop, "FakeJob", TimedJob)
+    monkeypatch.setattr(loop_fakes, "FakeJob", TimedJob)
     return TimedJob
 
 
@@ -179,8 +180,8 @@ def test_a_job_that_succeeds_stops_the_watch_and_never_acks(tmp_path: Path) -> N
 
 
 # ----------------------------------------------------------------------------- multi-node
-def nodes_rig(tmp_path: Path, groups: list[G], at: float) -> tuple[test_nodes_loop.Rig, FakeWatch]:
-    rig = test_nodes_loop.Rig(tmp_path, groups, None)
+def nodes_rig(tmp_path: Path, groups: list[G], at: float) -> tuple[nodes_fakes.Rig, FakeWatch]:
+    rig = nodes_fakes.Rig(tmp_path, groups, None)
     due: list[tuple[float, Callable[[], None]]] = []
     watch = FakeWatch(lambda when, fn: due.append((when, fn)), at=at)
     watch.marker = lambda: any(rig.sup.log_dir.glob("run/*/attempt-*/preempted.json"))

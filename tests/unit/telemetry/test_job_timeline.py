@@ -10,9 +10,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from event_logs import _EVENT
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from test_timeline import _EVENT
 
 from ftrain.attempt import Heartbeat
 from ftrain.cli import main

@@ -5,7 +5,7 @@ import json
 from pathlib import Path
 
 import pytest
-from test_timeline import crash_then_success
+from event_logs import crash_then_success
 
 from ftrain.attempt import Heartbeat
 from ftrain.cli import main
