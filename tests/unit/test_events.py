@@ -62,6 +62,7 @@ def _writer(path: str, who: int) -> None:
     log.close(timeout=10.0)
 
 
+@pytest.mark.slow  # starts processes
 def test_concurrent_writers_never_interleave_lines(tmp_path: Path) -> None:
     path = log_path(tmp_path, "r")
     ctx = multiprocessing.get_context("fork")

@@ -5,6 +5,8 @@ from __future__ import annotations
 import subprocess
 import sys
 
+import pytest
+
 from ftrain.checkpoint import codec, format
 
 SUPERVISOR_SIDE = ["ftrain.cli", "ftrain.cli.launch", "ftrain.cli.goodput", "ftrain.supervisor.supervisor",
@@ -12,6 +14,7 @@ SUPERVISOR_SIDE = ["ftrain.cli", "ftrain.cli.launch", "ftrain.cli.goodput", "ftr
                    "ftrain.telemetry.live", "ftrain.telemetry.advisor"]
 
 
+@pytest.mark.slow  # starts processes
 def test_the_supervisor_side_imports_no_torch() -> None:
     code = ("import sys\n" + "".join(f"import {m}\n" for m in SUPERVISOR_SIDE)
             + "print(sorted(m for m in sys.modules if m == 'torch' or m.startswith('torch.')))")

@@ -156,6 +156,7 @@ def test_the_marker_round_trips(files: AttemptFiles) -> None:
     assert sorted(p.name for p in files.root.iterdir() if p.is_file()) == ["stop.json"]  # no .partial left
 
 
+@pytest.mark.slow  # starts processes
 def test_a_warm_worker_reports_and_watches_through_its_entry(monkeypatch: pytest.MonkeyPatch) -> None:
     """docs/FORMAT.md, "Warm starts (zygote)": the entry's pid in the worker's records, only in the worker itself,
     and the parent watch also follows the entry's parent (torchrun)."""

@@ -137,12 +137,30 @@ def test_digest_sees_dtype_shape_and_bytes() -> None:
     assert len(seen) == 4 and all(0 <= d < 1 << 63 for d in seen)
 
 
-def test_check_replicated_passes_in_a_single_process_session(tmp_path: Path) -> None:
+@pytest.mark.parametrize("on", [True, False])
+def test_a_session_runs_the_check_at_each_save_only_when_asked(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                                on: bool) -> None:
+    # One process cannot diverge from itself (the divergence is the fakes' business above): what this pins is that
+    # checkpoint.check_replicated reaches the save path, with every replicated tensor and the pinned buffers.
     from helpers import cfg
 
+    calls: list[tuple[set[str], set[str], int]] = []
+    real = replication.check
+
+    def spy(coll: Collectives, tensors: dict[str, torch.Tensor] | None, skip: list[str], step: int) -> None:
+        calls.append((set(tensors or {}), set(skip), step))
+        real(coll, tensors, skip, step)
+
+    monkeypatch.setattr(replication, "check", spy)
     model = cnn()
-    session = ftrain.Session(cfg(tmp_path, check_replicated=True, async_save=False))
+    session = ftrain.Session(cfg(tmp_path, check_replicated=on, async_save=False))
     session.register(model=model)
     session.restore()
     session.save(1)
     session.close()
+    if not on:
+        assert calls == []
+        return
+    [(names, skip, step)] = calls
+    assert step == 1 and set(replicated_tensors(model)) <= names
+    assert skip == {n for n in replicated_tensors(model) if "running" in n or "num_batches" in n}
