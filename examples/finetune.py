@@ -1,4 +1,4 @@
-"""Pretrain, then fine-tune with model selection, all fault tolerant (README: "Fine-tuning and model selection").
+"""Pretrain, then fine-tune with model selection, all fault tolerant (docs/finetuning.md).
 
 Two phases of one small classifier (a 2-layer MLP backbone and a linear head):
 

@@ -8,7 +8,7 @@ under ``ftrain launch``. At the end rank 0 prints one line::
     final_state_sha256=<hex>
 
 the canonical hash of the model and optimizer state (``ftrain.state_sha256``:
-model first, then optimizer; see README "Comparing runs").
+model first, then optimizer; see docs/exactness.md).
 
 The ftrain lines are marked ``# ftrain``.
 """
@@ -92,8 +92,8 @@ def allreduce_each_gradient(group, bucket):  # (ProcessGroup | None, GradBucket)
     DDP regroups its gradient buckets after the first iteration, so a resumed run's first iteration
     uses another bucket layout than the original run used at that step. All-reducing a whole bucket,
     gloo with more than 2 ranks then adds the gradients in another order: a resume that is close, but
-    not bit-exact. One all-reduce per gradient does not depend on the layout. (README: "DDP and
-    bit-exact resume"; ``find_unused_parameters=True`` also works, but warns from every rank.)
+    not bit-exact. One all-reduce per gradient does not depend on the layout. (docs/exactness.md,
+    "DDP and bit-exact resume"; ``find_unused_parameters=True`` also works, but warns from every rank.)
     Not annotated: DDP compares a hook's annotations with its classes, and this module's are strings.
     """
     world = dist.get_world_size(group)

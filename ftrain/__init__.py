@@ -1,13 +1,19 @@
 """ftrain: fault-tolerant, exactly-resumable distributed PyTorch training.
 
 The training-script API is :class:`Session`; data position comes from
-:class:`ResumableLoader`. See README.md ("Architecture") for the tree: the
+:class:`ResumableLoader`. See docs/architecture.md for the tree: the
 supervisor side (``cli``, ``supervisor``), the worker side (``session``,
 ``data``, ``finetune``), the storage leaf (``checkpoint``) and the contracts
 both sides share (``attempt``, ``envvars``, ``exitcodes``, ``errors``,
 ``config``, ``faults``, ``signals``, ``stateful``, ``hashing``).
+
+Typed (``py.typed``): every name in ``__all__`` has its real type for a type
+checker, although most are loaded on first use (see ``_LAZY``).
 """
 from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING
 
 __version__ = "0.1.0"
 
@@ -18,37 +24,57 @@ from ftrain.errors import (
     FtrainError,
     NoValidCheckpoint,
     StateMismatch,
+    UsageError,
 )
 from ftrain.stateful import Counters, Stateful
 
+if TYPE_CHECKING:
+    # What a type checker sees; at run time ``__getattr__`` below loads the same names on first use.
+    # Keep the two in step: tests/unit/test_public_api.py checks that every lazy name resolves.
+    from ftrain.config import CheckpointConfig, EarlyStoppingConfig, FtrainConfig, SupervisorConfig
+    from ftrain.data import ResumableLoader, ResumableSampler, SeededDataset, derive_seed
+    from ftrain.hashing import state_sha256
+    from ftrain.session import Session
+    from ftrain.session.liveness import Preempted
+
+#: Loaded on first use, name -> module. Session and the data helpers import torch, so ``import ftrain`` (and with
+#: it ``ftrain ckpt ...`` and the launcher) must not; the config pulls in yaml, which few importers need.
+_LAZY: dict[str, str] = {
+    "Session": "ftrain.session",
+    "ResumableLoader": "ftrain.data",
+    "ResumableSampler": "ftrain.data",
+    "SeededDataset": "ftrain.data",
+    "derive_seed": "ftrain.data",
+    "Preempted": "ftrain.session.liveness",
+    "state_sha256": "ftrain.hashing",
+    "FtrainConfig": "ftrain.config",
+    "CheckpointConfig": "ftrain.config",
+    "EarlyStoppingConfig": "ftrain.config",
+    "SupervisorConfig": "ftrain.config",
+}
+
 
 def __getattr__(name: str) -> object:
-    # Session and the data helpers import torch: load them on first use so that
-    # `ftrain ckpt ...` and the launcher start fast.
-    if name == "Session":
-        from ftrain.session import Session
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'ftrain' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value  # later lookups skip this function
+    return value
 
-        return Session
-    if name in ("ResumableLoader", "ResumableSampler", "SeededDataset", "derive_seed"):
-        from ftrain import data
 
-        return getattr(data, name)
-    if name == "Preempted":
-        from ftrain.session.liveness import Preempted
-
-        return Preempted
-    if name == "state_sha256":
-        from ftrain.hashing import state_sha256
-
-        return state_sha256
-    raise AttributeError(f"module 'ftrain' has no attribute {name!r}")
+def __dir__() -> list[str]:
+    return sorted({*globals(), *_LAZY})
 
 
 __all__ = [
+    "CheckpointConfig",
     "CheckpointError",
     "ConfigError",
     "CorruptCheckpoint",
     "Counters",
+    "EarlyStoppingConfig",
+    "FtrainConfig",
     "FtrainError",
     "NoValidCheckpoint",
     "Preempted",
@@ -58,6 +84,8 @@ __all__ = [
     "Session",
     "StateMismatch",
     "Stateful",
+    "SupervisorConfig",
+    "UsageError",
     "__version__",
     "derive_seed",
     "state_sha256",

@@ -161,7 +161,7 @@ class CheckpointConfig(_Section):
         " what is left of supervisor.grace_seconds.", _NON_NEGATIVE)
     on_resize: str = _option(
         "auto", "A checkpoint written by another number of ranks: resume (replicated state as is, the data"
-        " position re-striped over the new ranks, RNG streams derived anew; README \"Resizing\") or refuse;"
+        " position re-striped over the new ranks, RNG streams derived anew; docs/multi-node.md) or refuse;"
         " auto: resume under ftrain launch --nnodes MIN:MAX, else refuse.", _one_of(*RESIZE_MODES))
     on_uneven_batch: str = _option(
         "error", "session.batch_plan() when the global batch cannot be split evenly over the ranks: error, or"
@@ -355,10 +355,10 @@ def load_config(
     return FtrainConfig(**sections)
 
 
-#: Config files larger than this are refused before parsing (README, "Configuration"). A real one is a few
+#: Config files larger than this are refused before parsing (docs/configuration.md). A real one is a few
 #: KB; the bound keeps PyYAML's pure-Python parser to a fraction of a second and caps what aliases can expand.
 MAX_CONFIG_BYTES = 1 << 20
-#: A single value spelled out longer than this is refused (README, "Configuration"): the longest real one is a
+#: A single value spelled out longer than this is refused (docs/configuration.md): the longest real one is a
 #: path (at most 4096 bytes on Linux); the bound stops YAML aliases from multiplying a value (see below).
 MAX_CONFIG_VALUE_CHARS = 1 << 16
 

@@ -2,7 +2,7 @@
 
 Configuration keys are also read from ``FTRAIN_<SECTION>_<KEY>`` (see ``config.py``);
 ``ftrain launch`` hands its resolved configuration to workers that way. The names
-below are the others. Documented in README.md ("Environment").
+below are the others. Documented in docs/cli.md.
 """
 from __future__ import annotations
 

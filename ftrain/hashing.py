@@ -1,6 +1,6 @@
 """Shared contract: a canonical SHA-256 of training state, to compare runs bit for bit.
 
-Order (documented in README.md, "Comparing runs"): for each ``(name, state_dict)``
+Order (documented in docs/exactness.md): for each ``(name, state_dict)``
 pair in the order given, the tree is encoded as for a checkpoint
 (``checkpoint.codec``); then the hash takes, in sorted tensor-name order, each
 tensor's name, dtype, shape and raw bytes, and finally the canonical JSON

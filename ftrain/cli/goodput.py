@@ -16,7 +16,7 @@ from typing import Any
 
 from ftrain.errors import UsageError, printable
 
-#: What each bucket means, as printed beside it (README, "Goodput").
+#: What each bucket means, as printed beside it (docs/goodput.md).
 MEANING = {
     "productive": "steps whose work counts",
     "startup": "processes starting: imports, process group, model, until the restore",

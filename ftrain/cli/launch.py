@@ -2,7 +2,7 @@
 
 Flag names follow torchrun wherever torchrun has the flag. Every option also
 has a config key; command-line flags win over the environment, which wins over
-the YAML file (see README "Configuration").
+the YAML file (see docs/configuration.md).
 """
 from __future__ import annotations
 

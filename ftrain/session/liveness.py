@@ -214,6 +214,11 @@ class Liveness:
             os._exit(exit_code_of(value))
 
     # ----------------------------------------------------------------- close
+    @property
+    def closed(self) -> bool:
+        """Whether :meth:`close` ran (the session's ``close()`` closes liveness last)."""
+        return self._closed.is_set()
+
     def close(self) -> None:
         """Undo every process-global hook; idempotent."""
         if self._closed.is_set():

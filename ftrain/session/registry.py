@@ -208,7 +208,7 @@ class Registry:
                 raise StateMismatch(
                     f"checkpoint step {manifest.step} was written by {manifest.world_size} rank(s); this run has "
                     f"{world_size}. Relaunch with {manifest.world_size} processes, or set checkpoint.on_resize: "
-                    "resume to continue at this world size (README \"Resizing\": the data position and replicated "
+                    "resume to continue at this world size (docs/multi-node.md: the data position and replicated "
                     "state carry over exactly, per-rank RNG streams are derived anew)")
             hookless = sorted(k for k, (o, per_rank) in self.objects.items()
                               if per_rank and not callable(getattr(o, "resize_state", None)))
@@ -216,7 +216,7 @@ class Registry:
                 raise StateMismatch(
                     f"checkpoint step {manifest.step} was written by {manifest.world_size} rank(s), this run has "
                     f"{world_size}, and per-rank object(s) {hookless} have no resize_state(states, world_size, rank) "
-                    "hook to map the saved ranks' states onto this run's (README \"Resizing\"); add one, register "
+                    "hook to map the saved ranks' states onto this run's (docs/multi-node.md); add one, register "
                     "them as replicated, or relaunch with the original number of processes")
         replicated, per_rank = manifest.object_names()  # lists of names: checked when the manifest was parsed
         saved_rep = set(replicated)

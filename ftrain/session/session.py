@@ -27,6 +27,7 @@ import os
 import sys
 import time
 from collections.abc import Callable
+from types import TracebackType
 from typing import Any
 
 import torch.distributed as dist
@@ -152,7 +153,7 @@ class Session:
         loader with ``ResumableLoader(dataset, **plan.loader_args(), ...)``. A
         global batch that does not split over the ranks raises UsageError, or
         under ``checkpoint.on_uneven_batch: nearest`` warns and uses the nearest
-        smaller one that does (README "Resizing").
+        smaller one that does (docs/multi-node.md).
         """
         return plan_batches(global_batch, self.world_size, max_micro_batch, self.ckpt.on_uneven_batch)
 
@@ -190,7 +191,7 @@ class Session:
             # Per-rank streams cannot be mapped onto other ranks: derived from (seed, step, rank) instead.
             rng.reseed(rng.resize_seed(trees[rank_key(0)]["rng"], manifest.step, self.rank))
             log.warning("resumed checkpoint step %d, written by %d rank(s), at %d rank(s): replicated state and the "
-                        "data position carry over; RNG streams are derived anew per rank (README \"Resizing\")",
+                        "data position carry over; RNG streams are derived anew per rank (docs/multi-node.md)",
                         manifest.step, manifest.world_size, self.world_size)
 
     @reports_mistakes
@@ -332,6 +333,45 @@ class Session:
             self.events.finished()
             self.events.close()
             self.liveness.close()
+
+    def __enter__(self) -> Session:
+        """``with ftrain.Session(...) as session:``: the end of the block closes the session (:meth:`__exit__`)."""
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        """Close the session at the end of a ``with`` block; the block's exception always propagates unchanged.
+
+        * The block ended normally (or by ``sys.exit(0)``): :meth:`close`. It waits for the save in flight to
+          commit, raises if it failed, and loads the best checkpoint under ``checkpoint.load_best_at_end``. If the
+          block called ``close()`` itself, nothing more is done.
+        * :class:`Preempted`: ``step()`` already committed the final checkpoint (blocking), so the session ends
+          without a collective and without loading anything, and waits for uploads no longer than what is left
+          of ``supervisor.grace_seconds``. ``Preempted`` propagates, and the process exits with 75.
+        * Any other exception: nothing new is saved or loaded, and no collective is entered: the other ranks may
+          be gone, or waiting elsewhere. A save already in flight holds state from an earlier step, so it gets
+          up to ``supervisor.grace_seconds`` to commit; if it fails, the failure is logged, not raised. Then the
+          lease is released and the event log flushed. Unless the exception is a ``SystemExit``, the signal
+          handlers and the exception hook stay installed: if the exception goes uncaught, the worker writes its
+          error file for the supervisor exactly as it would without ``with`` (a later ``close()`` removes them).
+        """
+        # Liveness is closed last by close() (in its finally), so it tells whether close() already ran.
+        if self.liveness.closed:
+            return
+        if exc is None or (type(exc) is SystemExit and exc.code in (None, 0)):
+            self.close()
+            return
+        wait = self.liveness.grace_left() if isinstance(exc, Preempted) else self.config.supervisor.grace_seconds
+        atexit.unregister(self._flush_at_exit)
+        try:
+            self.checkpointer.flush(wait)  # logs a failed or unfinished write; the previous checkpoint stays valid
+            self.checkpointer.close(wait)  # after the wait: gives the root's lease back
+        except Exception:  # must not replace the block's exception
+            log.exception("closing the session after %s failed", type(exc).__name__)
+        finally:
+            self.events.close()  # flushes: no "finished" event, since the run did not finish
+            if isinstance(exc, SystemExit):  # no exception hook runs for an exit: nothing is left to report
+                self.liveness.close()
 
     def _raise_failed_save(self) -> None:
         """Every rank raises once the ranks agreed a background save failed: its own error, or a pointer."""

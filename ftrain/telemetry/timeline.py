@@ -1,7 +1,7 @@
 """A run's history from its event log: every second of wall time in exactly one bucket (pure).
 
 Goodput is productive step time over wall time, after Google's ML Goodput
-Measurement; the badput buckets (README, "Goodput") are:
+Measurement; the badput buckets (docs/goodput.md) are:
 
 * ``startup``: a process starting until it restores (the launcher's imports, the workers' imports,
   process-group init, building the model);

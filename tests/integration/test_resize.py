@@ -21,7 +21,7 @@ pytestmark = pytest.mark.slow
 
 STEPS = 36           # > one epoch: 2048 samples / 64 per step = 32 steps
 STEPS_PER_EPOCH = 32
-#: README "Resizing": after a resize the per-step mean loss of the global batch stays within this of the
+#: docs/multi-node.md: after a resize the per-step mean loss of the global batch stays within this of the
 #: uninterrupted run's (absolute, cross-entropy of 4 classes; measured on this job: at most 0.033 over --seed 0-7.
 #: The difference grows with the run's length: over the example's default 200 steps up to 0.097).
 LOSS_TOLERANCE = 0.1

@@ -140,7 +140,7 @@ def test_two_ranks_killed_inside_sharded_saves_resume_bit_exact(tmp_path):
 def test_four_ranks_of_ddp_resume_bit_exact_without_ddp_warnings(tmp_path):
     # With more than 2 ranks, DDP's bucket rebuild after a resumed run's first iteration would make gloo add
     # gradients in another order than the original run did at that step: the example's communication hook
-    # all-reduces each gradient on its own (README, "DDP and bit-exact resume"), without find_unused_parameters'
+    # all-reduces each gradient on its own (docs/exactness.md), without find_unused_parameters'
     # warning from every rank.
     args = ["--steps", "24", "--save-every", "10", "--print-every", "0", "--workers", "0"]
     ref = torchrun(EXAMPLE, [*args, "--ckpt-dir", str(tmp_path / "ref")], nproc=4, check=True)

@@ -19,7 +19,7 @@ watcher thread only). :class:`NoticeWatch` methods are called from the superviso
 ``deliver`` callback runs on a watcher thread. ``stop()`` returns only after every watcher thread
 (and the drain file's watchdog observer) has ended: no thread outlives the supervisor's ``run``.
 
-What each source counts as a notice (README "Preemption notices"):
+What each source counts as a notice (docs/cloud.md):
 
 * aws: IMDSv2 ``spot/instance-action`` answering 200 (404 is "none"); deadline its ``time``. The
   rebalance recommendation is advisory (logged once) unless ``supervisor.aws_rebalance`` is ``stop``;

@@ -49,7 +49,7 @@ def main() -> int:
     torch.manual_seed(0)  # the same initial weights and data on every rank
     data = TensorDataset(torch.randn(256, 1, 8, 8), torch.randint(0, 3, (256,)))
     model = build_model()
-    # find_unused_parameters=True: no bucket rebuild after the first iteration (README, "DDP and bit-exact resume").
+    # find_unused_parameters=True: no bucket rebuild after the first iteration (docs/exactness.md).
     ddp = nn.parallel.DistributedDataParallel(model, find_unused_parameters=True)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
     loader = ftrain.ResumableLoader(data, batch_size=8, shuffle=True, seed=0)
