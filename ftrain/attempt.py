@@ -5,15 +5,22 @@ files, stack dumps, per-rank logs, ``stop.json``, ``preempted.json``) is specifi
 docs/FORMAT.md, "Attempt directory"; this module reads and writes it. Workers
 find it in ``$FTRAIN_ATTEMPT_DIR``. Errors are data: the supervisor builds its
 root-cause report from these files, not from log scraping alone.
+
+The JSON files are read into frozen records (:class:`ErrorRecord`, :class:`PreemptedRecord`,
+:class:`StopRecord`) that check every field's type once, here: a worker (or anything else able to write into
+the directory) is untrusted input to the supervisor, which must never crash on what it finds. The same records
+write the files, so both sides of the boundary share one definition of each.
 """
 from __future__ import annotations
 
 import json
+import math
 import os
 import socket
 import time
 import traceback
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +42,129 @@ class Heartbeat:
     #: the supervisor judges only heartbeats whose ``pid`` is a worker of the current group.
     group: int | None = None
     pid: int | None = None
+
+
+def _fields(doc: object, kinds: Mapping[str, type]) -> dict[str, Any] | None:
+    """The fields of the JSON object ``doc`` that ``kinds`` names, each either absent (null counts as absent) or of
+    its kind; None if ``doc`` is not an object or a field has another type. A bool is not a number (JSON's true
+    would pass for 1), a float must be finite (an int is read as a float), and keys not in ``kinds`` are ignored (a
+    newer writer may add some)."""
+    if not isinstance(doc, dict):
+        return None
+    out: dict[str, Any] = {}
+    for key, kind in kinds.items():
+        value = doc.get(key)
+        if value is None:
+            continue
+        if kind is float:
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                return None
+            try:
+                value = float(value)
+            except OverflowError:  # an integer of 400 digits
+                return None
+            if not math.isfinite(value):
+                return None
+        elif (kind is int and isinstance(value, bool)) or not isinstance(value, kind):
+            return None
+        out[key] = value
+    return out
+
+
+@dataclass(frozen=True)
+class ErrorRecord:
+    """``errors/rank-RRRRR.json``: a worker's uncaught exception (docs/FORMAT.md, "Attempt directory").
+
+    Every field may be absent (older writers lack ``group``, ``permanent`` and ``exit_code``); a field of the wrong
+    type makes the whole file unreadable (:meth:`from_json` gives None), and the supervisor skips it."""
+
+    rank: int | None = None
+    pid: int | None = None  # the writer's pid as torchrun knows it (``worker_pid``): attributes it to a group
+    group: int | None = None
+    host: str | None = None
+    time: float | None = None  # the writer's wall clock: the earliest record is the root cause
+    exc_type: str | None = None
+    message: str | None = None
+    traceback: str | None = None
+    #: ``FtrainError.permanent``: no restart can fix it, and the launch stops with ``exit_code``.
+    permanent: bool = False
+    exit_code: int | None = None
+
+    @property
+    def sort_time(self) -> float:
+        """``time`` for ordering records: a record without one sorts first, as one from the epoch would."""
+        return self.time if self.time is not None else 0.0
+
+    @classmethod
+    def from_json(cls, doc: object) -> ErrorRecord | None:
+        fields = _fields(doc, _ERROR_KINDS)
+        return cls(**fields) if fields is not None else None
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+_ERROR_KINDS: dict[str, type] = {"rank": int, "pid": int, "group": int, "host": str, "time": float, "exc_type": str,
+                                 "message": str, "traceback": str, "permanent": bool, "exit_code": int}
+
+
+@dataclass(frozen=True)
+class PreemptedRecord:
+    """``preempted.json``: the preemption checkpoint of ``step`` committed (docs/FORMAT.md, "Attempt directory").
+
+    ``step`` is required (it is what the file says); the rest may be absent (older writers lack ``pid`` and
+    ``group``; ``remote_time`` only with a remote tier). A file without a whole-number ``step``, or with a field of
+    the wrong type, reads as no marker (:meth:`from_json` gives None)."""
+
+    step: int
+    rank: int | None = None
+    time: float | None = None  # when it committed locally (the writer's wall clock)
+    reason: str | None = None  # why the worker stopped (its preemption reason)
+    pid: int | None = None  # the writer's pid: a marker counts only for the group that wrote it
+    group: int | None = None
+    remote_time: float | None = None  # when it became durable on the remote tier
+
+    @classmethod
+    def from_json(cls, doc: object) -> PreemptedRecord | None:
+        fields = _fields(doc, _PREEMPTED_KINDS)
+        return cls(**fields) if fields is not None and "step" in fields else None
+
+    def to_json(self) -> dict[str, Any]:
+        out = asdict(self)
+        if self.remote_time is None:
+            del out["remote_time"]  # absent, not null, without a remote tier (as FORMAT.md has always had it)
+        return out
+
+
+_PREEMPTED_KINDS: dict[str, type] = {"step": int, "rank": int, "time": float, "reason": str, "pid": int,
+                                     "group": int, "remote_time": float}
+
+
+@dataclass(frozen=True)
+class StopRecord:
+    """``stop.json``: the supervisor asks every worker to stop (docs/FORMAT.md, "Attempt directory").
+
+    Its presence is what counts: content that does not parse, or has fields of the wrong type, reads as a record
+    with neither field (still a stop)."""
+
+    signal: str | None = None  # the signal's name, e.g. "SIGTERM"
+    time: float | None = None  # the supervisor's wall clock when it acted on it
+
+    @classmethod
+    def from_json(cls, doc: object) -> StopRecord:
+        fields = _fields(doc, {"signal": str, "time": float})
+        return cls(**fields) if fields is not None else cls()
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def _read_json(path: Path) -> object:
+    """``path``'s JSON; raises OSError or ValueError (also for a hostile file nested too deep to parse)."""
+    try:
+        return json.loads(path.read_bytes())
+    except RecursionError:
+        raise ValueError(f"{path}: nested too deeply") from None
 
 
 def entry_pid() -> int | None:
@@ -137,16 +267,20 @@ class AttemptFiles:
         return beats
 
     # ---------------------------------------------------------------- errors
-    def read_errors(self) -> dict[int, dict[str, Any]]:
-        out: dict[int, dict[str, Any]] = {}
+    def read_errors(self) -> dict[int, ErrorRecord]:
+        """Rank (from the file name) -> its error record; files that cannot be read or are malformed are skipped."""
+        out: dict[int, ErrorRecord] = {}
         err_dir = self.root / "errors"
         if not err_dir.is_dir():
             return out
         for path in sorted(err_dir.glob("rank-*.json")):
             try:
-                out[int(path.stem.removeprefix("rank-"))] = json.loads(path.read_text())
+                rank = int(path.stem.removeprefix("rank-"))
+                record = ErrorRecord.from_json(_read_json(path))
             except (ValueError, OSError):
                 continue
+            if record is not None:
+                out[rank] = record
         return out
 
     def mistakes(self) -> tuple[str, ...]:
@@ -159,15 +293,21 @@ class AttemptFiles:
             return ()
         if stamp != self._mistakes_stamp:
             self._mistakes_stamp = stamp
-            self._mistakes = tuple(str(r.get("message")) for r in self.read_errors().values()
-                                   if r.get("permanent") is True and r.get("message"))
+            self._mistakes = tuple(r.message for r in self.read_errors().values() if r.permanent and r.message)
         return self._mistakes
 
-    def read_preempted(self) -> dict[str, Any] | None:
+    def read_preempted(self) -> PreemptedRecord | None:
+        """The final save's marker, or None: absent, unreadable or malformed."""
         try:
-            return json.loads(self.preempted.read_text())
+            return PreemptedRecord.from_json(_read_json(self.preempted))
         except (OSError, ValueError):
             return None
+
+    def write_preempted(self, record: PreemptedRecord) -> None:
+        """Worker side: the preemption checkpoint committed. Renamed into place: a reader sees all of it or none."""
+        tmp = self.preempted.with_name("preempted.json.partial")
+        tmp.write_text(json.dumps(record.to_json()))
+        os.replace(tmp, self.preempted)
 
     # ------------------------------------------------------------------ stop
     def write_stop(self, signal_name: str, when: float) -> None:
@@ -178,22 +318,22 @@ class AttemptFiles:
         place: a reader sees the whole file or none.
         """
         tmp = self.stop.with_name("stop.json.partial")
-        tmp.write_text(json.dumps({"signal": signal_name, "time": when}))
+        tmp.write_text(json.dumps(StopRecord(signal_name, when).to_json()))
         os.replace(tmp, self.stop)
 
-    def read_stop(self) -> dict[str, Any] | None:
-        """Worker side: the stop marker's content, or None if there is none (one failed open: cheap)."""
+    def read_stop(self) -> StopRecord | None:
+        """Worker side: the stop marker, or None if there is none (one failed open: cheap)."""
         try:
-            text = self.stop.read_text()
+            data = self.stop.read_bytes()
         except OSError:
             return None
         try:
-            record = json.loads(text)
-        except ValueError:
-            record = None
+            doc: object = json.loads(data)  # bytes: invalid UTF-8 is a ValueError here, not in the read
+        except (ValueError, RecursionError):
+            doc = None
         # The file only appears whole (renamed into place), so its presence is what counts: content we
         # cannot parse (a newer writer?) still means stop.
-        return record if isinstance(record, dict) else {}
+        return StopRecord.from_json(doc)
 
 
 class HeartbeatWriter:
@@ -228,13 +368,12 @@ def write_error_file(path: Path, rank: int, exc: BaseException, group: int = 0) 
 
     ``permanent`` (with its ``exit_code``) marks a mistake no restart can fix (:attr:`FtrainError.permanent`):
     the supervisor stops on it at once."""
-    permanent = isinstance(exc, FtrainError) and exc.permanent
-    record = {
-        "rank": rank, "pid": worker_pid(), "group": group, "host": socket.gethostname(), "time": time.time(),
-        "exc_type": type(exc).__name__, "message": str(exc),
-        "traceback": "".join(traceback.format_exception(type(exc), exc, exc.__traceback__)),
-        "permanent": permanent, "exit_code": exit_code_of(exc),
-    }
+    record = ErrorRecord(
+        rank=rank, pid=worker_pid(), group=group, host=socket.gethostname(), time=time.time(),
+        exc_type=type(exc).__name__, message=str(exc),
+        traceback="".join(traceback.format_exception(type(exc), exc, exc.__traceback__)),
+        permanent=isinstance(exc, FtrainError) and exc.permanent, exit_code=exit_code_of(exc),
+    )
     tmp = path.with_name(path.name + ".partial")
-    tmp.write_text(json.dumps(record))
+    tmp.write_text(json.dumps(record.to_json()))
     os.replace(tmp, path)

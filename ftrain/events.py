@@ -14,12 +14,16 @@ and training goes on. Each batch of whole lines is one ``write`` on an
 ``O_APPEND`` descriptor, so lines of several processes never interleave on a
 local filesystem.
 
+Every kind of event is a member of :class:`Ev`: writers emit members, readers compare ``e["ev"]`` with
+members, so a misspelt kind is an AttributeError at once instead of an event no reader ever matches.
+
 Readers trust nothing in these files: a line that is not a JSON object with a
 finite ``t`` and a string ``ev`` is skipped (a torn last line from a SIGKILL,
 or a hostile file), and so are lines over :data:`MAX_LINE_BYTES`.
 """
 from __future__ import annotations
 
+import enum
 import json
 import logging
 import math
@@ -44,6 +48,43 @@ MAX_LINE_BYTES = 64 * 1024
 MAX_EVENTS_PER_FILE = 2_000_000
 #: Seconds between the ``progress`` events of global rank 0.
 PROGRESS_SECONDS = 5.0
+
+
+class Ev(str, enum.Enum):
+    """The kind of an event: its ``ev`` field, one per row of docs/FORMAT.md's "Event log" table.
+
+    A ``str`` mix-in, not ``enum.StrEnum`` (Python 3.11; ftrain supports 3.10): a member equals, and hashes like, its
+    value, so ``event["ev"] == Ev.LAUNCH`` holds for an event read back from JSON, and a member written to JSON is
+    its value: the on-disk format is the plain string. Readers keep kinds they do not know as plain strings.
+    """
+
+    # supervisor
+    LAUNCH = "launch"
+    ATTEMPT_START = "attempt_start"
+    GROUP_START = "group_start"
+    GROUP_END = "group_end"
+    FAILURE = "failure"
+    HANG = "hang"
+    ATTEMPT_END = "attempt_end"  # no longer written (logs before 2026-12-08); still read
+    BACKOFF = "backoff"
+    SIGNAL = "signal"
+    NOTICE = "notice"
+    GIVE_UP = "give_up"
+    LAUNCH_END = "launch_end"
+    # worker
+    SESSION_START = "session_start"
+    RESTORE = "restore"
+    FIRST_STEP = "first_step"
+    PROGRESS = "progress"
+    SAVE = "save"
+    COMMITTED = "committed"
+    UPLOADED = "uploaded"
+    UPLOAD_FAILED = "upload_failed"
+    PREEMPTED = "preempted"
+    FINISHED = "finished"
+
+    def __str__(self) -> str:  # the value, as StrEnum's (a plain Enum's would be "Ev.LAUNCH")
+        return str(self.value)
 
 
 def events_dir(root: str | os.PathLike[str]) -> Path:
@@ -82,7 +123,7 @@ class EventLog:
         self._failed = False
         self._closed = False
 
-    def emit(self, ev: str, **fields: Any) -> None:
+    def emit(self, ev: Ev, **fields: Any) -> None:
         """Record event ``ev`` now; never blocks, never raises (safe in signal handlers)."""
         if self.path is None or self._closed:
             return
@@ -91,7 +132,7 @@ class EventLog:
             return
         self._queued += 1
         self._emitted += 1
-        self._queue.put({"t": time.time(), "ev": ev, **self.base, **fields})
+        self._queue.put({"t": time.time(), "ev": str(ev), **self.base, **fields})
         if self._thread is None:
             # Re-entrant: a signal handler (run by this same thread) may emit while the first emit starts it.
             with self._starting:
@@ -319,4 +360,4 @@ def process_start() -> float:
         return time.time()
 
 
-__all__ = ["EVENTS_DIR", "EventLog", "Tail", "events_dir", "log_path", "node_id", "read_events"]
+__all__ = ["EVENTS_DIR", "Ev", "EventLog", "Tail", "events_dir", "log_path", "node_id", "read_events"]

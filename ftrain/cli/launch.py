@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 from ftrain import envvars
 from ftrain.errors import UsageError
 from ftrain.signals import EARLY_SIGNALS
+from ftrain.supervisor.stop import StopRequest  # light: the early handlers need it before the heavy imports
 
 if TYPE_CHECKING:
     from ftrain.checkpoint.lease import Lease
@@ -92,9 +93,10 @@ def _dest(flag: str) -> str:
 def cmd_launch(args: argparse.Namespace) -> int:
     # Catch preemption signals from the first moment: importing the supervisor (torch, psutil) takes seconds,
     # and SLURM's SIGUSR1 would otherwise kill us before any handler exists. The supervisor takes these over.
-    early: list[str] = []
+    early: list[StopRequest] = []
     for name in EARLY_SIGNALS:
-        signal.signal(getattr(signal, name), lambda signum, frame: early.append(signal.Signals(signum).name))
+        signal.signal(getattr(signal, name),
+                      lambda signum, frame: early.append(StopRequest.signal(signal.Signals(signum).name)))
     from ftrain.checkpoint.store import CheckpointStore  # imports take a moment: after the handlers
     from ftrain.config import load_config
     from ftrain.supervisor.supervisor import LaunchSpec, Supervisor
@@ -137,7 +139,7 @@ def cmd_launch(args: argparse.Namespace) -> int:
     spec = LaunchSpec(script=str(script), script_args=list(args.script_args), nproc=args.nproc,
                       torchrun_args=torchrun_args, run_id=run_id, config=cfg, extra_env=extra_env, nnodes=nnodes)
     try:
-        return Supervisor(spec, early_signals=early, lease_lost=lease.lost if lease is not None else lambda: None
+        return Supervisor(spec, early_stops=early, lease_lost=lease.lost if lease is not None else lambda: None
                           ).run()
     finally:
         if lease is not None:

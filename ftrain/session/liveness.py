@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import faulthandler
 import functools
-import json
 import logging
 import os
 import signal
@@ -50,6 +49,7 @@ from ftrain.attempt import (
     STEPPING,
     AttemptFiles,
     HeartbeatWriter,
+    PreemptedRecord,
     entry_pid,
     exit_code_of,
     worker_pid,
@@ -130,7 +130,7 @@ class Liveness:
         record = self.attempt.read_stop()
         if record is None:
             return False
-        self.request_preemption(f"ftrain launch was stopped by {record.get('signal') or 'a signal'} (stop marker)")
+        self.request_preemption(f"ftrain launch was stopped by {record.signal or 'a signal'} (stop marker)")
         return True
 
     def request_preemption(self, reason: str) -> None:
@@ -161,13 +161,8 @@ class Liveness:
         ``remote_time``: when it became durable on the remote tier (rank 0 knows)."""
         if self.attempt is None or os.environ.get(envvars.LOCAL_RANK, "0") != "0":
             return
-        tmp = self.attempt.preempted.with_name("preempted.json.partial")
-        record = {"step": step, "rank": self.rank, "time": time.time(), "reason": self.preempt_reason,
-                  "pid": worker_pid(), "group": self.group}
-        if remote_time is not None:
-            record["remote_time"] = remote_time
-        tmp.write_text(json.dumps(record))
-        os.replace(tmp, self.attempt.preempted)
+        self.attempt.write_preempted(PreemptedRecord(step, rank=self.rank, time=time.time(), reason=self.preempt_reason,
+                                                     pid=worker_pid(), group=self.group, remote_time=remote_time))
 
     # ------------------------------------------------------------- liveness
     def beat(self, phase: str, step: int) -> None:

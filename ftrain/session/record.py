@@ -17,7 +17,7 @@ import time
 from typing import Any
 
 from ftrain import envvars
-from ftrain.events import PROGRESS_SECONDS, EventLog, log_path, node_id, process_start
+from ftrain.events import PROGRESS_SECONDS, Ev, EventLog, log_path, node_id, process_start
 
 
 def _env_int(name: str) -> int | None:
@@ -40,16 +40,16 @@ class WorkerEvents:
         self._stepped = False
         self.step_seen: int | None = None
 
-    def _lead(self, ev: str, **fields: Any) -> None:
+    def _lead(self, ev: Ev, **fields: Any) -> None:
         if self.lead:
             self.log.emit(ev, **fields)
 
     def start(self, world: int, total_steps: int | None) -> None:
-        self.log.emit("session_start", proc_start=process_start(), world=world,
+        self.log.emit(Ev.SESSION_START, proc_start=process_start(), world=world,
                       local_rank=_env_int(envvars.LOCAL_RANK) or 0, total_steps=total_steps)
 
     def restore(self, step: int, start: float, seconds: float, found: bool) -> None:
-        self._lead("restore", step=step, start=start, seconds=round(seconds, 6), found=found)
+        self._lead(Ev.RESTORE, step=step, start=start, seconds=round(seconds, 6), found=found)
         self._next_progress = time.monotonic() + PROGRESS_SECONDS
 
     def step(self, step: int) -> None:
@@ -58,32 +58,32 @@ class WorkerEvents:
             return
         if not self._stepped:
             self._stepped = True
-            self.log.emit("first_step", step=step)
+            self.log.emit(Ev.FIRST_STEP, step=step)
             return
         now = time.monotonic()
         if now >= self._next_progress:
             self._next_progress = now + PROGRESS_SECONDS
-            self.log.emit("progress", step=step)
+            self.log.emit(Ev.PROGRESS, step=step)
 
     def save(self, step: int, start: float, blocking: float) -> None:
-        self._lead("save", step=step, start=start, blocking=round(blocking, 6))
+        self._lead(Ev.SAVE, step=step, start=start, blocking=round(blocking, 6))
 
     def committed(self, step: int, seconds: float, nbytes: int) -> None:
         """From the committing thread (rank 0's background writer, or the training thread)."""
-        self._lead("committed", step=step, seconds=round(seconds, 6), bytes=nbytes)
+        self._lead(Ev.COMMITTED, step=step, seconds=round(seconds, 6), bytes=nbytes)
 
     def upload(self, step: int, seconds: float, error: str | None) -> None:
         """From rank 0's uploader thread: ``step`` is durable on the remote tier, or its upload failed."""
         if error is None:
-            self._lead("uploaded", step=step, seconds=round(seconds, 6))
+            self._lead(Ev.UPLOADED, step=step, seconds=round(seconds, 6))
         else:
-            self._lead("upload_failed", step=step, seconds=round(seconds, 6), error=error[:500])
+            self._lead(Ev.UPLOAD_FAILED, step=step, seconds=round(seconds, 6), error=error[:500])
 
     def preempted(self, step: int, reason: str | None, uploaded: bool | None) -> None:
-        self._lead("preempted", step=step, reason=reason, uploaded=uploaded)
+        self._lead(Ev.PREEMPTED, step=step, reason=reason, uploaded=uploaded)
 
     def finished(self) -> None:
-        self._lead("finished", step=self.step_seen)
+        self._lead(Ev.FINISHED, step=self.step_seen)
 
     def flush(self, timeout: float = 0.5) -> None:
         self.log.flush(timeout)

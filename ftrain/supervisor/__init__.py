@@ -5,7 +5,8 @@ It restarts failed or hung jobs and handles preemption. Modules: ``supervisor``
 ``policy`` (the restart decision, pure), ``hang`` (hang detection, pure),
 ``report`` (root cause), ``nodes`` (the loop of a multi-node launch: one torchrun, many
 worker groups), ``membership`` (why a worker group ended: membership change or local
-failure, pure); for warm starts, ``zygote`` (the forkserver that imports torch once and forks the
+failure, pure), ``stop`` (what asked the launch to stop: a signal or a notice); for
+warm starts, ``zygote`` (the forkserver that imports torch once and forks the
 workers, and its handle), ``zygote_preload``, ``zygote_protocol``, ``entry`` (what torchrun starts per rank)
 and ``warm_worker`` (the forked child becoming ``python script.py``).
 """

@@ -28,10 +28,10 @@ from __future__ import annotations
 
 import signal
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from ftrain import exitcodes
-from ftrain.attempt import AttemptFiles
+from ftrain.attempt import AttemptFiles, PreemptedRecord
 from ftrain.supervisor.console import Console, flush
 from ftrain.supervisor.hang import find_hung
 from ftrain.supervisor.membership import Ending, Group, GroupWatch, classify_group, group_errors, parse_worker_exits
@@ -71,9 +71,9 @@ class Tally:
 
 def run_launch(sup: Supervisor) -> int:
     """Supervise the launch until its workers finish, the policy gives up, or a stop; the exit code."""
-    if sup.signals:
+    if sup.stops:
         sup.set_state(State.DONE)
-        return sup.finish(exitcodes.PREEMPTED, f"stopped by {sup.signals[0]} before the job started", [],
+        return sup.finish(exitcodes.PREEMPTED, f"stopped by {sup.stops[0].name} before the job started", [],
                           [], sup.newest_step())
     tally = Tally(mark=sup.newest_step())
     attempt = 0
@@ -82,8 +82,8 @@ def run_launch(sup: Supervisor) -> int:
         if mode.stop is not None:  # the policy gave up
             sup.set_state(State.DONE)
             return sup.finish(mode.stop.exit_code, mode.stop.reason, tally.failures, tally.lines, sup.newest_step())
-        restart = mode.backoff if not sup.signals else None  # a stopped job is never restarted by us
-        if restart is None and not sup.signals and rc not in (0, None) and not sup.spec.multinode:
+        restart = mode.backoff if not sup.stops else None  # a stopped job is never restarted by us
+        if restart is None and not sup.stops and rc not in (0, None) and not sup.spec.multinode:
             restart = _torchrun_failed(sup, tally, mode, rc)  # torchrun itself died (killed, out of memory)
             if restart.action is Action.STOP:
                 sup.set_state(State.DONE)
@@ -95,7 +95,7 @@ def run_launch(sup: Supervisor) -> int:
         sup.journal.backoff(attempt, restart.delay)
         if sup.backoff_sleep(restart.delay):
             sup.set_state(State.DONE)
-            return sup.finish(exitcodes.PREEMPTED, f"stopped by {sup.signals[0]} while waiting to restart",
+            return sup.finish(exitcodes.PREEMPTED, f"stopped by {sup.stops[0].name} while waiting to restart",
                               tally.failures, tally.lines, sup.newest_step())
         sup.set_state(State.STARTING)
         attempt += 1
@@ -124,8 +124,8 @@ def _run_torchrun(sup: Supervisor, tally: Tally, attempt: int) -> tuple[GroupsWa
     flush(console, sup.say)
     if mode.pending is not None and mode.stop is None and mode.backoff is None:
         # torchrun exited (0: the ranks finished), or we stopped it
-        mode.report(mode.pending[0], finished=True if rc == 0 else None if sup.signals else False)
-    elif sup.signals and mode.groups.current is not None and mode.stop is None:
+        mode.report(mode.pending[0], finished=True if rc == 0 else None if sup.stops else False)
+    elif sup.stops and mode.groups.current is not None and mode.stop is None:
         mode.report(mode.groups.current, finished=None)  # the group the stop ended: preempted, never counted
     sup.job = None
     return mode, rc
@@ -158,14 +158,14 @@ def _finished(sup: Supervisor, tally: Tally, mode: GroupsWatch, rc: int | None) 
     sup.set_state(State.DONE)
     newest = sup.newest_step()
     failures, lines = tally.failures, tally.lines
-    if sup.signals:
+    if sup.stops:
         marker = _final_marker(mode.files, mode.stopping)
         sup.see_final(marker)
-        saved = f"final checkpoint at step {marker.get('step')}" if marker is not None else \
+        saved = f"final checkpoint at step {marker.step}" if marker is not None else \
             "no final checkpoint committed"
         if rc == 0 and marker is None:
             return sup.finish(exitcodes.OK, "all ranks finished", failures, lines, newest)
-        return sup.finish(exitcodes.PREEMPTED, f"stopped by {sup.signals[0]}: {saved}", failures, lines, newest)
+        return sup.finish(exitcodes.PREEMPTED, f"stopped by {sup.stops[0].name}: {saved}", failures, lines, newest)
     if rc == 0:
         return sup.finish(exitcodes.OK, "all ranks finished", failures, lines, newest)
     failure = root_cause(len(tally.history), list(mode.job.tail), {}, None, None)
@@ -207,10 +207,10 @@ class GroupsWatch:
         if not sup.spec.multinode:
             later = (f"; the {sup.spec.nproc - asked} not started (or not ready) yet are asked once they are"
                      if asked < sup.spec.nproc else "")
-            sup.say(f"{sup.signals[0]}: asked {asked} worker(s) to save and exit within "
+            sup.say(f"{sup.stops[0].name}: asked {asked} worker(s) to save and exit within "
                     f"{sup.sup.grace_seconds:g}s{later}{note}")
             return False
-        sup.say(f"{sup.signals[0]}: asked {asked} worker(s) of this node to save and exit within "
+        sup.say(f"{sup.stops[0].name}: asked {asked} worker(s) of this node to save and exit within "
                 f"{sup.sup.grace_seconds:g}s{note}")
         if self.groups.current is None:
             sup.say("no worker group is running (torchrun is in a rendezvous): stopping torchrun")
@@ -311,7 +311,7 @@ def _group_ended(sup: Supervisor, group: Group, files: AttemptFiles, job: Job, h
     sup.expected_reports(beats)  # a group that ended before any hang check saw its heartbeats still reported
     ranks = {b.pid: rank for rank, b in beats.items() if b.pid is not None}
     verdict = classify_group(group.pids, files.read_errors(), parse_worker_exits(job.tail), files.read_preempted(),
-                             signalled=bool(sup.signals) and finished is not True, hang=hang, finished=finished,
+                             signalled=bool(sup.stops) and finished is not True, hang=hang, finished=finished,
                              local_only=not sup.spec.multinode, ranks=ranks)
     newest = sup.newest_step()
     sup.journal.group_end(group.number, verdict.ending.value, verdict.detail, verdict.ending.counted)
@@ -334,8 +334,7 @@ def _group_ended(sup: Supervisor, group: Group, files: AttemptFiles, job: Job, h
                                        permanent.permanent if permanent is not None else None))
     if verdict.rank is not None:  # the root cause's own error, not the peers' communication errors it caused
         errors = {verdict.rank: errors[verdict.rank]} if verdict.rank in errors else {}
-    failure = permanent or root_cause(len(tally.history) - 1, list(job.tail),
-                                      {r: dict(e) for r, e in errors.items()}, hang, files.ranks_dir)
+    failure = permanent or root_cause(len(tally.history) - 1, list(job.tail), errors, hang, files.ranks_dir)
     if failure.rank is None and hang is None and permanent is None:
         # No error file and no summary (torchrun prints its summary only when it gives up): the rank the verdict
         # names, with the exit torchrun logged for it, if it did.
@@ -369,10 +368,10 @@ def _traceless(group: Group, files: AttemptFiles, job: Job, hang: str | None) ->
                           hang=hang, finished=True).ending is Ending.FINISHED
 
 
-def _final_marker(files: AttemptFiles, stopping: Group | None) -> dict[str, Any] | None:
+def _final_marker(files: AttemptFiles, stopping: Group | None) -> PreemptedRecord | None:
     """The preempted.json of the group that was running when the stop came, else None: a marker from an
     earlier group is that group's save for a scale-up, not the final one."""
     marker = files.read_preempted()
-    if marker is not None and (stopping is None or marker.get("pid") not in stopping.pids):
+    if marker is not None and (stopping is None or marker.pid not in stopping.pids):
         return None
     return marker

@@ -16,7 +16,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from ftrain.attempt import SAVING, AttemptFiles
-from ftrain.events import EventLog, Tail, log_path, node_id, process_start
+from ftrain.events import Ev, EventLog, Tail, log_path, node_id, process_start
 from ftrain.telemetry.live import progress_line, status_of
 
 if TYPE_CHECKING:
@@ -41,24 +41,24 @@ class Journal:
         self._files: AttemptFiles | None = None
         self._group_started = 0.0  # wall clock of the current worker group's start
 
-    def emit(self, ev: str, **fields: Any) -> None:
+    def emit(self, ev: Ev, **fields: Any) -> None:
         self.log.emit(ev, **fields)
 
     # ------------------------------------------------------------- happenings
     def launch(self, *, nproc: int, nnodes: tuple[int, int], script: str, cfg: FtrainConfig) -> None:
         # ckpt_dir: where this node saw the checkpoint directory, so that a reader handed a copy or another
         # mount of it (node-local disks) finds this node's attempt directories under it.
-        self.emit("launch", proc_start=process_start(), ckpt_dir=os.path.abspath(cfg.checkpoint.dir), nproc=nproc,
+        self.emit(Ev.LAUNCH, proc_start=process_start(), ckpt_dir=os.path.abspath(cfg.checkpoint.dir), nproc=nproc,
                   nnodes=list(nnodes), script=script,
                   max_restarts=cfg.supervisor.max_restarts, every_steps=cfg.checkpoint.every_steps,
                   every_seconds=cfg.checkpoint.every_seconds, hang_timeout=cfg.supervisor.hang_timeout_seconds)
 
     def attempt_start(self, attempt: int, number: int, files: AttemptFiles, pid: int) -> None:
         self._files = files
-        self.emit("attempt_start", attempt=attempt, number=number, dir=str(files.root), pid=pid)
+        self.emit(Ev.ATTEMPT_START, attempt=attempt, number=number, dir=str(files.root), pid=pid)
 
     def failure(self, attempt: int, failure: Failure, **more: Any) -> None:
-        self.emit("failure", attempt=attempt, rank=failure.rank, exit_code=failure.exit_code,
+        self.emit(Ev.FAILURE, attempt=attempt, rank=failure.rank, exit_code=failure.exit_code,
                   exc_type=failure.exc_type, message=(failure.message or "")[:500] or None, hang=failure.hang,
                   detail=failure.describe(), **more)
 
@@ -66,25 +66,25 @@ class Journal:
         beats = [b for b in files.read_heartbeats().values() if pids is None or b.pid in pids]
         # The hang began when the silent rank last reported: the oldest heartbeat; its phase says what hung.
         oldest = min(beats, key=lambda b: b.time, default=None)
-        self.emit("hang", attempt=attempt, verdict=verdict, since=oldest.time if oldest else None,
+        self.emit(Ev.HANG, attempt=attempt, verdict=verdict, since=oldest.time if oldest else None,
                   phase=oldest.phase if oldest else None, step=oldest.step if oldest else None)
 
     def backoff(self, attempt: int, delay: float) -> None:
-        self.emit("backoff", attempt=attempt, delay=delay)
+        self.emit(Ev.BACKOFF, attempt=attempt, delay=delay)
 
     def signal(self, name: str) -> None:
         """From a signal handler too: emit only (the log's queue is reentrant)."""
-        self.emit("signal", name=name)
+        self.emit(Ev.SIGNAL, name=name)
 
     def notice(self, notice: Notice) -> None:
-        self.emit("notice", source=notice.source, deadline=notice.deadline, detail=notice.detail[:500])
+        self.emit(Ev.NOTICE, source=notice.source, deadline=notice.deadline, detail=notice.detail[:500])
 
     def group_start(self, group: int, workers: int) -> None:
         self._group_started = time.time()
-        self.emit("group_start", group=group, workers=workers)
+        self.emit(Ev.GROUP_START, group=group, workers=workers)
 
     def group_end(self, group: int, ending: str, detail: str, counted: bool) -> None:
-        self.emit("group_end", group=group, ending=ending, detail=detail, counted=counted,
+        self.emit(Ev.GROUP_END, group=group, ending=ending, detail=detail, counted=counted,
                   saving=self._saving(self._group_started - 1.0))
 
     def _saving(self, since: float) -> float | None:
@@ -98,8 +98,8 @@ class Journal:
 
     def finish(self, code: int, reason: str) -> None:
         if code not in (0, 75):
-            self.emit("give_up", exit_code=code, reason=reason)
-        self.emit("launch_end", exit_code=code, reason=reason)
+            self.emit(Ev.GIVE_UP, exit_code=code, reason=reason)
+        self.emit(Ev.LAUNCH_END, exit_code=code, reason=reason)
 
     def close(self) -> None:
         self.log.close(timeout=2.0)
@@ -113,7 +113,7 @@ class Journal:
         self.log.flush(0.2)  # our own recent events, so the line agrees with the log
         self._seen.extend(self._tail.new())
         if len(self._seen) > 4000:  # a long run: keep what the line needs (the plan, attempts, the latest events)
-            keep = {"launch", "attempt_start", "attempt_end", "group_end", "session_start", "signal", "notice"}
+            keep = {Ev.LAUNCH, Ev.ATTEMPT_START, Ev.ATTEMPT_END, Ev.GROUP_END, Ev.SESSION_START, Ev.SIGNAL, Ev.NOTICE}
             head = [e for e in self._seen[:-1000] if e["ev"] in keep]
             self._seen = head[-1000:] + self._seen[-1000:]
         beats = {self.node: self._files.read_heartbeats()} if self._files is not None else {}

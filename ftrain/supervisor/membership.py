@@ -32,9 +32,9 @@ import enum
 import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from typing import Any
 
 from ftrain import exitcodes
+from ftrain.attempt import ErrorRecord, PreemptedRecord
 from ftrain.errors import PeerFailed
 from ftrain.supervisor.report import exit_text
 
@@ -116,11 +116,11 @@ class GroupWatch:
         return ended, started
 
 
-def is_communication_failure(record: Mapping[str, Any]) -> bool:
+def is_communication_failure(record: ErrorRecord) -> bool:
     """Whether an error file's record is a lost peer or store rather than a fault of this rank's own."""
-    if record.get("exc_type") in COMMUNICATION_TYPES:
+    if record.exc_type in COMMUNICATION_TYPES:
         return True
-    message = str(record.get("message") or "").lower()
+    message = (record.message or "").lower()
     return any(fragment in message for fragment in COMMUNICATION_MESSAGES)
 
 
@@ -134,13 +134,13 @@ def parse_worker_exits(lines: Iterable[str]) -> dict[int, int]:
     return exits
 
 
-def group_errors(errors: Mapping[int, Mapping[str, Any]], pids: frozenset[int]) -> dict[int, Mapping[str, Any]]:
+def group_errors(errors: Mapping[int, ErrorRecord], pids: frozenset[int]) -> dict[int, ErrorRecord]:
     """The error files (rank -> record) written by the processes ``pids``; older groups' are left out."""
-    return {rank: rec for rank, rec in errors.items() if rec.get("pid") in pids}
+    return {rank: rec for rank, rec in errors.items() if rec.pid in pids}
 
 
-def classify_group(pids: frozenset[int], errors: Mapping[int, Mapping[str, Any]], exits: Mapping[int, int],
-                   preempted: Mapping[str, Any] | None, *, signalled: bool = False,
+def classify_group(pids: frozenset[int], errors: Mapping[int, ErrorRecord], exits: Mapping[int, int],
+                   preempted: PreemptedRecord | None, *, signalled: bool = False,
                    hang: str | None = None, finished: bool | None = None, local_only: bool = False,
                    ranks: Mapping[int, int] | None = None) -> GroupEnd:
     """Why the group of worker processes ``pids`` ended (rules 1-6 of the module docstring).
@@ -165,10 +165,9 @@ def classify_group(pids: frozenset[int], errors: Mapping[int, Mapping[str, Any]]
     mine = group_errors(errors, pids)
     local = {rank: rec for rank, rec in mine.items() if not is_communication_failure(rec)}
     if local:
-        rank, rec = min(local.items(), key=lambda kv: float(kv[1].get("time", 0.0)))
-        return GroupEnd(Ending.FAILED, f"rank {rank} ({rec.get('exc_type')}: {_first_line(rec.get('message'))})",
-                        rank)
-    erred = {rec.get("pid") for rec in mine.values()}
+        rank, rec = min(local.items(), key=lambda kv: kv[1].sort_time)
+        return GroupEnd(Ending.FAILED, f"rank {rank} ({rec.exc_type}: {_first_line(rec.message)})", rank)
+    erred = {rec.pid for rec in mine.values()}
     silent = {pid: code for pid, code in exits.items()
               if pid in pids and pid not in erred and code not in (0, exitcodes.PREEMPTED)}
     names = ranks or {}
@@ -180,25 +179,24 @@ def classify_group(pids: frozenset[int], errors: Mapping[int, Mapping[str, Any]]
         pid, code = min(silent.items())
         return GroupEnd(Ending.FAILED, f"{who(pid)} exited with {exit_text(code)} without an error file",
                         names.get(pid))
-    saved = preempted is not None and preempted.get("pid") in pids
+    saved = preempted is not None and preempted.pid in pids
     if local_only and not saved and (mine or finished is False):
         dead = sorted(pid for pid in pids if pid not in erred)
         if dead:
-            lost = f"; the other ranks lost it ({_first_line(min(mine.values(), key=_time).get('message'))})" \
+            lost = f"; the other ranks lost it ({_first_line(min(mine.values(), key=_time).message)})" \
                 if mine else ""
             return GroupEnd(Ending.FAILED, f"{who(dead[0])} died without an error file (killed by a signal?){lost}",
                             names.get(dead[0]))
         if mine:
             rank, rec = min(mine.items(), key=lambda kv: _time(kv[1]))
-            return GroupEnd(Ending.FAILED, f"rank {rank} ({rec.get('exc_type')}: {_first_line(rec.get('message'))})",
-                            rank)
+            return GroupEnd(Ending.FAILED, f"rank {rank} ({rec.exc_type}: {_first_line(rec.message)})", rank)
     if mine:
-        rank, rec = min(mine.items(), key=lambda kv: float(kv[1].get("time", 0.0)))
-        return GroupEnd(Ending.MEMBERSHIP, f"a peer was lost (rank {rank}: {rec.get('exc_type')}: "
-                        f"{_first_line(rec.get('message'))})")
-    if preempted is not None and preempted.get("pid") in pids:
+        rank, rec = min(mine.items(), key=lambda kv: _time(kv[1]))
+        return GroupEnd(Ending.MEMBERSHIP, f"a peer was lost (rank {rank}: {rec.exc_type}: "
+                        f"{_first_line(rec.message)})")
+    if preempted is not None and preempted.pid in pids:
         return GroupEnd(Ending.MEMBERSHIP, "torchrun stopped the workers for a re-rendezvous; they saved step "
-                        f"{preempted.get('step')}")
+                        f"{preempted.step}")
     if finished:
         return GroupEnd(Ending.FINISHED, "every worker exited 0, then torchrun exited 0")
     if finished is False:
@@ -208,8 +206,8 @@ def classify_group(pids: frozenset[int], errors: Mapping[int, Mapping[str, Any]]
                     "re-rendezvous, or they finished and torchrun waits for the other nodes to finish")
 
 
-def _time(record: Mapping[str, Any]) -> float:
-    return float(record.get("time", 0.0))
+def _time(record: ErrorRecord) -> float:
+    return record.sort_time
 
 
 def _first_line(text: object, limit: int = 160) -> str:

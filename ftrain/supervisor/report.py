@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from ftrain import exitcodes
+from ftrain.attempt import ErrorRecord
 from ftrain.errors import printable
 from ftrain.supervisor.console import is_collective_error
 
@@ -48,18 +49,17 @@ class Failure:
         return " ".join(parts)
 
 
-def permanent_failure(attempt: int, errors: Mapping[int, Mapping[str, Any]]) -> Failure | None:
+def permanent_failure(attempt: int, errors: Mapping[int, ErrorRecord]) -> Failure | None:
     """The earliest error record marked permanent (docs/FORMAT.md, "Attempt directory"), as the attempt's root
     cause; None if there is none. Its exit code is the record's (2 or 1), anything else read as 1."""
-    marked = [(float(rec.get("time") or 0.0), rank) for rank, rec in errors.items() if rec.get("permanent") is True]
+    marked = [(rec.sort_time, rank) for rank, rec in errors.items() if rec.permanent]
     if not marked:
         return None
     rank = min(marked)[1]
     rec = errors[rank]
-    code = rec.get("exit_code")
-    return Failure(attempt=attempt, rank=rank, exc_type=printable(rec.get("exc_type") or "error"),
-                   message=printable(" ".join(str(rec.get("message") or "").split())),
-                   traceback=rec.get("traceback") if isinstance(rec.get("traceback"), str) else None,
+    code = rec.exit_code
+    return Failure(attempt=attempt, rank=rank, exc_type=printable(rec.exc_type or "error"),
+                   message=printable(" ".join((rec.message or "").split())), traceback=rec.traceback,
                    permanent=code if code in (exitcodes.FAILURE, exitcodes.USAGE) else exitcodes.FAILURE)
 
 
@@ -99,11 +99,11 @@ def parse_torchrun_failures(lines: list[str]) -> list[tuple[int, int | None, int
     return out
 
 
-def root_cause(attempt: int, torchrun_tail: list[str], errors: dict[int, dict[str, Any]],
+def root_cause(attempt: int, torchrun_tail: list[str], errors: Mapping[int, ErrorRecord],
                hang: str | None, ranks_dir: Path | None = None) -> Failure:
     rank, local, code = parse_torchrun_root_cause(torchrun_tail)
     err0 = errors.get(rank) if rank is not None else None
-    if err0 is not None and is_collective_error(str(err0.get("message", ""))):
+    if err0 is not None and is_collective_error(err0.message or ""):
         # torchrun's "first observed" is whichever exit it saw first: a survivor whose collective failed because
         # this peer died may exit first (its DataLoader workers no longer hold the dead rank's sockets open).
         # A rank killed by a signal is the cause.
@@ -114,7 +114,7 @@ def root_cause(attempt: int, torchrun_tail: list[str], errors: dict[int, dict[st
     # (and write error files) a moment later: then torchrun's first observed failure is the root cause.
     # Otherwise the earliest error file is: torchrun observes exits in batches and may name a bystander.
     if errors and (rank is None or code is None or code > 0):
-        first = min(errors.items(), key=lambda kv: kv[1].get("time", 0.0))[0]
+        first = min(errors.items(), key=lambda kv: kv[1].sort_time)[0]
         if first != rank:
             rank, local, code = first, None, None
     failure = Failure(attempt=attempt, rank=rank, exit_code=code, hang=hang)
@@ -127,9 +127,9 @@ def root_cause(attempt: int, torchrun_tail: list[str], errors: dict[int, dict[st
             failure.traceback = "\n".join(tail) or None
     err = errors.get(rank) if rank is not None else None
     if err is not None:
-        failure.exc_type = err.get("exc_type")
-        failure.message = err.get("message")
-        failure.traceback = err.get("traceback")
+        failure.exc_type = err.exc_type
+        failure.message = err.message
+        failure.traceback = err.traceback
     return failure
 
 

@@ -28,9 +28,9 @@ a :class:`~ftrain.supervisor.clock.Clock` (the real clocks by default), and
 unit-tested with a scripted job, fake time and injected signals. Preemption
 notices (cloud metadata, the drain file: :mod:`ftrain.supervisor.notices`) come
 from watcher threads started by :meth:`Supervisor.run` and stopped on every exit
-path; a notice goes through ``notify`` like a signal (its name never starts with
-"SIG", so it never counts as the second, "stop now" signal: the platform's own
-SIGTERM usually follows a notice).
+path; a notice stops the job like a signal, as a :class:`~ftrain.supervisor.stop.StopRequest`
+of kind NOTICE, which never counts as the second, "stop now" signal (the platform's
+own SIGTERM usually follows a notice).
 
 Whatever happens (including an exception here), the ``finally`` tears the
 job's process tree down; if this process is SIGKILLed, torchrun gets SIGTERM
@@ -51,7 +51,7 @@ from pathlib import Path
 from types import FrameType
 
 from ftrain import exitcodes
-from ftrain.attempt import AttemptFiles
+from ftrain.attempt import AttemptFiles, PreemptedRecord
 from ftrain.checkpoint.store import CheckpointStore
 from ftrain.signals import STACK_DUMP_SIGNAL
 from ftrain.supervisor import command
@@ -66,6 +66,7 @@ from ftrain.supervisor.notices import Notice, NoticeWatch, announce, build_watch
 from ftrain.supervisor.policy import RestartPolicy
 from ftrain.supervisor.report import Failure, format_report
 from ftrain.supervisor.state import INITIAL, State, check_transition
+from ftrain.supervisor.stop import StopKind, StopRequest
 from ftrain.supervisor.watch import POLL
 from ftrain.supervisor.zygote import SOCKET_DIR_PREFIX, SOCKET_NAME, Zygote, sweep_stale
 
@@ -86,7 +87,7 @@ class Supervisor:
     Signals reach the loop only through :meth:`notify`. One supervisor runs :meth:`run` once.
     """
 
-    def __init__(self, spec: LaunchSpec, *, echo: bool = True, early_signals: list[str] | None = None,
+    def __init__(self, spec: LaunchSpec, *, echo: bool = True, early_stops: list[StopRequest] | None = None,
                  start_job: JobFactory = JobProcess, clock: Clock = SYSTEM_CLOCK,
                  jitter: Callable[[], float] = random.random,
                  lease_lost: Callable[[], str | None] = lambda: None, notices: NoticeWatch | None = None) -> None:
@@ -107,9 +108,10 @@ class Supervisor:
         self.jitter = jitter
         #: Why this job no longer owns the checkpoint root (another job took it over), or None.
         self.lease_lost = lease_lost
-        # Signals received before run() (see cli.launch) count as if they arrived now. Only ever appended to
-        # (by notify), never cleared: the first is what stopped us, the second means "stop now".
-        self.signals: list[str] = early_signals if early_signals is not None else []
+        # Signals received before run() (see cli.launch: the list is shared, so one that arrives until run()
+        # installs our handlers is kept too) count as if they arrived now. Only ever appended to (by notify and
+        # the notice watchers), never cleared: the first is what stopped us, a second signal means "stop now".
+        self.stops: list[StopRequest] = early_stops if early_stops is not None else []
         self.job: Job | None = None
         sup = self.sup
         self._notices = notices if notices is not None else build_watch(
@@ -118,7 +120,7 @@ class Supervisor:
             drain_file=Path(sup.drain_file or os.path.join(cfg.checkpoint.dir, "DRAIN")))
         #: The first notice received (it carries the deadline), and the final save's preempted.json once seen.
         self.notice: Notice | None = None
-        self._final: dict[str, object] | None = None
+        self._final: PreemptedRecord | None = None
         #: The run's event log (docs/FORMAT.md, "Event log") and the console's progress line.
         self.journal = Journal(cfg, spec.run_id, self.say, clock.monotonic)
         #: Warm starts (supervisor.warm_start): the zygote workers are forked from, while it runs.
@@ -144,8 +146,9 @@ class Supervisor:
         self._install_signal_handlers()
         self.journal.launch(nproc=self.spec.nproc, nnodes=self.spec.nnodes, script=self.spec.script,
                             cfg=self.spec.config)
-        for name in self.signals:  # arrived before run()
-            self.journal.signal(name)
+        for stop in self.stops:  # arrived before run()
+            if stop.kind is StopKind.SIGNAL:
+                self.journal.signal(stop.name)
         try:
             drain = self._notices.drain_file()
             if drain is not None:  # an operator (or a preStop hook) asked this job not to run: start nothing
@@ -174,7 +177,7 @@ class Supervisor:
     def write_stop(self, files: AttemptFiles) -> str:
         """Leave the stop marker for workers that start later; "" or, if it could not be written, a note why."""
         try:
-            files.write_stop(self.signals[0], self.clock.time())
+            files.write_stop(self.stops[0].name, self.clock.time())
         except OSError as e:
             # Workers already running still get the signal; only late starters depend on the marker.
             return f" (could not write the stop marker {files.stop}: {e.strerror or e})"
@@ -270,9 +273,8 @@ class Supervisor:
         Called from the signal handlers (so it only appends: safe in a handler, and list.append is atomic)
         and by tests to inject signals without sending real ones.
         """
-        self.signals.append(signame)
-        if signame.startswith("SIG"):
-            self.journal.signal(signame)
+        self.stops.append(StopRequest.signal(signame))
+        self.journal.signal(signame)
 
     def _on_notice(self, notice: Notice) -> None:
         """A watcher thread's notice: log it with its deadline, then stop as for a signal (see :meth:`notify`)."""
@@ -280,9 +282,9 @@ class Supervisor:
             self.notice = notice
         self.journal.notice(notice)
         self.say(announce(notice, self.clock.time(), self.sup.grace_seconds))
-        self.notify(notice.name)
+        self.stops.append(StopRequest.notice(notice.name))
 
-    def see_final(self, marker: dict[str, object] | None) -> None:
+    def see_final(self, marker: PreemptedRecord | None) -> None:
         """The final save's preempted.json (None: not yet): once seen after a notice, acknowledge the notice."""
         if marker is not None and self._final is None:
             self._final = marker
@@ -291,11 +293,14 @@ class Supervisor:
 
     def stop_now(self) -> bool:
         """A second preemption signal arrived ("stop now"); notices are not signals and never count."""
-        return sum(1 for s in self.signals if s.startswith("SIG")) >= 2
+        return sum(1 for s in self.stops if s.kind is StopKind.SIGNAL) >= 2
 
     def forward_signal(self) -> int:
-        first = self.signals[0]
-        name = first if first in self.sup.preemption_signals else self.sup.preemption_signals[0]
+        """The signal the workers get: the one that stopped us if it is one of ``supervisor.preemption_signals``
+        (which the workers handle), else (SIGINT, by default, or a notice) the first of them."""
+        first = self.stops[0]
+        handled = first.kind is StopKind.SIGNAL and first.name in self.sup.preemption_signals
+        name = first.name if handled else self.sup.preemption_signals[0]
         return int(getattr(signal, name))
 
     def backoff_sleep(self, seconds: float) -> bool:
@@ -303,17 +308,17 @@ class Supervisor:
         clock = self.clock
         deadline = clock.monotonic() + seconds
         while clock.monotonic() < deadline:
-            if self.signals:
+            if self.stops:
                 return True
             clock.sleep(min(POLL, max(0.0, deadline - clock.monotonic())))
-        return bool(self.signals)
+        return bool(self.stops)
 
     # ---------------------------------------------------------------- output
     def finish(self, code: int, reason: str, failures: list[Failure], lines: list[str], newest: int | None) -> int:
         self.journal.finish(code, reason)
         if code == exitcodes.OK:
-            late = (f" (the job finished before the stop ({self.signals[0]}) took effect: nothing to resume)"
-                    if self.signals else "")
+            late = (f" (the job finished before the stop ({self.stops[0].name}) took effect: nothing to resume)"
+                    if self.stops else "")
             self.say(f"finished: {reason}{late}")
         elif code == exitcodes.PREEMPTED:
             if self.notice is not None:

@@ -16,6 +16,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Protocol
 
 from ftrain.supervisor.state import State
+from ftrain.supervisor.stop import StopKind
 
 if TYPE_CHECKING:
     from ftrain.attempt import AttemptFiles
@@ -56,10 +57,11 @@ def watch(sup: Supervisor, job: Job, files: AttemptFiles, mode: Mode) -> None:
         if rc is not None and not mode.checks_exit:
             return
         if sup.stop_now():
-            sup.say(f"second signal ({sup.signals[-1]}): stopping now")
+            last = next(s for s in reversed(sup.stops) if s.kind is StopKind.SIGNAL)
+            sup.say(f"second signal ({last.name}): stopping now")
             job.kill_tree()
             return
-        if sup.signals and grace_deadline is None:
+        if sup.stops and grace_deadline is None:
             sup.set_state(State.STOPPING)
             # The grace period is the outside world's deadline: it starts now, not when our workers exist.
             grace_deadline = clock.monotonic() + sup.sup.grace_seconds

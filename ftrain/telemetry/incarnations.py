@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from itertools import pairwise
 from typing import Any
 
+from ftrain.events import Ev
 from ftrain.events import integer as _int
 from ftrain.events import number as _num
 from ftrain.events import text as _str
@@ -88,29 +89,29 @@ def rank0_lives(events: Sequence[dict[str, Any]], boundaries: dict[str, list[flo
         t, ev = e["t"], e["ev"]
         life = found.get(key)
         if life is None:
-            start = _num(e, "proc_start") if ev == "session_start" else None
+            start = _num(e, "proc_start") if ev == Ev.SESSION_START else None
             life = found[key] = Life(key[0], key[1], _int(e, "attempt"), min(or_(start, t), t), t, t)
         life.last = max(life.last, t)
         step = _int(e, "step")
-        if ev == "restore" and step is not None:
+        if ev == Ev.RESTORE and step is not None:
             start = _num(e, "start")
             seconds = _num(e, "seconds")
             life.restore_start = start if start is not None else t
             life.restore_end = life.restore_start + seconds if seconds is not None else t
             life.restored, life.found = step, bool(e.get("found"))
-        elif ev in ("first_step", "progress") and step is not None:
+        elif ev in (Ev.FIRST_STEP, Ev.PROGRESS) and step is not None:
             life.points.append((t, step))
-        elif ev == "save" and step is not None:
+        elif ev == Ev.SAVE and step is not None:
             start = _num(e, "start")
             blocking = _num(e, "blocking")
             if start is not None and blocking is not None and blocking >= 0:
                 life.saves.append((start, blocking, step))
                 life.points.append((start, step))
-        elif ev == "committed" and step is not None:
+        elif ev == Ev.COMMITTED and step is not None:
             life.commits.append((t, step))
-        elif ev == "preempted":
+        elif ev == Ev.PREEMPTED:
             life.stopped = t
-        elif ev == "finished":
+        elif ev == Ev.FINISHED:
             life.finished = (t, step)
     out = sorted(found.values(), key=lambda x: x.first)
     for life in out:
@@ -167,10 +168,10 @@ def launches(sup: list[dict[str, Any]]) -> dict[str, Node]:
         if n is None:
             n = nodes[name] = Node(name, _str(e, "host") or name.rsplit("/", 1)[0], t, t)
         n.end = max(n.end, t)
-        if ev == "launch":
+        if ev == Ev.LAUNCH:
             n.start = min(n.start, or_(_num(e, "proc_start"), t))
             n.multi = n.multi or multi_node(e.get("nnodes"))
-        elif ev == "launch_end":
+        elif ev == Ev.LAUNCH_END:
             n.ended = True
     return nodes
 
@@ -181,14 +182,14 @@ def node_workers(events: Sequence[dict[str, Any]], boundaries: dict[str, list[fl
     the rank-0 incarnation alive when they started their session: the job's work they took part in."""
     found: dict[tuple[str, int | None], Workers] = {}
     for e in events:
-        if e.get("src") != "worker" or not (_int(e, "rank") == 0 or (e["ev"] == "session_start"
+        if e.get("src") != "worker" or not (_int(e, "rank") == 0 or (e["ev"] == Ev.SESSION_START
                                                                      and _int(e, "local_rank") == 0)):
             continue
         key = (_str(e, "node"), _int(e, "pid"))
         t = e["t"]
         w = found.get(key)
         if w is None:
-            start = _num(e, "proc_start") if e["ev"] == "session_start" else None
+            start = _num(e, "proc_start") if e["ev"] == Ev.SESSION_START else None
             w = found[key] = Workers(key[0], key[1], min(or_(start, t), t), t, t)
         w.last = max(w.last, t)
     out = sorted(found.values(), key=lambda x: x.start)
@@ -219,7 +220,7 @@ def stop_causes(lives: list[Life], sup: list[dict[str, Any]], nodes: dict[str, N
     was told to, but in a multi-node launch torchrun also stops the workers (SIGTERM) to admit a node: that is a
     membership change. A preemption is a signal or a notice that a supervisor (of any node: the ranks agree to
     stop together) received since the previous incarnation ended."""
-    stops = [e["t"] for e in sup if e["ev"] in ("signal", "notice")]
+    stops = [e["t"] for e in sup if e["ev"] in (Ev.SIGNAL, Ev.NOTICE)]
     previous = -math.inf
     for life in lives:
         if life.stopped is not None:

@@ -18,9 +18,9 @@ from typing import Any
 
 from ftrain.attempt import AttemptFiles, Heartbeat
 from ftrain.errors import printable
+from ftrain.events import Ev, read_events, text
 from ftrain.events import integer as _int
 from ftrain.events import number as _num
-from ftrain.events import read_events, text
 from ftrain.telemetry.incarnations import multi_node
 
 #: Seconds of progress events the step rate is measured over.
@@ -126,23 +126,23 @@ def _launches(mine: Sequence[dict[str, Any]]) -> list[_Launch]:
         n.last = max(n.last, t)
         if not sup:
             continue
-        if ev == "launch":
+        if ev == Ev.LAUNCH:
             started = _num(e, "proc_start")
             n.t, n.start = t, min(t, started) if started is not None else t
             n.ckpt_dir = text(e, "ckpt_dir")
             n.multi = n.multi or multi_node(e.get("nnodes"))
-        elif ev == "attempt_start" and text(e, "dir"):
+        elif ev == Ev.ATTEMPT_START and text(e, "dir"):
             n.dir = text(e, "dir")
-        elif ev == "group_start":
+        elif ev == Ev.GROUP_START:
             n.group, n.group_start = _int(e, "group"), t
-        elif ev == "launch_end":
+        elif ev == Ev.LAUNCH_END:
             n.end = e
     launches = sorted(out.values(), key=lambda n: (n.start, n.node))
     per_host: dict[str, int] = {}
     for n in launches:
         per_host[n.host] = per_host.get(n.host, 0) + 1
         n.label = f"{n.host} launch {per_host[n.host]}"
-    regroups = [(e["t"], _str(e, "node")) for e in mine if e["ev"] == "group_start" and e.get("src") == "supervisor"]
+    regroups = [(e["t"], _str(e, "node")) for e in mine if e["ev"] == Ev.GROUP_START and e.get("src") == "supervisor"]
     for n in launches:
         # Killed whole, it records nothing more: the others' next worker group started without it.
         n.lost = n.end is None and n.multi and any(t > n.last + LOST_AFTER and node != n.node
@@ -187,7 +187,7 @@ def status_of(events: Sequence[dict[str, Any]], beats: Beats | BeatReader, now: 
     st.nodes = [NodeState(n.label, n.node, _node_state(n), n.dir, n.group, now - n.start, now - n.last)
                 for n in current]
     sup = [e for e in mine if e.get("src") == "supervisor"]
-    launch = next((e for e in reversed(sup) if e["ev"] == "launch"), None)
+    launch = next((e for e in reversed(sup) if e["ev"] == Ev.LAUNCH), None)
     since = min((n.t for n in current), default=mine[0]["t"])
     if launch is not None:
         st.budget = _int(launch, "max_restarts")
@@ -195,28 +195,28 @@ def status_of(events: Sequence[dict[str, Any]], beats: Beats | BeatReader, now: 
     attempt_start = None
     for e in now_events:
         ev = e["ev"]
-        if ev == "attempt_start":
+        if ev == Ev.ATTEMPT_START:
             attempt_start = e
             st.attempt = _int(e, "attempt")
             st.attempt_age = now - e["t"]
-        elif ev == "attempt_end" and _str(e, "outcome") in ("failed", "hung"):
+        elif ev == Ev.ATTEMPT_END and _str(e, "outcome") in ("failed", "hung"):
             st.restarts += 1
             st.recent.append(f"attempt {_int(e, 'attempt')} {_str(e, 'outcome')}: {_str(e, 'detail')}")
-        elif ev == "group_end":
+        elif ev == Ev.GROUP_END:
             if e.get("counted"):
                 st.restarts += 1
             st.recent.append(f"worker group {_int(e, 'group')} {_str(e, 'ending')}: {_str(e, 'detail')}")
-        elif ev in ("signal", "notice"):
+        elif ev in (Ev.SIGNAL, Ev.NOTICE):
             st.recent.append(f"stop requested: {_str(e, 'name') or _str(e, 'source') + ' notice'}")
     st.recent += [f"{n.label} lost: no event since {_age(now - n.last)} ago, the other nodes went on without it"
                   for n in current if n.lost]
     for e in mine:  # checkpoints and the plan carry over from earlier launches of the run
-        if e["ev"] == "committed" and (step := _int(e, "step")) is not None:
+        if e["ev"] == Ev.COMMITTED and (step := _int(e, "step")) is not None:
             if st.newest_step is None or step >= st.newest_step:
                 st.newest_step, st.newest_age = step, now - e["t"]
-        elif e["ev"] == "session_start" and (total := _int(e, "total_steps")) is not None:
+        elif e["ev"] == Ev.SESSION_START and (total := _int(e, "total_steps")) is not None:
             st.total_steps = total
-        if e["ev"] == "session_start" and (w := _int(e, "world")) is not None:
+        if e["ev"] == Ev.SESSION_START and (w := _int(e, "world")) is not None:
             st.world = w
     ended = [n.end for n in current if n.end is not None]
     if not running and ended:  # every node of the job exited (or was lost): the newest exit says how
@@ -226,12 +226,12 @@ def status_of(events: Sequence[dict[str, Any]], beats: Beats | BeatReader, now: 
         st.state = _state(now_events, attempt_start)
     if attempt_start is not None:
         st.attempt_dirs = sorted({n.dir for n in running if n.dir} or {
-            _str(e, "dir") for e in now_events if e["ev"] == "attempt_start"
+            _str(e, "dir") for e in now_events if e["ev"] == Ev.ATTEMPT_START
             and e["t"] >= attempt_start["t"] - 1.0 and _str(e, "dir")})
     begun = attempt_start["t"] if attempt_start is not None else since
     # (when, step completed): a save's step was complete when its snapshot started
-    progress = [(_num(e, "start") or e["t"] if e["ev"] == "save" else e["t"], s) for e in now_events
-                if e["ev"] in ("progress", "first_step", "save") and e.get("src") == "worker" and e["t"] >= begun
+    progress = [(_num(e, "start") or e["t"] if e["ev"] == Ev.SAVE else e["t"], s) for e in now_events
+                if e["ev"] in (Ev.PROGRESS, Ev.FIRST_STEP, Ev.SAVE) and e.get("src") == "worker" and e["t"] >= begun
                 and (s := _int(e, "step")) is not None]
     if progress:
         st.step = progress[-1][1]
@@ -279,21 +279,21 @@ def _node_state(n: _Launch) -> str:
 
 def _state(events: Sequence[dict[str, Any]], attempt_start: dict[str, Any] | None) -> str:
     last_sup = next((e for e in reversed(events) if e.get("src") == "supervisor"), None)
-    if last_sup is not None and last_sup["ev"] == "launch_end":
+    if last_sup is not None and last_sup["ev"] == Ev.LAUNCH_END:
         code = _int(last_sup, "exit_code")
         return "finished" if code == 0 else "preempted" if code == 75 else "failed"
-    if last_sup is not None and last_sup["ev"] == "backoff":
+    if last_sup is not None and last_sup["ev"] == Ev.BACKOFF:
         return "backoff"
     after = [e for e in events if attempt_start is None or e["t"] >= attempt_start["t"]]
-    if any(e["ev"] in ("signal", "notice") for e in after):
+    if any(e["ev"] in (Ev.SIGNAL, Ev.NOTICE) for e in after):
         return "stopping"
     work = [e for e in after if e.get("src") == "worker"]
     if not work:
         return "starting"
     kinds = {e["ev"] for e in work}
-    if "first_step" in kinds or "progress" in kinds:
+    if Ev.FIRST_STEP in kinds or Ev.PROGRESS in kinds:
         return "running"
-    return "restoring" if "session_start" in kinds else "starting"
+    return "restoring" if Ev.SESSION_START in kinds else "starting"
 
 
 def attempt_dir_under(recorded: str, ckpt_dir: str, roots: Sequence[str | os.PathLike[str]]) -> list[Path]:

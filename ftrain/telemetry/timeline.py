@@ -42,6 +42,7 @@ from dataclasses import dataclass, field
 from itertools import pairwise
 from typing import Any
 
+from ftrain.events import Ev
 from ftrain.events import integer as _int
 from ftrain.events import number as _num
 from ftrain.events import text as _str
@@ -187,9 +188,9 @@ def build(events: Sequence[dict[str, Any]]) -> Timeline | None:
     nodes = launches(sup)
     boundaries: dict[str, list[float]] = defaultdict(list)
     for e in sup:
-        if e["ev"] in ("attempt_end", "group_end", "launch_end"):
+        if e["ev"] in (Ev.ATTEMPT_END, Ev.GROUP_END, Ev.LAUNCH_END):
             boundaries[_str(e, "node")].append(e["t"])
-    regroups = [e["t"] for e in sup if e["ev"] == "group_end"]
+    regroups = [e["t"] for e in sup if e["ev"] == Ev.GROUP_END]
     lives = rank0_lives(events, boundaries, regroups)
     if not nodes and not lives:
         return None
@@ -222,7 +223,7 @@ def build(events: Sequence[dict[str, Any]]) -> Timeline | None:
         recoveries.append(sum(v for k, v in gap.items() if k not in ("down", "productive", "lost")))
     scheduled = [[s for s in life.saves if life.stopped is None or s[0] < life.stopped - 1e-9] for life in lives]
     gaps = [b[0] - (a[0] + a[1]) for saves in scheduled for a, b in pairwise(saves)]
-    changes = [e["t"] for e in sup if e["ev"] == "group_end" and e.get("ending") == "membership change"]
+    changes = [e["t"] for e in sup if e["ev"] == Ev.GROUP_END and e.get("ending") == "membership change"]
     counts = {"attempts": len(lives), "unplanned": sum(1 for life in lives[:-1] if life.stopped is None
                                                       and life.finished is None),
               "preemptions": sum(1 for life in lives if life.preemption),
@@ -290,7 +291,7 @@ def _supervisor_intervals(sup: list[dict[str, Any]], events: Sequence[dict[str, 
     out: dict[str, list[Interval]] = {name: [] for name in nodes}
     starts: dict[str, list[float]] = defaultdict(list)  # when each node's workers started (local rank 0)
     for e in events:
-        if e.get("src") == "worker" and e["ev"] == "session_start" and _int(e, "local_rank") == 0:
+        if e.get("src") == "worker" and e["ev"] == Ev.SESSION_START and _int(e, "local_rank") == 0:
             starts[_str(e, "node")].append(or_(_num(e, "proc_start"), e["t"]))
     for node in starts:
         starts[node].sort()
@@ -298,30 +299,30 @@ def _supervisor_intervals(sup: list[dict[str, Any]], events: Sequence[dict[str, 
     for i, e in enumerate(sup):
         node, t, ev = _str(e, "node"), e["t"], e["ev"]
         mine = out[node]
-        if ev in ("attempt_start", "group_end"):
+        if ev in (Ev.ATTEMPT_START, Ev.GROUP_END):
             # torchrun starting (or re-rendezvousing) until this node's next workers start, if they start
             # before the node's next boundary; an attempt whose workers never started waited all along.
-            if ev == "attempt_start":
+            if ev == Ev.ATTEMPT_START:
                 first_attempt.setdefault(node, t)
             later = starts.get(node, [])
             j = bisect.bisect_right(later, t)
             until = later[j] if j < len(later) else None
             nxt = next((x["t"] for x in sup[i + 1:] if _str(x, "node") == node
-                        and x["ev"] in ("attempt_start", "attempt_end", "launch_end", "group_end")), None)
+                        and x["ev"] in (Ev.ATTEMPT_START, Ev.ATTEMPT_END, Ev.LAUNCH_END, Ev.GROUP_END)), None)
             if until is not None and (nxt is None or until <= nxt):
                 mine.append((t, until, "rendezvous"))
-            elif ev == "attempt_start" and nxt is not None:
+            elif ev == Ev.ATTEMPT_START and nxt is not None:
                 mine.append((t, nxt, "rendezvous"))
-        elif ev == "backoff" and (delay := _num(e, "delay")) is not None:
+        elif ev == Ev.BACKOFF and (delay := _num(e, "delay")) is not None:
             mine.append((t, t + max(0.0, delay), "backoff"))
-        elif ev == "hang":
+        elif ev == Ev.HANG:
             since = _num(e, "since")
             end = next((x["t"] for x in sup[i + 1:] if _str(x, "node") == node
-                        and x["ev"] in ("attempt_end", "group_end", "launch_end")), t)
+                        and x["ev"] in (Ev.ATTEMPT_END, Ev.GROUP_END, Ev.LAUNCH_END)), t)
             since = since if since is not None and since <= t else t
             # Hung inside a save: the save stalled, and a stalled save is save time (it wins over hang).
             mine.append((since, end, "save" if _str(e, "phase") == "saving" else "hang"))
-        if ev in ("attempt_end", "group_end") and (saving := _num(e, "saving")) is not None and saving <= t:
+        if ev in (Ev.ATTEMPT_END, Ev.GROUP_END) and (saving := _num(e, "saving")) is not None and saving <= t:
             # A rank was still in a save when its workers ended: from that save's start, the save stalled
             # (or was cut short), whatever ended it.
             mine.append((saving, t, "save"))
@@ -342,7 +343,7 @@ def _lanes(sup: list[dict[str, Any]], nodes: dict[str, Node], painted: dict[str,
     for n in order:
         per_host[n.host] += 1
         n.label = f"{n.host} launch {per_host[n.host]}"
-    regroups = [(e["t"], _str(e, "node")) for e in sup if e["ev"] == "group_start"]
+    regroups = [(e["t"], _str(e, "node")) for e in sup if e["ev"] == Ev.GROUP_START]
     for n in order:
         segments = painted[n.node]
         if n.multi:
@@ -353,7 +354,7 @@ def _lanes(sup: list[dict[str, Any]], nodes: dict[str, Node], painted: dict[str,
             lanes.append(Lane(n.label, n.node, n.start, n.end, segments, marks))
             continue
         mine = [e for e in sup if _str(e, "node") == n.node]
-        edges = [n.start, *[e["t"] for e in mine if e["ev"] == "attempt_start" and n.start < e["t"] < n.end], n.end]
+        edges = [n.start, *[e["t"] for e in mine if e["ev"] == Ev.ATTEMPT_START and n.start < e["t"] < n.end], n.end]
         if len(edges) > 2:
             edges = [n.start, *edges[2:]]  # the launcher's startup belongs to the first attempt
         who = n.label if per_host[n.host] > 1 else n.host
@@ -370,7 +371,7 @@ def _lanes(sup: list[dict[str, Any]], nodes: dict[str, Node], painted: dict[str,
 
 def _attempt_number(events: list[dict[str, Any]], start: float, default: int) -> int:
     for e in events:
-        if e["ev"] == "attempt_start" and e["t"] >= start - 1e-6:
+        if e["ev"] == Ev.ATTEMPT_START and e["t"] >= start - 1e-6:
             return a if (a := _int(e, "attempt")) is not None else default
     return default
 
@@ -384,16 +385,16 @@ def _marks(events: Sequence[dict[str, Any]], node: str, a: float, b: float) -> l
         if _str(e, "node") != node:
             continue
         t, ev = e["t"], e["ev"]
-        if ev == "committed":
+        if ev == Ev.COMMITTED:
             out.append(Mark(t, "commit", f"step {_int(e, 'step')}"))
-        elif ev == "failure":
+        elif ev == Ev.FAILURE:
             out.append(Mark(t, "failure", _str(e, "detail")[:120]))
-        elif ev == "group_end" and e.get("ending") == "membership change":
+        elif ev == Ev.GROUP_END and e.get("ending") == "membership change":
             out.append(Mark(t, "resize", "membership change"))
-        elif ev == "hang":
+        elif ev == Ev.HANG:
             out.append(Mark(t, "hang", _str(e, "verdict")[:120]))
-        elif ev in ("signal", "notice"):
+        elif ev in (Ev.SIGNAL, Ev.NOTICE):
             out.append(Mark(t, "preemption", _str(e, "name") or f"{_str(e, 'source')} notice"))
-        elif ev == "restore" and e.get("found"):
+        elif ev == Ev.RESTORE and e.get("found"):
             out.append(Mark(t, "restore", f"restored step {_int(e, 'step')}"))
     return out

@@ -482,7 +482,7 @@ def test_the_worker_reports_with_its_entrys_pid(h: Harness) -> None:
     proc.stdin.close()
     assert proc.wait(timeout=10) == 1
     assert files.read_heartbeats()[1].pid == proc.pid
-    assert files.read_errors()[1]["pid"] == proc.pid and files.read_errors()[1]["message"] == "boom"
+    assert files.read_errors()[1].pid == proc.pid and files.read_errors()[1].message == "boom"
 
 
 def test_a_worker_whose_torchrun_died_saves_and_leaves(h: Harness) -> None:

@@ -11,13 +11,13 @@ from pathlib import Path
 import pytest
 
 from ftrain import events
-from ftrain.events import EventLog, Tail, log_path, read_events
+from ftrain.events import Ev, EventLog, Tail, log_path, read_events
 
 
 def test_events_round_trip_in_order(tmp_path: Path) -> None:
     log = EventLog(log_path(tmp_path, "run-1"), run="run-1", src="worker")
     for i in range(50):
-        log.emit("progress", step=i)
+        log.emit(Ev.PROGRESS, step=i)
     log.close()
     got = read_events(tmp_path)
     assert [e["step"] for e in got] == list(range(50))
@@ -32,7 +32,7 @@ def test_emit_never_blocks_on_a_stuck_file(tmp_path: Path) -> None:
     log = EventLog(path, run="stuck")
     # Returning at all is the check: the writer thread is stuck in open() for as long as no reader comes.
     for i in range(events.MAX_QUEUED + 500):
-        log.emit("progress", step=i)
+        log.emit(Ev.PROGRESS, step=i)
     assert log.dropped == 500  # bounded memory: the excess is dropped and counted
     assert log.flush(0.2) is False  # and flush gives up at its timeout
     os.close(os.open(path, os.O_RDONLY | os.O_NONBLOCK))  # let the writer thread out (it then fails, and drops)
@@ -44,7 +44,7 @@ def test_an_unwritable_directory_drops_events_with_one_warning(tmp_path: Path, c
     blocker.write_text("a file where the directory should be")
     log = EventLog(log_path(tmp_path, "r"), run="r")
     for i in range(20):
-        log.emit("progress", step=i)
+        log.emit(Ev.PROGRESS, step=i)
     assert log.flush(2.0)
     log.close()
     # This log's own: the stuck-FIFO test's writer thread may fail (and warn) while this test runs.
@@ -56,7 +56,7 @@ def test_an_unwritable_directory_drops_events_with_one_warning(tmp_path: Path, c
 def _writer(path: str, who: int) -> None:
     log = EventLog(Path(path), run="r", src=f"p{who}")
     for i in range(2000):
-        log.emit("progress", step=i, pad="x" * (who * 37 % 300))
+        log.emit(Ev.PROGRESS, step=i, pad="x" * (who * 37 % 300))
         if i % 100 == 0:
             time.sleep(0.001)
     log.close(timeout=10.0)
@@ -112,7 +112,7 @@ def test_emit_from_many_threads_loses_nothing(tmp_path: Path) -> None:
 
     def spam(k: int) -> None:
         for i in range(500):
-            log.emit("progress", step=k * 1000 + i)
+            log.emit(Ev.PROGRESS, step=k * 1000 + i)
 
     threads = [threading.Thread(target=spam, args=(k,)) for k in range(4)]
     for t in threads:

@@ -7,11 +7,12 @@ docstring for what each source counts as a notice.
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from email.utils import parsedate_to_datetime
 from typing import Any
+
+from ftrain.attempt import PreemptedRecord
 
 #: Lead times (seconds) that GCP does not state in its answer: a Spot VM's ACPI soft-off, a maintenance event.
 GCP_PREEMPT_LEAD, GCP_MAINTENANCE_LEAD = 30.0, 60.0
@@ -193,7 +194,7 @@ def announce(notice: Notice, now: float, grace: float) -> str:
     return line
 
 
-def deadline_report(notice: Notice, marker: Mapping[str, Any] | None, newest: int | None) -> str:
+def deadline_report(notice: Notice, marker: PreemptedRecord | None, newest: int | None) -> str:
     """The closing line: whether the final checkpoint was durable before the notice's deadline.
 
     ``marker`` is the attempt's preempted.json: ``remote_time`` (durable in the remote tier) wins over ``time``
@@ -203,12 +204,12 @@ def deadline_report(notice: Notice, marker: Mapping[str, Any] | None, newest: in
     if marker is None:
         return (f"{head}; no final checkpoint was committed after the notice (the newest checkpoint, "
                 f"{'step ' + str(newest) if newest is not None else 'none'}, was committed before it)")
-    remote = isinstance(marker.get("remote_time"), (int, float))
-    when = marker.get("remote_time") if remote else marker.get("time")
-    if not isinstance(when, (int, float)):
-        return f"{head}; final checkpoint at step {marker.get('step')} (durable at an unknown time)"
+    remote = marker.remote_time is not None
+    when = marker.remote_time if remote else marker.time
+    if when is None:
+        return f"{head}; final checkpoint at step {marker.step} (durable at an unknown time)"
     tier = "remote" if remote else "local"
-    line = f"{head}; final checkpoint at step {marker.get('step')} durable ({tier}) at {format_time(when)}"
+    line = f"{head}; final checkpoint at step {marker.step} durable ({tier}) at {format_time(when)}"
     if notice.deadline is None:
         return line
     margin = notice.deadline - when

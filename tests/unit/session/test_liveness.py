@@ -7,6 +7,7 @@ closed (it installs signal handlers, an excepthook, faulthandler and a watcher t
 """
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -18,7 +19,7 @@ from pathlib import Path
 import pytest
 
 from ftrain import envvars
-from ftrain.attempt import RESTORING, SAVING, STEPPING, AttemptFiles, worker_pid
+from ftrain.attempt import RESTORING, SAVING, STEPPING, AttemptFiles, StopRecord, worker_pid
 from ftrain.session import liveness as liveness_mod
 from ftrain.session.liveness import STOP_CHECK_INTERVAL, Liveness
 
@@ -152,7 +153,8 @@ def test_without_an_attempt_dir_nothing_is_read(tmp_path: Path, monkeypatch: pyt
 def test_the_marker_round_trips(files: AttemptFiles) -> None:
     assert files.read_stop() is None
     files.write_stop("SIGTERM", 1700000000.5)
-    assert files.read_stop() == {"signal": "SIGTERM", "time": 1700000000.5}
+    assert files.read_stop() == StopRecord(signal="SIGTERM", time=1700000000.5)
+    assert json.loads(files.stop.read_text()) == {"signal": "SIGTERM", "time": 1700000000.5}  # the format
     assert sorted(p.name for p in files.root.iterdir() if p.is_file()) == ["stop.json"]  # no .partial left
 
 

@@ -21,6 +21,7 @@ from ftrain.attempt import STEPPING, AttemptFiles, write_error_file
 from ftrain.checkpoint.format import step_dirname
 from ftrain.config import CheckpointConfig, FtrainConfig, SupervisorConfig
 from ftrain.supervisor.command import TORCHRUN_RESTARTS
+from ftrain.supervisor.stop import StopRequest
 from ftrain.supervisor.supervisor import LaunchSpec, Supervisor
 
 #: The fake wall clock at fake time 0. Far from the real time on purpose: a heartbeat compared
@@ -284,7 +285,8 @@ class Rig:
         spec = LaunchSpec(script="train.py", script_args=["--lr", "1"], nproc=NPROC, torchrun_args=[],
                           run_id="run", config=cfg)
         extra = {} if jitter is None else {"jitter": jitter}
-        self.sup = Supervisor(spec, echo=False, early_signals=early_signals, start_job=self.start_job,
+        early = [StopRequest.signal(name) for name in early_signals] if early_signals is not None else None
+        self.sup = Supervisor(spec, echo=False, early_stops=early, start_job=self.start_job,
                               clock=self.clock, lease_lost=lease_lost, **extra)
 
     def start_job(self, cmd: list[str], env: dict[str, str], log_path: Path, *,

@@ -1,7 +1,9 @@
 """Pure parts of the supervisor, tested without processes: hang detection and the root-cause report."""
 from __future__ import annotations
 
-from ftrain.attempt import RESTORING, SAVING, STEPPING, Heartbeat
+import dataclasses
+
+from ftrain.attempt import RESTORING, SAVING, STEPPING, ErrorRecord, Heartbeat
 from ftrain.supervisor.hang import HangLimits, find_hung
 from ftrain.supervisor.report import format_report, parse_torchrun_root_cause, root_cause
 from ftrain.supervisor.supervisor import strip_prefix
@@ -57,7 +59,7 @@ def test_torchrun_root_cause_is_parsed():
 
 
 def test_signal_death_beats_the_error_files_of_stranded_ranks():
-    errors = {0: {"time": 5.0, "exc_type": "RuntimeError", "message": "Connection closed by peer"}}
+    errors = {0: ErrorRecord(time=5.0, exc_type="RuntimeError", message="Connection closed by peer")}
     f = root_cause(2, TORCHRUN_TAIL, errors, None)
     assert (f.rank, f.exit_code, f.exc_type) == (3, -9, None)
     assert f.describe() == "rank 3 exited with signal SIGKILL"
@@ -65,8 +67,9 @@ def test_signal_death_beats_the_error_files_of_stranded_ranks():
 
 def test_earliest_error_file_wins_over_a_bystander_exit_code():
     tail = [ln.replace("-9 (pid: 9083)  (SIGKILL)", "1 (pid: 9083)") for ln in TORCHRUN_TAIL]
-    errors = {1: {"time": 9.0, "exc_type": "RuntimeError", "message": "peer closed", "traceback": "x"},
-              2: {"time": 4.0, "exc_type": "ValueError", "message": "boom", "traceback": "Traceback...\nValueError: boom"}}
+    errors = {1: ErrorRecord(time=9.0, exc_type="RuntimeError", message="peer closed", traceback="x"),
+              2: ErrorRecord(time=4.0, exc_type="ValueError", message="boom",
+                             traceback="Traceback...\nValueError: boom")}
     f = root_cause(0, tail, errors, None)
     assert (f.rank, f.exc_type, f.message) == (2, "ValueError", "boom")
 
@@ -90,20 +93,20 @@ Root Cause (first observed failure):
   rank      : 0 (local_rank: 0)
   exitcode  : 1 (pid: 8456)
 """.splitlines()
-    errors = {0: {"time": 1.0, "exc_type": "RuntimeError",
-                  "message": "[/pytorch/third_party/gloo/gloo/transport/tcp/pair.cc:537] Read error: "
-                             "Connection reset by peer"}}
+    errors = {0: ErrorRecord(time=1.0, exc_type="RuntimeError",
+                             message="[/pytorch/third_party/gloo/gloo/transport/tcp/pair.cc:537] Read error: "
+                                     "Connection reset by peer")}
     f = root_cause(0, tail, errors, None)
     assert (f.rank, f.exit_code, f.exc_type) == (1, -9, None)
     assert f.describe() == "rank 1 exited with signal SIGKILL"
     # A survivor's own bug (not a collective error) stays the root cause.
-    errors[0]["message"] = "boom"
+    errors[0] = dataclasses.replace(errors[0], message="boom")
     assert root_cause(0, tail, errors, None).rank == 0
 
 
 def test_report_fits_on_one_screen():
-    errors = {1: {"time": 1.0, "exc_type": "ValueError", "message": "boom",
-                  "traceback": "\n".join(f"line {i}" for i in range(200))}}
+    errors = {1: ErrorRecord(time=1.0, exc_type="ValueError", message="boom",
+                             traceback="\n".join(f"line {i}" for i in range(200)))}
     failures = [root_cause(a, [], errors, None) for a in range(20)]
     text = format_report("gave up", failures, [f"#{a} failed" for a in range(20)], "/logs", 40)
     assert len(text.splitlines()) <= 30

@@ -27,6 +27,7 @@ from ftrain.errors import ConfigError, LeaseError, StateMismatch, UsageError
 from ftrain.supervisor.hang import reports_progress
 from ftrain.supervisor.job import _handles
 from ftrain.supervisor.state import INITIAL, TRANSITIONS, IllegalTransition, State, check_transition
+from ftrain.supervisor.stop import StopKind, StopRequest
 
 
 # ------------------------------------------------------------------ state machine
@@ -392,7 +393,7 @@ def test_signal_handler_feeds_notify(tmp_path: Path, _no_real_time_or_signals: d
     sup._install_signal_handlers()
     assert set(_no_real_time_or_signals) == {SIGTERM, SIGUSR1, int(signal.SIGINT)}
     _no_real_time_or_signals[SIGUSR1](SIGUSR1, None)
-    assert sup.signals == ["SIGUSR1"]
+    assert sup.stops == [StopRequest(StopKind.SIGNAL, "SIGUSR1")]
 
 
 def test_an_exception_in_the_loop_still_tears_the_job_down(tmp_path: Path) -> None:

@@ -1,6 +1,7 @@
 """The multi-node pure parts: which worker group a pid belongs to, and why a group ended (no processes)."""
 from __future__ import annotations
 
+from ftrain.attempt import ErrorRecord, PreemptedRecord
 from ftrain.supervisor.membership import (
     Ending,
     GroupWatch,
@@ -15,8 +16,8 @@ MESH = ("Gloo connectFullMesh failed with [/__w/pytorch/pytorch/third_party/gloo
         "timed out connecting: SO_ERROR: Connection refused, remote=[127.0.0.1]:29520")
 
 
-def err(pid: int, exc_type: str, message: str, t: float = 1.0) -> dict[str, object]:
-    return {"pid": pid, "exc_type": exc_type, "message": message, "time": t, "group": 0}
+def err(pid: int, exc_type: str, message: str, t: float = 1.0) -> ErrorRecord:
+    return ErrorRecord(pid=pid, exc_type=exc_type, message=message, time=t, group=0)
 
 
 def test_communication_failures_are_recognised() -> None:
@@ -46,7 +47,7 @@ def test_a_group_without_a_trace_finished_if_torchrun_exited_0() -> None:
 def test_finished_only_decides_a_group_without_a_trace() -> None:
     lost = {0: err(10, "RuntimeError", GLOO_LOST)}
     assert classify_group(frozenset({10, 11}), lost, {}, None, finished=True).ending is Ending.MEMBERSHIP
-    saved = classify_group(frozenset({10, 11}), {}, {}, {"pid": 10, "step": 15}, finished=True)
+    saved = classify_group(frozenset({10, 11}), {}, {}, PreemptedRecord(step=15, pid=10), finished=True)
     assert saved.ending is Ending.MEMBERSHIP and "saved step 15" in saved.detail
     crashed = classify_group(frozenset({10, 11}), {}, {11: -9}, None, finished=True)
     assert crashed.ending is Ending.FAILED
@@ -83,9 +84,9 @@ def test_errors_of_earlier_groups_do_not_count() -> None:
 
 
 def test_scale_up_stop_with_a_save_is_a_membership_change() -> None:
-    end = classify_group(frozenset({10, 11}), {}, {}, {"pid": 10, "step": 15})
+    end = classify_group(frozenset({10, 11}), {}, {}, PreemptedRecord(step=15, pid=10))
     assert end.ending is Ending.MEMBERSHIP and "saved step 15" in end.detail
-    stale = classify_group(frozenset({10, 11}), {}, {}, {"pid": 7, "step": 5})
+    stale = classify_group(frozenset({10, 11}), {}, {}, PreemptedRecord(step=5, pid=7))
     assert "saved" not in stale.detail
 
 
@@ -136,6 +137,6 @@ def test_on_a_single_node_a_rank_killed_among_lost_peers_is_the_failure() -> Non
     bare = classify_group(frozenset({10, 11}), {}, {}, None, finished=False, local_only=True)
     assert bare.ending is Ending.FAILED and bare.detail.startswith("worker pid 10 died without an error file")
     # A group that saved (a stop) or finished is still not a failure.
-    assert classify_group(frozenset({10, 11}), {}, {}, {"pid": 10, "step": 3}, finished=False,
+    assert classify_group(frozenset({10, 11}), {}, {}, PreemptedRecord(step=3, pid=10), finished=False,
                           local_only=True).ending is Ending.MEMBERSHIP
     assert classify_group(frozenset({10, 11}), {}, {}, None, finished=True, local_only=True).ending is Ending.FINISHED

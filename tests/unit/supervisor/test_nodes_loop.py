@@ -129,7 +129,7 @@ def test_a_signal_to_the_supervisor_is_preemption(tmp_path: Path, capsys: pytest
 
     def sleep(seconds: float) -> None:
         real_sleep(seconds)
-        if rig.clock.now >= 3.0 and not rig.sup.signals:
+        if rig.clock.now >= 3.0 and not rig.sup.stops:
             rig.sup.notify("SIGTERM")  # once: a second signal means "stop now"
 
     rig.clock.sleep = sleep  # type: ignore[method-assign]

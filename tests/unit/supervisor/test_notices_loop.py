@@ -23,6 +23,7 @@ from ftrain.checkpoint.format import step_dirname
 from ftrain import exitcodes
 from ftrain.supervisor.notices import Notice
 from ftrain.supervisor.state import State
+from ftrain.supervisor.stop import StopKind, StopRequest
 
 AWS = Notice("aws", WALL0 + 120.0, "spot instance-action terminate at ...")
 
@@ -89,6 +90,7 @@ def test_a_notice_stops_like_a_signal_and_logs_the_deadline(tmp_path: Path, caps
     assert [sig for _, sig in job.groups[0].signals_sent] == [int(signal.SIGTERM)]  # mapped to the first preemption signal
     assert job.groups[0].signals_sent[0][0] == pytest.approx(2.0, abs=0.11)
     assert json.loads(job.files.stop.read_text())["signal"] == "aws notice"
+    assert rig.sup.stops == [StopRequest(StopKind.NOTICE, "aws notice")]
     assert states(caplog) == ["running", "stopping", "done"]
     assert watch.acks == [True] and watch.stopped == 1  # acknowledged once, after the final save's marker
     err = capsys.readouterr().err
@@ -115,6 +117,8 @@ def test_the_platforms_sigterm_after_a_notice_is_not_a_second_signal(tmp_path: P
     assert rig.run() == exitcodes.PREEMPTED
     err = capsys.readouterr().err
     assert "stopping now" not in err and "final checkpoint at step 4" in err
+    assert rig.sup.stops == [StopRequest.notice("aws notice"), StopRequest.signal("SIGTERM")]
+    assert not rig.sup.stop_now()
     assert rig.jobs[0].kills == [(rig.jobs[0].ended_at, 0.0)]  # torn down after it saved, not killed before
 
 

@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 from fake_clouds import FakeAws, FakeAzure, FakeGcp
 
+from ftrain.attempt import PreemptedRecord
 from ftrain.config import SupervisorConfig
 from ftrain.errors import ConfigError
 from ftrain.supervisor.notices import (
@@ -122,14 +123,14 @@ def test_announce_says_source_deadline_and_warns_when_grace_does_not_fit() -> No
 
 def test_deadline_report_prefers_remote_time() -> None:
     n = Notice("aws", NOW + 120, "x")
-    local = deadline_report(n, {"step": 7, "time": NOW + 20}, 7)
+    local = deadline_report(n, PreemptedRecord(7, time=NOW + 20), 7)
     assert "final checkpoint at step 7 durable (local) at 2027-01-15T08:00:20Z, 100.0s before the deadline" in local
-    remote = deadline_report(n, {"step": 7, "time": NOW + 20, "remote_time": NOW + 130}, 7)
+    remote = deadline_report(n, PreemptedRecord(7, time=NOW + 20, remote_time=NOW + 130), 7)
     assert "durable (remote)" in remote and "10.0s AFTER the deadline" in remote
     assert "no final checkpoint was committed after the notice" in deadline_report(n, None, 5)
     assert "step 5" in deadline_report(n, None, 5)
-    assert "unknown time" in deadline_report(n, {"step": 7}, 7)
-    assert "deadline none" in deadline_report(Notice("drain", None, "d"), {"step": 1, "time": NOW}, 1)
+    assert "unknown time" in deadline_report(n, PreemptedRecord(7), 7)
+    assert "deadline none" in deadline_report(Notice("drain", None, "d"), PreemptedRecord(1, time=NOW), 1)
 
 
 # ----------------------------------------------------------------------------- config
