@@ -168,7 +168,7 @@ def worker(args: argparse.Namespace) -> None:
             t0 = time.perf_counter()
             s.save(next(steps))
             blocking.append(time.perf_counter() - t0)
-            s.checkpointer.wait()
+            s._checkpointer.wait()
             dist.barrier()
             persist.append(time.perf_counter() - t0)
         out["ftrain save block"] = min(blocking[1:])

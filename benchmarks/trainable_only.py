@@ -79,14 +79,14 @@ def measure(args: argparse.Namespace, root: Path, trainable_only: bool) -> dict[
     blocked, commit = [], []
     for step in range(2, args.repeat + 2):
         session.save(step)  # asynchronous: returns after the snapshot
-        blocked.append(session.checkpointer.last_blocking_seconds)
+        blocked.append(session._checkpointer.last_blocking_seconds)
         session.close()
     for step in range(args.repeat + 2, 2 * args.repeat + 2):
         t0 = time.perf_counter()
         session.save(step, blocking=True)
         commit.append(time.perf_counter() - t0)
     last = step
-    size = dir_bytes(session.store.path(last))
+    size = dir_bytes(session._store.path(last))
     session.close()
     fresh, fresh_opt = build(args)  # the same base weights (seeded), as a fine-tune reloads them from their source
     restorer = ftrain.Session(config)

@@ -62,7 +62,7 @@ class Session:
                  overrides: dict[str, Any] | None = None, total_steps: int | None = None) -> None:
         """``total_steps``: how many steps the script will run, if known (``ftrain status`` shows an ETA)."""
         self.config = config if config is not None else load_config(config_path, overrides=overrides)
-        self.ckpt = self.config.checkpoint
+        self._ckpt = self.config.checkpoint
         if dist.is_available() and dist.is_initialized():
             self.rank, self.world_size = dist.get_rank(), dist.get_world_size()
         else:
@@ -70,17 +70,17 @@ class Session:
             self.world_size = int(os.environ.get(envvars.WORLD_SIZE, "1"))
         setup_logging(self.rank)
         sup = self.config.supervisor
-        self.liveness = Liveness(self.rank, list(sup.preemption_signals), sup.grace_seconds)
-        self.liveness.beat(STARTING, 0)
+        self._liveness = Liveness(self.rank, list(sup.preemption_signals), sup.grace_seconds)
+        self._liveness.beat(STARTING, 0)
         #: The run's event log (docs/FORMAT.md, "Event log"): never blocks (ftrain/events.py).
-        self.events = WorkerEvents(self.ckpt.dir, self.rank)
-        self.events.start(self.world_size, total_steps)
-        self.liveness.before_exit = self.events.flush
-        self.coll = Collectives(self.rank, self.world_size)
-        self.checkpointer = Checkpointer(self.ckpt, self.coll, self.events)
-        self.store = self.checkpointer.store
-        self.registry = Registry()
-        self.selection = ModelSelection(self.config)
+        self._events = WorkerEvents(self._ckpt.dir, self.rank)
+        self._events.start(self.world_size, total_steps)
+        self._liveness.before_exit = self._events.flush
+        self._coll = Collectives(self.rank, self.world_size)
+        self._checkpointer = Checkpointer(self._ckpt, self._coll, self._events)
+        self._store = self._checkpointer.store
+        self._registry = Registry()
+        self._selection = ModelSelection(self.config)
         #: Step of the checkpoint load_best() loaded, if any.
         self.best_step: int | None = None
         self.last_saved_step: int | None = None
@@ -101,7 +101,7 @@ class Session:
         """
         objects: dict[str, object] = {name: obj, **named} if name is not None else dict(named)
         for key, o in objects.items():
-            self.registry.add(key, o, per_rank)
+            self._registry.add(key, o, per_rank)
 
     # ----------------------------------------------------------------- restore
     @reports_mistakes
@@ -114,35 +114,35 @@ class Session:
         makes "none valid" an error; ``never`` refuses a directory that has checkpoints.
         """
         t0, started = time.monotonic(), time.time()
-        self.liveness.beat(RESTORING, 0)
-        self.checkpointer.setup()
-        found = (self.checkpointer.restore(self._check, targets=self._targets) if self.ckpt.resume != "never"
+        self._liveness.beat(RESTORING, 0)
+        self._checkpointer.setup()
+        found = (self._checkpointer.restore(self._check, targets=self._targets) if self._ckpt.resume != "never"
                  else None)
         step = 0
         if found is None:
-            if self.ckpt.resume == "required":
+            if self._ckpt.resume == "required":
                 raise NoValidCheckpoint(f"checkpoint.resume is 'required' but no valid checkpoint is in "
-                                        f"{self.store.root}; run `ftrain ckpt ls {self.store.root}` to see why")
-            log.info("no valid checkpoint in %s: starting fresh at step 0", self.store.root)
-            self.registry.establish(None, trainable_only=self.ckpt.trainable_only)
+                                        f"{self._store.root}; run `ftrain ckpt ls {self._store.root}` to see why")
+            log.info("no valid checkpoint in %s: starting fresh at step 0", self._store.root)
+            self._registry.establish(None, trainable_only=self._ckpt.trainable_only)
         else:
             manifest = found.manifest
             self._load(found, include_rng=True)
-            self.registry.establish(manifest, trainable_only=self.ckpt.trainable_only)
+            self._registry.establish(manifest, trainable_only=self._ckpt.trainable_only)
             # Rank 0 looks (every rank must drop the same best steps, whatever its view of a shared filesystem).
-            self.selection.restore(manifest, lambda steps: [bool(v) for v in self.coll.broadcast(
-                [int(self.store.has(s)) for s in steps])])
+            self._selection.restore(manifest, lambda steps: [bool(v) for v in self._coll.broadcast(
+                [int(self._store.has(s)) for s in steps])])
             step = self.last_saved_step = manifest.step
             faults.point("restore.end", step=step, rank=self.rank)
-            log.info("restored step %d from %s in %.3fs", step, self.store.path(step), time.monotonic() - t0)
-        self.events.restore(step, started, time.monotonic() - t0, found is not None)
+            log.info("restored step %d from %s in %.3fs", step, self._store.path(step), time.monotonic() - t0)
+        self._events.restore(step, started, time.monotonic() - t0, found is not None)
         self._last_save_time = time.monotonic()
-        self.liveness.beat(STEPPING, step)
+        self._liveness.beat(STEPPING, step)
         return step
 
     def _check(self, manifest: Manifest, trees: dict[str, Any] | None) -> None:
-        self.registry.check(manifest, trees, self.rank, self.world_size, self.ckpt.trainable_only,
-                            on_resize=resize_mode(self.ckpt.on_resize))
+        self._registry.check(manifest, trees, self.rank, self.world_size, self._ckpt.trainable_only,
+                            on_resize=resize_mode(self._ckpt.on_resize))
 
     @reports_mistakes
     def batch_plan(self, global_batch: int, *, max_micro_batch: int | None = None) -> BatchPlan:
@@ -155,10 +155,10 @@ class Session:
         under ``checkpoint.on_uneven_batch: nearest`` warns and uses the nearest
         smaller one that does (docs/multi-node.md).
         """
-        return plan_batches(global_batch, self.world_size, max_micro_batch, self.ckpt.on_uneven_batch)
+        return plan_batches(global_batch, self.world_size, max_micro_batch, self._ckpt.on_uneven_batch)
 
     def _targets(self) -> Targets:
-        return self.registry.targets(REPLICATED)
+        return self._registry.targets(REPLICATED)
 
     def _load(self, found: Restored, *, include_rng: bool) -> None:
         # Everything was checked on every rank before this point (Checkpointer.restore). Loading is in two
@@ -172,13 +172,13 @@ class Session:
         try:
             # After a resize each per-rank object's hook maps every saving rank's state onto this rank; the
             # hooks see the same trees on every rank, and a failing one fails the load like a failing load.
-            mine = (self.registry.resized(manifest, trees, self.world_size, self.rank) if resized
+            mine = (self._registry.resized(manifest, trees, self.world_size, self.rank) if resized
                     else trees[rank_key(self.rank)])
-            undo = self.registry.load_cheap(manifest, replicated, mine,
-                                            collect_base=include_rng and self.ckpt.trainable_only)
+            undo = self._registry.load_cheap(manifest, replicated, mine,
+                                            collect_base=include_rng and self._ckpt.trainable_only)
         except Exception as e:  # any error from an object's load_state_dict: nothing of this phase stays loaded
             err = e
-        if self.coll.any(err is not None)[0]:
+        if self._coll.any(err is not None)[0]:
             if undo is not None:
                 undo()
             found.abandon()
@@ -186,7 +186,7 @@ class Session:
                                 f"({_describe(err) if err else 'on another rank; see its log'}); the registered "
                                 "objects were left as they were") from err
         found.finish()  # the registered modules' tensors, read in place (verified on every rank before)
-        self.registry.load_rest(manifest, replicated, mine, include_rng=include_rng and not resized)
+        self._registry.load_rest(manifest, replicated, mine, include_rng=include_rng and not resized)
         if include_rng and resized:
             # Per-rank streams cannot be mapped onto other ranks: derived from (seed, step, rank) instead.
             rng.reseed(rng.resize_seed(trees[rank_key(0)]["rng"], manifest.step, self.rank))
@@ -204,23 +204,23 @@ class Session:
         """
         if self._previous_save_failed():  # the best one may be the save still in flight
             self._raise_failed_save()
-        ranked = self.selection.ranked(self.store) if self.rank == 0 else []  # only rank 0 proposes
-        found = self.checkpointer.restore(self._check, candidates=iter(ranked), targets=self._targets)
+        ranked = self._selection.ranked(self._store) if self.rank == 0 else []  # only rank 0 proposes
+        found = self._checkpointer.restore(self._check, candidates=iter(ranked), targets=self._targets)
         if found is None:
             log.warning("load_best: no valid checkpoint records %r; the registered objects keep their current state",
-                        self.ckpt.monitor)
+                        self._ckpt.monitor)
             return None
         manifest = found.manifest
         self._load(found, include_rng=False)
         self.best_step = manifest.step
-        log.info("loaded the best checkpoint: step %d (%s=%s)", manifest.step, self.ckpt.monitor,
-                 (manifest.meta.get("metrics") or {}).get(self.ckpt.monitor))
+        log.info("loaded the best checkpoint: step %d (%s=%s)", manifest.step, self._ckpt.monitor,
+                 (manifest.meta.get("metrics") or {}).get(self._ckpt.monitor))
         return manifest.step
 
     @property
     def should_stop(self) -> bool:
         """True once early stopping fired (``early_stopping.patience``); stays true after a restore."""
-        return self.selection.should_stop
+        return self._selection.should_stop
 
     @reports_mistakes
     def report(self, **metrics: Any) -> None:
@@ -230,7 +230,7 @@ class Session:
         checkpoint taken at that step, and ``checkpoint.monitor`` is agreed on by
         all ranks in ``step()`` (ranks that do not evaluate need not report).
         """
-        self.selection.report(metrics)
+        self._selection.report(metrics)
 
     # -------------------------------------------------------------------- save
     @reports_mistakes
@@ -243,23 +243,23 @@ class Session:
         preemption signal on any rank makes every rank save at this step and raise
         :class:`Preempted` (exit 75). Returns whether a save was started.
         """
-        if self.checkpointer.nonce is None:
+        if self._checkpointer.nonce is None:
             log.warning("Session.step() called before restore(): starting without resuming")
-            self.checkpointer.setup()
-        self.liveness.beat(STEPPING, step)
-        self.events.step(step)
+            self._checkpointer.setup()
+        self._liveness.beat(STEPPING, step)
+        self._events.step(step)
         faults.point("step", step=step, rank=self.rank)
-        time_due = decision.time_due(time.monotonic(), self._last_save_time, self.ckpt.every_seconds)
+        time_due = decision.time_due(time.monotonic(), self._last_save_time, self._ckpt.every_seconds)
         # One small collective per step makes every rank take the same decisions: clocks, signal delivery,
         # background writers and reported metrics differ per rank, and a rank that acted alone would deadlock
         # the others. It also carries rank 0's value of the monitored metric.
-        (time_due, preempt, failed, busy), values = self.coll.agree(
-            (time_due, self.liveness.preempt_requested, self.checkpointer.has_error(), self.checkpointer.busy()),
-            self.selection.local_values())
+        (time_due, preempt, failed, busy), values = self._coll.agree(
+            (time_due, self._liveness.preempt_requested, self._checkpointer.has_error(), self._checkpointer.busy()),
+            self._selection.local_values())
         # Metrics first: any checkpoint of this step, the preemption one included, must hold their effect.
-        best_due, stop_now = self.selection.take(step, values[0] if values else None)
-        action = decision.decide(StepInputs(step, self.ckpt.every_steps, time_due, preempt, failed, busy, best_due,
-                                            stop_now, self.ckpt.save_best_only, self.ckpt.when_busy))
+        best_due, stop_now = self._selection.take(step, values[0] if values else None)
+        action = decision.decide(StepInputs(step, self._ckpt.every_steps, time_due, preempt, failed, busy, best_due,
+                                            stop_now, self._ckpt.save_best_only, self._ckpt.when_busy))
         if action is StepAction.SAVE_AND_EXIT:
             self._save_and_exit(step)
         if action is StepAction.RAISE_FAILED:
@@ -282,14 +282,14 @@ class Session:
         commit. A save already in flight is waited for first. Metrics reported
         since the last ``step()`` count for this step (they may re-save it).
         """
-        if self.checkpointer.nonce is None:
-            self.checkpointer.setup()
+        if self._checkpointer.nonce is None:
+            self._checkpointer.setup()
         # Agreed, not local: often only rank 0 evaluates, and a rank that decided alone to save the step again
         # would wait in a collective the others skip.
-        (reported,), values = self.coll.agree((self.selection.has_pending,), self.selection.local_values())
+        (reported,), values = self._coll.agree((self._selection.has_pending,), self._selection.local_values())
         value = values[0] if values else None
         if reported or value is not None:
-            self.selection.take(step, value)
+            self._selection.take(step, value)
             if step == self.last_saved_step:
                 self.last_saved_step = None  # the metrics (and early stopping) changed: save this step again
         self._save(step, blocking=blocking)
@@ -298,20 +298,20 @@ class Session:
         if step == self.last_saved_step:
             return  # e.g. a final save right after a scheduled one: the state is the same
         t0, started = time.monotonic(), time.time()
-        self.liveness.beat(SAVING, step)
+        self._liveness.beat(SAVING, step)
         if self._previous_save_failed():
             self._raise_failed_save()
-        replicated, mine, meta, buffers = self.registry.capture(self.ckpt.trainable_only)
-        meta.update(self.selection.meta_for(step), config=self._config_meta)
-        self.checkpointer.save(step, replicated, mine, meta, blocking=blocking, best=self.selection.best_steps,
+        replicated, mine, meta, buffers = self._registry.capture(self._ckpt.trainable_only)
+        meta.update(self._selection.meta_for(step), config=self._config_meta)
+        self._checkpointer.save(step, replicated, mine, meta, blocking=blocking, best=self._selection.best_steps,
                                pinned=buffers)
-        if blocking or not self.ckpt.async_save:
+        if blocking or not self._ckpt.async_save:
             faults.point("save.end", step=step, rank=self.rank)
         self.last_saved_step = step
         self._last_save_time = time.monotonic()
         # The training thread's whole wait, the previous save's included: that is what the save cost it.
-        self.events.save(step, started, self._last_save_time - t0)
-        self.liveness.beat(STEPPING, step)
+        self._events.save(step, started, self._last_save_time - t0)
+        self._liveness.beat(STEPPING, step)
 
     @reports_mistakes
     def close(self) -> None:
@@ -321,18 +321,18 @@ class Session:
         best checkpoint's state (collective).
         """
         try:
-            self.selection.warn_at_close()
-            if self.ckpt.load_best_at_end:
+            self._selection.warn_at_close()
+            if self._ckpt.load_best_at_end:
                 self.load_best()
                 return
-            self.checkpointer.wait()
-            self.checkpointer.raise_pending()
+            self._checkpointer.wait()
+            self._checkpointer.raise_pending()
         finally:
             atexit.unregister(self._flush_at_exit)
-            self.checkpointer.close()  # after the last commit: give the root's lease back
-            self.events.finished()
-            self.events.close()
-            self.liveness.close()
+            self._checkpointer.close()  # after the last commit: give the root's lease back
+            self._events.finished()
+            self._events.close()
+            self._liveness.close()
 
     def __enter__(self) -> Session:
         """``with ftrain.Session(...) as session:``: the end of the block closes the session (:meth:`__exit__`)."""
@@ -356,66 +356,67 @@ class Session:
           error file for the supervisor exactly as it would without ``with`` (a later ``close()`` removes them).
         """
         # Liveness is closed last by close() (in its finally), so it tells whether close() already ran.
-        if self.liveness.closed:
+        if self._liveness.closed:
             return
         if exc is None or (type(exc) is SystemExit and exc.code in (None, 0)):
             self.close()
             return
-        wait = self.liveness.grace_left() if isinstance(exc, Preempted) else self.config.supervisor.grace_seconds
+        wait = self._liveness.grace_left() if isinstance(exc, Preempted) else self.config.supervisor.grace_seconds
         atexit.unregister(self._flush_at_exit)
         try:
-            self.checkpointer.flush(wait)  # logs a failed or unfinished write; the previous checkpoint stays valid
-            self.checkpointer.close(wait)  # after the wait: gives the root's lease back
+            self._checkpointer.flush(wait)  # logs a failed or unfinished write; the previous checkpoint stays valid
+            self._checkpointer.close(wait)  # after the wait: gives the root's lease back
         except Exception:  # must not replace the block's exception
             log.exception("closing the session after %s failed", type(exc).__name__)
         finally:
-            self.events.close()  # flushes: no "finished" event, since the run did not finish
+            self._events.close()  # flushes: no "finished" event, since the run did not finish
             if isinstance(exc, SystemExit):  # no exception hook runs for an exit: nothing is left to report
-                self.liveness.close()
+                self._liveness.close()
 
     def _raise_failed_save(self) -> None:
         """Every rank raises once the ranks agreed a background save failed: its own error, or a pointer."""
-        self.checkpointer.raise_pending()
+        self._checkpointer.raise_pending()
         raise PeerFailed("another rank's background checkpoint write failed; see its log")
 
     def _previous_save_failed(self) -> bool:
         """Wait for the in-flight save; True on every rank if it failed on any (collective)."""
-        self.checkpointer.wait()
-        return self.coll.any(self.checkpointer.has_error())[0]
+        self._checkpointer.wait()
+        return self._coll.any(self._checkpointer.has_error())[0]
 
     def _save_and_exit(self, step: int) -> None:
-        self.liveness.beat(SAVING, step)
+        self._liveness.beat(SAVING, step)
         if self._previous_save_failed():
             # The preemption checkpoint does not depend on the failed one: log it and save anyway.
-            err = self.checkpointer.take_error()
+            err = self._checkpointer.take_error()
             log.error("the previous background save failed (%s); taking the preemption checkpoint anyway",
                       err or "on another rank")
-            self.selection.save_failed(self.last_saved_step)
+            self._selection.save_failed(self.last_saved_step)
             self.last_saved_step = None
         self._save(step, blocking=True)
         # With a remote tier the machine may not come back: the final checkpoint is uploaded before we exit,
         # within what is left of the grace period (rank 0 uploads; a failed or late upload is logged).
-        remote = self.checkpointer.wait_remote(step, max(0.0, self.liveness.grace_left() - 2.0))
-        self.liveness.write_preempted_marker(step, remote)
-        self.events.preempted(step, self.liveness.preempt_reason, None if not self.ckpt.remote else remote is not None)
-        self.events.flush(1.0)  # the process exits next
+        remote = self._checkpointer.wait_remote(step, max(0.0, self._liveness.grace_left() - 2.0))
+        self._liveness.write_preempted_marker(step, remote)
+        uploaded = None if not self._ckpt.remote else remote is not None
+        self._events.preempted(step, self._liveness.preempt_reason, uploaded)
+        self._events.flush(1.0)  # the process exits next
         log.warning("preempted (%s): checkpoint of step %d committed%s; exiting with code %d",
-                    self.liveness.preempt_reason or "another rank was signalled", step,
-                    "" if not self.ckpt.remote or self.rank != 0 else " and uploaded" if remote is not None else
+                    self._liveness.preempt_reason or "another rank was signalled", step,
+                    "" if not self._ckpt.remote or self.rank != 0 else " and uploaded" if remote is not None else
                     " locally, NOT uploaded to the remote tier in time", exitcodes.PREEMPTED)
-        self.liveness.beat(EXITING, step)
+        self._liveness.beat(EXITING, step)
         raise Preempted(step)
 
     def _flush_at_exit(self) -> None:
         # A script that ends without close() must not lose its last (background) save, nor exit 0 when it
         # failed. But a process exiting on an uncaught exception (its peers may be dead) must not wait for a
         # commit that may never happen: then the wait is bounded by the grace period.
-        crashing = self.liveness.crashing
-        flushed = self.checkpointer.flush(self.config.supervisor.grace_seconds if crashing else None)
+        crashing = self._liveness.crashing
+        flushed = self._checkpointer.flush(self.config.supervisor.grace_seconds if crashing else None)
         # After the last commit: give the root's lease back (and, crashing, wait for uploads no longer than the
         # grace period: the process's peers may be gone, its supervisor waiting to restart).
-        self.checkpointer.close(self.config.supervisor.grace_seconds if crashing else None)
-        self.events.flush(1.0)
+        self._checkpointer.close(self.config.supervisor.grace_seconds if crashing else None)
+        self._events.flush(1.0)
         if not flushed and not crashing:
             sys.stdout.flush()
             sys.stderr.flush()

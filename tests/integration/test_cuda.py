@@ -34,7 +34,7 @@ def test_gpu_state_and_cuda_rng_resume_exactly(tmp_path):
     assert s.restore() == 0
     train(model, opt, 5)
     s.save(5)  # asynchronous: a pinned staging buffer, copies ordered by a CUDA event
-    staging = s.checkpointer.arena._buf
+    staging = s._checkpointer.arena._buf
     assert staging is not None and staging.is_pinned()
     train(model, opt, 7)  # keeps mutating the GPU tensors while the background writer persists the snapshot
     s.close()

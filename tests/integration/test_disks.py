@@ -31,7 +31,7 @@ SCRIPT = textwrap.dedent("""
     except ftrain.FtrainError as e:
         print(f"ftrain: error: {e}", file=sys.stderr)
         sys.exit(e.exit_code)
-    print("disks", len(session.checkpointer.layout.order), flush=True)
+    print("disks", len(session._checkpointer.layout.order), flush=True)
     dist.destroy_process_group()
 """)
 

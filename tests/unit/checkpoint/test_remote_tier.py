@@ -152,7 +152,7 @@ def test_refused_credentials_are_an_outage_and_the_tier_comes_back(tmp_path, rem
         for step in range(1, 7):
             job.train(1)
             session.step(step)
-        session.checkpointer.wait()
+        session._checkpointer.wait()
         s3.proxy.inject(errors=0, status=503, only_methods=("PUT", "POST"))
         for step in range(7, 9):
             job.train(1)
@@ -210,8 +210,8 @@ def test_a_pending_upload_keeps_its_local_checkpoint(tmp_path, remote, s3):
     for step in (1, 2, 3):
         job.train(1)
         session.step(step)
-    session.checkpointer.wait()
-    tier = session.checkpointer.tier
+    session._checkpointer.wait()
+    tier = session._checkpointer.tier
     assert tier is not None
     pending = tier.pending()
     on_disk = {s for s, _ in open_store(tmp_path / "a").step_dirs()}

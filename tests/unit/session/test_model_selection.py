@@ -316,8 +316,8 @@ def test_a_failed_best_save_does_not_cost_the_real_best(tmp_path: Path, monkeypa
         if value is not None:
             session.report(val_loss=value)
         session.step(step)  # 3 and 7 rank best and are saved; the save of 7 fails in the background
-    session.checkpointer.wait()
-    session.liveness.request_preemption("test")
+    session._checkpointer.wait()
+    session._liveness.request_preemption("test")
     job.train()
     with pytest.raises(SystemExit):
         session.step(8)
@@ -333,7 +333,7 @@ def test_a_best_step_that_is_gone_is_dropped_on_restore(tmp_path: Path, caplog) 
     shutil.rmtree(tmp_path / layout.step_dirname(5))  # deleted by hand
     session = open_session(config, model=job.model, optimizer=job.opt)
     session.restore()
-    assert session.selection.best_steps == [10] and "step 5 is gone" in caplog.text
+    assert session._selection.best_steps == [10] and "step 5 is gone" in caplog.text
     session.close()
 
 

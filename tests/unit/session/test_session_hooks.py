@@ -73,7 +73,7 @@ def test_close_undoes_every_hook_and_a_second_session_works(tmp_path: Path, monk
     assert torch.equal(model2.weight, model.weight)
     second.step(6)
     second.close()
-    assert second.store.steps()[-1] == 6
+    assert second._store.steps()[-1] == 6
     assert sys.excepthook is hook_before
     assert exits.session_hooks == []
     assert exits.live.count(teardown._at_exit) <= 1  # once per process, however many sessions
@@ -86,6 +86,6 @@ def test_a_signal_after_close_is_not_taken_for_a_preemption(tmp_path: Path) -> N
     previous = signal.signal(signal.SIGUSR1, lambda *_: None)  # what a later owner of the signal installs
     try:
         signal.raise_signal(signal.SIGUSR1)
-        assert not session.liveness.preempt_requested
+        assert not session._liveness.preempt_requested
     finally:
         signal.signal(signal.SIGUSR1, previous)
