@@ -28,7 +28,7 @@ lint: $(LINT_STAMP)
 	$(BIN)/mypy
 
 test: venv
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q --durations=30  # where the time goes, in every CI log
 
 test-fast: venv
 	$(BIN)/python -m pytest -q tests/unit
