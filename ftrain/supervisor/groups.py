@@ -125,8 +125,10 @@ def _run_torchrun(sup: Supervisor, tally: Tally, attempt: int) -> tuple[GroupsWa
     if mode.pending is not None and mode.stop is None and mode.backoff is None:
         # torchrun exited (0: the ranks finished), or we stopped it
         mode.report(mode.pending[0], finished=True if rc == 0 else None if sup.stops else False)
-    elif sup.stops and mode.groups.current is not None and mode.stop is None:
-        mode.report(mode.groups.current, finished=None)  # the group the stop ended: preempted, never counted
+    elif sup.stops and mode.groups.current is not None and mode.groups.current == mode.stopping and mode.stop is None:
+        # The group the stop ended (it saved and left before a check saw it end): preempted, never counted. Not a
+        # group torchrun had already started again in its place: that one is killed unseen.
+        mode.report(mode.groups.current, finished=None)
     sup.job = None
     return mode, rc
 

@@ -155,6 +155,8 @@ class FakeJob:
             g = self.current
             if g is not None:
                 self._act(g, self.clock.now - g.started)
+            if self.rc is None and self.restart_at is not None and self.clock.now >= self.restart_at:
+                self._start_group()  # restart_takes 0: within the poll that saw the group end
         return self.rc
 
     def _act(self, g: FakeGroup, t: float) -> None:
@@ -197,7 +199,7 @@ class FakeJob:
             return
         self.tail.extend(f"[W] failed (exitcode: {rc}) local_rank: {r} (pid: {pid}) of binary: python"
                          for r, pid in enumerate(g.pids))
-        self.restart_at = self.clock.now + RESTART_TAKES
+        self.restart_at = self.clock.now + self.rig.restart_takes
 
     def worker_pids(self) -> frozenset[int]:
         g = self.current if self.rc is None else None
@@ -271,6 +273,8 @@ class Rig:
     def __init__(self, tmp_path: Path, *scripts: Script, jitter: Callable[[], float] | None = lambda: 0.5,
                  early_signals: list[str] | None = None, lease_lost: Callable[[], str | None] = lambda: None,
                  **supervisor: Any) -> None:
+        #: Seconds torchrun takes to restart a failed group (:data:`RESTART_TAKES`; less to race the supervisor).
+        self.restart_takes = RESTART_TAKES
         self.clock = FakeClock()
         self.scripts = list(scripts)
         self.jobs: list[FakeJob] = []

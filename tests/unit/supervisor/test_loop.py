@@ -276,6 +276,20 @@ def test_preemption_while_running_forwards_the_signal_and_never_restarts(
     assert states(caplog) == ["running", "stopping", "done"]
 
 
+def test_a_group_torchrun_restarts_after_the_final_save_is_killed_unreported(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    # The saved workers exit 75, and torchrun restarts them faster than the supervisor's next look: the stopped
+    # group is reported once, as preempted; the new one is killed with torchrun, never reported.
+    rig = Rig(tmp_path, Script(exit_at=None, signals=((2.0, "SIGTERM"),), save_step=5), Script(exit_at=None))
+    rig.restart_takes = 0.0
+    assert rig.run() == exitcodes.PREEMPTED
+    [job] = rig.jobs
+    assert len(rig.groups) == 2 and rig.groups[1].ended_at == job.ended_at  # the restarted group died with torchrun
+    err = capsys.readouterr().err
+    assert err.count("ended: preempted") == 1 and "worker group 0 ended: preempted" in err, err
+    assert "stopped by SIGTERM: final checkpoint at step 5" in err
+
+
 def test_second_signal_kills_at_once(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     rig = Rig(tmp_path, Script(exit_at=None, on_preempt="ignore", signals=((1.0, "SIGTERM"), (2.0, "SIGINT"))))
     assert rig.run() == exitcodes.PREEMPTED
