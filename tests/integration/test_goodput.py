@@ -47,7 +47,9 @@ def test_event_log_accounts_for_every_attempt_of_a_chaos_run(tmp_path: Path,
     run.wait_for(r"^step (3[5-9]|4\d) ", timeout=120)
     # ftrain status against the live run: one restart, stepping, both ranks' heartbeats fresh.
     st = read_status(ckpt)
-    assert (st.run, st.attempt, st.state, st.restarts, st.total_steps) == ("gp-a", 0, "running", 1, STEPS)
+    # ("saving" when a rank's heartbeat was left in a save's phase: one every 5 steps here; it is running too)
+    assert (st.run, st.attempt, st.restarts, st.total_steps) == ("gp-a", 0, 1, STEPS) and st.state in ("running",
+                                                                                                    "saving"), st
     assert st.step is not None and st.step >= 30 and st.steps_per_s and st.eta is not None
     assert st.newest_step is not None and st.newest_step >= 30
     assert sorted(r.rank for r in st.ranks) == [0, 1] and all(r.age < 60 for r in st.ranks)
