@@ -54,6 +54,10 @@ from ftrain.stateful import Stateful
 log = logging.getLogger("ftrain")
 
 
+#: Seconds a rank waits for its own in-flight write to end once the ranks agreed a save failed (see
+#: ``Session._raise_failed_save``): bounded, so that a write stuck on a dead filesystem cannot hold the exit.
+_OWN_WRITE_WAIT = 5.0
+
 class Session:
     """Owns the checkpoint schedule and the save/restore protocol for one training process."""
 
@@ -374,7 +378,12 @@ class Session:
                 self._liveness.close()
 
     def _raise_failed_save(self) -> None:
-        """Every rank raises once the ranks agreed a background save failed: its own error, or a pointer."""
+        """Every rank raises once the ranks agreed a background save failed: its own error, or a pointer.
+
+        Its own write first gets a moment to end: rank 0's commit learns of another rank's failed shard through
+        the job's store, and may still be reading it when the step's collective already said "failed"; then it
+        names the failing rank and step instead of pointing at another rank's log."""
+        self._checkpointer.wait(_OWN_WRITE_WAIT)
         self._checkpointer.raise_pending()
         raise PeerFailed("another rank's background checkpoint write failed; see its log")
 
