@@ -68,6 +68,23 @@ class Tally:
     #: The number the next worker group gets: groups are numbered across the launch's torchruns.
     groups: int = 0
 
+    def progressed(self, newest: int | None, reports: bool) -> bool:
+        """Whether a failure now made progress: a checkpoint newer than at the previous failure. A script that never
+        reports has no ftrain checkpoints to judge by: every failure counts as progress, and max_restarts alone
+        limits it."""
+        return (newest is not None and (self.mark is None or newest > self.mark)) or not reports
+
+
+def _torchrun_exit(tally: Tally, job: Job, rc: int | None) -> Failure:
+    """The root cause of torchrun's own exit (outside a worker group), from its output and exit code."""
+    failure = root_cause(len(tally.history), list(job.tail), {}, None, None)
+    failure.exit_code = rc
+    return failure
+
+
+def _newest_text(newest: int | None) -> str:
+    return f"step {newest}" if newest is not None else "none"
+
 
 def run_launch(sup: Supervisor) -> int:
     """Supervise the launch until its workers finish, the policy gives up, or a stop; the exit code."""
@@ -137,13 +154,12 @@ def _torchrun_failed(sup: Supervisor, tally: Tally, mode: GroupsWatch, rc: int) 
     """torchrun exited non-zero by itself on a single node (it never runs out of restarts: it was killed, or its
     agent failed): counted as a failure of its own, and decided on like a group's."""
     newest = sup.newest_step()
-    progressed = (newest is not None and (tally.mark is None or newest > tally.mark)) or not sup.reports
-    failure = root_cause(len(tally.history), list(mode.job.tail), {}, None, None)
-    failure.exit_code = rc
+    progressed = tally.progressed(newest, sup.reports)
+    failure = _torchrun_exit(tally, mode.job, rc)
     detail = f"torchrun exited with {exit_text(rc)} outside a worker group"
     tally.history.append(AttemptResult(len(tally.history), Outcome.FAILED, progressed, rc, detail))
     tally.failures.append(failure)
-    tally.lines.append(f"torchrun {detail}; newest checkpoint: {'none' if newest is None else f'step {newest}'}")
+    tally.lines.append(f"torchrun {detail}; newest checkpoint: {_newest_text(newest)}")
     sup.journal.failure(len(tally.history) - 1, failure)
     tally.mark = newest
     decision = decide(tally.history, sup.policy, sup.jitter())
@@ -170,8 +186,7 @@ def _finished(sup: Supervisor, tally: Tally, mode: GroupsWatch, rc: int | None) 
         return sup.finish(exitcodes.PREEMPTED, f"stopped by {sup.stops[0].name}: {saved}", failures, lines, newest)
     if rc == 0:
         return sup.finish(exitcodes.OK, "all ranks finished", failures, lines, newest)
-    failure = root_cause(len(tally.history), list(mode.job.tail), {}, None, None)
-    failure.exit_code = rc
+    failure = _torchrun_exit(tally, mode.job, rc)
     failures.append(failure)
     return sup.finish(exitcodes.FAILURE, f"torchrun exited with {exit_text(rc) if rc is not None else '?'} "
                       "outside a worker group (rendezvous closed or timed out, or the job already finished on "
@@ -318,7 +333,7 @@ def _group_ended(sup: Supervisor, group: Group, files: AttemptFiles, job: Job, h
     newest = sup.newest_step()
     sup.journal.group_end(group.number, verdict.ending.value, verdict.detail, verdict.ending.counted)
     tally.lines.append(f"group {group.number} {verdict.ending.value}: {verdict.detail}; newest checkpoint: "
-                       f"{'step ' + str(newest) if newest is not None else 'none'}")
+                       f"{_newest_text(newest)}")
     if verdict.ending is Ending.FINISHED:
         sup.say(f"worker group {group.number} finished ({verdict.detail})")
         return False, None
@@ -326,9 +341,7 @@ def _group_ended(sup: Supervisor, group: Group, files: AttemptFiles, job: Job, h
         sup.say(f"worker group {group.number} ended: {verdict.ending.value} ({verdict.detail}); not counted "
                 f"as a failure{'; torchrun re-rendezvouses' if finished is False else ''}")
         return False, None
-    # A script that never reports has no ftrain checkpoints to judge by: every failure counts as progress, and
-    # max_restarts alone limits it.
-    progressed = (newest is not None and (tally.mark is None or newest > tally.mark)) or not sup.reports
+    progressed = tally.progressed(newest, sup.reports)
     outcome = Outcome.HUNG if verdict.ending is Ending.HUNG else Outcome.FAILED
     errors = group_errors(files.read_errors(), group.pids)
     permanent = permanent_failure(len(tally.history), errors) if hang is None else None
