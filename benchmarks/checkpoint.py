@@ -34,7 +34,7 @@ import torch
 import torch.distributed as dist
 
 import ftrain
-from ftrain.config import CheckpointConfig, FtrainConfig
+from ftrain.config import CheckpointConfig, FtrainConfig, RetentionConfig
 
 
 class Holder(torch.nn.Module):
@@ -70,7 +70,7 @@ def barrier() -> None:
 
 
 def session(root: Path, keep_last: int = 2) -> ftrain.Session:
-    return ftrain.Session(FtrainConfig(checkpoint=CheckpointConfig(dir=str(root), keep_last=keep_last)))
+    return ftrain.Session(FtrainConfig(checkpoint=CheckpointConfig(dir=str(root), retention=RetentionConfig(keep_last=keep_last))))
 
 
 def measure_saves(mib: int, repeat: int, root: Path) -> dict[str, float]:

@@ -3,7 +3,7 @@ the same job, all in one run.
 
     .venv/bin/python benchmarks/nodelocal.py [--mib 16] [--seconds 30] [--repeat 2]
 
-Two ``ftrain launch --nnodes 1:2 --nproc 2`` nodes on this host (examples/cluster.py); with node-local disks each
+Two ``ftrain launch --nnodes 1:2 --nproc 2`` nodes on this host (tests/cluster.py); with node-local disks each
 node sees its own directory at the checkpoint path (a mount namespace per node) and a lost node's disk is
 wiped before it comes back. The job (``--worker`` below) is a DDP model of ``--mib`` MiB of parameters plus
 AdamW (three times that in state), a checkpoint every 3 s. Per layout:
@@ -33,7 +33,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "examples"))
+# tests/: the simulated cluster (cluster.py, the multi-node tests' harness) and the S3 server (remote_servers.py).
 sys.path.insert(0, str(ROOT / "tests"))
 
 import cluster  # noqa: E402
@@ -77,10 +77,10 @@ def steps_between(nodes: list[cluster.Process], t0: float, t1: float) -> int:
 
 def measure(layout: str, mib: int, seconds: float, s3: object | None) -> dict[str, float]:
     work = Path(tempfile.mkdtemp(prefix=f"ftrain-nodelocal-{layout}-"))
-    extra = {"FTRAIN_CHECKPOINT_EVERY_SECONDS": SAVE_SECONDS, "FTRAIN_CHECKPOINT_KEEP_LAST": "2",
+    extra = {"FTRAIN_CHECKPOINT_EVERY_SECONDS": SAVE_SECONDS, "FTRAIN_CHECKPOINT_RETENTION_KEEP_LAST": "2",
              "FTRAIN_CHECKPOINT_REPLICAS": "1" if layout == "replicas" else "0"}
     if layout == "remote":
-        extra.update(s3.env(through_proxy=False), FTRAIN_CHECKPOINT_REMOTE=f"s3://{s3.make_bucket()}/run")  # type: ignore[union-attr]
+        extra.update(s3.env(through_proxy=False), FTRAIN_CHECKPOINT_REMOTE_URL=f"s3://{s3.make_bucket()}/run")  # type: ignore[union-attr]
     env = cluster.env(**extra)
     script = [__file__, "--worker", "--mib", str(mib)]
     disks = [work / "disk-a", work / "disk-b"] if layout != "shared" else [None, None]
@@ -112,7 +112,8 @@ def measure(layout: str, mib: int, seconds: float, s3: object | None) -> dict[st
         back = time.monotonic()
         b = start(1)
         nodes = [a, b]
-        up = cluster.wait_until(lambda: cluster.first_step(nodes, 4, back), "the first step at 4 ranks again", nodes, 300)
+        up = cluster.wait_until(lambda: cluster.first_step(nodes, 4, back), "the first step at 4 ranks again", nodes,
+                                300)
         out["rejoin (empty disk)"] = float(up) - back  # type: ignore[arg-type]
         text = "".join(n.output for n in nodes)
         fetched = re.findall(r"fetched (\d+) file\(s\) of checkpoint step \d+ from (.*) in ([\d.]+)s", text)

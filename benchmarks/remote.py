@@ -35,11 +35,11 @@ sys.path.insert(0, str(ROOT / "tests"))
 import ftrain  # noqa: E402
 from ftrain.checkpoint.store import open_store  # noqa: E402
 from ftrain.checkpoint.upload import upload_step  # noqa: E402
-from ftrain.config import CheckpointConfig, FtrainConfig  # noqa: E402
+from ftrain.config import CheckpointConfig, FtrainConfig, RemoteConfig  # noqa: E402
 
 
 def session(root: Path, url: str, model: torch.nn.Module) -> ftrain.Session:
-    s = ftrain.Session(FtrainConfig(checkpoint=CheckpointConfig(dir=str(root), remote=url, async_save=False)))
+    s = ftrain.Session(FtrainConfig(checkpoint=CheckpointConfig(dir=str(root), remote=RemoteConfig(url=url), async_save=False)))
     s.register(model=model)
     return s
 
@@ -106,8 +106,8 @@ def notice(s3) -> dict[str, float]:  # type: ignore[no-untyped-def]
     url = f"s3://{s3.make_bucket()}/run"
     fake = FakeAws()
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", **s3.env(),
-           "FTRAIN_CHECKPOINT_REMOTE": url, "FTRAIN_SUPERVISOR_NOTICES": "aws",
-           "FTRAIN_SUPERVISOR_AWS_METADATA_URL": fake.url, "FTRAIN_SUPERVISOR_NOTICE_POLL_SECONDS": "1"}
+           "FTRAIN_CHECKPOINT_REMOTE_URL": url, "FTRAIN_SUPERVISOR_NOTICES_SOURCES": "aws",
+           "FTRAIN_SUPERVISOR_NOTICES_AWS_METADATA_URL": fake.url, "FTRAIN_SUPERVISOR_NOTICES_POLL_SECONDS": "1"}
     cmd = [sys.executable, "-m", "ftrain", "launch", "--nproc", "1", "--rdzv-id", "bench", "--ckpt-dir",
            str(work / "ckpt"), "examples/train.py", "--steps", "100000", "--print-every", "1", "--workers", "0",
            "--save-every", "1000000"]

@@ -36,7 +36,7 @@ import torch
 import torch.distributed as dist
 
 import ftrain
-from ftrain.config import CheckpointConfig, FtrainConfig
+from ftrain.config import CheckpointConfig, FtrainConfig, RetentionConfig
 
 
 def build(mib: int, width: int = 1024) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
@@ -75,7 +75,7 @@ def best(fn: Callable[[], object], repeat: int, setup: Callable[[], object] | No
 
 
 def session(root: Path) -> ftrain.Session:
-    return ftrain.Session(FtrainConfig(checkpoint=CheckpointConfig(dir=str(root), keep_last=0,
+    return ftrain.Session(FtrainConfig(checkpoint=CheckpointConfig(dir=str(root), retention=RetentionConfig(keep_last=0),
                                                                    on_resize="resume")))
 
 

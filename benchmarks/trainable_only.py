@@ -33,7 +33,7 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import ftrain  # noqa: E402
-from ftrain.config import CheckpointConfig, FtrainConfig  # noqa: E402
+from ftrain.config import CheckpointConfig, FtrainConfig, RetentionConfig  # noqa: E402
 from ftrain.finetune import freeze  # noqa: E402
 
 
@@ -67,7 +67,8 @@ def dir_bytes(path: Path) -> int:
 
 def measure(args: argparse.Namespace, root: Path, trainable_only: bool) -> dict[str, float]:
     model, opt = build(args)
-    config = FtrainConfig(checkpoint=CheckpointConfig(dir=str(root), keep_last=2, trainable_only=trainable_only))
+    config = FtrainConfig(checkpoint=CheckpointConfig(dir=str(root), retention=RetentionConfig(keep_last=2),
+                                                      trainable_only=trainable_only))
     session = ftrain.Session(config)
     session.register(model=model, optimizer=opt)
     t0 = time.perf_counter()

@@ -19,6 +19,8 @@ import tempfile
 import time
 from pathlib import Path
 
+# The simulated cluster is the multi-node tests' harness (tests/cluster.py).
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 import cluster
 
 from ftrain.data import samplelog

@@ -13,7 +13,7 @@ Two phases of one small classifier (a 2-layer MLP backbone and a linear head):
     stripped; the head, whose shape differs, is skipped and reported), freezes the first backbone layer,
     gives the rest of the backbone a tenth of the head's learning rate, and trains on task B. Every
     ``--eval-every`` steps it reports ``val_loss``/``val_acc``: ftrain keeps the best checkpoints
-    (``checkpoint.keep_best``) and stops early (``early_stopping.patience``), and both survive restarts.
+    (``checkpoint.retention.keep_best``) and stops early (``early_stopping.patience``), and both survive restarts.
 
 Runs as ``python examples/finetune.py``, under ``torchrun`` or under ``ftrain launch``. At the end rank 0
 prints ``final_state_sha256=<hex>`` (model and optimizer) and ``stopped_at=<step>``.
@@ -69,7 +69,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--pretrained", help="finetune: weights to start from (file or ftrain checkpoint dir)")
     p.add_argument("--eval-every", type=int, default=5, help="finetune: evaluate and report every N steps")
     p.add_argument("--patience", type=int, help="finetune: early_stopping.patience (default 3)")
-    p.add_argument("--keep-best", type=int, help="finetune: checkpoint.keep_best (default 2)")
+    p.add_argument("--keep-best", type=int, help="finetune: checkpoint.retention.keep_best (default 2)")
     p.add_argument("--trainable-only", action="store_true", help="checkpoint.trainable_only: no frozen weights")
     p.add_argument("--unfreeze-at", type=int, default=0, help="finetune: unfreeze everything at this step (0: never)")
     p.add_argument("--workers", type=int, default=0, help="DataLoader worker processes")
@@ -124,7 +124,7 @@ def main(argv: list[str] | None = None) -> int:
 
     overrides: dict[str, object] = {"checkpoint.dir": args.ckpt_dir, "checkpoint.every_steps": args.save_every}
     if finetune:
-        overrides.update({"checkpoint.monitor": "val_loss", "checkpoint.keep_best": args.keep_best,
+        overrides.update({"checkpoint.selection.monitor": "val_loss", "checkpoint.retention.keep_best": args.keep_best,
                           "early_stopping.patience": args.patience, "checkpoint.trainable_only":
                           args.trainable_only or None})
     config = load_config(args.config, overrides=overrides)

@@ -31,7 +31,18 @@ from ftrain.stateful import Counters, Stateful
 if TYPE_CHECKING:
     # What a type checker sees; at run time ``__getattr__`` below loads the same names on first use.
     # Keep the two in step: tests/unit/test_public_api.py checks that every lazy name resolves.
-    from ftrain.config import CheckpointConfig, EarlyStoppingConfig, FtrainConfig, SupervisorConfig
+    from ftrain.config import (
+        CheckpointConfig,
+        DataConfig,
+        EarlyStoppingConfig,
+        FtrainConfig,
+        LeaseConfig,
+        NoticesConfig,
+        RemoteConfig,
+        RetentionConfig,
+        SelectionConfig,
+        SupervisorConfig,
+    )
     from ftrain.data import ResumableLoader, ResumableSampler, SeededDataset, derive_seed
     from ftrain.hashing import state_sha256
     from ftrain.session import Session
@@ -47,9 +58,15 @@ _LAZY: dict[str, str] = {
     "derive_seed": "ftrain.data",
     "Preempted": "ftrain.session.liveness",
     "state_sha256": "ftrain.hashing",
-    "FtrainConfig": "ftrain.config",
     "CheckpointConfig": "ftrain.config",
+    "DataConfig": "ftrain.config",
     "EarlyStoppingConfig": "ftrain.config",
+    "FtrainConfig": "ftrain.config",
+    "LeaseConfig": "ftrain.config",
+    "NoticesConfig": "ftrain.config",
+    "RemoteConfig": "ftrain.config",
+    "RetentionConfig": "ftrain.config",
+    "SelectionConfig": "ftrain.config",
     "SupervisorConfig": "ftrain.config",
 }
 
@@ -73,14 +90,20 @@ __all__ = [
     "ConfigError",
     "CorruptCheckpoint",
     "Counters",
+    "DataConfig",
     "EarlyStoppingConfig",
     "FtrainConfig",
     "FtrainError",
+    "LeaseConfig",
     "NoValidCheckpoint",
+    "NoticesConfig",
     "Preempted",
+    "RemoteConfig",
     "ResumableLoader",
     "ResumableSampler",
+    "RetentionConfig",
     "SeededDataset",
+    "SelectionConfig",
     "Session",
     "StateMismatch",
     "Stateful",

@@ -74,7 +74,7 @@ class CheckpointDirError(CheckpointError):
 
 
 class RemoteNotFound(CheckpointDirError):
-    """``checkpoint.remote`` names a bucket (or container) that does not exist: a typo, or one not created yet."""
+    """``checkpoint.remote.url`` names a bucket (or container) that does not exist: a typo, or one not created yet."""
 
 
 class LeaseError(CheckpointDirError):

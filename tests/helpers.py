@@ -16,7 +16,7 @@ import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import psutil
@@ -24,7 +24,7 @@ import torch
 from torch.utils.data import Dataset
 
 import ftrain
-from ftrain.config import CheckpointConfig, EarlyStoppingConfig, FtrainConfig
+from ftrain.config import FtrainConfig, load_config
 from ftrain.data import ResumableLoader
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -54,10 +54,22 @@ def checkpoint_tensors(root: Path) -> dict[str, torch.Tensor]:
 
 
 # ------------------------------------------------------------------ in-process sessions
-def cfg(path: Path, patience: int = 0, min_delta: float = 0.0, **checkpoint: Any) -> FtrainConfig:
-    """A config checkpointing to ``path``; ``checkpoint`` sets CheckpointConfig fields, the rest early stopping."""
-    return FtrainConfig(checkpoint=CheckpointConfig(dir=str(path), **checkpoint),
-                        early_stopping=EarlyStoppingConfig(patience=patience, min_delta=min_delta))
+#: Short names for the nested keys tests set most (cfg's keywords); any other keyword is a checkpoint.* key.
+_SHORT = {
+    "keep_last": "checkpoint.retention.keep_last", "keep_best": "checkpoint.retention.keep_best",
+    "monitor": "checkpoint.selection.monitor", "mode": "checkpoint.selection.mode",
+    "save_best_only": "checkpoint.selection.save_best_only",
+    "load_best_at_end": "checkpoint.selection.load_best_at_end",
+    "remote": "checkpoint.remote.url", "remote_keep_last": "checkpoint.remote.keep_last",
+    "remote_retries": "checkpoint.remote.retries", "remote_wait_seconds": "checkpoint.remote.wait_seconds",
+    "patience": "early_stopping.patience", "min_delta": "early_stopping.min_delta",
+}
+
+
+def cfg(path: Path, **keys: Any) -> FtrainConfig:
+    """A config checkpointing to ``path``; ``keys`` by their short names (``_SHORT``) or as checkpoint.* keys."""
+    overrides = {_SHORT.get(name, f"checkpoint.{name}"): value for name, value in keys.items()}
+    return load_config(env={}, overrides={"checkpoint.dir": str(path), **overrides})
 
 
 def train_step(model: torch.nn.Module, opt: torch.optim.Optimizer) -> None:
@@ -193,6 +205,24 @@ def check_resume(make: Callable[[], ResumableLoader], total: int, cuts: list[int
 
 
 # ------------------------------------------------------------------ real processes (tests/integration only)
+#: The job of the shared ``ddp4_reference`` fixture (tests/integration/conftest.py): examples/train.py's DDP model,
+#: 32 steps (an epoch of 2048 samples in global batches of 64), no DataLoader workers. Neither the save schedule
+#: nor printing changes the trained state (the final hash covers model and optimizer), so a test that saves or
+#: prints at other steps compares with the same uninterrupted run.
+DDP4_JOB = ["--steps", "32", "--save-every", "4", "--print-every", "1", "--workers", "0"]
+#: The job of the shared ``ddp2_reference`` fixture: the DDP model at 2 ranks, 40 steps, 2 DataLoader workers each
+#: (the example's default), consumed-sample logs on.
+DDP2_JOB = ["--steps", "40", "--save-every", "10", "--print-every", "0"]
+
+
+class Reference(NamedTuple):
+    """A shared uninterrupted run: its output (final_state_sha256 in stdout), checkpoints and sample logs."""
+
+    run: subprocess.CompletedProcess[str]
+    ckpt: Path
+    logs: Path
+
+
 def child_env(**extra: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("FTRAIN_", "TORCHELASTIC_"))}
     for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
@@ -243,6 +273,45 @@ def torchrun(script: Path, args: list[str], env: dict[str, str] | None = None, *
            "--rdzv-endpoint", "127.0.0.1:0", "--max-restarts", "0", str(script), *args]
     proc = subprocess.run(cmd, env=env or child_env(), capture_output=True, text=True, timeout=timeout)
     return _succeeded(proc, "torchrun") if check else proc
+
+
+class Background:
+    """A process started now, its output collected by a thread; :meth:`result` waits for it like
+    ``subprocess.run``. For an uninterrupted reference run started alongside the chaos run it is compared with:
+    while the chaos run sleeps (paced steps, restarts) or runs one process, the reference uses the idle core."""
+
+    def __init__(self, cmd: list[str], env: dict[str, str] | None = None, *, timeout: float = 300) -> None:
+        self.cmd, self.timeout = cmd, timeout
+        self.proc = subprocess.Popen(cmd, env=env or child_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                     text=True)
+        self._done: tuple[str, str] = ("", "")
+        self._reader = threading.Thread(target=self._communicate, daemon=True)
+        self._reader.start()
+
+    def _communicate(self) -> None:
+        self._done = self.proc.communicate()
+
+    def result(self) -> subprocess.CompletedProcess[str]:
+        self._reader.join(self.timeout)
+        if self._reader.is_alive():
+            self.proc.kill()
+            self._reader.join(10)
+            raise subprocess.TimeoutExpired(self.cmd, self.timeout, *self._done)
+        return subprocess.CompletedProcess(self.cmd, self.proc.returncode, *self._done)
+
+
+def kill_tree(proc: subprocess.Popen[str]) -> None:
+    """SIGKILL ``proc`` and every descendant, if still running (a reference a failed test never waited for)."""
+    try:
+        procs = [psutil.Process(proc.pid), *psutil.Process(proc.pid).children(recursive=True)]
+    except psutil.Error:
+        return
+    for p in procs:
+        try:
+            p.kill()
+        except psutil.Error:
+            pass
+    psutil.wait_procs(procs, timeout=10)
 
 
 class Launch:

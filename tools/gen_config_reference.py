@@ -1,11 +1,11 @@
-"""Write docs/configuration.md, the reference of every configuration key, from ftrain/config.py.
+"""Write docs/configuration.md (the reference of every configuration key) and configs/default.yaml from the code.
 
-    .venv/bin/python tools/gen_config_reference.py > docs/configuration.md
-    .venv/bin/python tools/gen_config_reference.py --check    # exit 1 if docs/configuration.md is stale
+    .venv/bin/python tools/gen_config_reference.py --write    # both files
+    .venv/bin/python tools/gen_config_reference.py --check    # exit 1 if either is stale
 
 The keys, defaults and help come from the config dataclasses themselves (``dataclasses.fields`` and each
 field's ``metadata["help"]`` / ``metadata["rule"]``), so the reference cannot drift from the code;
-tests/unit/test_docs.py fails while the committed file differs from what :func:`render` produces.
+tests/unit/test_docs.py fails while a committed file differs from what this script produces.
 """
 from __future__ import annotations
 
@@ -13,7 +13,6 @@ import argparse
 import dataclasses
 import os
 import sys
-import typing
 from typing import Any
 
 # Run as a script, sys.path[0] is tools/; the repository root makes `import ftrain` work without an install.
@@ -22,17 +21,12 @@ if REPO_ROOT not in sys.path:
     sys.path.insert(0, REPO_ROOT)
 
 from ftrain import config  # noqa: E402  (needs the sys.path entry above)
-from ftrain.config_values import _TYPE_NAMES  # noqa: E402  (the wording ConfigError messages use)
+from ftrain.config import schema  # noqa: E402
+from ftrain.config.renamed import RENAMED  # noqa: E402
+from ftrain.config.values import TYPE_NAMES  # noqa: E402  (the wording ConfigError messages use)
 
 OUTPUT = os.path.join(REPO_ROOT, "docs", "configuration.md")
-
-#: Keys that exist only so tests can point ftrain at fake metadata services on 127.0.0.1 (config.py: "tests point
-#: these keys at fakes"). A user never needs them, so they get their own table at the end, out of the way.
-TEST_ONLY_KEYS = (
-    "supervisor.aws_metadata_url",
-    "supervisor.gcp_metadata_url",
-    "supervisor.azure_metadata_url",
-)
+DEFAULT_YAML = os.path.join(REPO_ROOT, "configs", "default.yaml")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -41,32 +35,29 @@ class Key:
     default: Any
     allowed: str
     help: str
+    internal: bool
+
+
+def _key(k: schema.Key, defaults: config.FtrainConfig) -> Key:
+    rule = k.field.metadata.get("rule")
+    allowed = TYPE_NAMES.get(k.type, str(k.type))
+    # A rule's phrase is either fixed text or a function of the rejected value; only the first one
+    # describes the key in general.
+    if rule is not None and isinstance(rule[1], str):
+        # "a non-empty string" says all that "a string (a non-empty string)" would.
+        noun = allowed.split()[-1]
+        allowed = rule[1] if noun in rule[1] else f"{allowed} ({rule[1]})"
+    # The default as loaded (a float field's int default becomes a float), not as written in the source.
+    return Key(k.dotted, k.get(defaults), allowed, k.help, k.internal)
 
 
 def _sections() -> list[tuple[str, type, list[Key]]]:
-    """(section name, section class, its keys) in declaration order, read off the dataclasses."""
+    """(section path, section class, its own keys) in declaration order, each top-level section before the
+    sections nested in it."""
     defaults = config.FtrainConfig()
-    section_types = typing.get_type_hints(config.FtrainConfig)
-    out = []
-    for section_field in dataclasses.fields(config.FtrainConfig):
-        name = section_field.name
-        cls = section_types[name]
-        # The annotations are strings (`from __future__ import annotations`); resolve them for the type names.
-        hints = typing.get_type_hints(cls)
-        keys = []
-        for f in dataclasses.fields(cls):
-            rule = f.metadata.get("rule")
-            allowed = _TYPE_NAMES.get(hints[f.name], str(hints[f.name]))
-            # A rule's phrase is either fixed text or a function of the rejected value; only the first one
-            # describes the key in general.
-            if rule is not None and isinstance(rule[1], str):
-                # "a non-empty string" says all that "a string (a non-empty string)" would.
-                noun = allowed.split()[-1]
-                allowed = rule[1] if noun in rule[1] else f"{allowed} ({rule[1]})"
-            # The default as loaded (a float field's int default becomes a float), not as written in the source.
-            keys.append(Key(f"{name}.{f.name}", getattr(getattr(defaults, name), f.name), allowed, f.metadata["help"]))
-        out.append((name, cls, keys))
-    return out
+    keys = [_key(k, defaults) for k in schema.all_keys()]
+    return [(path, cls, [k for k in keys if k.dotted.rpartition(".")[0] == path])
+            for path, cls in schema.section_paths().items()]
 
 
 def _yaml_value(value: Any) -> str:
@@ -100,27 +91,31 @@ def _table(keys: list[Key]) -> list[str]:
 
 
 PREAMBLE = """\
-<!-- Generated by tools/gen_config_reference.py from ftrain/config.py: do not edit by hand. -->
+<!-- Generated by tools/gen_config_reference.py from ftrain/config/sections.py: do not edit by hand. -->
 # Configuration reference
 
 Every configuration key, its default, the values it takes and what it does.
-This page is generated from the help of the fields in `ftrain/config.py`:
+This page is generated from the help of the fields in `ftrain/config/sections.py`:
 to change it, change the code and run
-`.venv/bin/python tools/gen_config_reference.py > docs/configuration.md`.
+`.venv/bin/python tools/gen_config_reference.py --write`.
 
 ## How configuration is given
 
-One home: validated dataclasses in `ftrain/config.py`. `configs/default.yaml`
-lists every key with its default (a test keeps it in step with the code);
-`configs/example.yaml` is a realistic starting point, `configs/finetune.yaml`
-one for fine-tuning with keep-best, early stopping and trainable-only saves.
+One home: validated dataclasses in `ftrain/config/sections.py`, nested by
+component (`checkpoint.remote.url` is the key `url` of the section
+`checkpoint.remote`). `configs/default.yaml` lists every key with its default
+(generated too); `configs/example.yaml` is a realistic starting point,
+`configs/finetune.yaml` one for fine-tuning with keep-best, early stopping and
+trainable-only saves.
 
 Precedence, lowest to highest: defaults < YAML file (`Session(config_path=...)`,
 `ftrain launch --config FILE`, or `$FTRAIN_CONFIG`) < environment
-`FTRAIN_<SECTION>_<KEY>` (e.g. `FTRAIN_CHECKPOINT_EVERY_STEPS=100`) <
-overrides (`Session(overrides={{"checkpoint.every_steps": 100}})`) /
-command-line flags (`ftrain launch --save-every-steps 100`; the flags and the
-keys they set are in [cli.md](cli.md#ftrain-launch)).
+`FTRAIN_<PATH>`, the key's parts joined by `_` (e.g.
+`FTRAIN_CHECKPOINT_REMOTE_URL=s3://bucket/run`) < overrides
+(`Session(overrides={{"checkpoint.every_steps": 100}})`) / command-line flags
+(`ftrain launch --save-every-steps 100`; the flags and the keys they set are in
+[cli.md](cli.md#ftrain-launch)). `ftrain launch` hands its workers the resolved
+configuration as `FTRAIN_<PATH>` variables.
 An unknown key or bad value is one error line naming the key and where it came
 from, and exit code 2. So is a config file that is larger than 1 MiB ({max_bytes}
 bytes; refused before it is parsed), nested too deeply for the YAML parser, or
@@ -135,61 +130,110 @@ of a list):
 checkpoint:
   dir: /local/nvme/run1
   every_steps: 100
+  remote:
+    url: s3://my-bucket/runs/run1
 supervisor:
-  notices: [aws]
+  notices:
+    sources: [aws]
 ```
 
 ```sh
-FTRAIN_CHECKPOINT_EVERY_STEPS=100 FTRAIN_SUPERVISOR_NOTICES=aws,drain ftrain launch --nproc 4 train.py
+FTRAIN_CHECKPOINT_EVERY_STEPS=100 FTRAIN_SUPERVISOR_NOTICES_SOURCES=aws,drain ftrain launch --nproc 4 train.py
 ```
 
-Some keys need others: `checkpoint.save_best_only`, `checkpoint.load_best_at_end`
-and `early_stopping.patience` above 0 need `checkpoint.monitor`, and
-`save_best_only` and `load_best_at_end` need `checkpoint.keep_best` of at least
-1; a config without them is refused (exit 2).
+Some keys need others: `checkpoint.selection.save_best_only`,
+`checkpoint.selection.load_best_at_end` and `early_stopping.patience` above 0
+need `checkpoint.selection.monitor`, and `save_best_only` and
+`load_best_at_end` need `checkpoint.retention.keep_best` of at least 1; a
+config without them is refused (exit 2).
+
+A few keys exist only so that tests can point ftrain at fake cloud metadata
+services on 127.0.0.1 (`supervisor.notices.*_metadata_url`); they are left out
+of this page and of `configs/default.yaml`.
 """
 
-TESTS_PREAMBLE = """\
-## For tests
+RENAMED_PREAMBLE = """\
+## Renamed keys
 
-These keys exist so that tests can point ftrain at fake metadata services on
-127.0.0.1. Leave them at their defaults.
+The first releases' keys were flat (`checkpoint.keep_last`); they are grouped
+by component now. The old keys still work, in YAML, overrides and as
+environment variables (`FTRAIN_CHECKPOINT_KEEP_LAST`), and each one logs one
+line naming its new key, once per process:
+
+```text
+checkpoint.keep_last in run.yaml is deprecated: write checkpoint.retention.keep_last instead (it still works; ...)
+```
+
+A file that sets both a key's old and new name, or environment variables that
+set different values for them, is refused (exit 2): which one was meant cannot
+be guessed. `checkpoint.remote` and `supervisor.notices` are sections now; as a
+plain value (a URL, a list) each is still read as its old key.
 """
+
+DEFAULT_YAML_PREAMBLE = """\
+# ftrain defaults: every key with its default value, its help above it.
+# Generated by tools/gen_config_reference.py from ftrain/config/sections.py: do not edit by hand.
+# Precedence, lowest to highest: these defaults < a YAML file (path or FTRAIN_CONFIG)
+# < FTRAIN_<PATH> environment variables (FTRAIN_CHECKPOINT_RETENTION_KEEP_LAST) < command-line flags."""
 
 
 def render() -> str:
     """The whole of docs/configuration.md, as the code defines the keys now."""
     sections = _sections()
-    known = {k.dotted for _, _, keys in sections for k in keys}
-    unknown = [k for k in TEST_ONLY_KEYS if k not in known]
-    if unknown:  # a renamed key would otherwise silently move into the user-facing tables
-        raise ValueError(f"TEST_ONLY_KEYS names keys config.py does not define: {', '.join(unknown)}")
     lines = [PREAMBLE.format(max_bytes=config.MAX_CONFIG_BYTES, max_chars=config.MAX_CONFIG_VALUE_CHARS)]
-    for name, cls, keys in sections:
-        user_keys = [k for k in keys if k.dotted not in TEST_ONLY_KEYS]
-        lines += [f"## `{name}`", "", _docstring(cls), "", *_table(user_keys), ""]
-    test_keys = [k for _, _, keys in sections for k in keys if k.dotted in TEST_ONLY_KEYS]
-    lines += [TESTS_PREAMBLE, *_table(test_keys)]
+    for path, cls, keys in sections:
+        user_keys = [k for k in keys if not k.internal]
+        heading = "##" if "." not in path else "###"
+        lines += [f"{heading} `{path}`", "", _docstring(cls), "", *_table(user_keys), ""]
+    lines += [RENAMED_PREAMBLE, "| old key | new key |", "| --- | --- |"]
+    lines += [f"| `{old}` | `{new}` |" for old, new in RENAMED.items()]
     return "\n".join(lines) + "\n"
+
+
+def render_default_yaml() -> str:
+    """configs/default.yaml: every key with its default, its help above it as a comment."""
+    lines = [DEFAULT_YAML_PREAMBLE]
+    for path, _, keys in _sections():
+        depth = path.count(".")
+        if depth == 0:
+            lines.append("")
+        lines.append(f"{'  ' * depth}{path.rpartition('.')[2]}:")
+        for k in (k for k in keys if not k.internal):
+            indent = "  " * (depth + 1)
+            lines += [f"{indent}# {k.help}", f"{indent}{k.dotted.rpartition('.')[2]}: {_yaml_value(k.default)}"]
+    return "\n".join(lines) + "\n"
+
+
+#: What each mode writes, and to where.
+TARGETS = {"docs/configuration.md": (render, OUTPUT), "configs/default.yaml": (render_default_yaml, DEFAULT_YAML)}
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--check", action="store_true",
-                        help=f"exit 1 if {os.path.relpath(OUTPUT, REPO_ROOT)} differs from what would be written")
+    parser.add_argument("--check", action="store_true", help="exit 1 if a generated file differs from the code")
+    parser.add_argument("--write", action="store_true", help="write every generated file")
+    parser.add_argument("--yaml", action="store_true", help="print configs/default.yaml instead of the reference")
     args = parser.parse_args(argv)
-    text = render()
-    if not args.check:
-        sys.stdout.write(text)
+    if not (args.check or args.write):
+        sys.stdout.write((render_default_yaml if args.yaml else render)())
         return 0
-    try:
-        with open(OUTPUT, encoding="utf-8") as f:
-            current = f.read()
-    except FileNotFoundError:
-        current = None
-    if current != text:
-        print(f"{os.path.relpath(OUTPUT, REPO_ROOT)} is stale: run "
-              f".venv/bin/python tools/gen_config_reference.py > docs/configuration.md", file=sys.stderr)
+    stale = []
+    for name, (make, path) in TARGETS.items():
+        text = make()
+        try:
+            with open(path, encoding="utf-8") as f:
+                current: str | None = f.read()
+        except FileNotFoundError:
+            current = None
+        if current == text:
+            continue
+        if args.write:
+            with open(path, "w", encoding="utf-8") as f:
+                f.write(text)
+        else:
+            stale.append(name)
+    if stale:
+        print(f"{', '.join(stale)} stale: run .venv/bin/python tools/gen_config_reference.py --write", file=sys.stderr)
         return 1
     return 0
 

@@ -30,7 +30,7 @@ LEASE_VERSION = 1
 START_TIME_SLACK = 1.0
 #: Record roles: held by ``ftrain launch`` for its whole job, or by a Session's rank 0.
 LAUNCH, SESSION = "launch", "session"
-FIX = ("stop that job, or pass --force / set checkpoint.takeover: true to take the directory over; "
+FIX = ("stop that job, or pass --force / set checkpoint.lease.takeover: true to take the directory over; "
        "the other job then stops committing")
 
 # ----------------------------------------------------------------------------- who
@@ -155,7 +155,7 @@ class Verdict(Enum):
     EXPIRED = "expired"        # an owner on another host stopped renewing for longer than its ttl
     SAME_RUN = "same_run"      # a Session-held record of an earlier attempt of this supervised run
     UNREADABLE = "unreadable"  # a damaged record, and no process holds the lock
-    FORCED = "forced"          # --force / checkpoint.takeover
+    FORCED = "forced"          # --force / checkpoint.lease.takeover
     REFUSE = "refuse"
 
 
@@ -191,8 +191,8 @@ def decide(record: LeaseRecord | None, *, now: float, me: Owner, locked: bool, f
                                                  f"process holds {LEASE_LOCK}: taking the directory over")
                     if problem else Decision(Verdict.FREE))
         if force:
-            return Decision(Verdict.FORCED, f"taking over {where} (--force / checkpoint.takeover) from the process "
-                                            f"that holds its {LEASE_LOCK} ({what})")
+            return Decision(Verdict.FORCED, f"taking over {where} (--force / checkpoint.lease.takeover) from the "
+                                            f"process that holds its {LEASE_LOCK} ({what})")
         return Decision(Verdict.REFUSE, f"checkpoint dir {where} is in use by another job: a running process "
                                         f"holds {LEASE_LOCK} ({what}); {FIX}")
     who = f"{record.holder()}, generation {record.generation}"
@@ -201,7 +201,7 @@ def decide(record: LeaseRecord | None, *, now: float, me: Owner, locked: bool, f
         return Decision(Verdict.OWN, f"taking over {where} from an earlier lease of this process ({who}) that "
                                      "was never released")
     if force:
-        return Decision(Verdict.FORCED, f"taking over {where} (--force / checkpoint.takeover) from {who}, held "
+        return Decision(Verdict.FORCED, f"taking over {where} (--force / checkpoint.lease.takeover) from {who}, held "
                                         f"since {record.since()}; it stops committing")
     if me.supervised and me.role == SESSION and record.role == SESSION and record.run_id == me.run_id and not mine:
         return Decision(Verdict.SAME_RUN, f"taking over {where} from an earlier attempt of this run ({who})")

@@ -80,7 +80,7 @@ def rank_steps(values: Iterable[tuple[int, float]], mode: str) -> list[int]:
 
 @dataclass(frozen=True)
 class SelectionSpec:
-    """What to monitor and how: from ``checkpoint.monitor/mode/keep_best`` and ``early_stopping.*``."""
+    """What to monitor and how: from ``checkpoint.selection.*``, ``.retention.keep_best`` and ``early_stopping.*``."""
 
     monitor: str = ""
     mode: str = "min"  # resolved: min or max
@@ -251,7 +251,7 @@ def best_ranking(manifests: list[Manifest]) -> tuple[str, str, list[Manifest]]:
     monitor = next((m.meta["monitor"] for m in reversed(manifests) if _valid_monitor(m.meta.get("monitor"))), None)
     if monitor is None:
         raise CheckpointError("no checkpoint records a monitored metric, so none is 'best'; "
-                              "set checkpoint.monitor and report it with session.report()")
+                              "set checkpoint.selection.monitor and report it with session.report()")
     name, mode = monitor["name"], monitor["mode"]
     values = {m.step: metric_value(m.meta, name) for m in manifests}
     order = rank_steps(((s, v) for s, v in values.items() if v is not None), mode)

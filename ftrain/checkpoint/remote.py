@@ -1,6 +1,6 @@
 """Storage leaf: the remote tier's bytes, in an object store (S3) or any fsspec filesystem.
 
-``checkpoint.remote`` is a URL. ``s3://bucket/prefix`` goes through boto3 (the
+``checkpoint.remote.url`` is a URL. ``s3://bucket/prefix`` goes through boto3 (the
 standard AWS credential chain, and ``AWS_ENDPOINT_URL`` / ``AWS_ENDPOINT_URL_S3``
 for S3-compatible servers); any other URL (``file:///shared/ckpt``, ``gs://``,
 ``az://``, ...) through fsspec and that protocol's fsspec backend. Both need
@@ -54,7 +54,7 @@ def _translated(url: str, e: Exception) -> Exception:
 
 
 def _missing_bucket(url: str) -> RemoteNotFound:
-    return RemoteNotFound(f"checkpoint.remote {url}: the bucket {urlsplit(url).netloc!r} does not exist (or this "
+    return RemoteNotFound(f"checkpoint.remote.url {url}: the bucket {urlsplit(url).netloc!r} does not exist (or this "
                           "endpoint does not have it); create it, or fix the bucket name in the URL")
 
 

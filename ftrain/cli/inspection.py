@@ -268,12 +268,17 @@ def _best_text(best: Any, best_steps: Any) -> str:
 
 
 def _config_lines(config: Any) -> list[str]:
+    """``  section.key = value`` per key; nested sections (manifests since config sections nest) are walked, and the
+    flat ``{section: {key: value}}`` of older manifests reads the same way."""
     if not isinstance(config, dict):
         return [f"  {raw(config)}"]
-    out = []
-    for section, values in sorted(config.items()):
-        if isinstance(values, dict):
-            out += [f"  {safe(section)}.{safe(k)} = {json.dumps(v)}" for k, v in sorted(values.items())]
-        else:
-            out.append(f"  {safe(section)} = {json.dumps(values)}")
+    out: list[str] = []
+
+    def walk(prefix: str, values: dict[Any, Any], depth: int) -> None:
+        for name, value in sorted(values.items(), key=lambda kv: str(kv[0])):
+            if isinstance(value, dict) and depth < 4:  # the manifest is input: its depth is bounded here
+                walk(f"{prefix}{safe(name)}.", value, depth + 1)
+            else:
+                out.append(f"  {prefix}{safe(name)} = {json.dumps(value)}")
+    walk("", config, 0)
     return out

@@ -42,10 +42,10 @@ RDZV_DEFAULT_PORT = 29400
 #: ftrain flags and the config keys they set.
 CONFIG_FLAGS = {
     "ckpt_dir": "checkpoint.dir", "save_every_steps": "checkpoint.every_steps",
-    "save_every_seconds": "checkpoint.every_seconds", "keep_last": "checkpoint.keep_last",
+    "save_every_seconds": "checkpoint.every_seconds", "keep_last": "checkpoint.retention.keep_last",
     "max_restarts": "supervisor.max_restarts", "grace_seconds": "supervisor.grace_seconds",
     "hang_timeout": "supervisor.hang_timeout_seconds", "log_dir": "supervisor.log_dir",
-    "force": "checkpoint.takeover",
+    "force": "checkpoint.lease.takeover",
 }
 
 
@@ -73,14 +73,14 @@ def add_parser(sub: Any) -> None:
     f.add_argument("--ckpt-dir", help="checkpoint.dir")
     f.add_argument("--save-every-steps", type=int, help="checkpoint.every_steps")
     f.add_argument("--save-every-seconds", type=float, help="checkpoint.every_seconds")
-    f.add_argument("--keep-last", type=int, help="checkpoint.keep_last")
+    f.add_argument("--keep-last", type=int, help="checkpoint.retention.keep_last")
     f.add_argument("--max-restarts", type=int, help="supervisor.max_restarts")
     f.add_argument("--grace-seconds", type=float, help="supervisor.grace_seconds")
     f.add_argument("--hang-timeout", type=float, help="supervisor.hang_timeout_seconds (0: off)")
     f.add_argument("--log-dir", help="supervisor.log_dir (default <checkpoint.dir>/logs)")
     f.add_argument("--force", action="store_true", default=None,
-                   help="checkpoint.takeover: take the checkpoint dir over from another job holding it (that job "
-                        "then stops committing)")
+                   help="checkpoint.lease.takeover: take the checkpoint dir over from another job holding it "
+                        "(that job then stops committing)")
     p.add_argument("script", help="training script")
     p.add_argument("script_args", nargs=argparse.REMAINDER, help="arguments for the script")
     p.set_defaults(func=cmd_launch)
@@ -218,7 +218,7 @@ def _take_lease(cfg: FtrainConfig, run_id: str, nnodes: str | None) -> Lease | N
     if nnodes not in (None, "1", "1:1"):
         return None
     lease = Lease(cfg.checkpoint.dir, Owner.current(run_id, LAUNCH, supervised=True),
-                  ttl=cfg.checkpoint.lease_ttl_seconds)
-    lease.acquire(force=cfg.checkpoint.takeover)
+                  ttl=cfg.checkpoint.lease.ttl_seconds)
+    lease.acquire(force=cfg.checkpoint.lease.takeover)
     lease.start_renewal()
     return lease

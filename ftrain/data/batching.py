@@ -17,7 +17,7 @@ from ftrain.errors import UsageError
 
 log = logging.getLogger("ftrain")
 
-#: ``checkpoint.on_uneven_batch`` values.
+#: ``data.on_uneven_batch`` values.
 ERROR, NEAREST = "error", "nearest"
 
 
@@ -27,7 +27,7 @@ class BatchPlan:
 
     Invariant: ``micro_batch * accumulation * world_size == global_batch``.
     ``requested`` is the global batch asked for; it differs from ``global_batch``
-    only under ``checkpoint.on_uneven_batch: nearest``.
+    only under ``data.on_uneven_batch: nearest``.
     """
 
     global_batch: int
@@ -35,7 +35,7 @@ class BatchPlan:
     micro_batch: int
     accumulation: int
     requested: int
-    #: Made under ``checkpoint.on_uneven_batch: nearest``: the loader then accepts a checkpoint saved with
+    #: Made under ``data.on_uneven_batch: nearest``: the loader then accepts a checkpoint saved with
     #: another global batch (one of this policy's adjusted ones, or the requested one), re-striping from it.
     flexible: bool = False
 
@@ -79,10 +79,10 @@ def plan_batches(global_batch: int, world_size: int, max_micro_batch: int | None
             raise UsageError(
                 f"the global batch of {global_batch} cannot be split evenly over {world_size} ranks (world sizes "
                 f"that can: {', '.join(map(str, fits))}); run at one of those, or change the global batch (a "
-                "fresh run), or set checkpoint.on_uneven_batch: nearest to use the nearest smaller global batch")
+                "fresh run), or set data.on_uneven_batch: nearest to use the nearest smaller global batch")
         used = global_batch // world_size * world_size
         log.warning("the global batch of %d cannot be split evenly over %d ranks: using %d (%d per rank) as "
-                    "checkpoint.on_uneven_batch is 'nearest'; the samples of each step now differ from the run's at "
+                    "data.on_uneven_batch is 'nearest'; the samples of each step now differ from the run's at "
                     "its original world size (each sample is still seen once per epoch)", global_batch, world_size,
                     used, used // world_size)
     share = used // world_size

@@ -90,8 +90,8 @@ class Checkpointer:
         self.lease: Lease | Fence | None = None
         #: Blocking time of the last save on this rank (snapshot only, when asynchronous).
         self.last_blocking_seconds = 0.0
-        #: The remote tier (``checkpoint.remote``), if configured: uploads after commits, a source on restore.
-        self.tier = RemoteTier(cfg, self.store, events) if cfg.remote else None
+        #: The remote tier (``checkpoint.remote.url``), if configured: uploads after commits, a source on restore.
+        self.tier = RemoteTier(cfg, self.store, events) if cfg.remote.url else None
         self.events = events
         #: Set up by :meth:`setup`: which rank writes to which disk, the store exchange, the commit protocol.
         self.layout: Layout | None = None
@@ -190,10 +190,10 @@ class Checkpointer:
         log.info("checkpoint.dir is node-local: %d disks (%s); each commits its own ranks' files%s", disks_,
                  ", ".join(self.layout.describe(d) for d in self.layout.order),
                  f", with {min(self.cfg.replicas, disks_ - 1)} replica(s) on other disks" if self.cfg.replicas else "")
-        if self.cfg.replicas == 0 and not self.cfg.remote:
+        if self.cfg.replicas == 0 and not self.cfg.remote.url:
             msg = (f"checkpoint.dir is a node-local disk on each of {disks_} nodes, with no replicas "
-                   "(checkpoint.replicas: 0) and no remote tier (checkpoint.remote): losing one node loses every "
-                   "checkpoint; set checkpoint.replicas to 1 or more, or checkpoint.remote to a bucket")
+                   "(checkpoint.replicas: 0) and no remote tier (checkpoint.remote.url): losing one node loses every "
+                   "checkpoint; set checkpoint.replicas to 1 or more, or checkpoint.remote.url to a bucket")
             if self.cfg.resume == "required":
                 raise ConfigError(msg)
             log.warning("%s", msg)
@@ -311,8 +311,8 @@ class Checkpointer:
         safe = self._newest_safe()
         if safe is not None:
             keep.append(safe)
-        pruned = (self.store.retain(step, self.cfg.keep_last, best, protect=keep) if lease is None or lease.holds()
-                  else [])
+        keep_last = self.cfg.retention.keep_last
+        pruned = self.store.retain(step, keep_last, best, protect=keep) if lease is None or lease.holds() else []
         if pruned:
             log.debug("pruned checkpoint(s) %s from %s", ", ".join(map(str, pruned)), self.store.root)
         if self.tier is not None:
@@ -335,10 +335,10 @@ class Checkpointer:
         return self.tier.wait(step, timeout) if self.tier is not None else None
 
     def close(self, upload_timeout: float | None = None) -> None:
-        """Finish the uploads (up to ``upload_timeout``, default ``checkpoint.remote_wait_seconds``), release the
+        """Finish the uploads (up to ``upload_timeout``, default ``checkpoint.remote.wait_seconds``), release the
         lease this process holds (a disk's leader outside ``ftrain launch``); idempotent; no commit after."""
         if self.tier is not None:
-            self.tier.close(self.cfg.remote_wait_seconds if upload_timeout is None else upload_timeout)
+            self.tier.close(self.cfg.remote.wait_seconds if upload_timeout is None else upload_timeout)
         if self.lease is not None:
             self.lease.release()
             self.lease = None
@@ -346,7 +346,7 @@ class Checkpointer:
     def _take_lease(self) -> Lease | Fence:
         """A disk's leader: this job's right to write the root (docs/FORMAT.md, "Lease"); LeaseError if another job
         has it."""
-        return for_writer(self.cfg.dir, ttl=self.cfg.lease_ttl_seconds, force=self.cfg.takeover,
+        return for_writer(self.cfg.dir, ttl=self.cfg.lease.ttl_seconds, force=self.cfg.lease.takeover,
                           run_id=os.environ.get(envvars.RUN_ID), launcher=_launcher_lease())
 
     # ---------------------------------------------------------- async status

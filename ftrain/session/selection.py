@@ -26,9 +26,10 @@ log = logging.getLogger("ftrain")
 
 class ModelSelection:
     def __init__(self, config: FtrainConfig) -> None:
-        ck, es = config.checkpoint, config.early_stopping
-        self.monitor = ck.monitor
-        self.ranking = Selection(SelectionSpec(ck.monitor, resolve_mode(ck.monitor, ck.mode), ck.keep_best,
+        sel, es = config.checkpoint.selection, config.early_stopping
+        self.monitor = sel.monitor
+        self.ranking = Selection(SelectionSpec(sel.monitor, resolve_mode(sel.monitor, sel.mode),
+                                               config.checkpoint.retention.keep_best,
                                                es.patience, es.min_delta))
         #: Metrics reported since the last step() (this rank's), and those of the last step() that had any.
         self._pending: dict[str, float] = {}
@@ -77,8 +78,8 @@ class ModelSelection:
             self._metrics = (step, {**earlier, **self._pending})
             if self.monitor and self.monitor not in self._pending and not self._warned_unmonitored:
                 self._warned_unmonitored = True
-                log.warning("reported %s but checkpoint.monitor is %r: keep-best and early stopping see nothing",
-                            sorted(self._pending), self.monitor)
+                log.warning("reported %s but checkpoint.selection.monitor is %r: keep-best and early stopping see "
+                            "nothing", sorted(self._pending), self.monitor)
             self._pending = {}
         if value is None:
             return False, False
@@ -140,8 +141,8 @@ class ModelSelection:
 
     def warn_at_close(self) -> None:
         if self.monitor and self.ranking.last is None:
-            log.warning("checkpoint.monitor is %r but it was never reported with session.report(): no checkpoint "
-                        "was ranked", self.monitor)
+            log.warning("checkpoint.selection.monitor is %r but it was never reported with session.report(): no "
+                        "checkpoint was ranked", self.monitor)
         if self._pending:
             log.warning("metrics %s were reported after the last step()/save() and are in no checkpoint",
                         sorted(self._pending))

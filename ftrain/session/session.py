@@ -156,10 +156,10 @@ class Session:
         ``plan.accumulation`` forward/backward passes per optimizer step. Build the
         loader with ``ResumableLoader(dataset, **plan.loader_args(), ...)``. A
         global batch that does not split over the ranks raises UsageError, or
-        under ``checkpoint.on_uneven_batch: nearest`` warns and uses the nearest
+        under ``data.on_uneven_batch: nearest`` warns and uses the nearest
         smaller one that does (docs/multi-node.md).
         """
-        return plan_batches(global_batch, self.world_size, max_micro_batch, self._ckpt.on_uneven_batch)
+        return plan_batches(global_batch, self.world_size, max_micro_batch, self.config.data.on_uneven_batch)
 
     def _targets(self) -> Targets:
         return self._registry.targets(REPLICATED)
@@ -200,7 +200,7 @@ class Session:
 
     @reports_mistakes
     def load_best(self) -> int | None:
-        """Load the best checkpoint by ``checkpoint.monitor`` into the registered objects; return its step.
+        """Load the best checkpoint by ``checkpoint.selection.monitor`` into the registered objects; return its step.
 
         Every registered object is loaded (RNG streams are not: they keep going).
         Damaged candidates are skipped like on restore. Returns None, with a
@@ -212,13 +212,13 @@ class Session:
         found = self._checkpointer.restore(self._check, candidates=iter(ranked), targets=self._targets)
         if found is None:
             log.warning("load_best: no valid checkpoint records %r; the registered objects keep their current state",
-                        self._ckpt.monitor)
+                        self._ckpt.selection.monitor)
             return None
         manifest = found.manifest
         self._load(found, include_rng=False)
         self.best_step = manifest.step
-        log.info("loaded the best checkpoint: step %d (%s=%s)", manifest.step, self._ckpt.monitor,
-                 (manifest.meta.get("metrics") or {}).get(self._ckpt.monitor))
+        log.info("loaded the best checkpoint: step %d (%s=%s)", manifest.step, self._ckpt.selection.monitor,
+                 (manifest.meta.get("metrics") or {}).get(self._ckpt.selection.monitor))
         return manifest.step
 
     @property
@@ -231,7 +231,7 @@ class Session:
         """Report metrics (numbers or one-element tensors) for the step about to be passed to :meth:`step`.
 
         Rank 0's values are what counts: they are recorded in the manifest of a
-        checkpoint taken at that step, and ``checkpoint.monitor`` is agreed on by
+        checkpoint taken at that step, and ``checkpoint.selection.monitor`` is agreed on by
         all ranks in ``step()`` (ranks that do not evaluate need not report).
         """
         self._selection.report(metrics)
@@ -263,7 +263,7 @@ class Session:
         # Metrics first: any checkpoint of this step, the preemption one included, must hold their effect.
         best_due, stop_now = self._selection.take(step, values[0] if values else None)
         action = decision.decide(StepInputs(step, self._ckpt.every_steps, time_due, preempt, failed, busy, best_due,
-                                            stop_now, self._ckpt.save_best_only, self._ckpt.when_busy))
+                                            stop_now, self._ckpt.selection.save_best_only, self._ckpt.when_busy))
         if action is StepAction.SAVE_AND_EXIT:
             self._save_and_exit(step)
         if action is StepAction.RAISE_FAILED:
@@ -321,12 +321,12 @@ class Session:
     def close(self) -> None:
         """Wait for the in-flight save to commit; raise if it failed; undo this session's process hooks.
 
-        With ``checkpoint.load_best_at_end`` the registered objects then hold the
+        With ``checkpoint.selection.load_best_at_end`` the registered objects then hold the
         best checkpoint's state (collective).
         """
         try:
             self._selection.warn_at_close()
-            if self._ckpt.load_best_at_end:
+            if self._ckpt.selection.load_best_at_end:
                 self.load_best()
                 return
             self._checkpointer.wait()
@@ -347,8 +347,8 @@ class Session:
         """Close the session at the end of a ``with`` block; the block's exception always propagates unchanged.
 
         * The block ended normally (or by ``sys.exit(0)``): :meth:`close`. It waits for the save in flight to
-          commit, raises if it failed, and loads the best checkpoint under ``checkpoint.load_best_at_end``. If the
-          block called ``close()`` itself, nothing more is done.
+          commit, raises if it failed, and loads the best checkpoint under
+          ``checkpoint.selection.load_best_at_end``. If the block called ``close()`` itself, nothing more is done.
         * :class:`Preempted`: ``step()`` already committed the final checkpoint (blocking), so the session ends
           without a collective and without loading anything, and waits for uploads no longer than what is left
           of ``supervisor.grace_seconds``. ``Preempted`` propagates, and the process exits with 75.
@@ -406,12 +406,12 @@ class Session:
         # within what is left of the grace period (rank 0 uploads; a failed or late upload is logged).
         remote = self._checkpointer.wait_remote(step, max(0.0, self._liveness.grace_left() - 2.0))
         self._liveness.write_preempted_marker(step, remote)
-        uploaded = None if not self._ckpt.remote else remote is not None
+        uploaded = None if not self._ckpt.remote.url else remote is not None
         self._events.preempted(step, self._liveness.preempt_reason, uploaded)
         self._events.flush(1.0)  # the process exits next
         log.warning("preempted (%s): checkpoint of step %d committed%s; exiting with code %d",
                     self._liveness.preempt_reason or "another rank was signalled", step,
-                    "" if not self._ckpt.remote or self.rank != 0 else " and uploaded" if remote is not None else
+                    "" if not self._ckpt.remote.url or self.rank != 0 else " and uploaded" if remote is not None else
                     " locally, NOT uploaded to the remote tier in time", exitcodes.PREEMPTED)
         self._liveness.beat(EXITING, step)
         raise Preempted(step)

@@ -38,9 +38,9 @@ class RemoteTier:
     def __init__(self, cfg: CheckpointConfig, local: CheckpointStore, events: WorkerEvents | None = None) -> None:
         self.cfg, self.local, self.events = cfg, local, events
         try:
-            self.remote = open_store(cfg.remote)
+            self.remote = open_store(cfg.remote.url)
         except OSError as e:
-            raise CheckpointDirError(f"checkpoint.remote {cfg.remote!r}: {e.strerror or e}") from None
+            raise CheckpointDirError(f"checkpoint.remote.url {cfg.remote.url!r}: {e.strerror or e}") from None
         self.uploader: Uploader | None = None
         #: The start found the remote tier unavailable (already logged: the restore does not say it again).
         self.down = False
@@ -53,7 +53,7 @@ class RemoteTier:
         if not layout.is_leader or self.uploader is not None:
             return
         try:
-            if isinstance(self.remote.storage, RemoteStorage):  # (always: checkpoint.remote is checked to be a URL)
+            if isinstance(self.remote.storage, RemoteStorage):  # (always: checkpoint.remote.url is checked to be a URL)
                 self.remote.storage.check()  # a bucket that does not exist: RemoteNotFound, a mistake (exit 2)
             down: OSError | None = None
         except OSError as e:  # unreachable, refused credentials: an outage; training goes on
@@ -96,8 +96,8 @@ class RemoteTier:
             if events is not None:
                 events.upload(step, seconds, error)
 
-        self.uploader = Uploader(self.local, self.remote, keep_last=self.cfg.remote_keep_last, when_busy=when_busy,
-                                 retry=RetryPolicy(attempts=self.cfg.remote_retries), share=share, on_result=result)
+        self.uploader = Uploader(self.local, self.remote, keep_last=self.cfg.remote.keep_last, when_busy=when_busy,
+                                 retry=RetryPolicy(attempts=self.cfg.remote.retries), share=share, on_result=result)
         if down is not None:
             self.down = True
             self.uploader.unavailable(down)

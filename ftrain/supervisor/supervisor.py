@@ -83,7 +83,7 @@ class Supervisor:
     ``start_job`` starts each attempt's job (default: real torchrun, :class:`JobProcess`);
     ``clock`` supplies every reading of time and every wait (default: the real clocks);
     ``jitter`` supplies the policy's backoff jitter in [0, 1] (default: :func:`random.random`);
-    ``notices`` watches for preemption notices (default: the sources of ``supervisor.notices``).
+    ``notices`` watches for preemption notices (default: the sources of ``supervisor.notices.sources``).
     Signals reach the loop only through :meth:`notify`. One supervisor runs :meth:`run` once.
     """
 
@@ -113,11 +113,11 @@ class Supervisor:
         # the notice watchers), never cleared: the first is what stopped us, a second signal means "stop now".
         self.stops: list[StopRequest] = early_stops if early_stops is not None else []
         self.job: Job | None = None
-        sup = self.sup
+        nc = self.sup.notices
         self._notices = notices if notices is not None else build_watch(
-            sup.notices, interval=sup.notice_poll_seconds, aws_url=sup.aws_metadata_url, gcp_url=sup.gcp_metadata_url,
-            azure_url=sup.azure_metadata_url, rebalance_stops=sup.aws_rebalance == "stop", clock=clock.time,
-            drain_file=Path(sup.drain_file or os.path.join(cfg.checkpoint.dir, "DRAIN")))
+            nc.sources, interval=nc.poll_seconds, aws_url=nc.aws_metadata_url, gcp_url=nc.gcp_metadata_url,
+            azure_url=nc.azure_metadata_url, rebalance_stops=nc.aws_rebalance == "stop", clock=clock.time,
+            drain_file=Path(nc.drain_file or os.path.join(cfg.checkpoint.dir, "DRAIN")))
         #: The first notice received (it carries the deadline), and the final save's preempted.json once seen.
         self.notice: Notice | None = None
         self._final: PreemptedRecord | None = None

@@ -58,7 +58,7 @@ def saved_buffers_hash(root: Path, step: int) -> str:
 
 def test_sigkilled_ddp_batchnorm_run_resumes_bit_exact_with_rank_0_buffers(tmp_path: Path) -> None:
     ref_ckpt, ref_logs = tmp_path / "ref", tmp_path / "ref-logs"
-    ref = torchrun(SCRIPT, args(ref_ckpt, ref_logs), child_env(FTRAIN_CHECKPOINT_KEEP_LAST="0"), check=True)
+    ref = torchrun(SCRIPT, args(ref_ckpt, ref_logs), child_env(FTRAIN_CHECKPOINT_RETENTION_KEEP_LAST="0"), check=True)
     rank0, rank1 = buffer_log(ref_logs / "rank0.txt"), buffer_log(ref_logs / "rank1.txt")
     saves = list(range(EVERY, STEPS + 1, EVERY))
     assert sorted(rank0) == sorted(rank1) == saves

@@ -40,12 +40,12 @@ def _report_on_rank0_then_save(rank: int, store_path: str, ckpt: str, monitor: s
     import torch
 
     import ftrain
-    from ftrain.config import CheckpointConfig, FtrainConfig
+    from ftrain.config import CheckpointConfig, FtrainConfig, SelectionConfig
 
     dist.init_process_group("gloo", init_method=f"file://{store_path}", rank=rank, world_size=2)
     torch.manual_seed(0)
     model = torch.nn.Linear(2, 2)
-    session = ftrain.Session(FtrainConfig(checkpoint=CheckpointConfig(dir=ckpt, every_steps=2, monitor=monitor)))
+    session = ftrain.Session(FtrainConfig(checkpoint=CheckpointConfig(dir=ckpt, every_steps=2, selection=SelectionConfig(monitor=monitor))))
     session.register(model=model)
     session.restore()
     session.step(1)

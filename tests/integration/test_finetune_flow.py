@@ -105,7 +105,7 @@ def saved_steps(stderr: str) -> list[int]:
 def test_trainable_only_early_stopping_under_sigkill_and_a_different_base(pretrained: Path, tmp_path: Path) -> None:
     args = ["--phase", "finetune", "--pretrained", str(pretrained / "ddp.pt"), "--steps", str(MAX_STEPS),
             "--trainable-only", "--keep-best", "2", "--print-every", "0"]
-    env = child_env(FTRAIN_CHECKPOINT_KEEP_LAST="2")
+    env = child_env(FTRAIN_CHECKPOINT_RETENTION_KEEP_LAST="2")
     ref = run_script([*args, "--ckpt-dir", str(tmp_path / "ref")], env)
     assert ref.returncode == 0, ref.stderr[-3000:]
     stop, saved = stopped_at(ref.stdout), saved_steps(ref.stderr)

@@ -16,14 +16,13 @@ import pytest
 
 from ftrain import exitcodes
 from ftrain.checkpoint import format as layout
+from ftrain.checkpoint.lease_rules import FIX  # the message's fix, as the product words it
 from ftrain.checkpoint.store import CheckpointStore
 
 from helpers import EXAMPLE, ROOT, Launch, assert_no_orphans, child_env, final_hash, launch_env
 
 pytestmark = pytest.mark.slow
 
-FIX = ("stop that job, or pass --force / set checkpoint.takeover: true to take the directory over; "
-       "the other job then stops committing")
 
 
 def manifests(root: Path) -> dict[str, bytes]:

@@ -35,8 +35,8 @@ def assert_stopped_at_once(run: Launch, rc: int, code: int, message: str, run_id
 
 def test_a_malformed_remote_url_is_refused_before_torchrun_starts(tmp_path):
     run = Launch(["--nproc", "2", "--ckpt-dir", str(tmp_path / "c"), "--rdzv-id", "badurl", str(EXAMPLE), "--steps",
-                  "4"], launch_env(FTRAIN_CHECKPOINT_REMOTE="s3:/bucket/run"))
-    assert_stopped_at_once(run, run.wait(60), exitcodes.USAGE, "checkpoint.remote: invalid value 's3:/bucket/run'",
+                  "4"], launch_env(FTRAIN_CHECKPOINT_REMOTE_URL="s3:/bucket/run"))
+    assert_stopped_at_once(run, run.wait(60), exitcodes.USAGE, "checkpoint.remote.url: invalid value 's3:/bucket/run'",
                            "badurl")
     assert "started torchrun" not in run.output
 
@@ -63,6 +63,6 @@ def test_a_checkpoint_of_another_model_stops_with_exit_1_naming_the_mismatch(tmp
 def test_a_bucket_that_does_not_exist_stops_at_start_naming_it(tmp_path, s3):
     url = "s3://ftrain-no-such-bucket/run"
     run = Launch(["--nproc", "2", "--ckpt-dir", str(tmp_path / "c"), "--rdzv-id", "nobucket", str(EXAMPLE), "--steps",
-                  "4", "--workers", "0"], launch_env(**s3.env(), FTRAIN_CHECKPOINT_REMOTE=url))
+                  "4", "--workers", "0"], launch_env(**s3.env(), FTRAIN_CHECKPOINT_REMOTE_URL=url))
     assert_stopped_at_once(run, run.wait(120), exitcodes.USAGE, "the bucket 'ftrain-no-such-bucket' does not exist",
                            "nobucket")

@@ -1,19 +1,16 @@
 """Multi-node launches on one host that need no training: the rendezvous store's absence is one clear error.
 
-Node loss, rejoin and exactly-once samples are in test_elastic_chaos.py; the nodes are examples/cluster.py's.
+Node loss, rejoin and exactly-once samples are in test_elastic_chaos.py; the nodes are tests/cluster.py's.
 """
 from __future__ import annotations
 
 import socket
-import sys
 from pathlib import Path
 
+import cluster
 import pytest
 
-from helpers import EXAMPLE, ROOT
-
-sys.path.insert(0, str(ROOT / "examples"))
-import cluster
+from helpers import EXAMPLE
 
 pytestmark = pytest.mark.slow
 

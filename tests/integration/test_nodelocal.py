@@ -20,11 +20,12 @@ import json
 import os
 import random
 import re
-import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
+import cluster
 import pytest
 from job_views import check_goodput, node_states, wait_for_ranks
 from remote_servers import s3_server
@@ -35,10 +36,7 @@ from ftrain.cli import main as cli
 from ftrain.data import samplelog
 from ftrain.telemetry.live import Status, read_status
 
-from helpers import EXAMPLE, ROOT, Launch, assert_no_orphans, child_env, final_hash, launch_env
-
-sys.path.insert(0, str(ROOT / "examples"))
-import cluster
+from helpers import DDP4_JOB, EXAMPLE, Background, Reference, assert_no_orphans, child_env, final_hash
 
 pytestmark = pytest.mark.slow
 if (why := cluster.can_have_private_disks()) is not None:
@@ -55,17 +53,15 @@ def job(steps: int = STEPS, *extra: str) -> list[str]:
             "0", "--step-sleep", PACE, *extra]
 
 
-SCRIPT = job()
+#: ddp4_reference's job (STEPS steps, a save every SAVE_EVERY), paced.
+SCRIPT = [str(EXAMPLE), *DDP4_JOB, "--step-sleep", PACE]
 
 
-@pytest.fixture(scope="module")
-def reference(tmp_path_factory: pytest.TempPathFactory) -> str:
-    """The uninterrupted run's final state at 4 ranks on one node (one shared directory)."""
-    tmp = tmp_path_factory.mktemp("ref")
-    ref = Launch(["--nproc", "4", "--rdzv-id", "nl-ref", "--ckpt-dir", str(tmp / "ckpt"),
-                  *[a for a in SCRIPT if a not in ("--step-sleep", PACE)]], launch_env())
-    assert ref.wait() == 0, ref.output[-3000:]
-    return final_hash(ref.output)
+@pytest.fixture
+def reference(ddp4_reference: Reference) -> str:
+    """The uninterrupted run's final state at 4 ranks on one node (one shared directory; shared with other
+    modules: conftest.py)."""
+    return final_hash(ddp4_reference.run.stdout)
 
 
 class Cluster:
@@ -202,28 +198,29 @@ def cli_status(dirs: list[Path]) -> Status:
 STEPS_PER_EPOCH = 32  # 2048 samples in global batches of 64
 
 
-def test_remote_tier_alone_carries_a_lost_disk_through_resizes_exactly_once(tmp_path: Path,
-                                                                           capsys: pytest.CaptureFixture[str]) -> None:
+def test_remote_tier_alone_carries_a_lost_disk_through_resizes_exactly_once(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str], alongside: Callable[[Background], Background]) -> None:
     """No replicas: the survivor gets the lost node's files from the remote tier (what was uploaded before the
     loss), at half the world size; the node rejoins empty; then a node is lost again."""
     seed = int(os.environ.get("FTRAIN_TEST_SEED", time.time_ns() % 10_000))
     rng = random.Random(seed)
     steps = 40
     script = job(steps, "--index-log", str(tmp_path / "logs"))
-    ref = subprocess.run([sys.executable, str(EXAMPLE), "--steps", str(steps), "--workers", "0", "--ckpt-dir",
-                          str(tmp_path / "ref"), "--index-log", str(tmp_path / "ref-logs"), "--print-every", "0"],
-                         env=child_env(), capture_output=True, text=True, timeout=300)
-    assert ref.returncode == 0, ref.stderr[-3000:]
     with s3_server() as s3:
         url = f"s3://{s3.make_bucket()}/run"
-        env = cluster.env(**s3.env(), FTRAIN_CHECKPOINT_REMOTE=url, FTRAIN_CHECKPOINT_REPLICAS="0")
+        env = cluster.env(**s3.env(), FTRAIN_CHECKPOINT_REMOTE_URL=url, FTRAIN_CHECKPOINT_REPLICAS="0")
         c = Cluster(tmp_path, f"nl-b-{seed}", "1:2", env, script)
         info = f"seed {seed}"
         try:
             cluster.wait_until(lambda: c.uploaded(url) >= 8, "an upload", c.nodes)
+            # The uninterrupted run, in the background from here: the cluster's steps are paced, so until the job
+            # ends it mostly sleeps (started earlier, it would slow the nodes' CPU-bound starts instead).
+            ref = alongside(Background([sys.executable, str(EXAMPLE), "--steps", str(steps), "--workers", "0",
+                                        "--ckpt-dir", str(tmp_path / "ref"), "--index-log", str(tmp_path / "ref-logs"),
+                                        "--print-every", "0"], child_env()))
             for loss in range(2):  # lost; the survivor alone; the node back on an empty disk; lost again, for good
                 kill_at = c.step() + rng.randint(1, 5)
-                cluster.wait_until(lambda: c.step() >= kill_at, f"step {kill_at}", c.nodes)
+                cluster.wait_until(lambda at=kill_at: c.step() >= at, f"step {kill_at}", c.nodes)
                 victim = rng.randrange(2)
                 lost = c.lose(victim, back=False)
                 c.nodes[victim].proc.wait()
@@ -243,6 +240,8 @@ def test_remote_tier_alone_carries_a_lost_disk_through_resizes_exactly_once(tmp_
             c.close()
     assert c.fresh_starts() == 0, c.output()  # never over a checkpoint
     check_goodput(c.disks, capsys)  # no preemption: torchrun's stop when the node came back is a membership change
+    done = ref.result()
+    assert done.returncode == 0, done.stderr[-3000:]
     got, want = samplelog.history(tmp_path / "logs"), samplelog.history(tmp_path / "ref-logs")
     assert samplelog.audit(got, want, STEPS_PER_EPOCH, 2048) == [], info
     worlds = [g.world_size for g in samplelog.read(tmp_path / "logs")]
@@ -258,7 +257,7 @@ def test_a_damaged_replica_falls_through_to_the_remote_tier_bit_exact(tmp_path: 
         url = f"s3://{s3.make_bucket()}/run"
         for k, v in s3.env().items():  # this process lists the remote tier too
             monkeypatch.setenv(k, v)
-        c = Cluster(tmp_path, f"nl-c-{seed}", "2:2", private_env(**s3.env(), FTRAIN_CHECKPOINT_REMOTE=url),
+        c = Cluster(tmp_path, f"nl-c-{seed}", "2:2", private_env(**s3.env(), FTRAIN_CHECKPOINT_REMOTE_URL=url),
                     SCRIPT)
         try:
             cluster.wait_until(lambda: c.uploaded(url) >= 12, "step 12 uploaded", c.nodes)

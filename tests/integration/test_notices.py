@@ -33,7 +33,7 @@ def launch(ckpt: Path, run_id: str, **env: str) -> Launch:
     return Launch(["--nproc", "1", "--ckpt-dir", str(ckpt), "--save-every-steps", "100000", "--grace-seconds", "60",
                    "--rdzv-id", run_id, str(EXAMPLE), "--steps", "100000", "--step-sleep", "0.02",
                    "--print-every", "1", "--workers", "0"],
-                  launch_env(FTRAIN_SUPERVISOR_NOTICE_POLL_SECONDS="0.1", **env))
+                  launch_env(FTRAIN_SUPERVISOR_NOTICES_POLL_SECONDS="0.1", **env))
 
 
 def steps_in(ckpt: Path) -> list[int]:
@@ -47,12 +47,12 @@ def test_a_notice_gives_one_final_checkpoint_and_exit_75(tmp_path: Path, source:
     fake = FAKES[source]() if source in FAKES else None
     run: Launch | None = None
     try:
-        env = {"FTRAIN_SUPERVISOR_NOTICES": source}
+        env = {"FTRAIN_SUPERVISOR_NOTICES_SOURCES": source}
         url = None
         if fake is not None:
-            env[f"FTRAIN_SUPERVISOR_{source.upper()}_METADATA_URL"] = fake.url
+            env[f"FTRAIN_SUPERVISOR_NOTICES_{source.upper()}_METADATA_URL"] = fake.url
             url = f"s3://{s3.make_bucket()}/{run_id}"
-            env.update(s3.env(), FTRAIN_CHECKPOINT_REMOTE=url)
+            env.update(s3.env(), FTRAIN_CHECKPOINT_REMOTE_URL=url)
             for k, v in s3.env().items():  # this process reads the remote tier too, at the end
                 monkeypatch.setenv(k, v)
         run = launch(ckpt, run_id, **env)
@@ -104,7 +104,7 @@ def test_an_existing_drain_file_at_launch_starts_nothing(tmp_path: Path) -> None
     ckpt = tmp_path / "ckpt"
     ckpt.mkdir()
     (ckpt / "DRAIN").touch()
-    run = launch(ckpt, "notice-drained", FTRAIN_SUPERVISOR_NOTICES="drain")
+    run = launch(ckpt, "notice-drained", FTRAIN_SUPERVISOR_NOTICES_SOURCES="drain")
     assert run.wait(timeout=120) == exitcodes.PREEMPTED, run.output[-4000:]
     assert "exists: not starting the job; remove it and relaunch" in run.output
     assert "started torchrun" not in run.output

@@ -19,8 +19,10 @@ import pytest
 from ftrain import exitcodes
 
 from helpers import (
+    DDP2_JOB,
     EXAMPLE,
     Launch,
+    Reference,
     assert_no_orphans,
     assert_same_tensors,
     checkpoint_tensors,
@@ -31,7 +33,7 @@ from helpers import (
 
 pytestmark = pytest.mark.slow
 
-STEPS = 40
+STEPS = int(DDP2_JOB[1])  # the job of ddp2_reference (conftest.py), the uninterrupted run compared with
 EVERY = 5
 GRACE = 60.0  # generous: the workers start well inside it; a stop that did not reach them would let the job finish
 STARTED = r"attempt 0: started torchrun"
@@ -53,11 +55,9 @@ def steps_in(ckpt: Path) -> list[int]:
     return sorted(int(p.name.removeprefix("step-")) for p in ckpt.iterdir() if p.name.startswith("step-"))
 
 
-def test_stop_during_startup_reaches_the_workers_that_start_later(tmp_path: Path) -> None:
-    ref = launch(tmp_path / "ref", "stop-ref")
-    assert ref.wait() == 0, ref.output[-4000:]
-    ref_hash = final_hash(ref.output)
-    assert_no_orphans("stop-ref")
+def test_stop_during_startup_reaches_the_workers_that_start_later(tmp_path: Path, ddp2_reference: Reference) -> None:
+    # The same job at 2 ranks, uninterrupted (shared; it saves at other steps, which changes nothing trained).
+    ref_hash = final_hash(ddp2_reference.run.stdout)
 
     ckpt = tmp_path / "ckpt"
     run = launch(ckpt, "stop", "--step-sleep", "0.05")
@@ -83,7 +83,7 @@ def test_stop_during_startup_reaches_the_workers_that_start_later(tmp_path: Path
     assert again.wait() == 0, again.output[-4000:]
     assert "restored step 1 " in again.output
     assert final_hash(again.output) == ref_hash, "the resumed run's final state differs from the uninterrupted one"
-    assert_same_tensors(checkpoint_tensors(ckpt), checkpoint_tensors(tmp_path / "ref"))
+    assert_same_tensors(checkpoint_tensors(ckpt), checkpoint_tensors(ddp2_reference.ckpt))
     assert_no_orphans("stop")
 
     # The same command once more, stopped during startup again: the run has nothing left to do, so its

@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from helpers import assert_same_tensors, checkpoint_tensors, child_env, final_hash
+from helpers import Background, assert_same_tensors, checkpoint_tensors, child_env, final_hash
 
 pytestmark = pytest.mark.slow
 
@@ -54,7 +54,7 @@ torch.manual_seed(0)
 model = TinyLM()
 opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
 session = ftrain.Session(overrides={"checkpoint.dir": ckpt, "checkpoint.every_steps": every,
-                                    "checkpoint.keep_last": 2})
+                                    "checkpoint.retention.keep_last": 2})
 session.register(model=model, optimizer=opt)
 start = session.restore()
 tied = model.lm_head.weight is model.emb.weight
@@ -91,15 +91,13 @@ def export(ckpt: Path, out: Path) -> dict[str, torch.Tensor]:
     return load_file(str(out))
 
 
-def test_tied_lm_killed_at_a_random_step_and_in_a_save_resumes_exact_and_tied(tmp_path):
+def test_tied_lm_killed_at_a_random_step_and_in_a_save_resumes_exact_and_tied(tmp_path, alongside):
     pytest.importorskip("safetensors")
     script = tmp_path / "tied_lm.py"
     script.write_text(SCRIPT)
-    t0 = time.monotonic()
-    ref = run(script, tmp_path / "ref", child_env())
-    assert ref.returncode == 0, ref.stderr[-3000:]
-    assert "final tied=True" in ref.stdout
-
+    # The uninterrupted run, in the background: the killed runs below are one process at a time (another core).
+    background = alongside(Background([sys.executable, str(script), str(tmp_path / "ref"), str(STEPS), str(EVERY)],
+                                      child_env(), timeout=120))
     seed = int(os.environ.get("FTRAIN_TEST_SEED", time.time_ns() % 10_000))
     kill_at = random.Random(seed).randint(2, STEPS - 2)
     once = tmp_path / "once"
@@ -118,6 +116,9 @@ def test_tied_lm_killed_at_a_random_step_and_in_a_save_resumes_exact_and_tied(tm
                                                    f"{proc.stderr[-3000:]}"
     else:
         pytest.fail(f"seed {seed}: did not finish in 5 attempts")
+    ref = background.result()
+    assert ref.returncode == 0, ref.stderr[-3000:]
+    assert "final tied=True" in ref.stdout
     fired = len(list(once.iterdir()))
     assert fired == 2, f"seed {seed}: {fired} of the 2 injected kills fired"
     assert attempt >= 2 and all(t == "True" for _, t in restored), restored
@@ -131,4 +132,3 @@ def test_tied_lm_killed_at_a_random_step_and_in_a_save_resumes_exact_and_tied(tm
                                                                                          tmp_path / "b.safetensors")
     assert set(exported) == {"emb.weight", "mix.weight", "mix.bias"}
     assert_same_tensors(exported, reference)
-    assert time.monotonic() - t0 < 120

@@ -52,6 +52,8 @@ BOUNDARIES: dict[str, tuple[str, ...]] = {
     "cli": WORKER,
     "telemetry": (*WORKER, "ftrain.supervisor", "ftrain.cli"),
     "checkpoint": (*WORKER, "ftrain.supervisor", "ftrain.cli", "ftrain.telemetry"),  # (and more: the leaf test)
+    # The configuration is read on both sides of the boundary: it may import only the shared contract.
+    "config": (*WORKER, "ftrain.supervisor", "ftrain.cli", "ftrain.telemetry", "ftrain.checkpoint"),
 }
 
 

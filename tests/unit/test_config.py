@@ -5,6 +5,7 @@ import dataclasses
 import re
 import signal
 from pathlib import Path
+from typing import Any
 
 import pytest
 import yaml
@@ -13,16 +14,20 @@ from ftrain.config import (
     MAX_CONFIG_BYTES,
     MAX_CONFIG_VALUE_CHARS,
     CheckpointConfig,
+    DataConfig,
     EarlyStoppingConfig,
     FtrainConfig,
+    NoticesConfig,
+    RemoteConfig,
+    RetentionConfig,
     SupervisorConfig,
-    _parse_text,
     config_keys,
     config_to_dict,
     config_to_env,
     describe_keys,
     load_config,
 )
+from ftrain.config.values import parse_text
 from ftrain.errors import ConfigError
 
 from helpers import EXAMPLE, ROOT
@@ -54,36 +59,47 @@ def test_default_yaml_equals_dataclass_defaults() -> None:
     assert load_config(CONFIGS / "default.yaml", env={}) == FtrainConfig()
 
 
-def test_default_yaml_lists_exactly_the_config_keys() -> None:
+def leaves(data: dict[str, Any], prefix: str = "") -> list[str]:
+    """The dotted keys of a nested mapping, in order."""
+    out: list[str] = []
+    for name, value in data.items():
+        out += leaves(value, f"{prefix}{name}.") if isinstance(value, dict) else [prefix + name]
+    return out
+
+
+def test_default_yaml_lists_exactly_the_user_facing_config_keys() -> None:
     data = yaml.safe_load((CONFIGS / "default.yaml").read_text(encoding="utf-8"))
-    keys = [f"{section}.{key}" for section, values in data.items() for key in values]
-    assert keys == config_keys()
+    assert leaves(data) == [key for key, _, _ in describe_keys(internal=False)]
+    assert set(leaves(data)) < set(config_keys())  # the keys for tests (fake metadata services) are left out
 
 
 def test_default_yaml_comments_match_help() -> None:
     # The comment directly above each key must be the key's help text, word for word.
     lines = (CONFIGS / "default.yaml").read_text(encoding="utf-8").splitlines()
     comments = {}
-    section = None
-    for previous, line in zip([""] + lines, lines):
-        if match := re.fullmatch(r"(\w+):", line):
-            section = match[1]
-        elif match := re.fullmatch(r"  (\w+):.*", line):
-            comments[f"{section}.{match[1]}"] = previous.strip().removeprefix("# ")
-    assert comments == {key: help_text for key, _, help_text in describe_keys()}
+    path: list[str] = []
+    for previous, line in zip(["", *lines], lines, strict=False):
+        if match := re.fullmatch(r"( *)(\w+):", line):  # a section: its depth is its indent
+            path = [*path[:len(match[1]) // 2], match[2]]
+        elif match := re.fullmatch(r"( *)(\w+):.*", line):
+            comments[".".join([*path[:len(match[1]) // 2], match[2]])] = previous.strip().removeprefix("# ")
+    assert comments == {key: help_text for key, _, help_text in describe_keys(internal=False)}
 
 
 def test_describe_keys_defaults() -> None:
     described = {key: default for key, default, _ in describe_keys()}
-    assert described["checkpoint.keep_last"] == 3
+    assert described["checkpoint.retention.keep_last"] == 3
     assert described["checkpoint.resume"] == "auto"
     assert list(described) == config_keys()
+    assert "supervisor.notices.aws_metadata_url" in described
+    assert "supervisor.notices.aws_metadata_url" not in {k for k, _, _ in describe_keys(internal=False)}
 
 
 def test_example_yaml() -> None:
     cfg = load_config(CONFIGS / "example.yaml", env={})
     assert cfg.checkpoint == CheckpointConfig(
-        dir="runs/example/checkpoints", every_steps=50, every_seconds=300.0, keep_last=5)
+        dir="runs/example/checkpoints", every_steps=50, every_seconds=300.0,
+        retention=RetentionConfig(keep_last=5))
     assert cfg.supervisor == SupervisorConfig(
         max_restarts=5, backoff_seconds=2.0, backoff_max_seconds=60.0,
         hang_timeout_seconds=600.0, grace_seconds=90.0)
@@ -101,7 +117,7 @@ def test_empty_file_and_empty_section_set_nothing(tmp_path: Path) -> None:
 # --- precedence --------------------------------------------------------------------------------
 
 def test_precedence_yaml_env_overrides(tmp_path: Path) -> None:
-    path = write(tmp_path, "checkpoint:\n  every_steps: 10\n  keep_last: 7\n  dir: from_yaml\n")
+    path = write(tmp_path, "checkpoint:\n  every_steps: 10\n  retention:\n    keep_last: 7\n  dir: from_yaml\n")
     env = {"FTRAIN_CHECKPOINT_EVERY_STEPS": "20", "FTRAIN_CHECKPOINT_DIR": "from_env"}
     overrides = {"checkpoint.every_steps": 30, "checkpoint.dir": None}
 
@@ -110,21 +126,21 @@ def test_precedence_yaml_env_overrides(tmp_path: Path) -> None:
     cfg = load_config(path, env=env, overrides=overrides).checkpoint
     assert cfg.every_steps == 30  # override beats env beats yaml
     assert cfg.dir == "from_env"  # a None override is skipped
-    assert cfg.keep_last == 7  # only the yaml sets it
+    assert cfg.retention.keep_last == 7  # only the yaml sets it
     assert cfg.resume == "auto"  # nobody sets it: default
 
 
 def test_config_env_var_names_the_file(tmp_path: Path) -> None:
-    path = write(tmp_path, "checkpoint:\n  keep_last: 9\n")
-    assert load_config(env={"FTRAIN_CONFIG": str(path)}).checkpoint.keep_last == 9
+    path = write(tmp_path, "checkpoint:\n  every_steps: 9\n")
+    assert load_config(env={"FTRAIN_CONFIG": str(path)}).checkpoint.every_steps == 9
     # An explicit path wins over FTRAIN_CONFIG.
-    other = write(tmp_path, "checkpoint:\n  keep_last: 1\n", "other.yaml")
-    assert load_config(other, env={"FTRAIN_CONFIG": str(path)}).checkpoint.keep_last == 1
+    other = write(tmp_path, "checkpoint:\n  every_steps: 1\n", "other.yaml")
+    assert load_config(other, env={"FTRAIN_CONFIG": str(path)}).checkpoint.every_steps == 1
 
 
 def test_env_defaults_to_os_environ(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("FTRAIN_CHECKPOINT_KEEP_LAST", "11")
-    assert load_config().checkpoint.keep_last == 11
+    monkeypatch.setenv("FTRAIN_CHECKPOINT_RETENTION_KEEP_LAST", "11")
+    assert load_config().checkpoint.retention.keep_last == 11
 
 
 def test_unrelated_ftrain_env_vars_are_ignored() -> None:
@@ -148,20 +164,20 @@ def test_ints_accepted_for_float_fields(tmp_path: Path) -> None:
 
 
 def test_env_text_parsing() -> None:
-    assert _parse_text("k", "Yes", bool, "") is True
-    assert _parse_text("k", "0", bool, "") is False
-    assert _parse_text("k", "a, b,,c", list[str], "") == ["a", "b", "c"]
-    assert _parse_text("k", "", list[str], "") == []
+    assert parse_text("k", "Yes", bool, "") is True
+    assert parse_text("k", "0", bool, "") is False
+    assert parse_text("k", "a, b,,c", list[str], "") == ["a", "b", "c"]
+    assert parse_text("k", "", list[str], "") == []
     with pytest.raises(ConfigError, match="FTRAIN_X"):
-        _parse_text("k", "maybe", bool, " from FTRAIN_X")
+        parse_text("k", "maybe", bool, " from FTRAIN_X")
 
 
 @pytest.mark.parametrize(("kwargs", "message"), [
-    ({"keep_last": True}, "checkpoint.keep_last"),
+    ({"every_steps": True}, "checkpoint.every_steps"),
     ({"every_seconds": False}, "checkpoint.every_seconds"),
     ({"every_steps": "10"}, "checkpoint.every_steps"),
     ({"every_steps": 1.5}, "checkpoint.every_steps"),
-    ({"keep_last": -1}, "-1"),
+    ({"every_steps": -1}, "-1"),
     ({"every_seconds": -0.5}, "checkpoint.every_seconds"),
     ({"commit_timeout_seconds": 0}, "checkpoint.commit_timeout_seconds"),
     ({"resume": "sometimes"}, "'auto', 'required', 'never'"),
@@ -171,6 +187,13 @@ def test_dataclass_rejects_bad_values(kwargs: dict[str, object], message: str) -
     with pytest.raises(ConfigError, match=re.escape(message)) as info:
         CheckpointConfig(**kwargs)  # type: ignore[arg-type]
     assert info.value.exit_code == 2
+
+
+def test_a_nested_section_names_its_whole_path() -> None:
+    with pytest.raises(ConfigError, match=re.escape("checkpoint.retention.keep_last: invalid value True")):
+        RetentionConfig(keep_last=True)
+    with pytest.raises(ConfigError, match=re.escape("checkpoint.remote: expected a RemoteConfig, got 's3://b'")):
+        CheckpointConfig(remote="s3://b")  # type: ignore[arg-type]
 
 
 # --- supervisor section ------------------------------------------------------------------------
@@ -279,10 +302,13 @@ def test_root_rejects_non_section() -> None:
 # --- errors from each layer --------------------------------------------------------------------
 
 def test_unknown_yaml_key_names_key_file_and_valid_keys(tmp_path: Path) -> None:
-    path = write(tmp_path, "checkpoint:\n  keep_lats: 3\n")
-    err = config_error("checkpoint.keep_lats", path=path)
+    path = write(tmp_path, "checkpoint:\n  every_stpes: 3\n")
+    err = config_error("checkpoint.every_stpes", path=path)
     assert str(path) in str(err)
-    assert "keep_last" in str(err)
+    assert "every_steps" in str(err) and "retention." in str(err)  # its keys, then its sections
+    nested = write(tmp_path, "checkpoint:\n  retention:\n    keep_lats: 3\n", "nested.yaml")
+    err = config_error("unknown key checkpoint.retention.keep_lats", path=nested)
+    assert "valid keys of checkpoint.retention: keep_last, keep_best" in str(err)
 
 
 def test_unknown_yaml_section(tmp_path: Path) -> None:
@@ -292,9 +318,9 @@ def test_unknown_yaml_section(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize(("text", "message"), [
-    ("checkpoint:\n  keep_last: true\n", "checkpoint.keep_last"),
+    ("checkpoint:\n  retention:\n    keep_last: true\n", "checkpoint.retention.keep_last"),
     ("checkpoint:\n  every_steps: ten\n", "checkpoint.every_steps"),
-    ("checkpoint:\n  keep_last: -2\n", "checkpoint.keep_last"),
+    ("checkpoint:\n  retention:\n    keep_last: -2\n", "checkpoint.retention.keep_last"),
     ("checkpoint:\n  resume: always\n", "checkpoint.resume"),
     ("checkpoint:\n  dir: ''\n", "checkpoint.dir"),
 ])
@@ -304,7 +330,8 @@ def test_bad_yaml_values_name_key_and_file(tmp_path: Path, text: str, message: s
     assert str(path) in str(err)
 
 
-@pytest.mark.parametrize("text", ["- a\n- b\n", "checkpoint: 5\n", "checkpoint: [1, 2]\n"])
+@pytest.mark.parametrize("text", ["- a\n- b\n", "checkpoint: 5\n", "checkpoint: [1, 2]\n",
+                                  "checkpoint:\n  retention: 5\n", "checkpoint:\n  lease: [1]\n"])
 def test_non_mapping_names_file(tmp_path: Path, text: str) -> None:
     path = write(tmp_path, text)
     config_error(str(path), path=path)
@@ -367,10 +394,10 @@ def test_shared_values_that_stay_small_still_load(tmp_path: Path) -> None:
 
 
 def test_config_file_size_limit(tmp_path: Path) -> None:
-    head = "checkpoint:\n  keep_last: 4\n"
+    head = "checkpoint:\n  every_steps: 4\n"
     exact = write(tmp_path, head + "#" * (MAX_CONFIG_BYTES - len(head) - 1) + "\n", "exact.yaml")
     assert exact.stat().st_size == MAX_CONFIG_BYTES
-    assert load_config(exact, env={}).checkpoint.keep_last == 4  # the limit itself is allowed
+    assert load_config(exact, env={}).checkpoint.every_steps == 4  # the limit itself is allowed
     big = write(tmp_path, head + "#" * (MAX_CONFIG_BYTES - len(head)) + "\n", "big.yaml")
     err = config_error(f"larger than the {MAX_CONFIG_BYTES} byte (1 MiB) limit", path=big)
     assert str(big) in str(err)
@@ -414,28 +441,33 @@ def test_bad_env_value_names_variable(env: dict[str, str], var: str) -> None:
 
 def test_unknown_env_var_in_known_section() -> None:
     err = config_error("FTRAIN_CHECKPOINT_FOO", env={"FTRAIN_CHECKPOINT_FOO": "1"})
-    assert "FTRAIN_CHECKPOINT_KEEP_LAST" in str(err)  # lists the valid names
+    assert "FTRAIN_CHECKPOINT_EVERY_STEPS" in str(err)  # lists the valid names, nested sections' too
+    assert "FTRAIN_CHECKPOINT_RETENTION_KEEP_LAST" in str(err)
+    config_error("FTRAIN_CHECKPOINT_REMOTE_URI", env={"FTRAIN_CHECKPOINT_REMOTE_URI": "s3://b"})
 
 
-@pytest.mark.parametrize("key", ["checkpoint.foo", "checkpoint", "nosuch.keep_last"])
+@pytest.mark.parametrize("key", ["checkpoint.foo", "checkpoint", "nosuch.keep_last", "checkpoint.retention",
+                                 "checkpoint.retention.foo"])
 def test_unknown_override_key(key: str) -> None:
     config_error(key, overrides={key: 1})
 
 
 def test_bad_override_value() -> None:
-    config_error("checkpoint.keep_last", overrides={"checkpoint.keep_last": -3})
+    config_error("checkpoint.retention.keep_last", overrides={"checkpoint.retention.keep_last": -3})
 
 
 # --- exporting ---------------------------------------------------------------------------------
 
 def test_config_to_env_round_trip() -> None:
     original = FtrainConfig(checkpoint=CheckpointConfig(
-        dir="/tmp/run 1/ckpt", every_steps=17, every_seconds=0.1, keep_last=0,
-        resume="required", commit_timeout_seconds=1e9 + 0.5), supervisor=SupervisorConfig(
+        dir="/tmp/run 1/ckpt", every_steps=17, every_seconds=0.1, retention=RetentionConfig(keep_last=0),
+        resume="required", commit_timeout_seconds=1e9 + 0.5, remote=RemoteConfig(url="s3://b/p", retries=2)),
+        supervisor=SupervisorConfig(
         max_restarts=0, max_attempts_without_progress=7, backoff_seconds=0.25,
         backoff_max_seconds=1e-3, grace_seconds=12.5, hang_timeout_seconds=0,
         startup_timeout_seconds=3.3, preemption_signals=["SIGUSR1", "SIGTERM", "SIGHUP"],
-        log_dir="/tmp/run 1/logs"))
+        log_dir="/tmp/run 1/logs", notices=NoticesConfig(sources=["aws", "drain"])),
+        data=DataConfig(on_uneven_batch="nearest"))
     assert original != FtrainConfig()
     assert original.supervisor != SupervisorConfig()
     env = config_to_env(original)
@@ -443,17 +475,27 @@ def test_config_to_env_round_trip() -> None:
     assert all(isinstance(value, str) for value in env.values())
     assert env["FTRAIN_SUPERVISOR_PREEMPTION_SIGNALS"] == "SIGUSR1,SIGTERM,SIGHUP"
     assert env["FTRAIN_SUPERVISOR_LOG_DIR"] == "/tmp/run 1/logs"
+    assert env["FTRAIN_CHECKPOINT_REMOTE_URL"] == "s3://b/p" and env["FTRAIN_SUPERVISOR_NOTICES_SOURCES"] == "aws,drain"
     assert load_config(env=env) == original
     # Defaults too, including the empty log_dir.
     assert load_config(env=config_to_env(FtrainConfig())) == FtrainConfig()
 
 
 def test_config_to_dict() -> None:
-    cfg = FtrainConfig(checkpoint=CheckpointConfig(keep_last=5))
+    cfg = FtrainConfig(checkpoint=CheckpointConfig(retention=RetentionConfig(keep_last=5)))
     as_dict = config_to_dict(cfg)
-    assert as_dict["checkpoint"]["keep_last"] == 5
-    assert [f"{s}.{k}" for s, values in as_dict.items() for k in values] == config_keys()
-    assert FtrainConfig(checkpoint=CheckpointConfig(**as_dict["checkpoint"])) == cfg
+    assert as_dict["checkpoint"]["retention"] == {"keep_last": 5, "keep_best": 1}
+    assert sorted(leaves(as_dict)) == sorted(config_keys())
+    # What a manifest records reads back through the overrides, key by key.
+    assert load_config(env={}, overrides=dict(zip(leaves(as_dict), _values(as_dict), strict=True))) == cfg
+
+
+def _values(data: dict[str, Any]) -> list[Any]:
+    """The leaf values of a nested mapping, in the order of :func:`leaves`."""
+    out: list[Any] = []
+    for value in data.values():
+        out += _values(value) if isinstance(value, dict) else [value]
+    return out
 
 
 def assert_frozen(obj: object) -> None:
@@ -471,8 +513,11 @@ def test_configs_are_immutable() -> None:
     config = FtrainConfig()
     sections = {f.name: getattr(config, f.name) for f in dataclasses.fields(config)}
     assert {name: type(s) for name, s in sections.items()} == {
-        "checkpoint": CheckpointConfig, "early_stopping": EarlyStoppingConfig, "supervisor": SupervisorConfig}
-    for section in (config, *sections.values()):
+        "checkpoint": CheckpointConfig, "data": DataConfig, "early_stopping": EarlyStoppingConfig,
+        "supervisor": SupervisorConfig}
+    nested = [config.checkpoint.retention, config.checkpoint.selection, config.checkpoint.lease,
+              config.checkpoint.remote, config.supervisor.notices]
+    for section in (config, *sections.values(), *nested):
         assert_frozen(section)
 
 
@@ -505,7 +550,8 @@ def test_assert_frozen_rejects_what_is_not_a_frozen_dataclass() -> None:
 
 def test_finetune_yaml() -> None:
     cfg = load_config(CONFIGS / "finetune.yaml", env={})
-    assert cfg.checkpoint.monitor == "val_loss" and cfg.checkpoint.keep_best == 2 and cfg.checkpoint.trainable_only
+    ck = cfg.checkpoint
+    assert ck.selection.monitor == "val_loss" and ck.retention.keep_best == 2 and ck.trainable_only
     assert cfg.early_stopping.patience == 5 and cfg.early_stopping.min_delta == 0.001
 
 
@@ -515,12 +561,12 @@ def test_finetune_yaml() -> None:
 ])
 def test_a_malformed_remote_url_is_a_config_error_naming_it(url: str, why: str) -> None:
     with pytest.raises(ConfigError) as caught:
-        load_config(None, overrides={"checkpoint.remote": url})
-    assert f"checkpoint.remote: invalid value {url!r}" in str(caught.value) and why in str(caught.value)
+        load_config(None, overrides={"checkpoint.remote.url": url})
+    assert f"checkpoint.remote.url: invalid value {url!r}" in str(caught.value) and why in str(caught.value)
     assert caught.value.permanent and caught.value.exit_code == 2
 
 
 @pytest.mark.parametrize("url", ["", "s3://bucket", "s3://bucket/runs/exp", "file:///shared/ckpt", "gs://b/p",
                                  "az://container/p", "s3a://bucket/p"])
 def test_well_formed_remote_urls_load(url: str) -> None:
-    assert load_config(None, overrides={"checkpoint.remote": url}).checkpoint.remote == url
+    assert load_config(None, overrides={"checkpoint.remote.url": url}).checkpoint.remote.url == url

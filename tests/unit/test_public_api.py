@@ -92,7 +92,7 @@ def test_a_users_script_type_checks_against_the_real_types(mypy_in: tuple[Path, 
     revealed = [line for line in out.stdout.splitlines() if "Revealed type" in line]
     assert len(revealed) == 2, out.stdout
     # The class itself (its constructor's signature), not the `object` a bare module __getattr__ gives.
-    assert "-> ftrain.session.session.Session" in revealed[0] and "config: ftrain.config.FtrainConfig" in revealed[0]
+    assert "-> ftrain.session.session.Session" in revealed[0] and "config: ftrain.config.sections.FtrainConfig" in revealed[0]
     assert revealed[1].endswith('"ftrain.session.session.Session"'), revealed[1]
 
 
@@ -123,7 +123,7 @@ def test_every_lazy_name_is_typed_exported_and_resolves() -> None:
     assert lazy <= set(ftrain.__all__)
     for name in ftrain.__all__:
         assert getattr(ftrain, name) is not None, name
-    assert ftrain.FtrainConfig.__dataclass_fields__.keys() == {"checkpoint", "early_stopping", "supervisor"}
+    assert ftrain.FtrainConfig.__dataclass_fields__.keys() == {"checkpoint", "data", "early_stopping", "supervisor"}
     assert (PKG / "py.typed").is_file()
 
 

@@ -22,7 +22,7 @@ watcher thread only). :class:`NoticeWatch` methods are called from the superviso
 What each source counts as a notice (docs/cloud.md):
 
 * aws: IMDSv2 ``spot/instance-action`` answering 200 (404 is "none"); deadline its ``time``. The
-  rebalance recommendation is advisory (logged once) unless ``supervisor.aws_rebalance`` is ``stop``;
+  rebalance recommendation is advisory (logged once) unless ``supervisor.notices.aws_rebalance`` is ``stop``;
   it has no deadline of its own.
 * gcp: ``instance/preempted`` == ``TRUE`` (deadline: first seen + 30 s) or ``instance/maintenance-event``
   other than ``NONE`` (first seen + 60 s).

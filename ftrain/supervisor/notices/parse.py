@@ -119,7 +119,7 @@ def parse_aws_rebalance(resp: Response, *, stop: bool) -> Parsed:
         iso_time(when)
     except ValueError:
         return Problem(f"{what}: malformed noticeTime {when!r}")
-    how = "stopping (supervisor.aws_rebalance=stop)" if stop else "not stopping (supervisor.aws_rebalance=log)"
+    how = f"{'' if stop else 'not '}stopping (supervisor.notices.aws_rebalance={'stop' if stop else 'log'})"
     return Notice("aws-rebalance", None, f"rebalance recommendation issued at {when}; {how}", advisory=not stop)
 
 

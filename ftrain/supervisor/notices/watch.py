@@ -27,7 +27,7 @@ from ftrain.supervisor.notices.parse import (
 
 log = logging.getLogger("ftrain.launch")
 
-#: The sources ``supervisor.notices`` may name.
+#: The sources ``supervisor.notices.sources`` may name.
 SOURCES = ("aws", "gcp", "azure", "drain")
 #: IMDSv2 session token lifetime we ask for (the maximum AWS allows), and when we renew it.
 AWS_TOKEN_TTL, AWS_TOKEN_RENEW = 21600, 21000
@@ -322,7 +322,7 @@ class NoticeWatch:
 def build_watch(names: list[str], *, interval: float, aws_url: str, gcp_url: str, azure_url: str,
                 drain_file: Path, rebalance_stops: bool, transport: Transport = http,
                 clock: Callable[[], float] = time.time) -> NoticeWatch:
-    """The watch of the sources named in ``supervisor.notices`` (validated by the config)."""
+    """The watch of the sources named in ``supervisor.notices.sources`` (validated by the config)."""
     make: dict[str, Callable[[], NoticeSource]] = {
         "aws": lambda: AwsSource(aws_url, rebalance_stops=rebalance_stops, transport=transport, clock=clock),
         "gcp": lambda: GcpSource(gcp_url, transport, clock),

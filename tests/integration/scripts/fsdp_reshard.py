@@ -69,7 +69,7 @@ def main() -> int:
     torch.manual_seed(0)
     model = train.shard(train.TinyTransformer()) if sharded else train.TinyTransformer()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.01)
-    session = ftrain.Session(overrides={"checkpoint.dir": args.ckpt, "checkpoint.keep_last": 3,
+    session = ftrain.Session(overrides={"checkpoint.dir": args.ckpt, "checkpoint.retention.keep_last": 3,
                                         "checkpoint.on_resize": "resume"})
     session.register(model=model, optimizer=opt)
     step = session.restore()

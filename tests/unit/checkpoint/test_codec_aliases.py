@@ -52,7 +52,7 @@ def train(model: nn.Module, opt: torch.optim.Optimizer, steps: int = 2) -> None:
 
 def session(root: Path) -> ftrain.Session:
     return ftrain.Session(overrides={"checkpoint.dir": str(root), "checkpoint.async_save": False,
-                                     "checkpoint.keep_last": 0})
+                                     "checkpoint.retention.keep_last": 0})
 
 
 def save_model(root: Path, model: nn.Module, step: int = 1, opt: torch.optim.Optimizer | None = None) -> None:

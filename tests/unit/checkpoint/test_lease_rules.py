@@ -249,7 +249,7 @@ def test_the_refusal_names_the_owner_and_the_fix() -> None:
                probe=lambda pid, start: ProcessState.ALIVE, where="/ckpt/run1")
     assert d.message == ("checkpoint dir /ckpt/run1 is in use by another job: run 20260101-120000-abc123 (pid 4242 "
                          "on host gpu-7) since 2027-01-15 07:59:43 UTC (lease generation 1, renewed 12s ago); stop "
-                         "that job, or pass --force / set checkpoint.takeover: true to take the directory over; "
+                         "that job, or pass --force / set checkpoint.lease.takeover: true to take the directory over; "
                          "the other job then stops committing")
     hostile = replace(far, host="evil\x1b[2J\nforged")
     d = decide(record(hostile), now=T0, me=ME, locked=True, force=False,

@@ -29,7 +29,7 @@ def trained(root: Path, steps: int = 3) -> torch.nn.Module:
     model = make_model()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
     session = ftrain.Session(overrides={"checkpoint.dir": str(root), "checkpoint.async_save": False,
-                                        "checkpoint.keep_last": 0})
+                                        "checkpoint.retention.keep_last": 0})
     session.register(model=model, optimizer=opt)
     session.restore()
     for _ in range(steps):

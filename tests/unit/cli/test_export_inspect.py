@@ -15,7 +15,7 @@ from ftrain.session.checkpointer import Checkpointer
 from ftrain.cli import main as cli
 from ftrain.session import rng
 from ftrain.session.collectives import Collectives
-from ftrain.config import CheckpointConfig
+from ftrain.config import CheckpointConfig, RetentionConfig
 
 safetensors_torch = pytest.importorskip("safetensors.torch")
 
@@ -35,7 +35,7 @@ def save_run(root: Path, metrics: list[dict[str, Any]], *, mode: str | None = "m
     torch.manual_seed(0)
     model = model or make_model()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
-    ck = Checkpointer(CheckpointConfig(dir=str(root), async_save=False, keep_last=0), Collectives(0, 1))
+    ck = Checkpointer(CheckpointConfig(dir=str(root), async_save=False, retention=RetentionConfig(keep_last=0)), Collectives(0, 1))
     ck.setup()
     snaps = {}
     for step, m in enumerate(metrics, start=1):
@@ -119,7 +119,7 @@ def test_export_from_a_session_checkpoint_and_a_step_dir(tmp_path, capsys):
     model = make_model()
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     session = ftrain.Session(overrides={"checkpoint.dir": str(d), "checkpoint.async_save": False,
-                                        "checkpoint.keep_last": 0})
+                                        "checkpoint.retention.keep_last": 0})
     session.register(model=model, optimizer=opt)
     session.restore()
     model(torch.randn(3, 4)).sum().backward()
@@ -312,7 +312,9 @@ def test_inspect_text_and_json(tmp_path, capsys):
     selection = {"version": 1, "monitor": "val_loss", "mode": "min", "best": [[0.2, 2], [0.5, 1]],
                  "early_stopping": {"best": 0.2, "best_step": 2, "evals_without_improvement": 1, "stopped_step": None},
                  "last": [3, 0.3]}
-    config = {"checkpoint": {"dir": str(root), "keep_last": 0}, "early_stopping": {"patience": 3}}
+    # Nested sections as manifests record them now; "resume" flat as older manifests held every key.
+    config = {"checkpoint": {"dir": str(root), "resume": "auto", "retention": {"keep_last": 0}},
+              "early_stopping": {"patience": 3}}
     _, snaps = save_run(root, LOSSES, extra_meta={"selection": selection, "best_steps": [2, 1], "config": config})
     code, out, err = run(capsys, "inspect", str(root))
     assert code == 0, err
@@ -321,7 +323,8 @@ def test_inspect_text_and_json(tmp_path, capsys):
     assert "best         step 2 (0.2), step 1 (0.5)" in out
     assert "early stop   best 0.2 at step 2; 1 evaluation(s) without improvement; not stopped" in out
     assert "objects      replicated: model, optimizer; per-rank: -" in out
-    assert "  checkpoint.keep_last = 0" in out and "  early_stopping.patience = 3" in out
+    assert "  checkpoint.retention.keep_last = 0" in out and "  early_stopping.patience = 3" in out
+    assert "  checkpoint.resume = \"auto\"" in out
     row = next(ln for ln in out.splitlines() if "replicated/model/0.weight" in ln).split()
     assert row[1:4] == ["float32", "[8,", "4]"] and row[4] == "128" and row[5].startswith("shard-00000.bin")
     assert next(ln for ln in out.splitlines() if "num_batches_tracked" in ln).split()[1:3] == ["int64", "[]"]
@@ -398,8 +401,8 @@ def test_session_with_monitor_and_trainable_only_end_to_end(tmp_path, capsys):
         p.requires_grad_(False)  # a frozen "base": trainable-only checkpoints leave it out
     opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
     session = ftrain.Session(overrides={"checkpoint.dir": str(d), "checkpoint.async_save": False,
-                                        "checkpoint.every_steps": 1, "checkpoint.keep_last": 0,
-                                        "checkpoint.monitor": "val_loss", "checkpoint.keep_best": 2,
+                                        "checkpoint.every_steps": 1, "checkpoint.retention.keep_last": 0,
+                                        "checkpoint.selection.monitor": "val_loss", "checkpoint.retention.keep_best": 2,
                                         "checkpoint.trainable_only": True})
     session.register(model=model, optimizer=opt)
     weights = {}
@@ -415,7 +418,7 @@ def test_session_with_monitor_and_trainable_only_end_to_end(tmp_path, capsys):
     doc = json.loads(run(capsys, "inspect", str(d), "--json", "--step", "best")[1])
     assert doc["step"] == 2 and doc["metrics"] == {"val_loss": 0.3} and doc["monitor"]["name"] == "val_loss"
     assert doc["trainable_only"] is True and doc["omitted"] == {"model": 2} and doc["frozen"]["model"] == 2
-    assert doc["config"]["checkpoint"]["keep_best"] == 2
+    assert doc["config"]["checkpoint"]["retention"]["keep_best"] == 2
     assert "replicated/model/0.weight" not in {t["name"] for t in doc["tensors"]}
     code, out, _ = run(capsys, "inspect", str(d), "--no-tensors")
     assert code == 0 and "best         step 2 (0.3), step 3 (0.6)" in out  # keep_best 2 of 0.9, 0.3, 0.6

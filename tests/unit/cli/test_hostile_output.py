@@ -84,7 +84,7 @@ def pristine(tmp_path_factory: pytest.TempPathFactory) -> Path:
     model = torch.nn.Linear(2, 2)
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     session = ftrain.Session(overrides={"checkpoint.dir": str(root), "checkpoint.async_save": False,
-                                        "checkpoint.keep_last": 0})
+                                        "checkpoint.retention.keep_last": 0})
     session.register(model=model, optimizer=opt)
     session.restore()
     for step in (1, 2, 3):

@@ -21,7 +21,7 @@ from ftrain.checkpoint.manifest import Manifest
 from ftrain.checkpoint.snapshot import StagingArena, take_snapshot
 from ftrain.checkpoint.store import CheckpointStore, open_store
 from ftrain.cli import main as cli
-from ftrain.config import CheckpointConfig
+from ftrain.config import CheckpointConfig, RemoteConfig
 from ftrain.errors import CheckpointError, IncompleteCheckpoints, LeaseError
 from ftrain.session import rng
 from ftrain.session.commit import SaveProtocol
@@ -243,7 +243,7 @@ def test_each_disk_uploads_its_own_files_and_rank_0_the_manifest_once_all_are_re
     job.save(8)
     tiers = {}
     for rank, disk in ((0, A), (2, B)):
-        tier = RemoteTier(CheckpointConfig(dir=str(job.stores[disk].root), remote=remote, remote_retries=1,
+        tier = RemoteTier(CheckpointConfig(dir=str(job.stores[disk].root), remote=RemoteConfig(url=remote, retries=1),
                                            commit_timeout_seconds=30), job.stores[disk])
         tier.start(Layout(rank, (A, A, B, B)), job.x, lambda step: None)
         tiers[rank] = tier

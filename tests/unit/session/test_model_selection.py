@@ -151,9 +151,9 @@ def test_early_stopping_stops_at_the_same_step_after_restarts(tmp_path: Path) ->
 
 
 def test_config_refuses_selection_options_without_a_monitor(tmp_path: Path) -> None:
-    with pytest.raises(ConfigError, match="checkpoint.save_best_only needs checkpoint.monitor"):
+    with pytest.raises(ConfigError, match=r"checkpoint\.selection\.save_best_only needs checkpoint\.selection\.monitor"):
         cfg(tmp_path, monitor="", save_best_only=True)
-    with pytest.raises(ConfigError, match="early_stopping.patience needs checkpoint.monitor"):
+    with pytest.raises(ConfigError, match="early_stopping.patience needs checkpoint.selection.monitor"):
         cfg(tmp_path, monitor="", patience=2)
     with pytest.raises(ConfigError, match="keep_best >= 1"):
         cfg(tmp_path, keep_best=0, load_best_at_end=True)

@@ -21,6 +21,7 @@ from nodes_fakes import G
 from ftrain.checkpoint.format import step_dirname
 
 from ftrain import exitcodes
+from ftrain.config import NoticesConfig
 from ftrain.supervisor.notices import Notice
 from ftrain.supervisor.state import State
 from ftrain.supervisor.stop import StopKind, StopRequest
@@ -153,7 +154,7 @@ def test_a_notice_during_backoff_stops_without_restarting(tmp_path: Path, capsys
 
 def test_an_existing_drain_file_at_launch_starts_nothing(tmp_path: Path, capsys: pytest.CaptureFixture[str],
                                                          caplog: pytest.LogCaptureFixture) -> None:
-    rig = Rig(tmp_path, notices=["drain"], drain_file=str(tmp_path / "DRAIN"))
+    rig = Rig(tmp_path, notices=NoticesConfig(sources=["drain"], drain_file=str(tmp_path / "DRAIN")))
     (tmp_path / "DRAIN").touch()
     assert rig.sup._notices.drain_file() == tmp_path / "DRAIN"  # the real watch, built from the config
     assert rig.run() == exitcodes.PREEMPTED
@@ -162,7 +163,7 @@ def test_an_existing_drain_file_at_launch_starts_nothing(tmp_path: Path, capsys:
 
 
 def test_the_default_drain_file_is_in_the_checkpoint_dir(tmp_path: Path) -> None:
-    rig = Rig(tmp_path, notices=["drain"])
+    rig = Rig(tmp_path, notices=NoticesConfig(sources=["drain"]))
     assert rig.sup._notices.drain_file() is None
     (rig.ckpt_dir / "DRAIN").touch()
     assert rig.sup._notices.drain_file() == rig.ckpt_dir / "DRAIN"

@@ -15,7 +15,7 @@ import pytest
 from fake_clouds import FakeAws, FakeAzure, FakeGcp
 
 from ftrain.attempt import PreemptedRecord
-from ftrain.config import SupervisorConfig
+from ftrain.config import NoticesConfig
 from ftrain.errors import ConfigError
 from ftrain.supervisor.notices import (
     AwsSource,
@@ -135,17 +135,17 @@ def test_deadline_report_prefers_remote_time() -> None:
 
 # ----------------------------------------------------------------------------- config
 def test_config_validates_notice_keys() -> None:
-    assert SupervisorConfig(notices=["aws", "drain"]).notices == ["aws", "drain"]
+    assert NoticesConfig(sources=["aws", "drain"]).sources == ["aws", "drain"]
     with pytest.raises(ConfigError, match="'ibm' is not one of them"):
-        SupervisorConfig(notices=["ibm"])
+        NoticesConfig(sources=["ibm"])
     with pytest.raises(ConfigError, match="each at most once"):
-        SupervisorConfig(notices=["aws", "aws"])
+        NoticesConfig(sources=["aws", "aws"])
     with pytest.raises(ConfigError, match="http:// or https:// URL"):
-        SupervisorConfig(aws_metadata_url="169.254.169.254")
-    with pytest.raises(ConfigError, match=r"supervisor\.aws_rebalance"):
-        SupervisorConfig(aws_rebalance="ignore")
-    with pytest.raises(ConfigError, match="notice_poll_seconds"):
-        SupervisorConfig(notice_poll_seconds=0)
+        NoticesConfig(aws_metadata_url="169.254.169.254")
+    with pytest.raises(ConfigError, match=r"supervisor\.notices\.aws_rebalance"):
+        NoticesConfig(aws_rebalance="ignore")
+    with pytest.raises(ConfigError, match=r"supervisor\.notices\.poll_seconds"):
+        NoticesConfig(poll_seconds=0)
 
 
 # ----------------------------------------------------------------------------- sources against fakes

@@ -1,8 +1,9 @@
 """A simulated spot cluster on one host: an `ftrain rendezvous` store and `ftrain launch` nodes on 127.0.0.1.
 
-Used by ``make demo-cluster`` (examples/demo_cluster.py), ``benchmarks/elastic.py``, ``benchmarks/nodelocal.py``
-and the multi-node tests. A node may have a disk of its own (:func:`private`: a mount namespace in which the
-checkpoint path shows the node's directory), so that no node sees another's checkpoints.
+The multi-node tests' harness (importable as ``cluster``: pytest puts tests/ on the path), also used by
+``make demo-cluster`` (examples/demo_cluster.py), ``benchmarks/elastic.py`` and ``benchmarks/nodelocal.py``
+(they put tests/ on ``sys.path``). A node may have a disk of its own (:func:`private`: a mount namespace in
+which the checkpoint path shows the node's directory), so that no node sees another's checkpoints.
 A node is one ``ftrain launch --nnodes MIN:MAX`` process; losing it means SIGKILLing its whole process tree at
 once (torchrun starts its workers in new sessions, so a process-group kill would orphan them), as a reclaimed
 VM loses everything on it.

@@ -1,9 +1,8 @@
-"""Shared contract: how configuration values are checked, parsed from text and written back as text.
+"""Shared contract: one configuration value: its rules, its check, and its text form.
 
-Split out of ``config.py`` (which re-exports these names): the value rules every
-key's field carries, :func:`_check` (type and rule of one value, one-line error),
-and the text form used by environment variables and ``--set`` flags
-(:func:`_parse_text` / :func:`_format_text`, inverses of each other).
+The value rules every key's field carries (:data:`Rule`), :func:`check` (the type and rule of one value, as a
+one-line error), and the text form of environment variables and ``--set`` flags (:func:`parse_text` and
+:func:`format_text`, inverses of each other). Nothing here knows which keys exist: that is ``sections.py``.
 """
 from __future__ import annotations
 
@@ -16,7 +15,7 @@ from ftrain.signals import CATCHABLE_PREEMPTION_SIGNALS, STACK_DUMP_SIGNAL
 
 _TRUE = ("1", "true", "yes")
 _FALSE = ("0", "false", "no")
-_TYPE_NAMES: dict[Any, str] = {
+TYPE_NAMES: dict[Any, str] = {
     int: "an integer",
     float: "a number",
     str: "a string",
@@ -27,17 +26,17 @@ _TYPE_NAMES: dict[Any, str] = {
 #: A value rule: a predicate and the phrase saying what it allows. The phrase may be a
 #: function of the rejected value, so a list rule can name the offending item.
 Rule = tuple[Callable[[Any], bool], str | Callable[[Any], str]]
-_NON_NEGATIVE: Rule = (lambda v: v >= 0, "a value >= 0")
-_POSITIVE: Rule = (lambda v: v > 0, "a value > 0")
-_NON_EMPTY: Rule = (bool, "a non-empty string")
+NON_NEGATIVE: Rule = (lambda v: v >= 0, "a value >= 0")
+POSITIVE: Rule = (lambda v: v > 0, "a value > 0")
+NON_EMPTY: Rule = (bool, "a non-empty string")
 
 
-def _one_of(*choices: str) -> Rule:
+def one_of(*choices: str) -> Rule:
     return (lambda v: v in choices, "one of " + ", ".join(map(repr, choices)))
 
 
 def _remote_problem(url: str) -> str | None:
-    """Why ``url`` cannot be a ``checkpoint.remote`` URL, or None. Caught here, before torchrun starts: a typo
+    """Why ``url`` cannot be a ``checkpoint.remote.url``, or None. Caught here, before torchrun starts: a typo
     such as ``s3:/bucket/run`` would otherwise be taken for a local directory named ``s3:``."""
     if not url:
         return None
@@ -54,16 +53,16 @@ def _remote_problem(url: str) -> str | None:
     return None
 
 
-_REMOTE_URL: Rule = (lambda v: _remote_problem(v) is None, lambda v: _remote_problem(v) or "")
+REMOTE_URL: Rule = (lambda v: _remote_problem(v) is None, lambda v: _remote_problem(v) or "")
 
 
-_HTTP_URL: Rule = (lambda v: v.startswith(("http://", "https://")) and len(v) > len("https://"),
+HTTP_URL: Rule = (lambda v: v.startswith(("http://", "https://")) and len(v) > len("https://"),
                    "an http:// or https:// URL")
-_MODULE_NAMES: Rule = (lambda v: all(all(p.isidentifier() for p in m.removeprefix("-").split(".")) for m in v),
+MODULE_NAMES: Rule = (lambda v: all(all(p.isidentifier() for p in m.removeprefix("-").split(".")) for m in v),
                        "a list of module names, such as torch, numpy.random or -wandb")
 
 
-def _distinct_among(choices: tuple[str, ...], what: str) -> Rule:
+def distinct_among(choices: tuple[str, ...], what: str) -> Rule:
     """A list of ``what`` drawn from ``choices``, each at most once; the message names the first offender."""
     def problem(names: list[str]) -> str | None:
         for name in names:
@@ -95,11 +94,11 @@ def _signal_problem(names: list[str]) -> str | None:
     return None
 
 
-_SIGNAL_NAMES: Rule = (lambda v: _signal_problem(v) is None,
+SIGNAL_NAMES: Rule = (lambda v: _signal_problem(v) is None,
                        lambda v: _signal_problem(v) or "")
 
 
-def _check(key: str, value: Any, tp: Any, rule: Rule | None, where: str = "") -> Any:
+def check(key: str, value: Any, tp: Any, rule: Rule | None, where: str = "") -> Any:
     """Return ``value`` normalised to ``tp`` or raise ConfigError naming ``key``.
 
     ``where`` (e.g. " in run.yaml") says which layer supplied the value.
@@ -113,17 +112,17 @@ def _check(key: str, value: Any, tp: Any, rule: Rule | None, where: str = "") ->
         value = float(value)
     elif tp == list[str]:
         if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) for v in value):
-            raise fail(_TYPE_NAMES[tp])
+            raise fail(TYPE_NAMES[tp])
         value = list(value)
     elif not isinstance(value, tp) or (tp is int and not is_number):
-        raise fail(_TYPE_NAMES[tp])
+        raise fail(TYPE_NAMES[tp])
     if rule is not None and not rule[0](value):
         raise fail(rule[1] if isinstance(rule[1], str) else rule[1](value))
     return value
 
 
-def _parse_text(key: str, text: str, tp: Any, where: str) -> Any:
-    """Parse a string (env var or CLI text) into ``tp``; the inverse of :func:`_format_text`."""
+def parse_text(key: str, text: str, tp: Any, where: str) -> Any:
+    """Parse a string (env var or CLI text) into ``tp``; the inverse of :func:`format_text`."""
     word = text.strip().lower()
     if tp is bool and word in _TRUE + _FALSE:
         return word in _TRUE
@@ -136,10 +135,10 @@ def _parse_text(key: str, text: str, tp: Any, where: str) -> Any:
             return tp(text)
         except ValueError:
             pass
-    raise ConfigError(f"{key}: invalid value {text!r}{where}; expected {_TYPE_NAMES[tp]}")
+    raise ConfigError(f"{key}: invalid value {text!r}{where}; expected {TYPE_NAMES[tp]}")
 
 
-def _format_text(value: Any) -> str:
+def format_text(value: Any) -> str:
     if isinstance(value, bool):
         return "true" if value else "false"
     if isinstance(value, list):
