@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 # The CPU wheel of this version lies on the machine's disk; a looser requirement would download a CUDA build.
 TORCH_PIN := torch==2.13.0
 
-.PHONY: venv lint test test-fast demo demo-cluster bench bench-anchors clean
+.PHONY: venv lint test test-fast test-slurm demo demo-cluster bench bench-anchors clean
 
 venv: $(STAMP)
 
@@ -32,6 +32,20 @@ test: venv
 
 test-fast: venv
 	$(BIN)/python -m pytest -q tests/unit
+
+# The real-scheduler tier (docs/schedulers.md): a real SLURM on this host (munge, slurmctld and two slurmd from
+# Debian's packages, private to the test: its own key, ports and config) runs launcher/slurm/train.sbatch as users
+# do. The packages are installed here when missing (root and apt); without them the tier skips, saying why.
+SLURM_PACKAGES := slurmctld slurmd slurm-client munge
+test-slurm: venv
+	@if ! command -v slurmctld >/dev/null || ! command -v munged >/dev/null; then \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	    export DEBIAN_FRONTEND=noninteractive; \
+	    apt-get install -y -q $(SLURM_PACKAGES) >/dev/null || \
+	      { apt-get update -q >/dev/null && apt-get install -y -q $(SLURM_PACKAGES) >/dev/null; }; \
+	  fi; \
+	fi
+	$(BIN)/python -m pytest -q -rs --durations=10 tests/slurm
 
 demo: venv
 	$(BIN)/python examples/demo.py

@@ -1,6 +1,7 @@
 """Shared contract: the names of every environment variable ftrain reads or sets (the environment contract).
 
-Configuration keys are also read from ``FTRAIN_<SECTION>_<KEY>`` (see ``config.py``);
+Configuration keys are also read from ``FTRAIN_<PATH>``, e.g. ``FTRAIN_CHECKPOINT_REMOTE_URL`` (see
+``ftrain/config/``);
 ``ftrain launch`` hands its resolved configuration to workers that way. The names
 below are the others. Documented in docs/cli.md.
 """
@@ -33,6 +34,9 @@ LEASE_DIR = "FTRAIN_LEASE_DIR"
 #: Set by ftrain launch for elastic launches (--nnodes MIN:MAX with MIN<MAX); checkpoint.on_resize 'auto' then
 #: means resume.
 ELASTIC = "FTRAIN_ELASTIC"
+#: Set by `ftrain launch` for torchrun (``ftrain.supervisor.agent``): the preemption signals torchrun ignores, comma-
+#: separated; ftrain launch alone acts on them (a signal sent to every process of the job must not stop torchrun).
+AGENT_IGNORES = "FTRAIN_AGENT_IGNORES"
 
 # Warm starts (docs/FORMAT.md, "Warm starts (zygote)").
 #: Set by `ftrain launch` for torchrun: the zygote's Unix socket, where `python -m ftrain.supervisor.entry` asks

@@ -12,6 +12,8 @@ from dataclasses import dataclass, field
 from ftrain import envvars
 from ftrain.attempt import AttemptFiles
 from ftrain.config import FtrainConfig, config_to_env
+from ftrain.config.renamed import RENAMED_ENV
+from ftrain.supervisor.agent import MODULE as AGENT_MODULE
 
 #: torchrun prefixes each tee'd worker line with this (we set the template), so we can strip it for rank 0.
 PREFIX_TEMPLATE = "@@ftrain-rank${rank}@@"
@@ -55,7 +57,7 @@ def torchrun_command(spec: LaunchSpec, files: AttemptFiles, *, warm: bool) -> li
     # passes signals and the exit status through), so a restart imports torch for it no more than for the ranks;
     # and torchrun starts a thin entry per rank, which has the zygote fork the real worker.
     entry = ["-m", "ftrain.supervisor.entry"] if warm else []
-    return [sys.executable, *entry, "-m", "torch.distributed.run", "--nproc-per-node", str(spec.nproc), *args,
+    return [sys.executable, *entry, "-m", AGENT_MODULE, "--nproc-per-node", str(spec.nproc), *args,
             # torchrun restarts its worker group itself, at once (a restart costs no new torchrun), and on
             # several nodes the rendezvous stays open (an agent that runs out of restarts closes it for every
             # node). Our policy decides whether to go on: it counts local failures, backs off after failures
@@ -68,7 +70,8 @@ def torchrun_command(spec: LaunchSpec, files: AttemptFiles, *, warm: bool) -> li
 def base_env(spec: LaunchSpec) -> dict[str, str]:
     """The workers' environment, less what is set per attempt: the zygote's too (a worker forked from it gets its
     attempt's whole environment, but what the interpreter read at its start must match)."""
-    env = dict(os.environ)
+    # A renamed key's old variable is already resolved into the config: the workers need not read it (and warn) again.
+    env = {k: v for k, v in os.environ.items() if k not in RENAMED_ENV}
     env.update(config_to_env(spec.config))
     env.update(spec.extra_env)
     env[envvars.RUN_ID] = spec.run_id
@@ -83,10 +86,12 @@ def worker_env(spec: LaunchSpec, files: AttemptFiles, attempt: int, zygote: dict
     env.update({
         envvars.ATTEMPT: str(attempt), envvars.ATTEMPT_DIR: str(files.root), envvars.LAUNCHER_PID: str(os.getpid()),
         "TORCHELASTIC_LOG_LINE_PREFIX_TEMPLATE": PREFIX_TEMPLATE,
-        # If a preemption signal reaches torchrun itself (a whole-cgroup kill), it must forward it
-        # (SLURM's SIGUSR1 included) and wait our grace period, not its default 30 s, before SIGKILL.
-        "TORCHELASTIC_SIGNALS_TO_HANDLE": ",".join(sorted({"SIGTERM", "SIGINT", "SIGHUP", "SIGQUIT",
-                                                          *sup.preemption_signals})),
+        # A preemption signal that reaches torchrun too (a whole-cgroup kill, SLURM's proctrack/linuxproc) is
+        # ignored there (agent.py): we tell the workers, and torchrun must not stop them while they save. The
+        # signals torchrun still handles stop its workers and wait our grace period, not its 30 s, before SIGKILL.
+        "TORCHELASTIC_SIGNALS_TO_HANDLE": ",".join(sorted({"SIGTERM", "SIGINT", "SIGHUP", "SIGQUIT"}
+                                                          - set(sup.preemption_signals))),
+        envvars.AGENT_IGNORES: ",".join(sorted(sup.preemption_signals)),
         "TORCH_ELASTIC_SHUTDOWN_TIMEOUT": str(int(sup.grace_seconds) + 5),
     })
     # Without this, workers share a store hosted in the group-rank-0 agent across worker groups, and a new group

@@ -44,8 +44,9 @@ from ftrain import envvars
 from ftrain.supervisor.pdeath import die_with_parent
 from ftrain.supervisor.zygote_protocol import SpawnRequest
 
-#: The module torchrun runs as (``python -m torch.distributed.run``).
-TORCHRUN_MODULE = "torch.distributed.run"
+#: The module torchrun runs as under ftrain launch (``agent.MODULE``: torchrun, deaf to preemption signals). Spelled
+#: out, not imported: runpy runs that module as __main__ in this process, and warns if it was imported before.
+TORCHRUN_MODULE = "ftrain.supervisor.agent"
 
 
 @dataclass
