@@ -16,7 +16,6 @@ from __future__ import annotations
 import os
 import re
 import shutil
-import signal
 import socket
 import subprocess
 import tempfile
@@ -227,13 +226,7 @@ class SlurmCluster:
 
     def kill_node(self, node: str) -> None:
         """The node is gone at once, as a machine that loses power: SIGKILL to everything on it, all together."""
-        procs = self.node_processes(node)
-        for p in procs:
-            try:
-                p.send_signal(signal.SIGKILL)
-            except psutil.NoSuchProcess:
-                pass
-        psutil.wait_procs(procs, timeout=10)
+        _kill_all(self.node_processes(node))
         self.daemons[node].wait(10)
 
     def close(self) -> None:
@@ -243,13 +236,7 @@ class SlurmCluster:
         deadline = time.monotonic() + 15
         while self.job_processes() and time.monotonic() < deadline:
             time.sleep(0.2)
-        left = self.job_processes()
-        for p in left:
-            try:
-                p.kill()
-            except psutil.NoSuchProcess:
-                pass
-        psutil.wait_procs(left, timeout=10)
+        _kill_all(self.job_processes())
         for name in [n for n in self.daemons if n != "munged"] + ["munged"]:
             p = self.daemons.get(name)
             if p is not None and p.poll() is None:
@@ -260,6 +247,16 @@ class SlurmCluster:
                     p.kill()
                     p.wait(10)
         shutil.rmtree(self.root, ignore_errors=True)
+
+
+def _kill_all(procs: list[psutil.Process]) -> None:
+    """SIGKILL every process of ``procs`` at once (none gets to react to another's death), then reap them."""
+    for p in procs:
+        try:
+            p.kill()
+        except psutil.NoSuchProcess:
+            pass
+    psutil.wait_procs(procs, timeout=10)
 
 
 @contextmanager

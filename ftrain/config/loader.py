@@ -103,10 +103,7 @@ def _walk_yaml(out: dict[str, Any], written: dict[str, str], mapping: dict[Any, 
                 _walk_yaml(out, written, value, dotted, path)
             continue
         where = f" in {path}"
-        target = dotted
-        if dotted in RENAMED:
-            target = RENAMED[dotted]
-            warn_renamed(dotted, target, where)
+        target = _current(dotted, where)
         key = schema.by_dotted().get(target)
         if key is None:
             if dotted in sections:
@@ -126,6 +123,14 @@ def _walk_yaml(out: dict[str, Any], written: dict[str, str], mapping: dict[Any, 
             raise ConfigError(f"{target}: invalid value{where}: longer than {MAX_CONFIG_VALUE_CHARS} "
                               f"characters written out (YAML aliases?); expected {TYPE_NAMES[key.type]}")
         out[target] = key.check(value, where)
+
+
+def _current(dotted: str, where: str) -> str:
+    """The key ``dotted`` names now: itself, or (with its deprecation line) what a renamed key became."""
+    if dotted not in RENAMED:
+        return dotted
+    warn_renamed(dotted, RENAMED[dotted], where)
+    return RENAMED[dotted]
 
 
 def _spelled_out_exceeds(value: Any, limit: int) -> bool:
@@ -190,10 +195,7 @@ def _read_overrides(overrides: Mapping[str, object]) -> dict[str, Any]:
         if value is None:
             continue
         where = " from command-line override"
-        target = dotted
-        if dotted in RENAMED:
-            target = RENAMED[dotted]
-            warn_renamed(dotted, target, where)
+        target = _current(dotted, where)
         key = schema.by_dotted().get(target)
         if key is None:
             raise ConfigError(f"unknown override key {dotted!r}; valid keys: {', '.join(config_keys())}")

@@ -9,7 +9,7 @@ import dataclasses
 import functools
 from typing import Any, NamedTuple
 
-from ftrain.config.sections import FtrainConfig, _fields_of, _Section
+from ftrain.config.sections import FtrainConfig, _fields_of, _Section, paths
 from ftrain.config.values import check
 
 ENV_PREFIX = "FTRAIN_"
@@ -66,19 +66,8 @@ def fields(cls: type) -> tuple[tuple[dataclasses.Field[Any], Any], ...]:
 @functools.cache
 def all_keys() -> tuple[Key, ...]:
     """Every key in declaration order, a section's own keys before those of its nested sections."""
-    out: list[Key] = []
-
-    def walk(cls: type, prefix: tuple[str, ...]) -> None:
-        nested = []
-        for f, tp in fields(cls):
-            if is_section(tp):
-                nested.append((tp, (*prefix, f.name)))
-            else:
-                out.append(Key((*prefix, f.name), tp, f))
-        for tp, path in nested:
-            walk(tp, path)
-    walk(FtrainConfig, ())
-    return tuple(out)
+    return tuple(Key((*path.split("."), f.name), tp, f) for path, cls in section_paths().items()
+                 for f, tp in fields(cls) if not is_section(tp))
 
 
 @functools.cache
@@ -88,16 +77,8 @@ def by_dotted() -> dict[str, Key]:
 
 @functools.cache
 def section_paths() -> dict[str, type]:
-    """Every section's dotted path -> its class, top-level ones first (``checkpoint``, ..., ``checkpoint.remote``)."""
-    out: dict[str, type] = {}
-
-    def walk(cls: type, prefix: str) -> None:
-        for f, tp in fields(cls):
-            if is_section(tp):
-                out[prefix + f.name] = tp
-                walk(tp, f"{prefix}{f.name}.")
-    walk(FtrainConfig, "")
-    return out
+    """Every section's dotted path -> its class, each section before the ones nested in it."""
+    return {path: cls for cls, path in paths().items()}
 
 
 def names_in(section: str) -> list[str]:

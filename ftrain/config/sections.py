@@ -70,7 +70,7 @@ class _Section:
 
     def __post_init__(self) -> None:
         cls: type = type(self)
-        path = _paths().get(cls, self.section)
+        path = paths().get(cls, self.section)
         for f, tp in _fields_of(cls):
             value = getattr(self, f.name)
             if isinstance(tp, type) and issubclass(tp, _Section):
@@ -344,8 +344,9 @@ class FtrainConfig:
 
 
 @functools.cache
-def _paths() -> dict[type, str]:
-    """Each section class's dotted path from the root (``checkpoint.remote``), for messages."""
+def paths() -> dict[type, str]:
+    """Each section class -> its dotted path from the root (``checkpoint.remote``), each section before the ones
+    nested in it: the one walk of the section tree (messages here, keys and env names in ``schema.py``)."""
     out: dict[type, str] = {}
 
     def walk(cls: type, prefix: str) -> None:
